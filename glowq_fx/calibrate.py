@@ -1,0 +1,116 @@
+"""Streaming input second moments, one per input-sharing group.
+
+GlowQ whitens a group's stacked error with ``S = E[x x^T]`` of the input that all its members
+read, so ``S`` is collected once per group (fed once per batch, not once per member). Only
+the running sum ``sum x x^T`` (d_in x d_in) and the token count are kept: activations are never
+stored, memory is O(d_in^2) per group.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import Tensor
+
+_STATS_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class SecondMoment:
+    """Uncentered second moment ``S = sum_t x_t x_t^T / N`` of one group's input.
+
+    Args:
+        d_in: feature size of the input (the members' ``in_features``).
+        name: the group's name, used in every error message.
+        dtype: accumulation dtype, ``torch.float32`` or ``torch.float64``.
+
+    The sum lives on the device of the first batch (the activations' device).
+    """
+
+    def __init__(self, d_in: int, name: str = "group", dtype: torch.dtype = torch.float32):
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"{name}: accumulate S in float32 or float64, got {dtype}")
+        self.d_in = d_in
+        self.name = name
+        self.dtype = dtype
+        self._sum: Tensor | None = None
+        self.n_tokens = 0
+        self.n_batches = 0
+
+    def add_batch(self, x: Tensor, attention_mask: Tensor | None = None) -> None:
+        """Accumulate one batch.
+
+        Args:
+            x: activations (..., d_in), any float dtype.
+            attention_mask: optional (...) matching ``x.shape[:-1]``; tokens where it is 0 or
+                False (padding) are excluded.
+        """
+        if x.shape[-1] != self.d_in:
+            raise ValueError(
+                f"{self.name}: activations have {x.shape[-1]} features, the group expects {self.d_in}"
+            )
+        if not x.is_floating_point():
+            raise ValueError(f"{self.name}: activations must be floating point, got {x.dtype}")
+        tokens = x.reshape(-1, self.d_in)
+        if attention_mask is not None:
+            if tuple(attention_mask.shape) != tuple(x.shape[:-1]):
+                raise ValueError(
+                    f"{self.name}: attention_mask shape {tuple(attention_mask.shape)} does not match "
+                    f"the activations' token shape {tuple(x.shape[:-1])}"
+                )
+            tokens = tokens[attention_mask.reshape(-1).to(device=x.device).bool()]
+        if self._sum is None:
+            self._sum = torch.zeros(self.d_in, self.d_in, dtype=self.dtype, device=x.device)
+        elif x.device != self._sum.device:
+            raise ValueError(
+                f"{self.name}: batch on {x.device} but S accumulates on {self._sum.device}; "
+                "keep a group's input on one device"
+            )
+        t = tokens.to(self.dtype)
+        if not torch.isfinite(t).all():
+            raise ValueError(
+                f"{self.name}: activations contain NaN or Inf in calibration batch {self.n_batches}; "
+                "check the model in this dtype (try float32) or the calibration data"
+            )
+        self._sum.addmm_(t.T, t)
+        self.n_tokens += t.shape[0]
+        self.n_batches += 1
+
+    def value(self) -> Tensor:
+        """``S`` (d_in, d_in) in the accumulation dtype."""
+        if self._sum is None or self.n_tokens == 0:
+            raise ValueError(
+                f"{self.name}: no calibration tokens were collected; pass at least one non-empty "
+                "batch (and check that the attention mask is not all padding)"
+            )
+        return self._sum / self.n_tokens
+
+
+class GroupStatistics(Mapping[str, SecondMoment]):
+    """One ``SecondMoment`` per input-sharing group, keyed by group name.
+
+    Args:
+        groups: (name, d_in) for each group.
+        dtype: ``"float32"`` or ``"float64"`` (``GlowQConfig.stats_dtype``).
+    """
+
+    def __init__(self, groups: Iterable[tuple[str, int]], dtype: str = "float32"):
+        if dtype not in _STATS_DTYPES:
+            raise ValueError(f"stats dtype must be one of {list(_STATS_DTYPES)}, got {dtype!r}")
+        self._stats = {name: SecondMoment(d, name, _STATS_DTYPES[dtype]) for name, d in groups}
+
+    def add_batch(self, group: str, x: Tensor, attention_mask: Tensor | None = None) -> None:
+        if group not in self._stats:
+            raise KeyError(f"unknown group {group!r}; known groups: {sorted(self._stats)}")
+        self._stats[group].add_batch(x, attention_mask)
+
+    def __getitem__(self, group: str) -> SecondMoment:
+        return self._stats[group]
+
+    def __iter__(self):
+        return iter(self._stats)
+
+    def __len__(self) -> int:
+        return len(self._stats)
+
+    def nbytes(self) -> int:
+        return sum(s.d_in**2 * s.dtype.itemsize for s in self._stats.values())

@@ -1,0 +1,111 @@
+"""GlowQConfig: every knob of GlowQ quantization in one versioned dataclass.
+
+The config is saved next to a quantized checkpoint (``to_dict`` / ``from_dict`` round
+trip through JSON) and validated at construction, so a bad value fails where it was
+written rather than deep inside calibration.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+CONFIG_VERSION = 1
+
+BITS = (4,)
+GROUP_SIZES = (32, 64, 128, 256, -1)  # -1: one group per output channel (per-channel)
+QUANTIZERS = ("rtn", "gptq")
+METHODS = ("glowq", "qera", "lqer", "svd", "none")
+SVD_MODES = ("randomized", "exact")
+
+
+@dataclass
+class GlowQConfig:
+    """How to quantize and correct a model.
+
+    Quantization (``glowq_fx.quant``):
+        bits: code width; 4 (W4A16) is the only width the packed layout and kernels support.
+        group_size: input columns sharing one scale and zero: 32, 64, 128, 256, or -1 for
+            per-channel. ``in_features`` that are not a multiple are padded (see ``quant.rtn``).
+        symmetric: symmetric codes (zero point fixed at 8) instead of asymmetric min/max.
+        quantizer: ``"rtn"`` (round to nearest) or ``"gptq"`` (driven by the group's ``S``).
+        gptq_damp: GPTQ damping as a fraction of the mean diagonal of ``S``.
+        gptq_block_size: GPTQ lazy-update block (rounded up to a multiple of group_size).
+        gptq_act_order: process columns by decreasing ``diag(S)``; group parameters are then
+            fixed up front from the unquantized weight ("static groups") so the codes keep
+            the plain contiguous group layout.
+
+    Low-rank correction (``glowq_fx.decompose``):
+        method: ``"glowq"`` (one shared ``B`` per input-sharing group, whitened by ``S``),
+            ``"qera"`` (independent per linear, whitened: QERA-exact), ``"lqer"`` (independent,
+            diagonal activation scaling: L2QER), ``"svd"`` (independent, plain SVD of ``E``:
+            ZeroQuant-V2 LoRC) or ``"none"``.
+        rank: rank ``r`` of the correction (of the shared ``B`` for GlowQ, of each member for
+            the independent methods).
+        shrinkage: ``a`` in ``S <- (1 - a) S + a tr(S)/d I``.
+        svd: ``"randomized"`` (QR-reduced randomized SVD) or ``"exact"``.
+        oversample, power_iters: randomized-SVD sketch width ``r + oversample`` and the number
+            of re-orthonormalized power iterations. ``oversample=None`` means ``r // 2 + 10``
+            (see ``decompose.solve``); the paper's setting is ``oversample=10``.
+        seed: seed of the randomized-SVD sketch (a local generator; global RNG untouched).
+        stats_dtype: ``"float32"`` or ``"float64"`` accumulation of ``S``.
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    symmetric: bool = False
+    quantizer: str = "rtn"
+    gptq_damp: float = 0.01
+    gptq_block_size: int = 128
+    gptq_act_order: bool = False
+    method: str = "glowq"
+    rank: int = 64
+    shrinkage: float = 0.05
+    svd: str = "randomized"
+    oversample: int | None = None
+    power_iters: int = 2
+    seed: int = 0
+    stats_dtype: str = "float32"
+    version: int = field(default=CONFIG_VERSION)
+
+    def __post_init__(self) -> None:
+        _check_choice("bits", self.bits, BITS, "glowq-fx stores INT4 codes")
+        _check_choice("group_size", self.group_size, GROUP_SIZES, "-1 means per-channel")
+        _check_choice("quantizer", self.quantizer, QUANTIZERS)
+        _check_choice("method", self.method, METHODS)
+        _check_choice("svd", self.svd, SVD_MODES)
+        _check_choice("stats_dtype", self.stats_dtype, ("float32", "float64"))
+        if not isinstance(self.rank, int) or self.rank < 0:
+            raise ValueError(f"rank must be a non-negative int, got {self.rank!r}")
+        if not 0.0 <= self.shrinkage <= 1.0:
+            raise ValueError(f"shrinkage must lie in [0, 1], got {self.shrinkage!r}")
+        if not 0.0 <= self.gptq_damp < 1.0:
+            raise ValueError(f"gptq_damp must lie in [0, 1), got {self.gptq_damp!r}")
+        if self.gptq_block_size < 1:
+            raise ValueError(f"gptq_block_size must be positive, got {self.gptq_block_size!r}")
+        if self.oversample is not None and self.oversample < 0:
+            raise ValueError(f"oversample must be >= 0 or None, got {self.oversample!r}")
+        if self.power_iters < 0:
+            raise ValueError(f"power_iters must be >= 0, got {self.power_iters!r}")
+        if self.version > CONFIG_VERSION:
+            raise ValueError(
+                f"config version {self.version} is newer than this glowq-fx understands "
+                f"({CONFIG_VERSION}); upgrade glowq-fx to load it"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "GlowQConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown GlowQConfig fields {unknown}; known fields: {sorted(known)}")
+        return cls(**data)
+
+
+def _check_choice(name: str, value: Any, choices: tuple, why: str = "") -> None:
+    if value not in choices:
+        hint = f" ({why})" if why else ""
+        raise ValueError(f"unsupported {name}={value!r}: choose one of {list(choices)}{hint}")

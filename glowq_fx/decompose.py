@@ -1,0 +1,300 @@
+"""Low-rank error correction: GlowQ's shared solver and the independent baselines.
+
+For a group of k linears reading one input ``x`` with second moment ``S = E[x x^T]``:
+
+    E_cat = [E_1; ...; E_k]                      (m = sum d_out_i) x d_in
+    min_{A,B} || (E_cat - A B) S^{1/2} ||_F^2    rank r
+
+Closed form: ``M = E_cat S^{1/2} = U diag(s) V^T``, ``A = U_r diag(sqrt(s_r))`` (split by
+rows into the members' ``A_i``), ``B = diag(sqrt(s_r)) V_r^T S^{-1/2}``. Because ``S`` is the
+same for every member, this shared ``B`` is the exact optimum of the stacked objective; with
+k = 1 it is QERA's exact solution. ``tr(D S D^T) = E ||D x||^2``, so every reported
+"whitened error" is the expected squared output error per token.
+
+The QR-reduced randomized SVD: ``E_cat = Q_e R_e`` (thin QR, only when m > d_in), the
+randomized SVD runs on ``M' = R_e S^{1/2}`` (d_in x d_in) and ``U = Q_e U'`` lifts it back.
+Exact SVD of the full ``M`` remains available (``mode="exact"``) for checking.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from glowq_fx.config import METHODS
+
+EIG_FLOOR = 1e-8  # eigenvalues of S clamped at this fraction of the largest (numerical only;
+# shrinkage is the real regulariser)
+
+
+def shrink(S: Tensor, alpha: float) -> Tensor:
+    """``(1 - a) S + a (tr S / d) I``: pulls S toward isotropy so ``S^{-1/2}`` stays tame."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"shrinkage must lie in [0, 1], got {alpha}")
+    d = S.shape[0]
+    eye = torch.eye(d, dtype=S.dtype, device=S.device)
+    return (1 - alpha) * S + alpha * (torch.trace(S) / d) * eye
+
+
+def whitening(S: Tensor) -> tuple[Tensor, Tensor]:
+    """``(S^{1/2}, S^{-1/2})`` in float64 by symmetric eigendecomposition, eigenvalues clamped.
+
+    Both use the same clamped eigenvalues, so ``S^{1/2} S^{-1/2} = I`` to rounding.
+    """
+    lam, V = torch.linalg.eigh(S.to(torch.float64))
+    floor = max(float(lam.max()) * EIG_FLOOR, torch.finfo(torch.float64).tiny)
+    lam = lam.clamp_min(floor)
+    return (V * lam.sqrt()) @ V.T, (V * lam.rsqrt()) @ V.T
+
+
+def default_oversample(rank: int) -> int:
+    """Sketch oversampling used when none is given: the paper's 10 plus half the rank."""
+    return rank // 2 + 10
+
+
+def whitened_error(D: Tensor, S: Tensor) -> float:
+    """``tr(D S D^T) = E ||D x||^2`` for an error ``D`` (m, d) and second moment ``S`` (d, d)."""
+    D = D.to(S.dtype)
+    return float(((D @ S) * D).sum())
+
+
+def randomized_svd(
+    M: Tensor, rank: int, *, oversample: int, power_iters: int = 2, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-``rank`` SVD of ``M`` (p, d) by a Gaussian sketch of ``rank + oversample`` columns.
+
+    Each power iteration re-orthonormalizes (QR) after both products, so the sketch does not
+    collapse onto the top singular vector in finite precision.
+    """
+    p, d = M.shape
+    width = min(rank + oversample, p, d)
+    omega = torch.randn(d, width, dtype=M.dtype, device=M.device, generator=generator)
+    Q, _ = torch.linalg.qr(M @ omega)
+    for _ in range(power_iters):
+        Z, _ = torch.linalg.qr(M.T @ Q)
+        Q, _ = torch.linalg.qr(M @ Z)
+    Ub, s, Vh = torch.linalg.svd(Q.T @ M, full_matrices=False)
+    return (Q @ Ub)[:, :rank], s[:rank], Vh[:rank]
+
+
+@dataclass
+class SolveReport:
+    """What one solve did.
+
+    ``whitened_error_*`` are ``tr(D S D^T)`` with the raw ``S`` (expected squared output error
+    per token); ``objective_*`` use the shrunk ``S_a`` that GlowQ and QERA minimize (for them
+    exact SVD is optimal in this measure, not necessarily in the raw one).
+    """
+
+    method: str
+    rank: int
+    whitened_error_before: float
+    whitened_error_after: float
+    objective_before: float
+    objective_after: float
+    captured_energy: float  # sum of kept s^2 of the (shrunk, scaled) objective
+    singular_values: list[Tensor] = field(repr=False)  # kept s, one tensor per factorization
+    time_s: float = 0.0
+
+    @property
+    def relative_error_after(self) -> float:
+        return self.whitened_error_after / self.whitened_error_before if self.whitened_error_before else 0.0
+
+
+@dataclass
+class LowRankCorrection:
+    """Factors of a group's correction ``E_i ~ A_i B_i``.
+
+    Attributes:
+        A: one (d_out_i, r) tensor per member.
+        B: ``[B]`` (r, d_in) when shared (GlowQ), else one (r, d_in) per member.
+        report: errors, captured energy and time of the solve.
+    """
+
+    A: list[Tensor]
+    B: list[Tensor]
+    shared: bool
+    report: SolveReport
+
+    def factors(self, i: int) -> tuple[Tensor, Tensor]:
+        """``(A_i, B_i)`` of member ``i`` (``B_i`` is the shared ``B`` for GlowQ)."""
+        return self.A[i], self.B[0 if self.shared else i]
+
+    def nbytes(self, element_size: int = 2) -> int:
+        """Bytes of the factors stored at ``element_size`` bytes per value (2: fp16/bf16)."""
+        return sum(t.numel() for t in [*self.A, *self.B]) * element_size
+
+
+def _check_group(errors: Sequence[Tensor], S: Tensor, rank: int) -> int:
+    if len(errors) == 0:
+        raise ValueError("a group needs at least one member error matrix")
+    d = errors[0].shape[-1]
+    for i, E in enumerate(errors):
+        if E.dim() != 2:
+            raise ValueError(f"member {i}: error must be 2-D (out, in), got shape {tuple(E.shape)}")
+        if E.shape[1] != d:
+            raise ValueError(
+                f"member {i} has in_features {E.shape[1]} but member 0 has {d}: members of one group "
+                "must read the same input"
+            )
+        if E.dtype != errors[0].dtype:
+            raise ValueError(f"member {i} has dtype {E.dtype} but member 0 has {errors[0].dtype}")
+    if S.shape != (d, d):
+        raise ValueError(f"S must be ({d}, {d}) for members with in_features {d}, got {tuple(S.shape)}")
+    if not torch.isfinite(S).all():
+        raise ValueError("S contains NaN or Inf; the calibration activations were not finite")
+    if not isinstance(rank, int) or rank < 0:
+        raise ValueError(f"rank must be a non-negative int, got {rank!r}")
+    return d
+
+
+def scaled_lowrank(
+    E: Tensor, half: Tensor | None, inv_half: Tensor | None, rank: int, *, mode: str,
+    oversample: int, power_iters: int, generator: torch.Generator | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Best rank-``rank`` ``A B`` for ``|| (E - A B) H ||_F`` with ``H`` = ``half``.
+
+    ``half`` is a (d, d) matrix, a (d,) diagonal, or None (identity); ``inv_half`` its inverse.
+    Returns ``(A, B, s)`` with the kept singular values ``s``.
+    """
+    m, d = E.shape
+    limit = min(m, d)
+    if rank > limit:
+        raise ValueError(
+            f"rank {rank} exceeds the largest rank a ({m} x {d}) error allows ({limit}); lower the rank"
+        )
+
+    def scale(X: Tensor) -> Tensor:
+        if half is None:
+            return X
+        return X @ half if half.dim() == 2 else X * half
+
+    if mode == "exact":
+        U, s, Vh = torch.linalg.svd(scale(E), full_matrices=False)
+        U, s, Vh = U[:, :rank], s[:rank], Vh[:rank]
+    elif mode == "randomized":
+        if m > d:  # QR-reduce the tall stacked error to a d x d core
+            Q_e, R_e = torch.linalg.qr(E)
+            U, s, Vh = randomized_svd(scale(R_e), rank, oversample=oversample, power_iters=power_iters, generator=generator)
+            U = Q_e @ U
+        else:
+            U, s, Vh = randomized_svd(scale(E), rank, oversample=oversample, power_iters=power_iters, generator=generator)
+    else:
+        raise ValueError(f"unknown SVD mode {mode!r}: use 'randomized' or 'exact'")
+    root = s.sqrt()
+    A = U * root
+    B = root.unsqueeze(1) * Vh
+    if inv_half is not None:
+        B = B @ inv_half if inv_half.dim() == 2 else B * inv_half
+    return A, B, s
+
+
+def solve(
+    method: str,
+    errors: Sequence[Tensor],
+    S: Tensor,
+    rank: int,
+    *,
+    shrinkage: float = 0.05,
+    mode: str = "randomized",
+    oversample: int | None = None,
+    power_iters: int = 2,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> LowRankCorrection:
+    """Correct a group's quantization errors with ``method`` at ``rank``.
+
+    Args:
+        method: ``"glowq"`` (one shared B, whitened by S), ``"qera"`` (each member alone,
+            whitened: QERA-exact), ``"lqer"`` (each member alone, scaled by the per-channel RMS
+            ``sqrt(diag S)``: L2QER's diagonal scaling, taken from the same statistics),
+            ``"svd"`` (each member alone, plain SVD of E: ZeroQuant-V2 LoRC), ``"none"``.
+        errors: the members' ``E_i = W_i - W_q,i``, each (d_out_i, d_in), one dtype.
+        S: the group's raw second moment (d_in, d_in); the whitened methods shrink it by
+            ``shrinkage``, reports use it raw.
+        rank: r (of the shared B, or of each member's independent factors).
+        mode: ``"randomized"`` (QR-reduced randomized SVD) or ``"exact"``.
+        oversample: extra sketch columns; None means ``rank // 2 + 10``. The paper's fixed 10
+            leaves the residual a few percent above exact on slowly decaying whitened spectra
+            (3.7% at rank 32 in tests/test_decompose.py); the sketch is only d x (r + p), so
+            the wider default costs almost nothing next to the QR of ``E_cat``.
+        seed: seed of a local generator for the sketch (global RNG untouched).
+        dtype: compute dtype of QR/SVD (the eigendecomposition of S is always float64).
+
+    Returns:
+        ``LowRankCorrection`` with factors in ``dtype`` on the errors' device.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: choose one of {list(METHODS)}")
+    _check_group(errors, S, rank)
+    device = errors[0].device
+    S_raw = S.to(device=device, dtype=torch.float64)
+    Es = [E.to(dtype) for E in errors]
+    generator = torch.Generator(device=device).manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+
+    if method == "none" or rank == 0:
+        A = [E.new_zeros(E.shape[0], 0) for E in Es]
+        B = [E.new_zeros(0, E.shape[1]) for E in Es[: 1 if method == "glowq" else len(Es)]]
+        s_kept: list[Tensor] = []
+    else:
+        if method in ("glowq", "qera"):
+            half, inv_half = (t.to(dtype) for t in whitening(shrink(S_raw, shrinkage)))
+        elif method == "lqer":
+            rms = torch.diagonal(S_raw).clamp_min(0).sqrt()
+            rms = rms.clamp_min(max(float(rms.max()) * EIG_FLOOR**0.5, torch.finfo(torch.float64).tiny))
+            half, inv_half = rms.to(dtype), (1 / rms).to(dtype)
+        else:  # svd
+            half = inv_half = None
+        if oversample is None:
+            oversample = default_oversample(rank)
+        kw = dict(mode=mode, oversample=oversample, power_iters=power_iters, generator=generator)
+        if method == "glowq":
+            A_cat, B_shared, s = scaled_lowrank(torch.cat(Es), half, inv_half, rank, **kw)
+            A = list(A_cat.split([E.shape[0] for E in Es]))
+            B, s_kept = [B_shared], [s]
+        else:
+            solved = [scaled_lowrank(E, half, inv_half, rank, **kw) for E in Es]
+            A, B, s_kept = (list(x) for x in zip(*solved))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - t0
+
+    shared = method == "glowq"
+    S_eval = S_raw.to(dtype)
+    iso = shrinkage * float(torch.trace(S_raw)) / S_raw.shape[0]
+
+    def errors_of(Ds: list[Tensor]) -> tuple[float, float]:
+        # tr(D S_a D^T) = (1 - a) tr(D S D^T) + a tr(S)/d ||D||_F^2: no second product with S_a
+        raw = sum(whitened_error(D, S_eval) for D in Ds)
+        return raw, (1 - shrinkage) * raw + iso * sum(float(D.double().pow(2).sum()) for D in Ds)
+
+    before, obj_before = errors_of(Es)
+    after, obj_after = errors_of([E - A[i] @ B[0 if shared else i] for i, E in enumerate(Es)])
+    report = SolveReport(
+        method=method,
+        rank=rank,
+        whitened_error_before=before,
+        whitened_error_after=after,
+        objective_before=obj_before,
+        objective_after=obj_after,
+        captured_energy=float(sum((s.double() ** 2).sum() for s in s_kept)),
+        singular_values=[s.float().cpu() for s in s_kept],
+        time_s=elapsed,
+    )
+    return LowRankCorrection(A=A, B=B, shared=shared, report=report)
+
+
+def shared_lowrank(errors: Sequence[Tensor], S: Tensor, rank: int, **kwargs) -> LowRankCorrection:
+    """GlowQ: one shared ``B`` for the group; see ``solve`` for the arguments."""
+    return solve("glowq", errors, S, rank, **kwargs)
+
+
+def independent_lowrank(errors: Sequence[Tensor], S: Tensor, rank: int, **kwargs) -> LowRankCorrection:
+    """QERA-exact: each member solved alone with the group's ``S``; see ``solve``."""
+    return solve("qera", errors, S, rank, **kwargs)

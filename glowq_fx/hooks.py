@@ -1,0 +1,128 @@
+"""Input-sharing groups and their statistics from forward hooks, for any ``nn.Module`` model.
+
+Linears that receive the very same input tensor object in one forward pass read the same
+input: that is the sharing GlowQ exploits, found here without any per-architecture config.
+(The graph-level discovery of ``passes.grouping`` sees through views and casts too; this
+hook-level view is the eager fallback and the calibration driver.)
+
+Calibration attaches one pre-hook per group, on its first member, so each group's ``S`` is fed
+exactly once per batch however many members it has.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from glowq_fx.calibrate import GroupStatistics
+
+
+@dataclass(frozen=True)
+class InputGroup:
+    """Linears reading one input tensor, in first-call order.
+
+    Attributes:
+        name: ``prefix.{a,b,c}`` from the members' qualified names.
+        members: qualified module names.
+        in_features: the shared input width.
+        out_features: each member's output width.
+    """
+
+    name: str
+    members: tuple[str, ...]
+    in_features: int
+    out_features: tuple[int, ...]
+
+
+def group_name(members: Iterable[str]) -> str:
+    members = list(members)
+    if len(members) == 1:
+        return members[0]
+    prefix = os.path.commonprefix(members)
+    prefix = prefix[: prefix.rfind(".") + 1]
+    return f"{prefix}{{{','.join(m[len(prefix):] for m in members)}}}"
+
+
+def input_sharing_groups(model: nn.Module, run: Callable[[nn.Module], object]) -> list[InputGroup]:
+    """Run ``run(model)`` once and group the ``nn.Linear`` modules by the input they received.
+
+    Raises ``ValueError`` when the model has no linear layers or none of them ran.
+    """
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear layers: nothing to quantize")
+    by_input: dict[int, list[str]] = {}
+    keep_alive: list[Tensor] = []  # ids stay unique only while the tensors live
+
+    def hook(name: str):
+        def record(_module, args):
+            x = args[0]
+            keep_alive.append(x)
+            by_input.setdefault(id(x), []).append(name)
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
+    try:
+        with torch.no_grad():
+            run(model)
+    finally:
+        for h in handles:
+            h.remove()
+    if not by_input:
+        raise ValueError("no nn.Linear ran during the forward pass; check the example input")
+    groups = []
+    for names in by_input.values():
+        members = tuple(dict.fromkeys(names))  # a module called twice on one tensor counts once
+        ins = {linears[n].in_features for n in members}
+        if len(ins) != 1:
+            raise ValueError(f"linears {members} read one tensor but disagree on in_features {sorted(ins)}")
+        groups.append(InputGroup(group_name(members), members, ins.pop(),
+                                 tuple(linears[n].out_features for n in members)))
+    return groups
+
+
+def collect_statistics(
+    model: nn.Module,
+    groups: list[InputGroup],
+    batches: Iterable[object],
+    run: Callable[[nn.Module, object], object],
+    *,
+    dtype: str = "float32",
+    progress: Callable[[Iterable], Iterable] = lambda it: it,
+) -> GroupStatistics:
+    """One ``S`` per group over ``batches``; ``run(model, batch)`` does one forward pass.
+
+    The pre-hook sits on each group's first member, so every group is fed once per batch.
+    Padding is excluded when ``batch`` is a mapping with an ``attention_mask``; a group input
+    flattened to (tokens, d) gets the mask flattened the same way.
+    """
+    stats = GroupStatistics(((g.name, g.in_features) for g in groups), dtype=dtype)
+    modules = dict(model.named_modules())
+    current_mask: list[Tensor | None] = [None]
+
+    def hook(group: InputGroup):
+        def feed(_module, args):
+            x, mask = args[0], current_mask[0]
+            if mask is not None and tuple(mask.shape) != tuple(x.shape[:-1]):
+                if mask.numel() != x.shape[:-1].numel():
+                    raise ValueError(
+                        f"{group.name}: attention_mask has {mask.numel()} tokens but the input has "
+                        f"{x.shape[:-1].numel()}; the mask must cover the tokens the linears see"
+                    )
+                mask = mask.reshape(x.shape[:-1])  # input flattened to (tokens, d), same order
+            stats.add_batch(group.name, x.detach(), mask)
+        return feed
+
+    handles = [modules[g.members[0]].register_forward_pre_hook(hook(g)) for g in groups]
+    try:
+        with torch.no_grad():
+            for batch in progress(batches):
+                current_mask[0] = batch.get("attention_mask") if isinstance(batch, dict) else None
+                run(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats

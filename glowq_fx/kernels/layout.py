@@ -1,0 +1,79 @@
+"""Packed storage of 4-bit weights for the W4A16 Triton kernel.
+
+Only this file knows the layout; quantizers produce plain ``QuantizedWeight`` codes.
+
+Layout (K-major words, N contiguous), chosen so that a kernel tile of ``BLOCK_K x BLOCK_N``
+weights is one coalesced load of ``BLOCK_K / 8`` rows of ``BLOCK_N`` consecutive int32 words,
+the same addressing for the GEMV (decode) and GEMM (prefill) paths:
+
+- ``qweight``: int32 (K_pad / 8, N). Code ``q[n, k]`` sits in word ``qweight[k // 8, n]``
+  at bits ``4 * (k % 8)`` to ``4 * (k % 8) + 3`` (code ``k = 8j`` in the lowest nibble).
+  Unpacking is ``(word >> (4 * (k % 8))) & 0xF``; the arithmetic shift of a negative word is
+  harmless because of the mask.
+- ``scales``, ``zeros``: model dtype (n_groups, N), row ``k // group_size`` for column ``k``;
+  ``deq = (q - zero) * scale``.
+- ``K_pad = n_groups * group_size`` is a multiple of 8; columns ``>= in_features`` are padding
+  (their codes dequantize to 0, and kernels mask them against the activations anyway).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from glowq_fx.quant.rtn import CODES_PER_WORD, QuantizedWeight
+
+_SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)  # bit offset of code k % 8 in its word
+
+
+@dataclass
+class PackedW4:
+    """Kernel-ready 4-bit weight (see the module docstring for the exact bit layout)."""
+
+    qweight: Tensor  # int32 (K_pad // 8, N)
+    scales: Tensor  # model dtype (n_groups, N)
+    zeros: Tensor  # model dtype (n_groups, N)
+    group_size: int
+    in_features: int
+
+    @property
+    def out_features(self) -> int:
+        return self.qweight.shape[1]
+
+
+def pack(qw: QuantizedWeight) -> PackedW4:
+    """Pack ``qw`` (codes (N, K_pad) uint8 in [0, 15]) into the kernel layout."""
+    if qw.bits != 4:
+        raise ValueError(f"the packed layout holds 4-bit codes, got bits={qw.bits}")
+    N, K_pad = qw.codes.shape
+    if K_pad % CODES_PER_WORD:
+        raise ValueError(f"padded in_features {K_pad} must be a multiple of {CODES_PER_WORD}")
+    if qw.codes.max() > 15:
+        raise ValueError("codes exceed 4 bits (max 15)")
+    q = qw.codes.to(torch.int32).T.reshape(K_pad // CODES_PER_WORD, CODES_PER_WORD, N)
+    words = (q << _SHIFTS.to(q.device).view(1, -1, 1)).sum(dim=1, dtype=torch.int64)
+    # wrap into int32 two's complement (code 15 in the top nibble sets the sign bit)
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return PackedW4(
+        qweight=words.contiguous(),
+        scales=qw.scales.T.contiguous(),
+        zeros=qw.zeros.T.contiguous(),
+        group_size=qw.group_size,
+        in_features=qw.in_features,
+    )
+
+
+def unpack(p: PackedW4) -> QuantizedWeight:
+    """Inverse of ``pack``: exact."""
+    words = p.qweight
+    q = (words.unsqueeze(1) >> _SHIFTS.to(words.device).view(1, -1, 1)) & 0xF  # (K_pad/8, 8, N)
+    codes = q.reshape(-1, p.out_features).T.to(torch.uint8).contiguous()
+    return QuantizedWeight(
+        codes=codes,
+        scales=p.scales.T.contiguous(),
+        zeros=p.zeros.T.contiguous(),
+        group_size=p.group_size,
+        in_features=p.in_features,
+        bits=4,
+    )

@@ -1,0 +1,5 @@
+"""INT4 base quantizers: codes and grids, independent of the kernels' packed layout."""
+from glowq_fx.quant.gptq import quantize_gptq
+from glowq_fx.quant.rtn import QuantizedWeight, group_geometry, quantization_error, quantize_rtn
+
+__all__ = ["QuantizedWeight", "group_geometry", "quantization_error", "quantize_gptq", "quantize_rtn"]

@@ -1,0 +1,126 @@
+"""GPTQ (Frantar et al., 2023) driven by the input-sharing group's second moment.
+
+GPTQ minimizes ``tr(E H E^T)`` with ``H = X X^T``; the group's ``S = E[x x^T]`` is ``H`` up to
+a constant factor, which changes neither the solution nor the damping (a fraction of the mean
+diagonal), so the same ``S`` that whitens GlowQ's objective drives GPTQ: calibration runs once.
+
+Symbols follow the reference implementation: ``H``, ``Hinv`` (upper Cholesky factor of
+``H^-1``), ``W1``/``Q1``/``Err1`` for the current lazy block.
+
+Codes land in the same contiguous group layout as RTN (``rtn.QuantizedWeight``). With
+act-order the columns are visited by decreasing ``diag(H)``; the group parameters are then fixed
+up front from the unquantized weight ("static groups", as in AutoGPTQ), so a column's group is
+still ``k // g`` and no ``g_idx`` permutation is needed at inference.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from glowq_fx.quant.rtn import (
+    QuantizedWeight,
+    check_bits,
+    check_weight,
+    codes_for,
+    group_geometry,
+    group_params,
+)
+
+
+def quantize_gptq(
+    W: Tensor,
+    S: Tensor,
+    group_size: int = 128,
+    *,
+    bits: int = 4,
+    symmetric: bool = False,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+) -> QuantizedWeight:
+    """GPTQ quantization of ``W`` (N, K) with Hessian proxy ``S`` (K, K).
+
+    Args:
+        W: weight in the model dtype; scales and zeros are stored in that dtype.
+        S: symmetric positive semi-definite second moment of the inputs (any float dtype).
+        damp: added ``damp * mean(diag(S))`` to the diagonal before inversion.
+        block_size: columns per lazy batch update (rounded up to a multiple of the group).
+        act_order: visit columns by decreasing ``diag(S)`` with static groups.
+    """
+    check_weight(W)
+    maxq = check_bits(bits)
+    N, K = W.shape
+    if S.shape != (K, K):
+        raise ValueError(f"S must be ({K}, {K}) for a weight with {K} input columns, got {tuple(S.shape)}")
+    if not torch.isfinite(S).all():
+        raise ValueError("S contains NaN or Inf; the calibration activations were not finite")
+    g_eff, n_groups = group_geometry(K, group_size)
+    g = K if group_size == -1 else g_eff  # real columns per group while walking K
+
+    W_work = W.float().clone()
+    H = S.to(device=W.device, dtype=torch.float32).clone()
+    dead = torch.diagonal(H) == 0  # inputs never active: weight irrelevant, quantize it as 0
+    H[dead, dead] = 1
+    W_work[:, dead] = 0
+
+    scales = torch.empty(N, n_groups, device=W.device)
+    zeros = torch.empty(N, n_groups, device=W.device)
+    if act_order:
+        padded = torch.nn.functional.pad(W_work, (0, g_eff * n_groups - K))
+        scales[:], zeros[:] = group_params(
+            padded.view(N, n_groups, g_eff), bits=bits, symmetric=symmetric, dtype=W.dtype
+        )
+        perm = torch.argsort(torch.diagonal(H), descending=True)
+        W_work, H = W_work[:, perm], H[perm][:, perm]
+        block = block_size
+    else:
+        perm = torch.arange(K, device=W.device)
+        block = -(-block_size // g) * g  # groups never straddle a block
+
+    H += damp * torch.mean(torch.diagonal(H)) * torch.eye(K, device=H.device)
+    try:
+        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    except torch.linalg.LinAlgError as exc:
+        raise ValueError(
+            f"GPTQ: S + damping is not positive definite (damp={damp}); raise GlowQConfig.gptq_damp "
+            "or calibrate on more tokens"
+        ) from exc
+
+    codes = torch.empty(N, K, device=W.device)
+    for i1 in range(0, K, block):
+        i2 = min(i1 + block, K)
+        W1 = W_work[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if not act_order and col % g == 0:
+                # group parameters from the weight as updated by all earlier columns
+                gi = col // g
+                scales[:, gi], zeros[:, gi] = group_params(
+                    W1[:, i : i + g], bits=bits, symmetric=symmetric, dtype=W.dtype
+                )
+            gi = int(perm[col]) // g
+            s, z = scales[:, gi], zeros[:, gi]
+            w = W1[:, i]
+            q = codes_for(w.unsqueeze(-1), s, z, bits).squeeze(-1)
+            codes[:, col] = q
+            err = (w - (q - z) * s) / Hinv1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W_work[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    codes_orig = torch.empty_like(codes)
+    codes_orig[:, perm] = codes
+    # padded columns hold their group's zero point, exactly as RTN lays them out
+    pad_codes = zeros[:, -1:].expand(N, g_eff * n_groups - K)
+    codes_full = torch.cat([codes_orig, pad_codes], dim=1)
+    assert 0 <= codes_full.min() and codes_full.max() <= maxq
+    return QuantizedWeight(
+        codes=codes_full.to(torch.uint8),
+        scales=scales.to(W.dtype),
+        zeros=zeros.to(W.dtype),
+        group_size=g_eff,
+        in_features=K,
+        bits=bits,
+    )

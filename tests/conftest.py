@@ -1,0 +1,17 @@
+import pytest
+import torch
+
+
+@pytest.fixture
+def gen():
+    """A fresh seeded generator per test: reproducible, and the global RNG is untouched."""
+    return torch.Generator().manual_seed(torch.initial_seed() % 2**31)
+
+
+def anisotropic_second_moment(d: int, gen: torch.Generator, *, n_tokens: int = 4096, outliers: int = 4) -> torch.Tensor:
+    """S = X^T X / N of LLM-like activations: decaying spectrum plus a few outlier channels."""
+    mixing = torch.randn(d, d, generator=gen, dtype=torch.float64)
+    decay = torch.arange(1, d + 1, dtype=torch.float64) ** -0.8
+    X = torch.randn(n_tokens, d, generator=gen, dtype=torch.float64) @ (decay[:, None] * mixing)
+    X[:, torch.randperm(d, generator=gen)[:outliers]] *= 20
+    return X.T @ X / n_tokens
