@@ -7,7 +7,7 @@ written rather than deep inside calibration.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 CONFIG_VERSION = 1
@@ -66,7 +66,7 @@ class GlowQConfig:
     power_iters: int = 2
     seed: int = 0
     stats_dtype: str = "float32"
-    version: int = field(default=CONFIG_VERSION)
+    version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
         _check_choice("bits", self.bits, BITS, "glowq-fx stores INT4 codes")

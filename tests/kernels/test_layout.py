@@ -26,6 +26,9 @@ def test_round_trip_exact_on_random_codes(N, K, g, gen):
     assert torch.equal(back.codes, qw.codes)
     assert torch.equal(back.scales, qw.scales) and torch.equal(back.zeros, qw.zeros)
     assert torch.equal(back.dequantize(), qw.dequantize())
+    # the storage the quantized weight reports is exactly what the packed tensors occupy
+    packed_bytes = sum(t.numel() * t.element_size() for t in (p.qweight, p.scales, p.zeros))
+    assert qw.nbytes() == packed_bytes
 
 
 def test_pack_rejects_bad_codes():
