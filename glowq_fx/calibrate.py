@@ -103,6 +103,10 @@ class GroupStatistics(Mapping[str, SecondMoment]):
             raise KeyError(f"unknown group {group!r}; known groups: {sorted(self._stats)}")
         self._stats[group].add_batch(x, attention_mask)
 
+    def pop(self, group: str) -> Tensor:
+        """``S`` of ``group``, releasing its accumulator (quantize_ frees each S once used)."""
+        return self._stats.pop(group).value()
+
     def __getitem__(self, group: str) -> SecondMoment:
         return self._stats[group]
 

@@ -7,6 +7,7 @@ written rather than deep inside calibration.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +50,18 @@ class GlowQConfig:
             (see ``decompose.solve``); the paper's setting is ``oversample=10``.
         seed: seed of the randomized-SVD sketch (a local generator; global RNG untouched).
         stats_dtype: ``"float32"`` or ``"float64"`` accumulation of ``S``.
+
+    Which linears are quantized (``passes.grouping.GroupFilter``):
+        include: regular expressions (``re.search`` on the qualified module name); when
+            non-empty only matching modules are quantized.
+        exclude: regular expressions; matching modules stay in full precision.
+        quantize_output_head: quantize the output projection (``get_output_embeddings()``,
+            else a module named ``lm_head``). Off by default, as in GPTQ/AWQ tools. A weight
+            tied to an input embedding is never quantized (it would change the embedding).
+        min_out_features: linears with fewer outputs stay in full precision. MoE routers
+            (N = number of experts, 8-64 in Mixtral/Qwen-MoE) and scalar gates (Qwen2-MoE's
+            ``shared_expert_gate``, N = 1) steer the whole block and cost almost no memory;
+            the default 32 keeps the common ones out. Raise it for models with more experts.
     """
 
     bits: int = 4
@@ -66,6 +79,10 @@ class GlowQConfig:
     power_iters: int = 2
     seed: int = 0
     stats_dtype: str = "float32"
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    quantize_output_head: bool = False
+    min_out_features: int = 32
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -87,6 +104,20 @@ class GlowQConfig:
             raise ValueError(f"oversample must be >= 0 or None, got {self.oversample!r}")
         if self.power_iters < 0:
             raise ValueError(f"power_iters must be >= 0, got {self.power_iters!r}")
+        for name in ("include", "exclude"):
+            patterns = getattr(self, name)
+            if isinstance(patterns, str):
+                raise ValueError(f"{name} must be a list of patterns, got the string {patterns!r}; "
+                                 f"write {name}=[{patterns!r}]")
+            patterns = tuple(patterns)  # JSON gives lists
+            for p in patterns:
+                try:
+                    re.compile(p)
+                except (re.error, TypeError) as exc:
+                    raise ValueError(f"{name} pattern {p!r} is not a regular expression: {exc}") from None
+            setattr(self, name, patterns)
+        if not isinstance(self.min_out_features, int) or self.min_out_features < 1:
+            raise ValueError(f"min_out_features must be a positive int, got {self.min_out_features!r}")
         if self.version > CONFIG_VERSION:
             raise ValueError(
                 f"config version {self.version} is newer than this glowq-fx understands "

@@ -10,50 +10,26 @@ exactly once per batch however many members it has.
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from glowq_fx.calibrate import GroupStatistics
-
-
-@dataclass(frozen=True)
-class InputGroup:
-    """Linears reading one input tensor, in first-call order.
-
-    Attributes:
-        name: ``prefix.{a,b,c}`` from the members' qualified names.
-        members: qualified module names.
-        in_features: the shared input width.
-        out_features: each member's output width.
-    """
-
-    name: str
-    members: tuple[str, ...]
-    in_features: int
-    out_features: tuple[int, ...]
-
-
-def group_name(members: Iterable[str]) -> str:
-    members = list(members)
-    if len(members) == 1:
-        return members[0]
-    prefix = os.path.commonprefix(members)
-    prefix = prefix[: prefix.rfind(".") + 1]
-    return f"{prefix}{{{','.join(m[len(prefix):] for m in members)}}}"
+from glowq_fx.modules.linear import linear_weight
+from passes.grouping import InputGroup, group_name
 
 
 def input_sharing_groups(model: nn.Module, run: Callable[[nn.Module], object]) -> list[InputGroup]:
-    """Run ``run(model)`` once and group the ``nn.Linear`` modules by the input they received.
+    """Run ``run(model)`` once and group the linears (``nn.Linear``, transformers ``Conv1D``) by
+    the input tensor object they received.
 
     Raises ``ValueError`` when the model has no linear layers or none of them ran.
     """
-    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    shapes = {name: linear_weight(m).shape for name, m in model.named_modules() if linear_weight(m) is not None}
+    linears = {name: m for name, m in model.named_modules() if name in shapes}
     if not linears:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear layers: nothing to quantize")
+        raise ValueError(f"{type(model).__name__} has no nn.Linear or Conv1D layers: nothing to quantize")
     by_input: dict[int, list[str]] = {}
     keep_alive: list[Tensor] = []  # ids stay unique only while the tensors live
 
@@ -73,14 +49,22 @@ def input_sharing_groups(model: nn.Module, run: Callable[[nn.Module], object]) -
             h.remove()
     if not by_input:
         raise ValueError("no nn.Linear ran during the forward pass; check the example input")
-    groups = []
+    inputs_of: dict[str, int] = {}
     for names in by_input.values():
-        members = tuple(dict.fromkeys(names))  # a module called twice on one tensor counts once
-        ins = {linears[n].in_features for n in members}
+        for n in set(names):
+            inputs_of[n] = inputs_of.get(n, 0) + 1
+    groups = []
+    sets = [[n for n in dict.fromkeys(names) if inputs_of[n] == 1] for names in by_input.values()]
+    sets += [[n] for n in linears if inputs_of.get(n, 0) > 1]  # reads several inputs: a group alone
+    for names in sets:
+        if not names:
+            continue
+        members = tuple(names)  # a module called twice on one tensor counts once
+        ins = {shapes[n][1] for n in members}
         if len(ins) != 1:
             raise ValueError(f"linears {members} read one tensor but disagree on in_features {sorted(ins)}")
         groups.append(InputGroup(group_name(members), members, ins.pop(),
-                                 tuple(linears[n].out_features for n in members)))
+                                 tuple(shapes[n][0] for n in members)))
     return groups
 
 

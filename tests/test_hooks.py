@@ -55,7 +55,7 @@ def test_mask_that_does_not_cover_the_tokens_raises(llama):
 
 
 def test_no_linear_model_raises():
-    with pytest.raises(ValueError, match="no nn.Linear layers"):
+    with pytest.raises(ValueError, match="no nn.Linear or Conv1D layers"):
         input_sharing_groups(nn.Sequential(nn.ReLU()), lambda m: m(torch.ones(2)))
 
 

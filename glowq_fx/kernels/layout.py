@@ -77,3 +77,18 @@ def unpack(p: PackedW4) -> QuantizedWeight:
         in_features=p.in_features,
         bits=4,
     )
+
+
+def dequantize_packed(
+    qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int, in_features: int, dtype: torch.dtype
+) -> Tensor:
+    """``W_q`` (N, in_features) in ``dtype`` straight from the packed tensors, in pure torch.
+
+    Same arithmetic as ``QuantizedWeight.dequantize`` (float32, then cast), so eager modules
+    and the CPU path of the ops reproduce the quantizer's ``W_q`` bit for bit.
+    """
+    K_pad, N = qweight.shape[0] * CODES_PER_WORD, qweight.shape[1]
+    q = (qweight.unsqueeze(1) >> _SHIFTS.to(qweight.device).view(1, -1, 1)) & 0xF  # (K_pad/8, 8, N)
+    q = q.reshape(K_pad // group_size, group_size, N).float()
+    w = (q - zeros.float().unsqueeze(1)) * scales.float().unsqueeze(1)  # (G, g, N)
+    return w.reshape(K_pad, N)[:in_features].T.to(dtype)

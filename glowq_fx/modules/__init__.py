@@ -1,0 +1,4 @@
+"""Runtime modules that ``quantize_`` swaps in: the 4-bit linear and the shared projection."""
+from glowq_fx.modules.linear import QuantizedLinear, SharedProjection, linear_weight
+
+__all__ = ["QuantizedLinear", "SharedProjection", "linear_weight"]

@@ -1,0 +1,130 @@
+"""The modules a quantized model runs: a 4-bit linear with a low-rank correction, and the
+projection ``R = x B^T`` its group shares.
+
+GlowQ's correction of member ``i`` is ``A_i (B x)``: ``B`` belongs to the group, ``A_i`` to the
+member. So ``B`` lives in one ``SharedProjection``, registered once in the module tree (on the
+members' closest common ancestor, see ``quantize``), and every ``QuantizedLinear`` of the group
+holds a plain reference to it. In eager mode each member computes ``B x`` itself, which is
+correct but repeats work; ``glowq_backend`` finds the members that read one input and one
+``B`` in the graph and computes ``R`` once.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from glowq_fx.kernels.layout import PackedW4, dequantize_packed, pack
+from glowq_fx.quant.rtn import QuantizedWeight
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2 family): a linear whose weight is stored (in, out)."""
+    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
+
+
+def linear_weight(module: nn.Module) -> Tensor | None:
+    """The (out_features, in_features) weight of an ``nn.Linear`` or ``Conv1D``, else None."""
+    if isinstance(module, QuantizedLinear):
+        return None
+    if isinstance(module, nn.Linear):
+        return module.weight
+    if is_conv1d(module):
+        return module.weight.T
+    return None
+
+
+class SharedProjection(nn.Module):
+    """``R = x B^T``: the right factor of one group's correction.
+
+    Args:
+        B: (rank, in_features) in the model dtype.
+        members: qualified names of the linears that read ``R`` (for display and checks).
+    """
+
+    def __init__(self, B: Tensor, members: tuple[str, ...]):
+        super().__init__()
+        if B.dim() != 2:
+            raise ValueError(f"B must be (rank, in_features), got shape {tuple(B.shape)}")
+        self.register_buffer("B", B.contiguous())
+        self.members = tuple(members)
+
+    @property
+    def rank(self) -> int:
+        return self.B.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.B.shape[1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.B)
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, in_features={self.in_features}, members={list(self.members)}"
+
+
+class QuantizedLinear(nn.Module):
+    """``y = deq(codes) x + A_i (B x) + bias``, with 4-bit packed codes.
+
+    Buffers (layout of ``glowq_fx.kernels.layout``):
+        qweight: int32 (K_pad / 8, out_features).
+        scales, zeros: model dtype (n_groups, out_features).
+        bias: model dtype (out_features,) or None.
+        A: model dtype (out_features, rank) or None (no correction).
+
+    ``projection`` is the group's ``SharedProjection`` (not a registered child: it is registered
+    once, on the group's common ancestor, so its ``B`` is stored once).
+    """
+
+    def __init__(self, packed: PackedW4, bias: Tensor | None = None, A: Tensor | None = None,
+                 projection: SharedProjection | None = None):
+        super().__init__()
+        if (A is None) != (projection is None):
+            raise ValueError("a correction needs both A and its projection (or neither)")
+        N = packed.out_features
+        if A is not None and (A.shape[0] != N or A.shape[1] != projection.rank):
+            raise ValueError(f"A must be ({N}, {projection.rank}) to match the projection, got {tuple(A.shape)}")
+        if A is not None and projection.in_features != packed.in_features:
+            raise ValueError(f"projection reads {projection.in_features} features, the linear {packed.in_features}")
+        if bias is not None and tuple(bias.shape) != (N,):
+            raise ValueError(f"bias must be ({N},), got {tuple(bias.shape)}")
+        self.in_features = packed.in_features
+        self.out_features = N
+        self.group_size = packed.group_size
+        self.register_buffer("qweight", packed.qweight)
+        self.register_buffer("scales", packed.scales)
+        self.register_buffer("zeros", packed.zeros)
+        self.register_buffer("bias", None if bias is None else bias.detach().to(packed.scales.dtype).clone())
+        self.register_buffer("A", None if A is None else A.to(packed.scales.dtype).contiguous())
+        object.__setattr__(self, "projection", projection)  # a reference, not a child (see above)
+
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, bias: Tensor | None = None, A: Tensor | None = None,
+                       projection: SharedProjection | None = None) -> "QuantizedLinear":
+        return cls(pack(qw), bias, A, projection)
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.A is None else self.A.shape[1]
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> Tensor:
+        """``W_q`` (out_features, in_features), without the correction."""
+        return dequantize_packed(self.qweight, self.scales, self.zeros, self.group_size, self.in_features,
+                                 dtype or self.scales.dtype)
+
+    @property
+    def weight(self) -> Tensor:
+        """``W_q``, dequantized on each access: for model code that reads ``.weight.dtype`` or
+        ``.weight.device`` of its linears (common in transformers)."""
+        return self.dequantized_weight()
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.linear(x, self.dequantized_weight(), self.bias)
+        if self.A is not None:
+            y = y + F.linear(self.projection(x), self.A)
+        return y
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"group_size={self.group_size}, rank={self.rank}, bias={self.bias is not None}")
