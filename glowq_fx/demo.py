@@ -1,7 +1,7 @@
 """The main job, as far as the library goes today: compare corrections on a small Llama.
 
 Builds a randomly initialised Llama from a transformers config (no download), finds its
-input-sharing groups, collects one ``S`` per group on random tokens, RTN-quantizes every
+input-sharing groups from the captured graph, collects one ``S`` per group on random tokens, RTN-quantizes every
 member and solves three corrections per group: none (RTN), independent QERA-exact and GlowQ.
 Returns rows that ``glowq demo`` prints. The real-model demo (SmolLM2 and Wikipedia text)
 replaces this one with the accuracy issue.
@@ -15,8 +15,10 @@ from torch import nn
 
 from glowq_fx.config import GlowQConfig
 from glowq_fx.decompose import solve
-from glowq_fx.hooks import InputGroup, collect_statistics, input_sharing_groups
+from glowq_fx.capture import find_groups
+from glowq_fx.hooks import collect_statistics
 from glowq_fx.quant import quantization_error, quantize_rtn
+from passes.grouping import InputGroup
 
 
 @dataclass
@@ -74,8 +76,7 @@ def run_demo(config: GlowQConfig | None = None, *, n_batches: int = 8, seq_len: 
     gen = torch.Generator().manual_seed(seed + 1)
     batches = [{"input_ids": torch.randint(0, vocab, (2, seq_len), generator=gen),
                 "attention_mask": torch.ones(2, seq_len, dtype=torch.long)} for _ in range(n_batches)]
-    groups = input_sharing_groups(model, lambda m: m(**batches[0]))
-    groups = [g for g in groups if not g.name.endswith("lm_head")]  # tied to the embeddings
+    groups = find_groups(model, batches[0], config).groups  # the output head is left out by default
     stats = collect_statistics(model, groups, batches, lambda m, b: m(**b),
                                dtype=config.stats_dtype, progress=progress)
     return compare_corrections(model, groups, stats, config)

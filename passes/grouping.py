@@ -437,7 +437,9 @@ def find_input_sharing_groups(
                               stored_transposed)
             sites.setdefault(module, []).append(site)
             order.setdefault(module, (p, res.positions[p][node.name]))
-            key = f"{producer[0]}:{producer[1]}"
+            # readers of one producer with different widths cannot share (only possible when a
+            # graph has no shape metadata and a width-changing view was trusted)
+            key = f"{producer[0]}:{producer[1]}:{int(in_f)}"
             sharing.add_node(key, kind="input", order=(producer[0], res.positions[producer[0]][producer[1]]))
             sharing.add_node(module, kind="linear", in_features=int(in_f), out_features=int(out_f),
                              order=order[module])
