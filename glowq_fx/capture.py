@@ -27,7 +27,7 @@ from torch import Tensor, fx, nn
 
 from glowq_fx import _dynamo
 from glowq_fx.config import GlowQConfig
-from glowq_fx.hooks import input_sharing_groups
+from glowq_fx.hooks import TensorKeys, input_sharing_groups
 from glowq_fx.modules.linear import QuantizedLinear, linear_weight
 from passes.grouping import (
     CapturedGraph, GroupFilter, InputGroup, SharingAnalysis, find_input_sharing_groups, group_name, owner_of,
@@ -165,8 +165,8 @@ def capture_graphs(model: nn.Module, batch: object, run: Run = run_batch) -> tup
     """Run ``run(model, batch)`` once under ``torch.compile`` and return the captured pieces
     (with run-time aliases across graph breaks) and the graph-break reasons."""
     pieces: list[CapturedGraph] = []
-    produced: dict[int, tuple[int, str]] = {}  # id(tensor) -> (piece, node) that first held it
-    alive: list[Tensor] = []  # ids stay unique only while the tensors live
+    produced: dict[int, tuple[int, str]] = {}  # tensor key -> (piece, node) that first held it
+    keys = TensorKeys()  # identity without keeping the activations alive
 
     def record(gm: fx.GraphModule, example_inputs, **_kwargs):
         index = len(pieces)
@@ -179,17 +179,16 @@ def capture_graphs(model: nn.Module, batch: object, run: Run = run_batch) -> tup
         def run_piece(*args):
             for node, value in zip(placeholders, args):
                 if isinstance(value, Tensor):
-                    if id(value) in produced and produced[id(value)][0] != index:
-                        piece.aliases[node.name] = produced[id(value)]
+                    earlier = produced.get(keys.get(value))
+                    if earlier is not None and earlier[0] != index:
+                        piece.aliases[node.name] = earlier
                     else:
-                        produced.setdefault(id(value), (index, node.name))
-                    alive.append(value)
+                        produced.setdefault(keys.key(value), (index, node.name))
             result = gm(*args)
             values = result if isinstance(result, (tuple, list)) else (result,)
             for node, value in zip(outputs, values):
                 if isinstance(value, Tensor) and isinstance(node, fx.Node):
-                    produced.setdefault(id(value), (index, node.name))
-                    alive.append(value)
+                    produced.setdefault(keys.key(value), (index, node.name))
             return result
 
         return run_piece

@@ -10,6 +10,7 @@ exactly once per batch however many members it has.
 """
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable
 
 import torch
@@ -18,6 +19,30 @@ from torch import Tensor, nn
 from glowq_fx.calibrate import GroupStatistics
 from glowq_fx.modules.linear import linear_weight
 from passes.grouping import InputGroup, group_name
+
+
+class TensorKeys:
+    """Keys for tensors by identity that do not keep them alive.
+
+    ``id()`` alone is reused once a tensor is freed, and holding every tensor to keep ids
+    unique would hold a whole forward pass of activations; a weak reference tells a live
+    tensor from a new one at a recycled address.
+    """
+
+    def __init__(self) -> None:
+        self._refs: dict[int, tuple[weakref.ref, int]] = {}
+        self._issued = 0
+
+    def get(self, t: Tensor) -> int | None:
+        entry = self._refs.get(id(t))
+        return entry[1] if entry is not None and entry[0]() is t else None
+
+    def key(self, t: Tensor) -> int:
+        k = self.get(t)
+        if k is None:
+            k = self._issued = self._issued + 1
+            self._refs[id(t)] = (weakref.ref(t), k)
+        return k
 
 
 def input_sharing_groups(model: nn.Module, run: Callable[[nn.Module], object]) -> list[InputGroup]:
@@ -31,13 +56,11 @@ def input_sharing_groups(model: nn.Module, run: Callable[[nn.Module], object]) -
     if not linears:
         raise ValueError(f"{type(model).__name__} has no nn.Linear or Conv1D layers: nothing to quantize")
     by_input: dict[int, list[str]] = {}
-    keep_alive: list[Tensor] = []  # ids stay unique only while the tensors live
+    keys = TensorKeys()
 
     def hook(name: str):
         def record(_module, args):
-            x = args[0]
-            keep_alive.append(x)
-            by_input.setdefault(id(x), []).append(name)
+            by_input.setdefault(keys.key(args[0]), []).append(name)
         return record
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]

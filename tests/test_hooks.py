@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from glowq_fx.demo import run_demo, tiny_llama
-from glowq_fx.hooks import collect_statistics, group_name, input_sharing_groups
+from glowq_fx.hooks import TensorKeys, collect_statistics, group_name, input_sharing_groups
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +73,15 @@ def test_demo_rows_show_the_glowq_trade():
             assert r.glowq_bytes < r.qera_bytes  # one B per group instead of one per member
         else:
             assert r.glowq_bytes == r.qera_bytes and r.glowq_error == pytest.approx(r.qera_error, rel=1e-5)
+
+
+def test_tensor_keys_follow_identity_without_keeping_tensors_alive():
+    keys = TensorKeys()
+    a = torch.ones(3)
+    ka = keys.key(a)
+    assert keys.key(a) == ka and keys.get(a) == ka
+    view = a.view(3)  # another tensor object: another key
+    assert keys.key(view) != ka
+    del a, view
+    b = torch.zeros(3)  # may land at a freed id: must not inherit a dead tensor's key
+    assert keys.get(b) is None and keys.key(b) not in (ka,)

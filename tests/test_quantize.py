@@ -143,17 +143,25 @@ def test_linears_outside_the_graph_are_grouped_by_hooks_with_a_warning(gen):
     assert sorted(g.name for g in found.groups) == ["a", "b"] and found.from_hooks == ["b"]
 
 
-def test_moe_dense_linears_only_with_a_warning():
-    config = T.Qwen2MoeConfig(vocab_size=V, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
-                              shared_expert_intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                              num_key_value_heads=2, num_experts=4, num_experts_per_tok=2)
-    model = T.Qwen2MoeForCausalLM(config).eval()
+MOE = dict(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+           num_key_value_heads=2, num_experts_per_tok=2)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_moe_dense_linears_only_with_a_warning(arch):
+    if arch == "mixtral":
+        model = T.MixtralForCausalLM(T.MixtralConfig(**MOE, num_local_experts=4)).eval()
+    else:
+        model = T.Qwen2MoeForCausalLM(T.Qwen2MoeConfig(**MOE, moe_intermediate_size=32, num_experts=4,
+                                                       shared_expert_intermediate_size=64)).eval()
     with pytest.warns(GlowQWarning, match=r"leaving 1 MoE expert modules unquantized \(model.layers.0.mlp.experts\)"):
         report = quantize_(model, _batches(2), GlowQConfig(group_size=32, rank=8), progress=False)
     names = [g.name for g in report.groups]
-    assert "model.layers.0.mlp.shared_expert.{gate_proj,up_proj}" in names
-    assert "min_out_features" in report.skipped["model.layers.0.mlp.shared_expert_gate"]  # N = 1
-    assert "model.layers.0.mlp.gate" in report.skipped  # the router
+    assert names[:2] == ["model.layers.0.self_attn.{q_proj,k_proj,v_proj}", "model.layers.0.self_attn.o_proj"]
+    assert "model.layers.0.mlp.gate" in report.skipped  # the router (N = 4 experts)
+    if arch == "qwen2_moe":
+        assert "model.layers.0.mlp.shared_expert.{gate_proj,up_proj}" in names
+        assert "min_out_features" in report.skipped["model.layers.0.mlp.shared_expert_gate"]  # N = 1
     assert not isinstance(model.model.layers[0].mlp.experts, QuantizedLinear)
     with torch.no_grad():
         assert torch.isfinite(model(**_batches(1, seed=5)[0]).logits).all()
