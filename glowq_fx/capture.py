@@ -30,7 +30,7 @@ from glowq_fx.config import GlowQConfig
 from glowq_fx.hooks import TensorKeys, input_sharing_groups
 from glowq_fx.modules.linear import QuantizedLinear, linear_weight
 from passes.grouping import (
-    CapturedGraph, GroupFilter, InputGroup, SharingAnalysis, find_input_sharing_groups, group_name, owner_of,
+    CapturedGraph, GroupFilter, InputGroup, SharingAnalysis, find_input_sharing_groups, owner_of, parameter_owners,
 )
 
 log = logging.getLogger(__name__)
@@ -240,17 +240,6 @@ class GroupDiscovery:
     analysis: SharingAnalysis | None = None
 
 
-def _fallback_groups(model: nn.Module, hook_groups: list[InputGroup], wanted: set[str]) -> list[InputGroup]:
-    """Hook groups restricted to ``wanted`` modules (those the graphs missed)."""
-    out = []
-    for g in hook_groups:
-        members = [m for m in g.members if m in wanted]
-        if members:
-            outs = [g.out_features[g.members.index(m)] for m in members]
-            out.append(InputGroup(group_name(members), tuple(members), g.in_features, tuple(outs)))
-    return out
-
-
 class GlowQWarning(UserWarning):
     """Something glowq-fx did differently from the plain path (fallbacks, skipped modules)."""
 
@@ -298,14 +287,12 @@ def find_groups(model: nn.Module, example_batch: object, config: GlowQConfig | N
     hook_groups = input_sharing_groups(model, lambda m: run(m, example_batch))
     ran = {m for g in hook_groups for m in g.members}
     grouped = {m for g in discovery.groups for m in g.members}
-    owners: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(p), []).append(name)
+    owners = parameter_owners(model)
+    position = {name: i for i, name in enumerate(modules)}
     missing = []
-    for name in sorted(ran - grouped - set(discovery.skipped), key=list(modules).index):
+    for name in sorted(ran - grouped - set(discovery.skipped), key=position.__getitem__):
         module = modules[name]
-        weight_name = f"{name}.weight"
-        _, why = owner_of(owners.get(id(module.weight), [weight_name]), modules)
+        _, why = owner_of(owners.get(id(module.weight), [f"{name}.weight"]), modules)
         why = why or filter.reason(name, linear_weight(module).shape[0])
         if why is not None:
             discovery.skipped[name] = why
@@ -314,7 +301,8 @@ def find_groups(model: nn.Module, example_batch: object, config: GlowQConfig | N
     if missing:
         _warn(f"{len(missing)} linears ran but are in no captured graph ({_names(missing)}); grouped by forward "
               "hooks instead")
-        discovery.groups += _fallback_groups(model, hook_groups, set(missing))
+        discovery.groups += [g.subset(m for m in g.members if m in missing) for g in hook_groups
+                             if any(m in missing for m in g.members)]
         discovery.from_hooks = missing
     _check_members(model, discovery)
     _warn_skipped(model, discovery)
@@ -335,18 +323,20 @@ def _check_members(model: nn.Module, discovery: GroupDiscovery) -> None:
                                            "nn.Linear or transformers Conv1D: glowq-fx swaps only those")
             else:
                 members.append(name)
-        if not members:
-            continue
-        dtypes = {linear_weight(modules[m]).dtype for m in members}
-        if len(dtypes) > 1:
-            detail = ", ".join(f"{m}: {linear_weight(modules[m]).dtype}" for m in members)
-            raise ValueError(f"the members of {g.name} read one input but have different dtypes ({detail}); "
-                             "cast the model to one dtype, e.g. model.to(torch.bfloat16)")
-        if len(members) != len(g.members):
-            outs = [g.out_features[g.members.index(m)] for m in members]
-            g = InputGroup(group_name(members), tuple(members), g.in_features, tuple(outs))
-        kept.append(g)
+        if members:
+            g = g if len(members) == len(g.members) else g.subset(members)
+            check_one_dtype(g, modules)
+            kept.append(g)
     discovery.groups = kept
+
+
+def check_one_dtype(group: InputGroup, modules: Mapping[str, nn.Module]) -> None:
+    """Raise ``ValueError`` when the members of ``group`` do not share one weight dtype."""
+    dtypes = {m: linear_weight(modules[m]).dtype for m in group.members}
+    if len(set(dtypes.values())) > 1:
+        detail = ", ".join(f"{m}: {d}" for m, d in dtypes.items())
+        raise ValueError(f"the members of {group.name} read one input but have different dtypes ({detail}); "
+                         "cast the model to one dtype, e.g. model.to(torch.bfloat16)")
 
 
 def _warn_skipped(model: nn.Module, discovery: GroupDiscovery) -> None:

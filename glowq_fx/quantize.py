@@ -26,14 +26,14 @@ import torch
 from torch import nn
 
 from glowq_fx._text import format_table
-from glowq_fx.capture import Run, check_calibration, check_model, find_groups, run_batch
+from glowq_fx.capture import Run, check_calibration, check_model, check_one_dtype, find_groups, run_batch
 from glowq_fx.config import GlowQConfig
 from glowq_fx.decompose import solve
 from glowq_fx.hooks import collect_statistics
 from glowq_fx.kernels.layout import pack
 from glowq_fx.modules.linear import QuantizedLinear, SharedProjection, linear_weight
 from glowq_fx.quant import quantization_error, quantize_gptq, quantize_rtn
-from passes.grouping import InputGroup
+from passes.grouping import InputGroup, group_name
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +141,7 @@ def _check_given_groups(model: nn.Module, groups: Sequence[InputGroup]) -> list[
             if name in seen:
                 raise ValueError(f"{name} appears in two groups; a module belongs to one group")
             seen.add(name)
+        check_one_dtype(g, modules)
     return list(groups)
 
 
@@ -150,7 +151,10 @@ def _common_ancestor(members: Sequence[str]) -> str:
     return ".".join(common)
 
 
-def _register_projection(model: nn.Module, members: Sequence[str], projection: SharedProjection, label: str) -> None:
+def _register_projection(model: nn.Module, projection: SharedProjection) -> None:
+    """Register ``projection`` once, under ``glowq_projections`` of its members' common ancestor."""
+    members = projection.members
+    label = group_name(members)
     ancestor_name = _common_ancestor(members)
     ancestor = model.get_submodule(ancestor_name)
     holder = getattr(ancestor, PROJECTIONS, None)
@@ -181,42 +185,33 @@ def _quantize_group(model: nn.Module, modules: dict[str, nn.Module], g: InputGro
     kw = dict(shrinkage=config.shrinkage, mode=config.svd, oversample=config.oversample,
               power_iters=config.power_iters, seed=config.seed,
               dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-    factors: list[tuple[torch.Tensor, SharedProjection] | None] = []
-    if config.method in ("glowq", "none"):
+    if config.method in ("glowq", "none"):  # one solve for the group ("none": rank 0)
         rank = 0 if config.method == "none" else min(config.rank, g.in_features, sum(g.out_features))
-        corr = solve(config.method, errors, S, rank, **kw)
-        reports = [corr.report]
-        projection = SharedProjection(corr.B[0].to(dtype), g.members) if rank else None
-        if projection is not None:
-            _register_projection(model, g.members, projection, g.name)
-        factors = [(A, projection) if rank else None for A in corr.A]
-    else:
-        reports, rank = [], 0
-        for name, E in zip(g.members, errors):
-            r = min(config.rank, g.in_features, E.shape[0])
-            corr = solve(config.method, [E], S, r, **kw)
-            reports.append(corr.report)
-            projection = SharedProjection(corr.B[0].to(dtype), (name,)) if r else None
-            if projection is not None:
-                _register_projection(model, [name], projection, name)
-            factors.append((corr.A[0], projection) if r else None)
-            rank = max(rank, r)
+        solved = [(g.members, solve(config.method, errors, S, rank, **kw))]
+    else:  # one solve per member, each rank capped by that member's error
+        solved = [((name,), solve(config.method, [E], S, min(config.rank, g.in_features, E.shape[0]), **kw))
+                  for name, E in zip(g.members, errors)]
+    reports = [corr.report for _, corr in solved]
+    factors: dict[str, tuple[torch.Tensor, SharedProjection]] = {}
     factor_bytes = 0
-    seen_projections: set[int] = set()
+    for members, corr in solved:
+        if corr.report.rank == 0:
+            continue
+        projection = SharedProjection(corr.B[0].to(dtype), members)
+        _register_projection(model, projection)
+        factor_bytes += projection.B.nbytes
+        for name, A in zip(members, corr.A):
+            factors[name] = (A, projection)
     code_bytes = scale_bytes = dense_bytes = 0
-    for name, W, qw, fac in zip(g.members, Ws, qws, factors):
-        bias = getattr(modules[name], "bias", None)
-        A, projection = fac if fac is not None else (None, None)
-        qlinear = QuantizedLinear(pack(qw), bias, A, projection)
+    for name, W, qw in zip(g.members, Ws, qws):
+        A, projection = factors.get(name, (None, None))
+        qlinear = QuantizedLinear(pack(qw), getattr(modules[name], "bias", None), A, projection)
         _swap(model, name, qlinear)
         code_bytes += qlinear.qweight.nbytes
         scale_bytes += qlinear.scales.nbytes + qlinear.zeros.nbytes
+        factor_bytes += 0 if qlinear.A is None else qlinear.A.nbytes
         dense_bytes += W.numel() * W.element_size()
-        if fac is not None:
-            factor_bytes += qlinear.A.nbytes
-            if id(projection) not in seen_projections:
-                seen_projections.add(id(projection))
-                factor_bytes += projection.B.nbytes
+    rank = max(r.rank for r in reports)
     return GroupReport(
         name=g.name, members=g.members, in_features=g.in_features, out_features=g.out_features, rank=rank,
         error_before=sum(r.whitened_error_before for r in reports),

@@ -79,6 +79,20 @@ class InputGroup:
     in_features: int
     out_features: tuple[int, ...]
 
+    def subset(self, members: Iterable[str]) -> "InputGroup":
+        """The group restricted to ``members`` (kept in their given order)."""
+        members = tuple(members)
+        outs = dict(zip(self.members, self.out_features))
+        return InputGroup(group_name(members), members, self.in_features, tuple(outs[m] for m in members))
+
+
+def parameter_owners(model: nn.Module) -> dict[int, list[str]]:
+    """``id(tensor)`` -> every qualified name of that parameter (several when tied)."""
+    owners: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
+    return owners
+
 
 def group_name(members: Iterable[str]) -> str:
     members = list(members)
@@ -247,11 +261,18 @@ def _weight_source(node: fx.Node) -> tuple[fx.Node, int]:
 
 
 def _match_linear(node: fx.Node, modules: Mapping[str, nn.Module]):
-    """(x, weight operand, weight stored transposed, form) when ``node`` is a linear, else None."""
+    """``(x, weight operand, weight source, stored (in, out), form)`` when ``node`` is a linear.
+
+    The source is the weight operand followed back through casts and transposes; an odd number
+    of transposes flips the storage layout.
+    """
     if node.op == "call_function" and node.target in _LINEAR_FUNCTIONS:
         x = node.args[0] if node.args else node.kwargs.get("input")
         w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-        return (x, w, False, "linear") if isinstance(x, fx.Node) and isinstance(w, fx.Node) else None
+        if not (isinstance(x, fx.Node) and isinstance(w, fx.Node)):
+            return None
+        src, flips = _weight_source(w)
+        return x, w, src, flips % 2 == 1, "linear"  # F.linear's operand is (out, in)
     if node.op == "call_function" and node.target in _MATMUL_FUNCTIONS:
         form = _MATMUL_FUNCTIONS[node.target]
         args = node.args[1:3] if form == "addmm" else node.args[:2]
@@ -259,15 +280,14 @@ def _match_linear(node: fx.Node, modules: Mapping[str, nn.Module]):
             return None
         x, w = args
         src, flips = _weight_source(w)
-        # the weight operand of x @ W is (in, out): stored (in, out) unless transposed once
-        return x, w, flips % 2 == 0, form
+        return x, w, src, flips % 2 == 0, form  # x @ W's operand is (in, out)
     if node.op == "call_module":
         m = modules.get(node.target)
         weight = getattr(m, "weight", None)
         if isinstance(weight, torch.Tensor) and weight.dim() == 2 and node.args and isinstance(node.args[0], fx.Node):
             if isinstance(m, nn.Embedding):
                 return None
-            return node.args[0], node, type(m).__name__ == "Conv1D", "module"
+            return node.args[0], node, node, type(m).__name__ == "Conv1D", "module"
     return None
 
 
@@ -277,10 +297,7 @@ class _Resolver:
     def __init__(self, pieces: Sequence[CapturedGraph], model: nn.Module | None):
         self.pieces = pieces
         root = model if model is not None else pieces[0].gm
-        self.model = root
-        self.owners: dict[int, list[str]] = {}
-        for name, p in root.named_parameters(remove_duplicate=False):
-            self.owners.setdefault(id(p), []).append(name)
+        self.owners = parameter_owners(root)
         self.module_types = {n: m for n, m in root.named_modules(remove_duplicate=False)}
         self.nodes = [{n.name: n for n in piece.gm.graph.nodes} for piece in pieces]
         self.positions = [{n.name: i for i, n in enumerate(piece.gm.graph.nodes)} for piece in pieces]
@@ -403,8 +420,7 @@ def find_input_sharing_groups(
             match = _match_linear(node, res.modules[p])
             if match is None:
                 continue
-            x, w, stored_transposed, form = match
-            src = w if form == "module" else _weight_source(w)[0]
+            x, w, src, stored_transposed, form = match
             names = res.parameter_names(p, src)
             tensor, _ = res.tensor_of(p, src)
             where = f"piece {p} node {node.name}" if len(pieces) > 1 else f"node {node.name}"
@@ -440,7 +456,7 @@ def find_input_sharing_groups(
             # readers of one producer with different widths cannot share (only possible when a
             # graph has no shape metadata and a width-changing view was trusted)
             key = f"{producer[0]}:{producer[1]}:{int(in_f)}"
-            sharing.add_node(key, kind="input", order=(producer[0], res.positions[producer[0]][producer[1]]))
+            sharing.add_node(key, kind="input")
             sharing.add_node(module, kind="linear", in_features=int(in_f), out_features=int(out_f),
                              order=order[module])
             sharing.add_edge(key, module, through=through)
@@ -451,29 +467,19 @@ def find_input_sharing_groups(
             "them: pass example_inputs (the tensors bound to the placeholders) and model="
         )
 
-    notes: list[str] = []
-    groups: list[InputGroup] = []
     by_order = lambda n: sharing.nodes[n]["order"]
-    alone = {m for m in sites if sharing.in_degree(m) > 1}
-    for m in sorted(alone, key=by_order):
-        notes.append(f"{m} reads {sharing.in_degree(m)} different inputs; it gets its own group")
-    inputs = sorted((n for n, k in sharing.nodes(data="kind") if k == "input"), key=by_order)
-    placed: set[str] = set()
-    for key in inputs:
-        members = sorted((m for m in sharing.successors(key) if m not in alone), key=by_order)
-        for m in sorted((m for m in sharing.successors(key) if m in alone and m not in placed), key=by_order):
-            placed.add(m)
-            groups.append(_make_group([m], sharing))
-        if members:
-            groups.append(_make_group(members, sharing))
-    groups.sort(key=lambda g: by_order(g.members[0]))
+    alone = sorted((m for m in sites if sharing.in_degree(m) > 1), key=by_order)
+    notes = [f"{m} reads {sharing.in_degree(m)} different inputs; it gets its own group" for m in alone]
+    member_sets = [[m] for m in alone]
+    for key, kind in sharing.nodes(data="kind"):
+        if kind == "input":
+            member_sets.append(sorted((m for m in sharing.successors(key) if m not in alone), key=by_order))
+    groups = sorted((_make_group(ms, sharing) for ms in member_sets if ms), key=lambda g: by_order(g.members[0]))
     log.debug("grouping: %d linears in %d groups, %d skipped", len(sites), len(groups), len(skipped))
     return SharingAnalysis(groups, sites, skipped, notes, sharing)
 
 
 def _make_group(members: list[str], sharing: nx.DiGraph) -> InputGroup:
-    ins = {sharing.nodes[m]["in_features"] for m in members}
-    if len(ins) != 1:
-        raise ValueError(f"linears {members} read one input but disagree on in_features {sorted(ins)}")
-    return InputGroup(group_name(members), tuple(members), ins.pop(),
+    # one producer key per input width, so all members share members[0]'s in_features
+    return InputGroup(group_name(members), tuple(members), sharing.nodes[members[0]]["in_features"],
                       tuple(sharing.nodes[m]["out_features"] for m in members))

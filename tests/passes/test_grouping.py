@@ -9,6 +9,7 @@ from torch import fx, nn
 from torch._functorch.aot_autograd import aot_module_simplified
 
 from passes.grouping import CapturedGraph, GroupFilter, find_input_sharing_groups, group_name
+from tests_helpers import tiny_llama_config
 
 
 class Block(nn.Module):
@@ -95,9 +96,7 @@ def test_call_module_graph():
 
 
 def _tiny_llama():
-    config = T.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2)
-    return T.LlamaForCausalLM(config).eval()
+    return T.LlamaForCausalLM(tiny_llama_config()).eval()
 
 
 def _tiny_gpt2():
