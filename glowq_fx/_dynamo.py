@@ -7,6 +7,7 @@ fails loudly if a known break stops showing up here.
 """
 from __future__ import annotations
 
+import re
 from collections import Counter
 
 _BREAK_COUNTERS = ("graph_break", "unimplemented")
@@ -32,3 +33,24 @@ def new_break_reasons(before: Counter) -> list[str]:
         text = lines[0] if lines else str(reason)
         reasons.append(f"{text} ({where.lstrip('# ')})" if where else text)
     return reasons
+
+
+_SOURCE_PART = re.compile(r"_(?:modules|parameters|buffers)\['([^']+)'\]|\[(\d+)\]")
+
+
+def placeholder_fqn(node) -> str | None:
+    """The model attribute a Dynamo graph placeholder stands for, as a dotted name
+    (``model.layers.0.self_attn.q_proj.qweight``), or None for a user input.
+
+    Dynamo keeps the source of each graph input in ``node.meta["grapharg"].source``, printed
+    like ``L['self']._modules['model']._modules['layers']._modules['0']._buffers['qweight']``.
+    """
+    grapharg = node.meta.get("grapharg")
+    source = getattr(grapharg, "source", None)
+    if source is None:
+        return None
+    name = source.name() if callable(source.name) else source.name
+    parts = [a or b for a, b in _SOURCE_PART.findall(str(name))]
+    if not parts or "._parameters[" not in name and "._buffers[" not in name:
+        return None
+    return ".".join(parts)

@@ -11,7 +11,9 @@ What the pass sees as a linear (``y = x W^T (+ b)`` with ``W`` a 2-D parameter):
 - ``call_module`` of a module with a 2-D ``weight`` (``torch.fx.symbolic_trace`` graphs);
 - ``mm`` / ``addmm`` / ``matmul`` whose weight operand is a parameter, possibly transposed:
   transposed means ``W`` is stored (out, in) like ``nn.Linear`` (AOTAutograd's ``t`` + ``mm``);
-  not transposed means (in, out), transformers' ``Conv1D``.
+  not transposed means (in, out), transformers' ``Conv1D``;
+- ``glowq::w4a16_linear`` (a model that ``quantize_`` prepared): its weight is the packed
+  ``qweight`` buffer, (K_pad / 8, out_features).
 
 Each linear's input is traced back through row-preserving ops (views, reshapes that keep the
 last dimension, ``contiguous``, dtype casts, ``detach``, eval-mode dropout) to its real
@@ -37,10 +39,14 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+import glowq_fx.ops  # noqa: F401  (registers the glowq:: ops this pass recognises)
+from glowq_fx._dynamo import placeholder_fqn
+
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
 
 _LINEAR_FUNCTIONS = {torch._C._nn.linear, F.linear, aten.linear.default}
+_PACKED_LINEARS = {torch.ops.glowq.w4a16_linear.default}  # registered by glowq_fx.ops (imported below)
 _MATMUL_FUNCTIONS = {
     torch.mm: "mm", torch.matmul: "matmul", operator.matmul: "matmul", torch.addmm: "addmm",
     aten.mm.default: "mm", aten.matmul.default: "matmul", aten.addmm.default: "addmm",
@@ -86,10 +92,12 @@ class InputGroup:
         return InputGroup(group_name(members), members, self.in_features, tuple(outs[m] for m in members))
 
 
-def parameter_owners(model: nn.Module) -> dict[int, list[str]]:
-    """``id(tensor)`` -> every qualified name of that parameter (several when tied)."""
+def parameter_owners(model: nn.Module, *, buffers: bool = False) -> dict[int, list[str]]:
+    """``id(tensor)`` -> every qualified name of that parameter (several when tied); with
+    ``buffers``, of that buffer instead."""
     owners: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
+    named = model.named_buffers(remove_duplicate=False) if buffers else model.named_parameters(remove_duplicate=False)
+    for name, p in named:
         owners.setdefault(id(p), []).append(name)
     return owners
 
@@ -163,7 +171,7 @@ class LinearSite:
         producer: ``(piece, node name)`` of the real producer of its input.
         through: the row-preserving ops looked through, producer side last.
         in_features, out_features: of the linear.
-        form: ``"linear"``, ``"module"``, ``"mm"``, ``"addmm"`` or ``"matmul"``.
+        form: ``"linear"``, ``"module"``, ``"mm"``, ``"addmm"``, ``"matmul"`` or ``"w4a16"``.
         stored_transposed: the weight is stored (in, out) (transformers' ``Conv1D``).
     """
 
@@ -266,6 +274,9 @@ def _match_linear(node: fx.Node, modules: Mapping[str, nn.Module]):
     The source is the weight operand followed back through casts and transposes; an odd number
     of transposes flips the storage layout.
     """
+    if node.op == "call_function" and node.target in _PACKED_LINEARS:
+        x, qweight = node.args[:2]
+        return x, qweight, qweight, False, "w4a16"
     if node.op == "call_function" and node.target in _LINEAR_FUNCTIONS:
         x = node.args[0] if node.args else node.kwargs.get("input")
         w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
@@ -298,6 +309,7 @@ class _Resolver:
         self.pieces = pieces
         root = model if model is not None else pieces[0].gm
         self.owners = parameter_owners(root)
+        self.buffer_owners = parameter_owners(root, buffers=True)
         self.module_types = {n: m for n, m in root.named_modules(remove_duplicate=False)}
         self.nodes = [{n.name: n for n in piece.gm.graph.nodes} for piece in pieces]
         self.positions = [{n.name: i for i, n in enumerate(piece.gm.graph.nodes)} for piece in pieces]
@@ -322,11 +334,15 @@ class _Resolver:
             return m.weight, f"{node.target}.weight"
         return None, None
 
-    def parameter_names(self, piece: int, node: fx.Node) -> list[str]:
+    def parameter_names(self, piece: int, node: fx.Node, *, buffer: bool = False) -> list[str]:
+        """Qualified names of the parameter (or, with ``buffer``, the buffer) behind ``node``."""
         t, fallback = self.tensor_of(piece, node)
-        if t is not None and id(t) in self.owners:
-            return self.owners[id(t)]
-        return [fallback] if fallback is not None and isinstance(t, nn.Parameter) else []
+        owners = self.buffer_owners if buffer else self.owners
+        if t is not None and id(t) in owners:
+            return owners[id(t)]
+        if fallback is None and node.op == "placeholder":
+            fallback = placeholder_fqn(node)  # a Dynamo graph without its model: Dynamo's own name
+        return [fallback] if fallback is not None and (buffer or isinstance(t, nn.Parameter)) else []
 
     def producer(self, piece: int, x: fx.Node) -> tuple[tuple[int, str], tuple[str, ...]]:
         through: list[str] = []
@@ -421,7 +437,7 @@ def find_input_sharing_groups(
             if match is None:
                 continue
             x, w, src, stored_transposed, form = match
-            names = res.parameter_names(p, src)
+            names = res.parameter_names(p, src, buffer=form == "w4a16")
             tensor, _ = res.tensor_of(p, src)
             where = f"piece {p} node {node.name}" if len(pieces) > 1 else f"node {node.name}"
             if not names:
@@ -443,7 +459,11 @@ def find_input_sharing_groups(
             if W is None or W.dim() != 2:
                 skipped[module] = f"weight {names[0]} is not 2-D: not a linear layer"
                 continue
-            out_f, in_f = (W.shape[1], W.shape[0]) if stored_transposed else (W.shape[0], W.shape[1])
+            if form == "w4a16":  # packed (K_pad / 8, N); the input's width is the real in_features
+                xv = _value(x)
+                out_f, in_f = W.shape[1], xv.shape[-1] if xv is not None else W.shape[0] * 8
+            else:
+                out_f, in_f = (W.shape[1], W.shape[0]) if stored_transposed else (W.shape[0], W.shape[1])
             why = filter.reason(module, int(out_f))
             if why is not None:
                 skipped[module] = why

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -15,3 +17,9 @@ def anisotropic_second_moment(d: int, gen: torch.Generator, *, n_tokens: int = 4
     X = torch.randn(n_tokens, d, generator=gen, dtype=torch.float64) @ (decay[:, None] * mixing)
     X[:, torch.randperm(d, generator=gen)[:outliers]] *= 20
     return X.T @ X / n_tokens
+
+
+# Without a GPU the Triton kernels run in Triton's CPU interpreter. triton.jit reads this when
+# glowq_fx.kernels.w4a16 is imported, which only the kernel tests (and CUDA launches) do.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")

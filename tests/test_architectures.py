@@ -176,3 +176,32 @@ def test_rank_zero_is_plain_rtn(arch):
     ref_logits = _logits(ref, test)
     assert _max_error(_logits(q, test), ref_logits) < 1e-5 * max(1.0, float(ref_logits.abs().max()))
     assert not any(isinstance(m, QuantizedLinear) and m.rank for m in q.modules())
+
+
+def test_compiled_equals_eager_with_one_projection_per_group(arch):
+    """glowq_backend on every architecture: same logits as the eager quantized model (float32
+    CPU: the ops run the same reference arithmetic, Inductor may reorder sums: 1e-5 of the
+    logits' scale), and exactly one shared projection per quantized group in the graph."""
+    from glowq_fx.backend import glowq_backend
+    from passes.rewrite import PROJECTION
+
+    _, model, _, calibration, found = arch
+    q = copy.deepcopy(model)
+    report = quantize_(q, calibration, GlowQConfig(group_size=32, rank=4), groups=found.groups, progress=False)
+    graphs = []
+
+    def backend(gm, example_inputs, **kwargs):
+        graphs.append(gm)
+        return glowq_backend(gm, example_inputs, **kwargs)
+
+    test = _batches(1, seed=11)[0]
+    ref = _logits(q, test)
+    # transformers' forward wrappers are shared code objects: without a reset, Dynamo's
+    # recompile limit is hit after a few architectures and it silently runs them eagerly
+    torch.compiler.reset()
+    out = _logits(torch.compile(q, backend=backend), test)
+    assert graphs, "the backend was never called"
+    assert _max_error(out, ref) <= 1e-5 * max(1.0, float(ref.abs().max()))
+    projections = [n for gm in graphs for n in gm.graph.nodes if n.target is PROJECTION]
+    assert len(projections) == len(report.groups)
+    assert len({n.args[1].name for n in projections}) == len(projections)

@@ -24,7 +24,12 @@ from torch import Tensor
 
 from glowq_fx.quant.rtn import CODES_PER_WORD, QuantizedWeight
 
-_SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)  # bit offset of code k % 8 in its word
+
+
+def _shifts(device: torch.device) -> Tensor:
+    """Bit offset of code ``k % 8`` in its word, as (1, 8, 1). Made per call, not a module
+    constant: a real tensor constant cannot enter a graph traced with fake tensors."""
+    return torch.arange(0, 32, 4, dtype=torch.int32, device=device).view(1, -1, 1)
 
 
 @dataclass
@@ -52,7 +57,7 @@ def pack(qw: QuantizedWeight) -> PackedW4:
     if qw.codes.max() > 15:
         raise ValueError("codes exceed 4 bits (max 15)")
     q = qw.codes.to(torch.int32).T.reshape(K_pad // CODES_PER_WORD, CODES_PER_WORD, N)
-    words = (q << _SHIFTS.to(q.device).view(1, -1, 1)).sum(dim=1, dtype=torch.int64)
+    words = (q << _shifts(q.device)).sum(dim=1, dtype=torch.int64)
     # wrap into int32 two's complement (code 15 in the top nibble sets the sign bit)
     words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
     return PackedW4(
@@ -67,7 +72,7 @@ def pack(qw: QuantizedWeight) -> PackedW4:
 def unpack(p: PackedW4) -> QuantizedWeight:
     """Inverse of ``pack``: exact."""
     words = p.qweight
-    q = (words.unsqueeze(1) >> _SHIFTS.to(words.device).view(1, -1, 1)) & 0xF  # (K_pad/8, 8, N)
+    q = (words.unsqueeze(1) >> _shifts(words.device)) & 0xF  # (K_pad/8, 8, N)
     codes = q.reshape(-1, p.out_features).T.to(torch.uint8).contiguous()
     return QuantizedWeight(
         codes=codes,
@@ -88,7 +93,7 @@ def dequantize_packed(
     and the CPU path of the ops reproduce the quantizer's ``W_q`` bit for bit.
     """
     K_pad, N = qweight.shape[0] * CODES_PER_WORD, qweight.shape[1]
-    q = (qweight.unsqueeze(1) >> _SHIFTS.to(qweight.device).view(1, -1, 1)) & 0xF  # (K_pad/8, 8, N)
+    q = (qweight.unsqueeze(1) >> _shifts(qweight.device)) & 0xF  # (K_pad/8, 8, N)
     q = q.reshape(K_pad // group_size, group_size, N).float()
     w = (q - zeros.float().unsqueeze(1)) * scales.float().unsqueeze(1)  # (G, g, N)
     return w.reshape(K_pad, N)[:in_features].T.to(dtype)

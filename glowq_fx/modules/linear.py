@@ -5,15 +5,16 @@ GlowQ's correction of member ``i`` is ``A_i (B x)``: ``B`` belongs to the group,
 member. So ``B`` lives in one ``SharedProjection``, registered once in the module tree (on the
 members' closest common ancestor, see ``quantize``), and every ``QuantizedLinear`` of the group
 holds a plain reference to it. In eager mode each member computes ``B x`` itself, which is
-correct but repeats work; ``glowq_backend`` finds the members that read one input and one
+correct but repeats work (on CUDA each member is one Triton launch with the correction in its
+epilogue, see ``glowq_fx.ops``); ``glowq_backend`` finds the members that read one input and one
 ``B`` in the graph and computes ``R`` once.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from glowq_fx import ops
 from glowq_fx.kernels.layout import PackedW4, dequantize_packed, pack
 from glowq_fx.quant.rtn import QuantizedWeight
 
@@ -58,7 +59,7 @@ class SharedProjection(nn.Module):
         return self.B.shape[1]
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.B)
+        return ops.shared_projection(x, self.B)
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, in_features={self.in_features}, members={list(self.members)}"
@@ -120,10 +121,8 @@ class QuantizedLinear(nn.Module):
         return self.dequantized_weight()
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.linear(x, self.dequantized_weight(), self.bias)
-        if self.A is not None:
-            y = y + F.linear(self.projection(x), self.A)
-        return y
+        R = None if self.A is None else self.projection(x)
+        return ops.w4a16_linear(x, self.qweight, self.scales, self.zeros, self.bias, self.A, R)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -1,0 +1,32 @@
+"""The Inductor entry points glowq_backend uses, behind one small wrapper.
+
+``compile_fx`` lives in a private module (``torch._inductor.compile_fx``) and
+``list_mode_options`` is Inductor's own table of what ``mode=`` means; both have kept their
+signatures across 2.11-2.13. ``tests/test_inductor_private`` fails loudly if either changes.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from torch import fx
+
+
+def mode_options(mode: str | None, dynamic: bool | None = None) -> dict[str, Any]:
+    """Inductor config patches that ``torch.compile(mode=...)`` stands for
+    (``"reduce-overhead"`` -> CUDA graphs, ...)."""
+    from torch._inductor import list_mode_options
+
+    if mode is not None and mode not in ("default", "reduce-overhead", "max-autotune",
+                                         "max-autotune-no-cudagraphs"):
+        raise ValueError(f"unknown mode {mode!r}: use 'default', 'reduce-overhead', 'max-autotune' or "
+                         "'max-autotune-no-cudagraphs'")
+    return dict(list_mode_options(mode or "default", dynamic))  # None would list every mode
+
+
+def compile_with_inductor(gm: fx.GraphModule, example_inputs: Sequence[object],
+                          config_patches: Mapping[str, Any] | None = None):
+    """Hand a Dynamo graph to Inductor, as ``backend="inductor"`` would."""
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, list(example_inputs), config_patches=dict(config_patches or {}))

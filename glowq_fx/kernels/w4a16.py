@@ -1,0 +1,267 @@
+"""W4A16 matmul with GlowQ's low-rank epilogue, in Triton.
+
+``y_i = x deq(W_i)^T + R A_i^T (+ b_i)`` for up to ``MAX_MEMBERS`` linears that read the same
+``x``, in one launch (horizontal fusion: the programs of one launch cover the column blocks of
+all members, each program finds its member from its column-block index). ``R = x B^T`` is the
+group's shared projection, computed once before the launch; the ``R A_i^T`` term is added to
+the accumulator in the epilogue, so the uncorrected output is never written or re-read.
+
+Two paths, chosen on the number of rows ``M`` (tokens):
+
+- ``M == 1`` (decode): a GEMV. The weight tile is loaded as ``BLOCK_K / 8`` rows of int32 words
+  and unpacked into a ``(BLOCK_K / 8, 8, BLOCK_N)`` register tile, so every word is loaded
+  once; the products are summed per scale group and scaled there,
+  ``s * (sum_k x_k q_k - z * sum_k x_k)``, instead of dequantizing every weight.
+- ``M > 1``: a tensor-core GEMM (``tl.dot``) that dequantizes a ``BLOCK_K x BLOCK_N`` tile
+  (``(q - z) * s`` in float32, rounded to the activation dtype like the eager module's ``W_q``)
+  inside the K loop. Small ``M`` (<= 16) gets its own configurations: a 16-row tile and narrow
+  column blocks, so a decode batch still spreads over every SM.
+
+Weights are in the layout of ``glowq_fx.kernels.layout``; any group size that is a multiple of
+8 works with any ``BLOCK_K`` (a tile that spans several groups loads one scale row per group).
+The kernels know nothing of torch.library or Inductor: ``glowq_fx.ops`` launches them.
+
+Under ``TRITON_INTERPRET=1`` (CPU tests) two interpreter limits show: its ``tl.dot`` multiplies
+the raw bit patterns of bfloat16 operands, so launches set ``UPCAST_DOT`` there (the operands,
+already rounded to bfloat16, are widened to float32 first); and its float32 -> bfloat16 cast
+truncates instead of rounding, so bfloat16 results may be one unit in the last place off.
+"""
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+MAX_MEMBERS = 4  # linears served by one launch; larger groups take several launches
+SMALL_M = 16  # rows up to which the GEMM uses its decode-batch configurations
+DEQUANT_MATMUL_MIN_M = 128  # from here on: dequantize to a buffer, then cuBLAS (compute-bound)
+
+
+@triton.jit
+def _pick(member, v0, v1, v2, v3):
+    """``(v0, v1, v2, v3)[member]`` for a runtime member index, as selects (not branches), so
+    the compiler keeps the alignment it knows of every candidate pointer / integer."""
+    return tl.where(member == 3, v3, tl.where(member == 2, v2, tl.where(member == 1, v1, v0)))
+
+
+@triton.jit
+def _locate(pid, N0, N1, N2, BLOCK_N: tl.constexpr, NUM_MEMBERS: tl.constexpr):
+    """(member, column-block index within the member) of column-block program ``pid``."""
+    e1 = tl.cdiv(N0, BLOCK_N)
+    e2 = e1 + tl.cdiv(N1, BLOCK_N)
+    e3 = e2 + tl.cdiv(N2, BLOCK_N)
+    member = pid * 0
+    start = pid * 0
+    if NUM_MEMBERS > 1:
+        member += (pid >= e1).to(tl.int32)
+        start = tl.where(pid >= e1, e1, start)
+    if NUM_MEMBERS > 2:
+        member += (pid >= e2).to(tl.int32)
+        start = tl.where(pid >= e2, e2, start)
+    if NUM_MEMBERS > 3:
+        member += (pid >= e3).to(tl.int32)
+        start = tl.where(pid >= e3, e3, start)
+    return member, pid - start
+
+
+@triton.jit
+def _member_block(pid_n, W0, S0, Z0, Y0, N0, W1, S1, Z1, Y1, N1, W2, S2, Z2, Y2, N2, W3, S3, Z3, Y3, N3,
+                  BLOCK_N: tl.constexpr, NUM_MEMBERS: tl.constexpr):
+    """(member, its column offsets, weight / scale / zero / output pointers, N) of a program."""
+    member, nb = _locate(pid_n, N0, N1, N2, BLOCK_N, NUM_MEMBERS)
+    W = _pick(member, W0, W1, W2, W3)
+    S = _pick(member, S0, S1, S2, S3)
+    Z = _pick(member, Z0, Z1, Z2, Z3)
+    Y = _pick(member, Y0, Y1, Y2, Y3)
+    N = _pick(member, N0, N1, N2, N3)
+    return member, nb * BLOCK_N + tl.arange(0, BLOCK_N), W, S, Z, Y, N
+
+
+@triton.jit
+def _epilogue_gemv(acc, row, offs_n, mask_n, R, stride_rm, A, BIAS, RANK,
+                   HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr):
+    if HAS_A:
+        for r0 in range(0, RANK, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            mask_r = offs_r < RANK
+            rv = tl.load(R + row * stride_rm + offs_r, mask=mask_r, other=0.0).to(tl.float32)
+            a = tl.load(A + offs_n[None, :] * RANK + offs_r[:, None], mask=mask_r[:, None] & mask_n[None, :],
+                        other=0.0).to(tl.float32)
+            acc += tl.sum(a * rv[:, None], axis=0)
+    if HAS_BIAS:
+        acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    return acc
+
+
+@triton.jit
+def _w4a16_gemv_kernel(
+    X, R, stride_xm, stride_rm, M, K, RANK,
+    W0, S0, Z0, A0, BIAS0, Y0, N0,
+    W1, S1, Z1, A1, BIAS1, Y1, N1,
+    W2, S2, Z2, A2, BIAS2, Y2, N2,
+    W3, S3, Z3, A3, BIAS3, Y3, N3,
+    NUM_MEMBERS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, TILE_GROUP: tl.constexpr,
+):
+    # The K tile is (TILE_GROUPS, TILE_GROUP / 8, BLOCK_N) words: one slab per scale group
+    # (TILE_GROUP = the group size, a power of two; for per-channel scales any power of two),
+    # so products are summed per group and scaled once, and no tensor needs a reshape.
+    TILE_GROUPS: tl.constexpr = BLOCK_K // TILE_GROUP
+    GROUP_ROWS: tl.constexpr = TILE_GROUP // 8
+    pid_n = tl.program_id(0)
+    row = tl.program_id(1)
+    member, offs_n, W, S, Z, Y, N = _member_block(pid_n, W0, S0, Z0, Y0, N0, W1, S1, Z1, Y1, N1, W2, S2, Z2, Y2, N2,
+                                                  W3, S3, Z3, Y3, N3, BLOCK_N, NUM_MEMBERS)
+
+    mask_n = offs_n < N
+    words_per_col = tl.cdiv(K, GROUP_SIZE) * (GROUP_SIZE // 8)  # K_pad / 8
+    t = tl.arange(0, TILE_GROUPS)
+    r = tl.arange(0, GROUP_ROWS)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    x_row = X + row * stride_xm
+    for k0 in range(0, K, BLOCK_K):
+        rows = k0 // 8 + t[:, None] * GROUP_ROWS + r[None, :]  # (TILE_GROUPS, GROUP_ROWS)
+        words = tl.load(W + rows[:, :, None] * N + offs_n[None, None, :],
+                        mask=(rows < words_per_col)[:, :, None] & mask_n[None, None, :], other=0)
+        kx = rows * 8  # column of the lowest code of each word
+        dots = tl.zeros([TILE_GROUPS, GROUP_ROWS, BLOCK_N], dtype=tl.float32)
+        xsum = tl.zeros([TILE_GROUPS, GROUP_ROWS], dtype=tl.float32)
+        for j in tl.static_range(8):
+            xj = tl.load(x_row + kx + j, mask=kx + j < K, other=0.0).to(tl.float32)
+            dots += ((words >> (4 * j)) & 0xF).to(tl.float32) * xj[:, :, None]
+            xsum += xj
+        g = (k0 + t * TILE_GROUP) // GROUP_SIZE
+        gmask = (k0 + t * TILE_GROUP < K)[:, None] & mask_n[None, :]
+        s = tl.load(S + g[:, None] * N + offs_n[None, :], mask=gmask, other=0.0).to(tl.float32)
+        z = tl.load(Z + g[:, None] * N + offs_n[None, :], mask=gmask, other=0.0).to(tl.float32)
+        acc += tl.sum(s * (tl.sum(dots, axis=1) - z * tl.sum(xsum, axis=1)[:, None]), axis=0)
+
+    A = _pick(member, A0, A1, A2, A3)
+    BIAS = _pick(member, BIAS0, BIAS1, BIAS2, BIAS3)
+    acc = _epilogue_gemv(acc, row, offs_n, mask_n, R, stride_rm, A, BIAS, RANK, HAS_A, HAS_BIAS, BLOCK_R)
+    tl.store(Y + row * N + offs_n, acc.to(Y.dtype.element_ty), mask=mask_n)
+
+
+@triton.jit
+def _dequantize_kernel(W, S, Z, OUT, N, K, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``OUT (K, N) = (q - z) * s`` in the activation dtype: the weight for a cuBLAS prefill."""
+    pid_k = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    kk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (kk[:, None] < K) & (offs_n[None, :] < N)
+    words = tl.load(W + (kk[:, None] // 8) * N + offs_n[None, :], mask=mask, other=0)
+    q = ((words >> ((kk[:, None] % 8) * 4)) & 0xF).to(tl.float32)
+    g = kk // GROUP_SIZE
+    s = tl.load(S + g[:, None] * N + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(Z + g[:, None] * N + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(OUT + kk[:, None] * N + offs_n[None, :], ((q - z) * s).to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _w4a16_gemm_kernel(
+    X, R, stride_xm, stride_rm, M, K, RANK,
+    W0, S0, Z0, A0, BIAS0, Y0, N0,
+    W1, S1, Z1, A1, BIAS1, Y1, N1,
+    W2, S2, Z2, A2, BIAS2, Y2, N2,
+    W3, S3, Z3, A3, BIAS3, Y3, N3,
+    NUM_MEMBERS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    # row blocks vary fastest, so programs that run together dequantize the same weight tile
+    # and it stays in L2
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    member, offs_n, W, S, Z, Y, N = _member_block(pid_n, W0, S0, Z0, Y0, N0, W1, S1, Z1, Y1, N1, W2, S2, Z2, Y2, N2,
+                                                  W3, S3, Z3, Y3, N3, BLOCK_N, NUM_MEMBERS)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    k_pad = tl.cdiv(K, GROUP_SIZE) * GROUP_SIZE
+    shifts = (tl.arange(0, BLOCK_K) % 8) * 4
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(X + offs_m[:, None] * stride_xm + kk[None, :], mask=mask_m[:, None] & (kk[None, :] < K),
+                    other=0.0)
+        wmask = (kk[:, None] < k_pad) & mask_n[None, :]
+        words = tl.load(W + (kk[:, None] // 8) * N + offs_n[None, :], mask=wmask, other=0)
+        q = ((words >> shifts[:, None]) & 0xF).to(tl.float32)  # (BLOCK_K, BLOCK_N)
+        if BLOCK_K <= GROUP_SIZE:
+            g = k0 // GROUP_SIZE
+            s = tl.load(S + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            z = tl.load(Z + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        else:
+            g = kk // GROUP_SIZE
+            s = tl.load(S + g[:, None] * N + offs_n[None, :], mask=wmask, other=0.0).to(tl.float32)
+            z = tl.load(Z + g[:, None] * N + offs_n[None, :], mask=wmask, other=0.0).to(tl.float32)
+        w = ((q - z) * s).to(X.dtype.element_ty)
+        if UPCAST_DOT:
+            a = a.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(a, w, acc)
+
+    if HAS_A:
+        A = _pick(member, A0, A1, A2, A3)
+        for r0 in range(0, RANK, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            mask_r = offs_r < RANK
+            rr = tl.load(R + offs_m[:, None] * stride_rm + offs_r[None, :], mask=mask_m[:, None] & mask_r[None, :],
+                         other=0.0)
+            at = tl.load(A + offs_n[None, :] * RANK + offs_r[:, None], mask=mask_r[:, None] & mask_n[None, :],
+                         other=0.0)
+            if UPCAST_DOT:
+                rr = rr.to(tl.float32)
+                at = at.to(tl.float32)
+            acc = tl.dot(rr, at, acc)
+    if HAS_BIAS:
+        BIAS = _pick(member, BIAS0, BIAS1, BIAS2, BIAS3)
+        acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + offs_m[:, None] * N + offs_n[None, :], acc.to(Y.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+def _config(block_n, block_k, warps, stages=None, block_m=None, block_r=32):
+    kwargs = {"BLOCK_N": block_n, "BLOCK_K": block_k, "BLOCK_R": block_r}
+    if block_m is not None:
+        kwargs["BLOCK_M"] = block_m
+    return triton.Config(kwargs, num_warps=warps, **({} if stages is None else {"num_stages": stages}))
+
+
+# Memory-bound paths want many programs with many loads in flight; the prefill GEMM wants
+# large tiles. Short lists: every configuration costs a compile on first use.
+# Measured on the H100 (benchmarks/tune_w4a16.py): the GEMV is latency-bound without split-K,
+# so the K tile must be long (1024-2048 codes) to keep enough bytes in flight per program, and
+# the column block narrow (16-32) to spread over every SM; the small-M GEMM prefers narrow
+# column blocks too; large M goes through dequantize + cuBLAS (DEQUANT_MATMUL_MIN_M).
+GEMV_CONFIGS = [
+    _config(32, 1024, 4), _config(16, 1024, 4), _config(32, 2048, 4), _config(16, 2048, 4), _config(64, 1024, 8),
+    _config(32, 2048, 8),
+]
+SMALL_M_CONFIGS = [
+    _config(32, 128, 4, 3, block_m=16), _config(32, 256, 4, 3, block_m=16), _config(16, 256, 4, 3, block_m=16),
+    _config(64, 128, 4, 3, block_m=16), _config(16, 512, 4, 3, block_m=16),
+]
+GEMM_CONFIGS = [
+    _config(128, 64, 8, 4, block_m=128, block_r=64), _config(64, 64, 8, 3, block_m=128, block_r=64),
+    _config(128, 32, 4, 3, block_m=64, block_r=32), _config(64, 64, 4, 3, block_m=64, block_r=32),
+]
+_KEY = ["M", "K", "N0", "N1", "N2", "N3", "RANK"]
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``, read by
+    ``triton.jit`` when this module is imported)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _autotuned(kernel, configs):
+    # the interpreter cannot time configurations: it runs the first one
+    return triton.autotune(configs=configs[:1] if interpreting() else configs, key=_KEY)(kernel)
+
+
+gemv_kernel = _autotuned(_w4a16_gemv_kernel, GEMV_CONFIGS)
+small_m_kernel = _autotuned(_w4a16_gemm_kernel, SMALL_M_CONFIGS)
+gemm_kernel = _autotuned(_w4a16_gemm_kernel, GEMM_CONFIGS)

@@ -1,0 +1,222 @@
+"""The torch.library ops a quantized model runs, visible to Dynamo, AOTAutograd and Inductor.
+
+- ``glowq::shared_projection(x, B) -> R``: ``R = x B^T``, one group's right factor.
+- ``glowq::w4a16_linear(x, qweight, scales, zeros, bias, A, R) -> y``:
+  ``y = x deq(qweight)^T + R A^T (+ bias)``; ``A`` and ``R`` are both given or both None.
+- ``glowq::w4a16_group(x, qweights, scales, zeros, biases, As, R) -> [y_i]``: every member of a
+  group that reads ``x`` in one launch (``glowq_backend`` inserts it; eager modules never do).
+
+They are ``custom_op``s tagged ``flexible_layout`` (Inductor passes the shared input as it is,
+without a copy per consumer): Inductor calls them as opaque kernels from its generated code,
+and CUDA graphs (``mode="reduce-overhead"``) capture the Triton launches inside. They were
+``triton_op``s, which let Inductor trace into the launches, but on the H100 (torch 2.11,
+triton 3.6) the Inductor-lowered launch of these multi-pointer kernels crashed the process,
+while the same launches called from the op body are verified (kernel tests, benchmark): the
+opaque form stays until that is debugged on a GPU. Each body branches on the device: CUDA
+half/bfloat16 inputs run the Triton kernels of ``glowq_fx.kernels.w4a16``; everything else
+(CPU, float32) runs the pure-torch reference, the same arithmetic as the eager module always
+had (dequantize to the activation dtype, then ``F.linear``), which is what a compiled CPU graph
+lowers to. Every entry checks shapes and dtypes and raises a ``ValueError`` naming the problem:
+a wrong ``R`` or ``A`` is an error, never a silently uncorrected output.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.library import custom_op, wrap_triton
+
+from glowq_fx.kernels.layout import dequantize_packed
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def group_size_of(qweight: Tensor, scales: Tensor) -> int:
+    """The quantization group size implied by the packed shapes: ``K_pad / n_groups``."""
+    return qweight.shape[0] * 8 // scales.shape[0]
+
+
+def _check_member(i: int, x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Optional[Tensor],
+                  A: Optional[Tensor], R: Optional[Tensor]) -> None:
+    who = f"member {i}: " if i >= 0 else ""
+    K = x.shape[-1]
+    if qweight.dtype != torch.int32 or qweight.dim() != 2:
+        raise ValueError(f"{who}qweight must be int32 (K_pad/8, N), got {qweight.dtype} of shape {tuple(qweight.shape)}")
+    N, k_pad = qweight.shape[1], qweight.shape[0] * 8
+    for name, t in (("scales", scales), ("zeros", zeros)):
+        if t.dim() != 2 or t.shape[1] != N or (k_pad % t.shape[0]) != 0:
+            raise ValueError(f"{who}{name} must be (n_groups, {N}) with n_groups dividing K_pad={k_pad}, "
+                             f"got {tuple(t.shape)}")
+        if t.dtype != x.dtype:
+            raise ValueError(f"{who}{name} are {t.dtype} but x is {x.dtype}: run the model in the dtype it was "
+                             "quantized in (cast the inputs, or the model with .to(dtype))")
+    gs = group_size_of(qweight, scales)
+    if gs % 8 or -(-K // gs) * gs != k_pad:
+        raise ValueError(f"{who}x has {K} features but the packed weight holds K_pad={k_pad} columns in groups of "
+                         f"{gs}: the input does not belong to this weight")
+    if bias is not None and (bias.shape != (N,) or bias.dtype != x.dtype):
+        raise ValueError(f"{who}bias must be ({N},) {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
+    if (A is None) != (R is None):
+        raise ValueError(f"{who}A and R go together: got A={'None' if A is None else 'a tensor'}, "
+                         f"R={'None' if R is None else 'a tensor'} (a correction needs both)")
+    if A is not None:
+        if A.dim() != 2 or A.shape[0] != N or A.shape[1] != R.shape[-1] or A.dtype != x.dtype:
+            raise ValueError(f"{who}A must be ({N}, rank={R.shape[-1]}) {x.dtype} to match R, got "
+                             f"{tuple(A.shape)} {A.dtype}")
+        if R.shape[:-1] != x.shape[:-1] or R.dtype != x.dtype:
+            raise ValueError(f"{who}R must be {tuple(x.shape[:-1])} + (rank,) {x.dtype} like x, got "
+                             f"{tuple(R.shape)} {R.dtype}: R is the projection of this very x")
+
+
+def _check_projection(x: Tensor, B: Tensor) -> None:
+    if B.dim() != 2 or B.shape[1] != x.shape[-1] or B.dtype != x.dtype:
+        raise ValueError(f"B must be (rank, {x.shape[-1]}) {x.dtype} to project x, got {tuple(B.shape)} {B.dtype}")
+
+
+def reference_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Optional[Tensor],
+                     A: Optional[Tensor], R: Optional[Tensor]) -> Tensor:
+    """Pure-torch ``x W_q^T + bias + R A^T``: the eager module's arithmetic, term by term."""
+    W = dequantize_packed(qweight, scales, zeros, group_size_of(qweight, scales), x.shape[-1], x.dtype)
+    y = F.linear(x, W, bias)
+    return y if A is None else y + F.linear(R, A)
+
+
+def _uses_kernels(x: Tensor) -> bool:
+    return x.device.type == "cuda" and x.dtype in KERNEL_DTYPES
+
+
+def launch_w4a16(x: Tensor, qweights: Sequence[Tensor], scales: Sequence[Tensor], zeros: Sequence[Tensor],
+                 biases: Sequence[Optional[Tensor]], As: Sequence[Optional[Tensor]], R: Optional[Tensor],
+                 outs: Optional[Sequence[Tensor]] = None) -> list[Tensor]:
+    """Run the Triton kernels for members that read ``x`` (checked by the caller): one launch per
+    ``MAX_MEMBERS`` members of equal bias/correction presence. Returns each member's output
+    ``x.shape[:-1] + (N_i,)``, written into ``outs[i]`` (contiguous, (rows, N_i)) when given.
+    Works on CPU tensors under ``TRITON_INTERPRET=1``."""
+    from glowq_fx.kernels import w4a16 as kernels
+
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    R2 = None if R is None else R.reshape(-1, R.shape[-1])
+    if R2 is not None and R2.stride(-1) != 1:
+        R2 = R2.contiguous()
+    results: list[Optional[Tensor]] = [None] * len(qweights)
+    kinds: dict[tuple[bool, bool], list[int]] = {}
+    for i in range(len(qweights)):
+        kinds.setdefault((biases[i] is not None, As[i] is not None), []).append(i)
+    for (has_bias, has_a), idx in kinds.items():
+        for c in range(0, len(idx), kernels.MAX_MEMBERS):
+            chunk = idx[c:c + kernels.MAX_MEMBERS]
+            ys = [x2.new_empty(M, qweights[i].shape[1]) if outs is None else outs[i] for i in chunk]
+            slots = []
+            for j in range(kernels.MAX_MEMBERS):
+                i = chunk[min(j, len(chunk) - 1)]  # unused slots repeat the last member
+                y = ys[min(j, len(chunk) - 1)]
+                dummy = scales[i]  # a pointer of the activation dtype for absent bias / A
+                slots += [qweights[i], scales[i], zeros[i], As[i] if has_a else dummy,
+                          biases[i] if has_bias else dummy, y, qweights[i].shape[1]]
+            rank = 0 if R2 is None or not has_a else R2.shape[1]
+            gs = group_size_of(qweights[chunk[0]], scales[chunk[0]])
+            common = dict(NUM_MEMBERS=len(chunk), GROUP_SIZE=gs, HAS_A=has_a, HAS_BIAS=has_bias)
+            # every kernel argument is passed explicitly: Inductor's analysis of user kernels does
+            # not see Python defaults
+            gemm_only = dict(UPCAST_DOT=kernels.interpreting() and x.dtype == torch.bfloat16)
+            Ns = [qweights[i].shape[1] for i in chunk]
+            blocks = lambda meta: sum(triton_cdiv(n, meta["BLOCK_N"]) for n in Ns)
+            head = (x2, R2 if has_a else x2, x2.stride(0), R2.stride(0) if has_a else 0, M, K, rank)
+            if M == 1:
+                tile_group = gs if gs & (gs - 1) == 0 else 32  # per-channel: one group, any power of two
+                wrap_triton(kernels.gemv_kernel)[lambda meta: (blocks(meta), M)](
+                    *head, *slots, **common, TILE_GROUP=tile_group)
+            elif M >= kernels.DEQUANT_MATMUL_MIN_M:
+                for i, y in zip(chunk, ys):
+                    _dequantized_matmul(x2, qweights[i], scales[i], zeros[i], biases[i], As[i], R2, y)
+            else:
+                kernel = kernels.small_m_kernel if M <= kernels.SMALL_M else kernels.gemm_kernel
+                wrap_triton(kernel)[lambda meta: (triton_cdiv(M, meta["BLOCK_M"]), blocks(meta))](
+                    *head, *slots, **common, **gemm_only)
+            for i, y in zip(chunk, ys):
+                results[i] = y.view(*x.shape[:-1], qweights[i].shape[1])
+    return results  # type: ignore[return-value]
+
+
+def _dequantized_matmul(x2: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Optional[Tensor],
+                        A: Optional[Tensor], R2: Optional[Tensor], y: Tensor) -> None:
+    """Prefill: ``W_q^T`` (K, N) into a buffer by one Triton kernel, then cuBLAS; the correction
+    is one more thin GEMM accumulated into ``y``. With thousands of rows the matmul is
+    compute-bound and the dequantization (a read of 0.5 and a write of 2 bytes per weight)
+    is amortized; a fused dequant-GEMM cannot feed Hopper's tensor cores from registers."""
+    from glowq_fx.kernels import w4a16 as kernels
+
+    K, N = x2.shape[1], qweight.shape[1]
+    Wt = x2.new_empty(K, N)
+    wrap_triton(kernels._dequantize_kernel)[(triton_cdiv(K, 64), triton_cdiv(N, 128))](
+        qweight, scales, zeros, Wt, N, K, GROUP_SIZE=group_size_of(qweight, scales), BLOCK_N=128, BLOCK_K=64)
+    if bias is None:
+        torch.mm(x2, Wt, out=y)
+    else:
+        torch.addmm(bias, x2, Wt, out=y)
+    if A is not None:
+        y.addmm_(R2, A.t())
+
+
+def triton_cdiv(a, b):
+    return (a + b - 1) // b
+
+
+@custom_op("glowq::shared_projection", mutates_args=(), tags=(torch.Tag.flexible_layout,))
+def shared_projection(x: Tensor, B: Tensor) -> Tensor:
+    """``R = x B^T`` (cuBLAS / Inductor's own matmul: a thin GEMM)."""
+    _check_projection(x, B)
+    return F.linear(x, B)
+
+
+@custom_op("glowq::w4a16_linear", mutates_args=(), tags=(torch.Tag.flexible_layout,))
+def w4a16_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Optional[Tensor],
+                 A: Optional[Tensor], R: Optional[Tensor]) -> Tensor:
+    """One 4-bit linear with its low-rank epilogue (see the module docstring)."""
+    _check_member(-1, x, qweight, scales, zeros, bias, A, R)
+    if _uses_kernels(x):
+        return launch_w4a16(x, [qweight], [scales], [zeros], [bias], [A], R)[0]
+    return reference_linear(x, qweight, scales, zeros, bias, A, R)
+
+
+@custom_op("glowq::w4a16_group", mutates_args=(), tags=(torch.Tag.flexible_layout,))
+def w4a16_group(x: Tensor, qweights: list[Tensor], scales: list[Tensor], zeros: list[Tensor],
+                biases: list[Optional[Tensor]], As: list[Optional[Tensor]], R: Optional[Tensor]) -> list[Tensor]:
+    """All members of a group that read ``x``, horizontally fused; ``R`` is shared by the members
+    with a correction (``As[i]`` given) and ignored by none: a member without ``A`` next to an
+    ``R`` is an error, as is ``R`` missing for a member with ``A``."""
+    n = len(qweights)
+    if n == 0 or not (len(scales) == len(zeros) == len(biases) == len(As) == n):
+        raise ValueError(f"w4a16_group needs one qweight/scales/zeros/bias/A per member, got lengths "
+                         f"{[len(qweights), len(scales), len(zeros), len(biases), len(As)]}")
+    for i in range(n):
+        _check_member(i, x, qweights[i], scales[i], zeros[i], biases[i], As[i], R)
+    if _uses_kernels(x):
+        return launch_w4a16(x, qweights, scales, zeros, biases, As, R)
+    return [reference_linear(x, qweights[i], scales[i], zeros[i], biases[i], As[i], R) for i in range(n)]
+
+
+@shared_projection.register_fake
+def _(x, B):
+    _check_projection(x, B)
+    return x.new_empty(*x.shape[:-1], B.shape[0])
+
+
+@w4a16_linear.register_fake
+def _(x, qweight, scales, zeros, bias, A, R):
+    _check_member(-1, x, qweight, scales, zeros, bias, A, R)
+    return x.new_empty(*x.shape[:-1], qweight.shape[1])
+
+
+@w4a16_group.register_fake
+def _(x, qweights, scales, zeros, biases, As, R):
+    for i in range(len(qweights)):
+        _check_member(i, x, qweights[i], scales[i], zeros[i], biases[i], As[i], R)
+    return [x.new_empty(*x.shape[:-1], q.shape[1]) for q in qweights]

@@ -1,0 +1,218 @@
+"""Rewrite: one shared projection per group, and each group's members in one fused node.
+
+A model that ``quantize_`` prepared reaches the backend as, per member ``i`` of a group::
+
+    R_i = glowq.shared_projection(x, B)          # every member projects x again
+    y_i = glowq.w4a16_linear(x, qweight_i, scales_i, zeros_i, bias_i, A_i, R_i)
+
+This pass finds the members that read one input (``passes.grouping``, which also looks through
+views and casts) and use one ``B``, keeps a single ``shared_projection`` node for them, and
+replaces their linears by one ``glowq.w4a16_group`` node (one launch reads ``x`` for every
+member) followed by a ``getitem`` per member::
+
+    R = glowq.shared_projection(x, B)
+    ys = glowq.w4a16_group(x, [qweight_i], [scales_i], [zeros_i], [bias_i], [A_i], R)
+    y_i = ys[i]
+
+Members that read the input through different views (a reshape, a cast) still share the one
+projection: ``R`` is reshaped like their view (``rows_like``) when no op on either path can
+reorder rows; otherwise they keep their own projection, and the report says so.
+Members are fused into one group node only when they read the very same ``x`` node, have the same group size, and
+all their weights are defined before the first member (true for parameters and buffers, which
+are graph inputs); the others keep their own node, and the report says why. The pass does not
+touch any other node; an unquantized graph comes out unchanged.
+"""
+from __future__ import annotations
+
+import logging
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+
+from passes.grouping import GroupFilter, find_input_sharing_groups
+
+log = logging.getLogger(__name__)
+
+LINEAR = torch.ops.glowq.w4a16_linear.default
+PROJECTION = torch.ops.glowq.shared_projection.default
+GROUP = torch.ops.glowq.w4a16_group.default
+
+
+@dataclass(frozen=True)
+class FusedGroup:
+    """One rewritten group.
+
+    Attributes:
+        members: qualified module names, in launch order.
+        x: name of the input node they read.
+        projection: name of the kept ``shared_projection`` node, or None (no correction).
+        node: name of the ``w4a16_group`` node (None for a lone member, left as it was).
+    """
+
+    members: tuple[str, ...]
+    x: str
+    projection: str | None
+    node: str | None
+
+
+@dataclass
+class RewriteReport:
+    """What ``fuse_shared_projections`` did.
+
+    Attributes:
+        groups: the rewritten groups, in graph order.
+        projections_before, projections_after: ``shared_projection`` nodes in the graph.
+        linears_fused: ``w4a16_linear`` nodes replaced by group nodes.
+        left: module -> why it was not fused with its input-sharing group.
+    """
+
+    groups: list[FusedGroup] = field(default_factory=list)
+    projections_before: int = 0
+    projections_after: int = 0
+    linears_fused: int = 0
+    left: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [f"glowq rewrite: {len(self.groups)} groups, shared projections {self.projections_before} -> "
+                 f"{self.projections_after}, {self.linears_fused} linears fused into "
+                 f"{sum(g.node is not None for g in self.groups)} group nodes"]
+        for g in self.groups:
+            lines.append(f"  {g.node or '(single)'}: {list(g.members)} read {g.x}, R = {g.projection}")
+        lines += [f"  not fused: {m}: {why}" for m, why in self.left.items()]
+        return "\n".join(lines)
+
+
+def _group_size(node: fx.Node) -> int | None:
+    qweight, scales = node.args[1], node.args[2]
+    shapes = [n.meta.get("example_value", n.meta.get("val")) for n in (qweight, scales)]
+    if any(not isinstance(s, torch.Tensor) for s in shapes):
+        return None
+    return shapes[0].shape[0] * 8 // shapes[1].shape[0]
+
+
+def _projection_key(node: fx.Node):
+    """What makes two members' ``R`` the same: the ``B`` node (and input) of its projection."""
+    R = node.args[6] if len(node.args) > 6 else node.kwargs.get("R")
+    if R is None:
+        return None, None
+    if isinstance(R, fx.Node) and R.op == "call_function" and R.target is PROJECTION:
+        return ("B", R.args[0], R.args[1]), R
+    return ("R", R), R  # an R computed some other way: fusable with members using that very node
+
+
+def fuse_shared_projections(
+    gm: fx.GraphModule,
+    example_inputs: Sequence[object] = (),
+    *,
+    model: nn.Module | None = None,
+) -> RewriteReport:
+    """Rewrite ``gm`` in place (see the module docstring) and return what changed.
+
+    Args:
+        gm: a Dynamo graph (``glowq::`` op nodes, weights as placeholders or attributes).
+        example_inputs: the real tensors bound to its placeholders (Dynamo's), to name members.
+        model: the module whose names the report uses (default: ``gm``).
+    """
+    graph = gm.graph
+    report = RewriteReport(projections_before=sum(n.target is PROJECTION for n in graph.nodes))
+    if not any(n.target is LINEAR for n in graph.nodes):
+        report.projections_after = report.projections_before
+        return report
+    analysis = find_input_sharing_groups(gm, example_inputs, model=model, filter=GroupFilter())
+    position = {n: i for i, n in enumerate(graph.nodes)}
+
+    for group in analysis.groups:
+        sites = [s for m in group.members for s in analysis.sites[m] if s.form == "w4a16"]
+        sites.sort(key=lambda s: position[s.node])
+        _share_projections(graph, sites, report)
+        # members fused together: same input node, same R (or none), same group size
+        parts: dict[tuple, list] = {}
+        for s in sites:
+            parts.setdefault((s.node.args[0], _projection_key(s.node)[1], _group_size(s.node)), []).append(s)
+        for (x, R, gs), part in parts.items():
+            _rewrite_part(graph, part, x, R, position, report)
+        if len(parts) > 1:
+            for (x, R, gs), part in parts.items():
+                for s in part:
+                    report.left.setdefault(s.module, f"in its own launch within {group.name}: reads node {x.name}, "
+                                           f"group size {gs}, R = {None if R is None else R.name}")
+
+    for node in list(graph.nodes):  # projections no member reads any more
+        if node.target is PROJECTION and not node.users:
+            graph.erase_node(node)
+    graph.lint()
+    gm.recompile()
+    report.projections_after = sum(n.target is PROJECTION for n in graph.nodes)
+    log.info("%s", report)
+    return report
+
+
+# ops between a group's producer and a member's input that keep the rows in their order, so
+# that R of one view is R of another after the same reshape
+_ORDER_KEEPING = {"view", "reshape", "_unsafe_view", "contiguous", "flatten", "to", "float", "half", "bfloat16",
+                  "double", "type", "type_as", "detach", "clone", "alias", "_to_copy", "convert_element_type"}
+
+
+def rows_like(R: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``R`` (the projection of another view of ``x``'s rows) shaped and typed like ``x``'s rows."""
+    return R.reshape(*x.shape[:-1], R.shape[-1]).to(x.dtype)
+
+
+def _share_projections(graph: fx.Graph, sites: list, report: RewriteReport) -> None:
+    """Point every member's R at the first projection of its ``B`` in the group."""
+    anchors: dict[fx.Node, tuple] = {}  # B node -> (R node, its site)
+    for s in sites:
+        key, R = _projection_key(s.node)
+        if key is None or key[0] != "B":
+            continue
+        B = key[2]
+        if B not in anchors:
+            anchors[B] = (R, s)
+            continue
+        R0, s0 = anchors[B]
+        if R is R0:
+            continue
+        if s.node.args[0] is R0.args[0]:
+            s.node.replace_input_with(R, R0)
+        elif set(s.through) <= _ORDER_KEEPING and set(s0.through) <= _ORDER_KEEPING:
+            with graph.inserting_before(s.node):
+                shared = graph.call_function(rows_like, (R0, s.node.args[0]))
+            s.node.replace_input_with(R, shared)
+        else:
+            report.left[s.module] = (f"reads its input through {list(s.through)}, which may reorder rows: it "
+                                     "keeps its own projection")
+
+
+def _rewrite_part(graph: fx.Graph, part: list, x: fx.Node, R, position, report: RewriteReport) -> None:
+    first = part[0].node
+    # a member whose weights are computed after the first member cannot move up to it
+    fusable = [s for s in part if all(not isinstance(a, fx.Node) or position[a] < position[first]
+                                      for a in _flat(s.node.args[1:6]))]
+    for s in part:
+        if s not in fusable:
+            report.left[s.module] = "its weights are computed inside the graph after the group's first member"
+    members = tuple(s.module for s in fusable)
+    if len(fusable) < 2:
+        report.groups.append(FusedGroup(tuple(s.module for s in part), x.name, None if R is None else R.name, None))
+        return
+    args = [[s.node.args[j] if len(s.node.args) > j else None for s in fusable] for j in range(1, 6)]
+    with graph.inserting_before(first):
+        fused = graph.call_function(GROUP, (x, *args, R))
+    for i, s in enumerate(fusable):
+        with graph.inserting_after(fused):
+            out = graph.call_function(operator.getitem, (fused, i))
+        s.node.replace_all_uses_with(out)
+        graph.erase_node(s.node)
+    report.linears_fused += len(fusable)
+    report.groups.append(FusedGroup(members, x.name, None if R is None else R.name, fused.name))
+
+
+def _flat(args):
+    for a in args:
+        if isinstance(a, (list, tuple)):
+            yield from _flat(a)
+        else:
+            yield a

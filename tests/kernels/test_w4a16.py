@@ -1,0 +1,102 @@
+"""The W4A16 + low-rank epilogue Triton kernels against a float64 reference.
+
+On a CPU machine they run in Triton's interpreter (``TRITON_INTERPRET=1``, set by conftest); on
+a GPU machine, as compiled kernels. Fresh random inputs on every run; outputs are filled with
+NaN before the launch, so an element the kernel does not write fails the test.
+
+Tolerance, per element: the kernels accumulate in float32, round the dequantized weight to the
+activation dtype on the tensor-core path (as the eager module does), and round the output once.
+So ``|y - ref| <= 2 u |ref| + 8 u sqrt(sum_k t_k^2)`` with ``u`` the unit roundoff of the dtype
+and ``t_k`` the terms of the dot product (``x_k w_k``, ``R_j A_j``): one unit in the last place
+for the output (the interpreter truncates bfloat16 instead of rounding) plus a wide margin on the
+random-walk sum of the per-term weight roundings. A wrong nibble, scale row, member or rank
+index moves an element by about ``sqrt(sum t^2)`` itself, far outside.
+"""
+import pytest
+import torch
+
+from glowq_fx import ops
+from glowq_fx.kernels.layout import dequantize_packed, pack
+from glowq_fx.quant.rtn import quantize_rtn
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+def make_member(N, K, group_size, dtype, rank, bias, gen):
+    W = torch.randn(N, K, generator=gen, dtype=torch.float64)
+    packed = pack(quantize_rtn(W.to(dtype).float(), group_size))
+    to = lambda t: t.to(DEVICE)
+    b = torch.randn(N, generator=gen).to(dtype) if bias else None
+    A = (torch.randn(N, rank, generator=gen) / rank**0.5).to(dtype) if rank else None
+    return tuple(None if t is None else to(t) for t in (packed.qweight, packed.scales.to(dtype),
+                                                         packed.zeros.to(dtype), b, A))
+
+
+def reference(x, member, R):
+    """float64 ``y`` and the per-element scale ``sqrt(sum t^2)`` of its terms."""
+    qweight, scales, zeros, bias, A = member
+    gs = ops.group_size_of(qweight, scales)
+    W = dequantize_packed(qweight, scales, zeros, gs, x.shape[-1], torch.float64)
+    x64 = x.double()
+    y = x64 @ W.T
+    spread = (x64**2) @ (W**2).T
+    if bias is not None:
+        y = y + bias.double()
+    if A is not None:
+        y = y + R.double() @ A.double().T
+        spread = spread + (R.double() ** 2) @ (A.double() ** 2).T
+    return y, spread.sqrt()
+
+
+def run_and_check(M, K, Ns, group_size, dtype, rank, bias, gen):
+    x = torch.randn(M, K, generator=gen).to(dtype).to(DEVICE)
+    members = [make_member(N, K, group_size, dtype, rank, bias, gen) for N in Ns]
+    R = (torch.randn(M, rank, generator=gen)).to(dtype).to(DEVICE) if rank else None
+    poisoned = [torch.full((M, N), float("nan"), dtype=dtype, device=DEVICE) for N in Ns]
+    outs = ops.launch_w4a16(x, *[list(t) for t in zip(*members)], R, outs=poisoned)
+    u = UNIT_ROUNDOFF[dtype]
+    for i, (y, member) in enumerate(zip(outs, members)):
+        assert y.data_ptr() == poisoned[i].data_ptr() and y.shape == (M, Ns[i])
+        ref, spread = reference(x, member, R)
+        err = (y.double() - ref).abs()
+        tol = 2 * u * ref.abs() + 8 * u * spread
+        assert not torch.isnan(y).any(), f"member {i}: elements left unwritten"
+        worst = (err / tol).max().item()
+        assert worst <= 1, f"member {i} (N={Ns[i]}): error {worst:.2f}x the tolerance"
+
+
+# M = 1 takes the GEMV, 3 and 17 the small-M GEMM (17: two row blocks), 100 the GEMM, 300 and
+# 1030 the dequantize-then-matmul path (M >= DEQUANT_MATMUL_MIN_M);
+# N and K are not multiples of any block; K not a multiple of the group size (padded columns).
+CASES = [
+    # M,  K,   Ns,               group, rank, bias
+    (1, 200, [37], 32, 0, False),
+    (1, 300, [45, 20, 9, 70, 33], 64, 7, True),  # five members: two launches of <= 4
+    (1, 520, [130], 256, 16, True),
+    (3, 200, [70, 33, 20], 64, 5, True),
+    (17, 264, [40, 50], 128, 16, False),
+    (17, 136, [24], 32, 3, True),
+    (100, 200, [70, 21], 32, 9, False),
+    (300, 100, [130], -1, 0, True),  # per-channel: one group of K_pad = 104
+    (1, 100, [50], -1, 3, False),
+    (1030, 72, [40, 24], 32, 4, True),  # >= DEQUANT_MATMUL_MIN_M: dequantize, then a matmul
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("M,K,Ns,group_size,rank,bias", CASES)
+def test_kernel_matches_float64_reference(M, K, Ns, group_size, rank, bias, dtype, gen):
+    run_and_check(M, K, Ns, group_size, dtype, rank, bias, gen)
+
+
+def test_mixed_bias_and_correction_in_one_group(gen):
+    """Members without a bias or without A take their own launch; each output is still right."""
+    dtype, M, K = torch.float16, 3, 128
+    x = torch.randn(M, K, generator=gen).to(dtype).to(DEVICE)
+    members = [make_member(40, K, 64, dtype, 4, True, gen), make_member(24, K, 64, dtype, 0, False, gen)]
+    R = torch.randn(M, 4, generator=gen).to(dtype).to(DEVICE)
+    outs = ops.launch_w4a16(x, *[list(t) for t in zip(*members)], R)
+    for y, m in zip(outs, members):
+        ref, spread = reference(x, m, R if m[4] is not None else None)
+        assert ((y.double() - ref).abs() <= 2 * 2**-11 * ref.abs() + 8 * 2**-11 * spread).all()

@@ -1,0 +1,48 @@
+"""The glowq:: ops refuse wrong inputs with a message naming the problem (never a silently
+uncorrected output), and their CPU path is the eager arithmetic."""
+import pytest
+import torch
+
+from glowq_fx import ops
+from glowq_fx.kernels.layout import pack
+from glowq_fx.quant.rtn import quantize_rtn
+
+
+@pytest.fixture
+def member(gen):
+    W = torch.randn(24, 64, generator=gen)
+    p = pack(quantize_rtn(W, 32))
+    A = torch.randn(24, 4, generator=gen)
+    return p, A
+
+
+def test_cpu_path_is_dequantize_then_linear(member, gen):
+    p, A = member
+    x = torch.randn(3, 64, generator=gen)
+    B = torch.randn(4, 64, generator=gen)
+    R = ops.shared_projection(x, B)
+    y = ops.w4a16_linear(x, p.qweight, p.scales, p.zeros, None, A, R)
+    W = ops.reference_linear(torch.eye(64), p.qweight, p.scales, p.zeros, None, None, None).T
+    assert torch.allclose(y, x @ W.T + (x @ B.T) @ A.T, atol=1e-5)
+    ys = ops.w4a16_group(x, [p.qweight, p.qweight], [p.scales] * 2, [p.zeros] * 2, [None] * 2, [A, A], R)
+    assert all(torch.equal(t, y) for t in ys)
+
+
+def test_bad_inputs_are_named(member, gen):
+    p, A = member
+    x = torch.randn(3, 64, generator=gen)
+    R = torch.randn(3, 4, generator=gen)
+    with pytest.raises(ValueError, match="A and R go together"):
+        ops.w4a16_linear(x, p.qweight, p.scales, p.zeros, None, A, None)
+    with pytest.raises(ValueError, match="R must be"):
+        ops.w4a16_linear(x, p.qweight, p.scales, p.zeros, None, A, R[:2])
+    with pytest.raises(ValueError, match="A must be"):
+        ops.w4a16_linear(x, p.qweight, p.scales, p.zeros, None, A[:, :3], R)
+    with pytest.raises(ValueError, match="does not belong to this weight"):
+        ops.w4a16_linear(torch.randn(3, 96), p.qweight, p.scales, p.zeros, None, None, None)
+    with pytest.raises(ValueError, match="run the model in the dtype"):
+        ops.w4a16_linear(x.double(), p.qweight, p.scales, p.zeros, None, None, None)
+    with pytest.raises(ValueError, match="B must be"):
+        ops.shared_projection(x, torch.randn(4, 65))
+    with pytest.raises(ValueError, match="one qweight/scales/zeros/bias/A per member"):
+        ops.w4a16_group(x, [p.qweight], [], [p.zeros], [None], [None], None)
