@@ -55,7 +55,7 @@ def main(argv=None):
                 Wt = torch.empty(K, N, device=dev, dtype=torch.bfloat16)
 
                 def dequant_then_cublas():
-                    kernels._dequantize_kernel[(triton.cdiv(K, 64), triton.cdiv(N, 128))](
+                    kernels.dequantize_kernel[(triton.cdiv(K, 64), triton.cdiv(N, 128))](
                         qweight, scales, zeros, Wt, N, K, GROUP_SIZE=GROUP_SIZE, BLOCK_N=128, BLOCK_K=64)
                     return torch.mm(x, Wt)
                 ms = do_bench_cudagraph(dequant_then_cublas, rep=20)

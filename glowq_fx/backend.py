@@ -45,8 +45,7 @@ def glowq_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: st
     debug = bool(patches.pop("glowq.debug", debug))
     fuse = bool(patches.pop("glowq.fuse", fuse))
     patches = {**mode_options(mode, dynamic), **patches}
-    report = fuse_shared_projections(gm, example_inputs) if fuse else RewriteReport()
-    gm.graph.lint()
+    report = fuse_shared_projections(gm, example_inputs) if fuse else RewriteReport()  # lints the graph
     if debug:
         print(report)
         print(gm.code)

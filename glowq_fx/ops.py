@@ -91,8 +91,9 @@ def _uses_kernels(x: Tensor) -> bool:
 def launch_w4a16(x: Tensor, qweights: Sequence[Tensor], scales: Sequence[Tensor], zeros: Sequence[Tensor],
                  biases: Sequence[Optional[Tensor]], As: Sequence[Optional[Tensor]], R: Optional[Tensor],
                  outs: Optional[Sequence[Tensor]] = None) -> list[Tensor]:
-    """Run the Triton kernels for members that read ``x`` (checked by the caller): one launch per
-    ``MAX_MEMBERS`` members of equal bias/correction presence. Returns each member's output
+    """Run the Triton kernels for members that read ``x`` (checked by the caller): below
+    ``DEQUANT_MATMUL_MIN_M`` rows one launch per ``MAX_MEMBERS`` members of equal
+    bias/correction presence, from there a dequantize + cuBLAS per member. Returns each member's output
     ``x.shape[:-1] + (N_i,)``, written into ``outs[i]`` (contiguous, (rows, N_i)) when given.
     Works on CPU tensors under ``TRITON_INTERPRET=1``."""
     from glowq_fx.kernels import w4a16 as kernels
@@ -106,6 +107,13 @@ def launch_w4a16(x: Tensor, qweights: Sequence[Tensor], scales: Sequence[Tensor]
     if R2 is not None and R2.stride(-1) != 1:
         R2 = R2.contiguous()
     results: list[Optional[Tensor]] = [None] * len(qweights)
+    shape = lambda i: (*x.shape[:-1], qweights[i].shape[1])
+    if M >= kernels.DEQUANT_MATMUL_MIN_M:  # one dequantize + cuBLAS per member, no fused launch
+        for i in range(len(qweights)):
+            y = x2.new_empty(M, qweights[i].shape[1]) if outs is None else outs[i]
+            _dequantized_matmul(x2, qweights[i], scales[i], zeros[i], biases[i], As[i], R2, y)
+            results[i] = y.view(shape(i))
+        return results  # type: ignore[return-value]
     kinds: dict[tuple[bool, bool], list[int]] = {}
     for i in range(len(qweights)):
         kinds.setdefault((biases[i] is not None, As[i] is not None), []).append(i)
@@ -127,35 +135,32 @@ def launch_w4a16(x: Tensor, qweights: Sequence[Tensor], scales: Sequence[Tensor]
             # not see Python defaults
             gemm_only = dict(UPCAST_DOT=kernels.interpreting() and x.dtype == torch.bfloat16)
             Ns = [qweights[i].shape[1] for i in chunk]
-            blocks = lambda meta: sum(triton_cdiv(n, meta["BLOCK_N"]) for n in Ns)
+            blocks = lambda meta: sum(_cdiv(n, meta["BLOCK_N"]) for n in Ns)
             head = (x2, R2 if has_a else x2, x2.stride(0), R2.stride(0) if has_a else 0, M, K, rank)
             if M == 1:
                 tile_group = gs if gs & (gs - 1) == 0 else 32  # per-channel: one group, any power of two
                 wrap_triton(kernels.gemv_kernel)[lambda meta: (blocks(meta), M)](
                     *head, *slots, **common, TILE_GROUP=tile_group)
-            elif M >= kernels.DEQUANT_MATMUL_MIN_M:
-                for i, y in zip(chunk, ys):
-                    _dequantized_matmul(x2, qweights[i], scales[i], zeros[i], biases[i], As[i], R2, y)
             else:
                 kernel = kernels.small_m_kernel if M <= kernels.SMALL_M else kernels.gemm_kernel
-                wrap_triton(kernel)[lambda meta: (triton_cdiv(M, meta["BLOCK_M"]), blocks(meta))](
+                wrap_triton(kernel)[lambda meta: (_cdiv(M, meta["BLOCK_M"]), blocks(meta))](
                     *head, *slots, **common, **gemm_only)
             for i, y in zip(chunk, ys):
-                results[i] = y.view(*x.shape[:-1], qweights[i].shape[1])
+                results[i] = y.view(shape(i))
     return results  # type: ignore[return-value]
 
 
 def _dequantized_matmul(x2: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Optional[Tensor],
                         A: Optional[Tensor], R2: Optional[Tensor], y: Tensor) -> None:
     """Prefill: ``W_q^T`` (K, N) into a buffer by one Triton kernel, then cuBLAS; the correction
-    is one more thin GEMM accumulated into ``y``. With thousands of rows the matmul is
-    compute-bound and the dequantization (a read of 0.5 and a write of 2 bytes per weight)
-    is amortized; a fused dequant-GEMM cannot feed Hopper's tensor cores from registers."""
+    is one more thin GEMM accumulated into ``y``. From ``DEQUANT_MATMUL_MIN_M`` rows this beat
+    our fused dequant-GEMM on the H100 (which dequantizes in registers and reached a third of
+    cuBLAS): the dequantization (a read of 0.5 and a write of 2 bytes per weight) is amortized."""
     from glowq_fx.kernels import w4a16 as kernels
 
     K, N = x2.shape[1], qweight.shape[1]
     Wt = x2.new_empty(K, N)
-    wrap_triton(kernels._dequantize_kernel)[(triton_cdiv(K, 64), triton_cdiv(N, 128))](
+    wrap_triton(kernels.dequantize_kernel)[(_cdiv(K, 64), _cdiv(N, 128))](
         qweight, scales, zeros, Wt, N, K, GROUP_SIZE=group_size_of(qweight, scales), BLOCK_N=128, BLOCK_K=64)
     if bias is None:
         torch.mm(x2, Wt, out=y)
@@ -165,7 +170,7 @@ def _dequantized_matmul(x2: Tensor, qweight: Tensor, scales: Tensor, zeros: Tens
         y.addmm_(R2, A.t())
 
 
-def triton_cdiv(a, b):
+def _cdiv(a, b):
     return (a + b - 1) // b
 
 

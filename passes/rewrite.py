@@ -93,14 +93,16 @@ def _group_size(node: fx.Node) -> int | None:
     return shapes[0].shape[0] * 8 // shapes[1].shape[0]
 
 
-def _projection_key(node: fx.Node):
-    """What makes two members' ``R`` the same: the ``B`` node (and input) of its projection."""
-    R = node.args[6] if len(node.args) > 6 else node.kwargs.get("R")
-    if R is None:
-        return None, None
+def _r_of(node: fx.Node) -> fx.Node | None:
+    """The ``R`` argument of a ``w4a16_linear`` node."""
+    return node.args[6] if len(node.args) > 6 else node.kwargs.get("R")
+
+
+def _b_of(R: fx.Node | None) -> fx.Node | None:
+    """The ``B`` node of ``R`` when ``R`` is a ``shared_projection`` (else None)."""
     if isinstance(R, fx.Node) and R.op == "call_function" and R.target is PROJECTION:
-        return ("B", R.args[0], R.args[1]), R
-    return ("R", R), R  # an R computed some other way: fusable with members using that very node
+        return R.args[1]
+    return None
 
 
 def fuse_shared_projections(
@@ -131,14 +133,13 @@ def fuse_shared_projections(
         # members fused together: same input node, same R (or none), same group size
         parts: dict[tuple, list] = {}
         for s in sites:
-            parts.setdefault((s.node.args[0], _projection_key(s.node)[1], _group_size(s.node)), []).append(s)
+            parts.setdefault((s.node.args[0], _r_of(s.node), _group_size(s.node)), []).append(s)
         for (x, R, gs), part in parts.items():
             _rewrite_part(graph, part, x, R, position, report)
-        if len(parts) > 1:
-            for (x, R, gs), part in parts.items():
+            if len(parts) > 1:
                 for s in part:
-                    report.left.setdefault(s.module, f"in its own launch within {group.name}: reads node {x.name}, "
-                                           f"group size {gs}, R = {None if R is None else R.name}")
+                    report.left.setdefault(s.module, f"not in one launch with all of {group.name}: reads node "
+                                           f"{x.name}, group size {gs}, R = {None if R is None else R.name}")
 
     for node in list(graph.nodes):  # projections no member reads any more
         if node.target is PROJECTION and not node.users:
@@ -162,25 +163,29 @@ def rows_like(R: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def _share_projections(graph: fx.Graph, sites: list, report: RewriteReport) -> None:
-    """Point every member's R at the first projection of its ``B`` in the group."""
+    """Point every member's R at the first projection of its ``B`` in the group (reshaped once
+    per other view of the input)."""
     anchors: dict[fx.Node, tuple] = {}  # B node -> (R node, its site)
+    reshaped: dict[tuple[fx.Node, fx.Node], fx.Node] = {}  # (R, view of x) -> rows_like node
     for s in sites:
-        key, R = _projection_key(s.node)
-        if key is None or key[0] != "B":
+        R = _r_of(s.node)
+        B = _b_of(R)
+        if B is None:
             continue
-        B = key[2]
         if B not in anchors:
             anchors[B] = (R, s)
             continue
         R0, s0 = anchors[B]
+        x = s.node.args[0]
         if R is R0:
             continue
-        if s.node.args[0] is R0.args[0]:
+        if x is R0.args[0]:
             s.node.replace_input_with(R, R0)
         elif set(s.through) <= _ORDER_KEEPING and set(s0.through) <= _ORDER_KEEPING:
-            with graph.inserting_before(s.node):
-                shared = graph.call_function(rows_like, (R0, s.node.args[0]))
-            s.node.replace_input_with(R, shared)
+            if (R0, x) not in reshaped:
+                with graph.inserting_before(s.node):
+                    reshaped[R0, x] = graph.call_function(rows_like, (R0, x))
+            s.node.replace_input_with(R, reshaped[R0, x])
         else:
             report.left[s.module] = (f"reads its input through {list(s.through)}, which may reorder rows: it "
                                      "keeps its own projection")
@@ -190,7 +195,7 @@ def _rewrite_part(graph: fx.Graph, part: list, x: fx.Node, R, position, report: 
     first = part[0].node
     # a member whose weights are computed after the first member cannot move up to it
     fusable = [s for s in part if all(not isinstance(a, fx.Node) or position[a] < position[first]
-                                      for a in _flat(s.node.args[1:6]))]
+                                      for a in s.node.args[1:6])]
     for s in part:
         if s not in fusable:
             report.left[s.module] = "its weights are computed inside the graph after the group's first member"
@@ -209,10 +214,3 @@ def _rewrite_part(graph: fx.Graph, part: list, x: fx.Node, R, position, report: 
     report.linears_fused += len(fusable)
     report.groups.append(FusedGroup(members, x.name, None if R is None else R.name, fused.name))
 
-
-def _flat(args):
-    for a in args:
-        if isinstance(a, (list, tuple)):
-            yield from _flat(a)
-        else:
-            yield a

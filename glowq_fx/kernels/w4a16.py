@@ -144,7 +144,7 @@ def _w4a16_gemv_kernel(
 
 
 @triton.jit
-def _dequantize_kernel(W, S, Z, OUT, N, K, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def dequantize_kernel(W, S, Z, OUT, N, K, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """``OUT (K, N) = (q - z) * s`` in the activation dtype: the weight for a cuBLAS prefill."""
     pid_k = tl.program_id(0)
     pid_n = tl.program_id(1)
