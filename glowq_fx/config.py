@@ -50,6 +50,11 @@ class GlowQConfig:
             (see ``decompose.solve``); the paper's setting is ``oversample=10``.
         seed: seed of the randomized-SVD sketch (a local generator; global RNG untouched).
         stats_dtype: ``"float32"`` or ``"float64"`` accumulation of ``S``.
+        selective: GlowQ-S. ``None`` restores every group's correction; otherwise groups are
+            ranked by the whitened error their correction removes per byte of factors, and
+            ``"auto"`` keeps the groups up to the knee of the cumulative curve (``select``), a
+            float in (0, 1] that fraction of the groups, an int a budget of factor bytes (model
+            dtype). The others keep their 4-bit weights without correction.
 
     Which linears are quantized (``passes.grouping.GroupFilter``):
         include: regular expressions (``re.search`` on the qualified module name); when
@@ -83,6 +88,7 @@ class GlowQConfig:
     exclude: tuple[str, ...] = ()
     quantize_output_head: bool = False
     min_out_features: int = 32
+    selective: str | float | int | None = None
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -118,6 +124,15 @@ class GlowQConfig:
             setattr(self, name, patterns)
         if not isinstance(self.min_out_features, int) or self.min_out_features < 1:
             raise ValueError(f"min_out_features must be a positive int, got {self.min_out_features!r}")
+        sel = self.selective
+        if sel is not None:
+            ok = (sel == "auto" or (isinstance(sel, float) and 0 < sel <= 1)
+                  or (isinstance(sel, int) and not isinstance(sel, bool) and sel >= 0))
+            if not ok:
+                raise ValueError(f"selective must be None, 'auto', a fraction in (0, 1] or a byte budget "
+                                 f"(int >= 0), got {sel!r}")
+            if self.method == "none" or self.rank == 0:
+                raise ValueError("selective chooses which corrections to keep; method='none' or rank=0 has none")
         if self.version > CONFIG_VERSION:
             raise ValueError(
                 f"config version {self.version} is newer than this glowq-fx understands "

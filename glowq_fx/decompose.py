@@ -98,6 +98,8 @@ class SolveReport:
     captured_energy: float  # sum of kept s^2 of the (shrunk, scaled) objective
     singular_values: list[Tensor] = field(repr=False)  # kept s, one tensor per factorization
     time_s: float = 0.0
+    member_errors_before: list[float] = field(default_factory=list)  # tr(E_i S E_i^T) per member
+    member_errors_after: list[float] = field(default_factory=list)
 
     @property
     def relative_error_after(self) -> float:
@@ -204,6 +206,7 @@ def solve(
     power_iters: int = 2,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    cap_rank: bool = False,
 ) -> LowRankCorrection:
     """Correct a group's quantization errors with ``method`` at ``rank``.
 
@@ -224,6 +227,9 @@ def solve(
             default costs almost nothing next to the QR of ``E_cat``.
         seed: seed of a local generator for the sketch (global RNG untouched).
         dtype: compute dtype of QR/SVD (the eigendecomposition of S is always float64).
+        cap_rank: independent methods give each member ``min(rank, d_out_i, d_in)`` instead of
+            refusing a rank that a member's error cannot hold (``quantize_`` does, so that one
+            call, one whitening of ``S``, serves the whole group).
 
     Returns:
         ``LowRankCorrection`` with factors in ``dtype`` on the errors' device.
@@ -260,7 +266,10 @@ def solve(
             A = list(A_cat.split([E.shape[0] for E in Es]))
             B, s_kept = [B_shared], [s]
         else:
-            solved = [scaled_lowrank(E, half, inv_half, rank, **kw) for E in Es]
+            solved = []
+            for E in Es:  # each member's sketch from the seed: its factors do not depend on member order
+                generator.manual_seed(seed)
+                solved.append(scaled_lowrank(E, half, inv_half, min(rank, *E.shape) if cap_rank else rank, **kw))
             A, B, s_kept = (list(x) for x in zip(*solved))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -270,21 +279,27 @@ def solve(
     S_eval = S_raw.to(dtype)
     iso = shrinkage * float(torch.trace(S_raw)) / S_raw.shape[0]
 
-    def errors_of(Ds: list[Tensor]) -> tuple[float, float]:
+    def errors_of(Ds: list[Tensor]) -> tuple[list[float], float]:
         # tr(D S_a D^T) = (1 - a) tr(D S D^T) + a tr(S)/d ||D||_F^2: no second product with S_a
-        raw = sum(whitened_error(D, S_eval) for D in Ds)
-        return raw, (1 - shrinkage) * raw + iso * sum(float(D.double().pow(2).sum()) for D in Ds)
+        raw = [whitened_error(D, S_eval) for D in Ds]
+        return raw, (1 - shrinkage) * sum(raw) + iso * sum(float(D.double().pow(2).sum()) for D in Ds)
 
-    before, obj_before = errors_of(Es)
-    after, obj_after = errors_of([E - A[i] @ B[0 if shared else i] for i, E in enumerate(Es)])
+    members_before, obj_before = errors_of(Es)
+    if all(a.shape[1] == 0 for a in A):  # nothing subtracted: the errors stay as they were
+        members_after, obj_after = members_before, obj_before
+    else:
+        members_after, obj_after = errors_of([E - A[i] @ B[0 if shared else i] for i, E in enumerate(Es)])
+    before, after = sum(members_before), sum(members_after)
     report = SolveReport(
         method=method,
-        rank=rank,
+        rank=max((a.shape[1] for a in A), default=0),  # as solved: capped per member
         whitened_error_before=before,
         whitened_error_after=after,
         objective_before=obj_before,
         objective_after=obj_after,
         captured_energy=float(sum((s.double() ** 2).sum() for s in s_kept)),
+        member_errors_before=members_before,
+        member_errors_after=members_after,
         singular_values=[s.float().cpu() for s in s_kept],
         time_s=elapsed,
     )

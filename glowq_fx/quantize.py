@@ -10,6 +10,9 @@
    and swap each member for a ``QuantizedLinear`` in place. The group's ``SharedProjection``
    is registered once, under ``glowq_projections`` of the members' closest common ancestor.
 
+Steps 1-2 are ``calibrate``; its ``Calibration`` can be passed to ``quantize_`` instead of the
+batches, so that several methods or ranks share one calibration run (the accuracy benchmark does).
+
 Ranks are capped at what a group's error can hold: ``min(rank, in_features, sum d_out)`` for
 the shared ``B``, ``min(rank, in_features, d_out_i)`` per member for independent methods;
 the report gives the rank each group got.
@@ -28,11 +31,13 @@ from torch import nn
 from glowq_fx._text import format_table
 from glowq_fx.capture import Run, check_calibration, check_model, check_one_dtype, find_groups, run_batch
 from glowq_fx.config import GlowQConfig
-from glowq_fx.decompose import solve
+from glowq_fx.decompose import LowRankCorrection, solve
+from glowq_fx.calibrate import GroupStatistics
 from glowq_fx.hooks import collect_statistics
 from glowq_fx.kernels.layout import pack
 from glowq_fx.modules.linear import QuantizedLinear, SharedProjection, linear_weight
 from glowq_fx.quant import quantization_error, quantize_gptq, quantize_rtn
+from glowq_fx.select import choose_groups
 from passes.grouping import InputGroup, group_name
 
 log = logging.getLogger(__name__)
@@ -62,6 +67,11 @@ class GroupReport:
     factor_bytes: int
     dense_bytes: int
     solve_time_s: float
+    weight_error: float = 0.0  # ||E||_F / ||W||_F over the members (the quantization alone)
+    restore_gain: float = 0.0  # whitened error the solved correction removes (GlowQ-S score)
+    candidate_factor_bytes: int = 0  # bytes of the solved factors, stored or not
+    restored: bool = True  # False: GlowQ-S left this group uncorrected
+    member_gains: tuple[float, ...] = ()  # whitened error each member's correction removes
 
     @property
     def relative_error(self) -> float:
@@ -112,6 +122,10 @@ class QuantizationReport:
                  f"{self.time_s:.1f} s",
                  f"bytes: {dense:,} dense -> {self.quantized_bytes:,} quantized "
                  f"({self.quantized_bytes / dense if dense else 0:.3f}x)", self.table()]
+        if self.config.selective is not None:
+            kept = [g for g in self.groups if g.restored]
+            lines.append(f"GlowQ-S ({self.config.selective!r}): corrections kept for {len(kept)} of {len(self.groups)} "
+                         f"groups, {self.total('factor_bytes'):,} of {self.total('candidate_factor_bytes'):,} factor bytes")
         if self.skipped:
             lines.append("not quantized: " + "; ".join(f"{k}: {v}" for k, v in self.skipped.items()))
         return "\n".join(lines)
@@ -171,7 +185,9 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _quantize_group(model: nn.Module, modules: dict[str, nn.Module], g: InputGroup, S: torch.Tensor,
-                    config: GlowQConfig) -> GroupReport:
+                    config: GlowQConfig) -> tuple[GroupReport, list]:
+    """Quantize the group's members in place (uncorrected) and solve its correction; the factors
+    come back pending, to be attached by ``_attach`` once GlowQ-S has chosen."""
     Ws = [linear_weight(modules[n]).detach() for n in g.members]
     dtype, device = Ws[0].dtype, Ws[0].device
     S = S.to(device)
@@ -185,43 +201,95 @@ def _quantize_group(model: nn.Module, modules: dict[str, nn.Module], g: InputGro
     kw = dict(shrinkage=config.shrinkage, mode=config.svd, oversample=config.oversample,
               power_iters=config.power_iters, seed=config.seed,
               dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-    if config.method in ("glowq", "none"):  # one solve for the group ("none": rank 0)
-        rank = 0 if config.method == "none" else min(config.rank, g.in_features, sum(g.out_features))
+    if config.method == "glowq":  # one shared B, rank capped by what the stacked error can hold
+        rank = min(config.rank, g.in_features, sum(g.out_features))
         solved = [(g.members, solve(config.method, errors, S, rank, **kw))]
-    else:  # one solve per member, each rank capped by that member's error
-        solved = [((name,), solve(config.method, [E], S, min(config.rank, g.in_features, E.shape[0]), **kw))
-                  for name, E in zip(g.members, errors)]
-    reports = [corr.report for _, corr in solved]
-    factors: dict[str, tuple[torch.Tensor, SharedProjection]] = {}
-    factor_bytes = 0
-    for members, corr in solved:
-        if corr.report.rank == 0:
-            continue
-        projection = SharedProjection(corr.B[0].to(dtype), members)
-        _register_projection(model, projection)
-        factor_bytes += projection.B.nbytes
-        for name, A in zip(members, corr.A):
-            factors[name] = (A, projection)
+    else:  # "none" (rank 0) or independent factors per member, S whitened once for the group
+        corr = solve(config.method, errors, S, 0 if config.method == "none" else config.rank, cap_rank=True, **kw)
+        solved = [(g.members, corr)] if config.method == "none" else [
+            ((name,), LowRankCorrection(A=[A], B=[B], shared=False, report=corr.report))
+            for name, A, B in zip(g.members, corr.A, corr.B)]
+    reports = list({id(corr.report): corr.report for _, corr in solved}.values())  # once per solve
+    pending = [(members, corr.B[0].to(dtype), [A.to(dtype) for A in corr.A])
+               for members, corr in solved if corr.B[0].shape[0] > 0]  # rank 0: nothing to store
     code_bytes = scale_bytes = dense_bytes = 0
     for name, W, qw in zip(g.members, Ws, qws):
-        A, projection = factors.get(name, (None, None))
-        qlinear = QuantizedLinear(pack(qw), getattr(modules[name], "bias", None), A, projection)
+        qlinear = QuantizedLinear(pack(qw), getattr(modules[name], "bias", None))  # correction attached later
         _swap(model, name, qlinear)
         code_bytes += qlinear.qweight.nbytes
         scale_bytes += qlinear.scales.nbytes + qlinear.zeros.nbytes
-        factor_bytes += 0 if qlinear.A is None else qlinear.A.nbytes
         dense_bytes += W.numel() * W.element_size()
-    rank = max(r.rank for r in reports)
-    return GroupReport(
-        name=g.name, members=g.members, in_features=g.in_features, out_features=g.out_features, rank=rank,
-        error_before=sum(r.whitened_error_before for r in reports),
-        error_after=sum(r.whitened_error_after for r in reports),
-        code_bytes=code_bytes, scale_bytes=scale_bytes, factor_bytes=factor_bytes, dense_bytes=dense_bytes,
-        solve_time_s=sum(r.time_s for r in reports),
+    err_sq = sum(float(E.double().pow(2).sum()) for E in errors)
+    w_sq = sum(float(W.double().pow(2).sum()) for W in Ws)
+    before = sum(r.whitened_error_before for r in reports)
+    after = sum(r.whitened_error_after for r in reports)
+    report = GroupReport(
+        name=g.name, members=g.members, in_features=g.in_features, out_features=g.out_features,
+        rank=max(r.rank for r in reports), error_before=before, error_after=after,
+        code_bytes=code_bytes, scale_bytes=scale_bytes, factor_bytes=0, dense_bytes=dense_bytes,
+        solve_time_s=sum(r.time_s for r in reports), weight_error=(err_sq / w_sq) ** 0.5 if w_sq else 0.0,
+        restore_gain=before - after,
+        member_gains=tuple(b - a for r in reports for b, a in zip(r.member_errors_before, r.member_errors_after)),
+        candidate_factor_bytes=sum(B.nbytes + sum(A.nbytes for A in As) for _, B, As in pending),
+        restored=False,
     )
+    return report, pending
 
 
-def quantize_(
+def _attach(model: nn.Module, report: GroupReport, pending) -> None:
+    """Register the group's projection(s) and give each member its ``A_i``."""
+    for members, B, As in pending:
+        projection = SharedProjection(B, members)
+        _register_projection(model, projection)
+        for name, A in zip(members, As):
+            model.get_submodule(name).set_correction(A, projection)
+    report.factor_bytes = report.candidate_factor_bytes
+    report.restored = True
+
+
+def _select(reports: list[GroupReport], policy) -> set[int]:
+    """Indices of the groups whose corrections are kept (all when ``policy`` is None)."""
+    candidates = [i for i, r in enumerate(reports) if r.candidate_factor_bytes > 0]
+    if policy is None:
+        return set(candidates)
+    chosen = choose_groups([max(reports[i].restore_gain, 0.0) for i in candidates],
+                           [reports[i].candidate_factor_bytes for i in candidates], policy)
+    return {candidates[j] for j in chosen}
+
+
+@dataclass
+class Calibration:
+    """Groups and their ``S`` from one calibration run: ``calibrate(model, batches, config)``.
+
+    ``quantize_`` accepts it in place of the batches, so one run serves several methods or ranks
+    (every method reads the same ``S`` of the unquantized model's group inputs). It belongs to the
+    weights it was collected on: ``quantize_`` checks each group's weight fingerprint and refuses
+    a model whose weights differ (use ``copy.deepcopy`` of the calibrated model).
+    """
+
+    groups: list[InputGroup]
+    statistics: GroupStatistics
+    fingerprints: dict[str, float]
+    skipped: dict[str, str] = field(default_factory=dict)
+    graph_breaks: list[str] = field(default_factory=list)
+    n_batches: int = 0
+    n_tokens: int = 0
+    stats_dtype: str = "float32"
+    time_s: float = 0.0
+
+
+def _fingerprint(modules: dict[str, nn.Module], g: InputGroup) -> float:
+    """Sum of |W| over the group's members in float64: cheap, and differs for other weights."""
+    total = 0.0
+    for name in g.members:
+        W = linear_weight(modules[name]) if name in modules else None
+        if W is None:
+            return float("nan")
+        total += W.detach().double().abs().sum().item()
+    return total
+
+
+def calibrate(
     model: nn.Module,
     calibration: Iterable[object],
     config: GlowQConfig | None = None,
@@ -229,27 +297,13 @@ def quantize_(
     groups: Sequence[InputGroup] | None = None,
     run: Run = run_batch,
     progress: bool = True,
-) -> QuantizationReport:
-    """Quantize ``model`` in place: 4-bit weights plus a low-rank correction per ``config``.
+) -> Calibration:
+    """Find ``model``'s groups (unless given) and collect one ``S`` per group; the model is unchanged.
 
-    Args:
-        model: a floating-point model on any device (one dtype per group).
-        calibration: batches of model inputs on the model's device: mappings of keyword
-            arguments (``{"input_ids": (B, T) int64, "attention_mask": (B, T)}``; the mask
-            excludes padding from ``S``), tuples of positional arguments, or tensors.
-        config: ``GlowQConfig`` (default: GlowQ, rank 64, RTN W4 g128).
-        groups: precomputed groups (``find_groups(model, batch, config).groups``) to skip the
-            graph capture.
-        run: ``run(model, batch)`` does one forward pass (default ``capture.run_batch``).
-        progress: show tqdm bars over calibration batches and over groups.
-
-    Returns:
-        ``QuantizationReport``; ``print(report)`` shows the per-group table.
+    Arguments as for ``quantize_``.
     """
     t0 = time.perf_counter()
-    config = config if config is not None else GlowQConfig()
-    if not isinstance(config, GlowQConfig):
-        raise ValueError(f"config must be a GlowQConfig, got {type(config).__name__}")
+    config = _check_config(config)
     check_model(model)
     batches = check_calibration(model, calibration)
     was_training = model.training
@@ -262,14 +316,87 @@ def quantize_(
             groups, skipped, breaks = _check_given_groups(model, groups), {}, []
         stats = collect_statistics(model, groups, batches, run, dtype=config.stats_dtype,
                                    progress=_progress(progress, "calibration", len(batches)))
-        n_tokens = max(stats[g.name].n_tokens for g in groups)
-        log.info("calibrated %d groups on %d batches; S matrices hold %.1f MB", len(groups), len(batches),
-                 stats.nbytes() / 2**20)
-        modules = dict(model.named_modules())
-        rows = []
-        with torch.no_grad():
-            for g in _progress(progress, "groups", len(groups))(groups):
-                rows.append(_quantize_group(model, modules, g, stats.pop(g.name), config))
     finally:
         model.train(was_training)
-    return QuantizationReport(config, rows, skipped, breaks, len(batches), n_tokens, time.perf_counter() - t0)
+    n_tokens = max((stats[g.name].n_tokens for g in groups), default=0)
+    log.info("calibrated %d groups on %d batches; S matrices hold %.1f MB", len(groups), len(batches),
+             stats.nbytes() / 2**20)
+    modules = dict(model.named_modules())
+    fingerprints = {g.name: _fingerprint(modules, g) for g in groups}
+    return Calibration(list(groups), stats, fingerprints, skipped, breaks, len(batches), n_tokens,
+                       config.stats_dtype, time.perf_counter() - t0)
+
+
+def _check_config(config: GlowQConfig | None) -> GlowQConfig:
+    config = config if config is not None else GlowQConfig()
+    if not isinstance(config, GlowQConfig):
+        raise ValueError(f"config must be a GlowQConfig, got {type(config).__name__}")
+    return config
+
+
+def _check_reuse(model: nn.Module, calibrated: Calibration, groups) -> None:
+    if groups is not None:
+        raise ValueError("pass groups to calibrate(), not to quantize_() with a Calibration")
+    modules = dict(model.named_modules())
+    _check_given_groups(model, calibrated.groups)
+    for g in calibrated.groups:
+        if g.name not in calibrated.statistics:
+            raise ValueError(f"this Calibration was already used by a quantize_ call that consumed it "
+                             f"(group {g.name} has no S left); calibrate again")
+        now, then = _fingerprint(modules, g), calibrated.fingerprints[g.name]
+        if not abs(now - then) <= 1e-9 * max(abs(then), 1.0):
+            raise ValueError(f"group {g.name}: the model's weights differ from those this Calibration was "
+                             "collected on; calibrate this model (or quantize a copy of the calibrated one)")
+
+
+def quantize_(
+    model: nn.Module,
+    calibration: Iterable[object] | Calibration,
+    config: GlowQConfig | None = None,
+    *,
+    groups: Sequence[InputGroup] | None = None,
+    run: Run = run_batch,
+    progress: bool = True,
+) -> QuantizationReport:
+    """Quantize ``model`` in place: 4-bit weights plus a low-rank correction per ``config``.
+
+    Args:
+        model: a floating-point model on any device (one dtype per group).
+        calibration: batches of model inputs on the model's device: mappings of keyword
+            arguments (``{"input_ids": (B, T) int64, "attention_mask": (B, T)}``; the mask
+            excludes padding from ``S``), tuples of positional arguments, or tensors. Or a
+            ``Calibration`` from ``calibrate`` (of this model's weights), reused without running
+            the model again.
+        config: ``GlowQConfig`` (default: GlowQ, rank 64, RTN W4 g128).
+        groups: precomputed groups (``find_groups(model, batch, config).groups``) to skip the
+            graph capture.
+        run: ``run(model, batch)`` does one forward pass (default ``capture.run_batch``).
+        progress: show tqdm bars over calibration batches and over groups.
+
+    Returns:
+        ``QuantizationReport``; ``print(report)`` shows the per-group table.
+    """
+    t0 = time.perf_counter()
+    config = _check_config(config)
+    if isinstance(calibration, Calibration):
+        check_model(model)
+        _check_reuse(model, calibration, groups)
+        calibrated, reused = calibration, True
+    else:
+        calibrated, reused = calibrate(model, calibration, config, groups=groups, run=run, progress=progress), False
+    modules = dict(model.named_modules())
+    rows, pending = [], []
+    with torch.no_grad():
+        for g in _progress(progress, "groups", len(calibrated.groups))(calibrated.groups):
+            S = calibrated.statistics[g.name].value() if reused else calibrated.statistics.pop(g.name)
+            row, factors = _quantize_group(model, modules, g, S, config)
+            rows.append(row)
+            pending.append(factors)
+        chosen = _select(rows, config.selective)
+        for i, (row, factors) in enumerate(zip(rows, pending)):
+            if i in chosen:
+                _attach(model, row, factors)
+            else:  # uncorrected: the model's error is the quantization's
+                row.error_after, row.rank = row.error_before, 0
+    return QuantizationReport(config, rows, dict(calibrated.skipped), list(calibrated.graph_breaks),
+                              calibrated.n_batches, calibrated.n_tokens, time.perf_counter() - t0)

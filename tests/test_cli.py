@@ -41,3 +41,73 @@ def test_groups_of_a_local_directory(tmp_path, capsys):
 def test_unknown_model_is_a_clear_error(capsys):
     assert main(["groups", "not-a-model"]) == 2
     assert "neither a local model directory nor a transformers model type" in capsys.readouterr().err
+
+
+def _tiny_model_dir(path, text_words):
+    """A local transformers directory: a tiny Llama and a word-level tokenizer over ``text_words``."""
+    import tokenizers
+    import transformers as T
+
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(sorted(set(text_words)))}}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    T.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(path)
+    T.LlamaForCausalLM(tiny_llama_config(vocab_size=len(vocab))).save_pretrained(path)
+    return path
+
+
+def _tiny_model_and_text(tmp_path):
+    """A tiny local model directory and a text file of fresh random words from its vocabulary."""
+    import random
+
+    rng = random.Random()
+    words = [f"w{i}" for i in range(60)]
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(rng.choice(words) for _ in range(3000)))
+    return _tiny_model_dir(tmp_path / "model", words), text
+
+
+def test_quantize_eval_bench_on_a_local_model(tmp_path, capsys):
+    model_dir, text = _tiny_model_and_text(tmp_path)
+    out = tmp_path / "q"
+    assert main(["quantize", str(model_dir), "--out", str(out), "--group-size", "32", "--rank", "8",
+                 "--calib", str(text), "--calib-samples", "4", "--calib-len", "64"]) == 0
+    printed = capsys.readouterr().out
+    assert "method glowq, rank 8" in printed and f"saved to {out}" in printed
+    assert (out / "glowq.json").is_file() and (out / "tokenizer.json").is_file()
+
+    for target in (str(model_dir), str(out)):
+        assert main(["eval", target, "--text", str(text), "--seq-len", "128", "--max-tokens", "1000"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [ln.split() for ln in lines if ln.startswith(str(tmp_path))]
+    assert [r[1] for r in rows] == ["float32", "quantized"]
+    # perplexity, and predicted tokens: 1000 in 8 windows, each predicting all but its first
+    assert all(float(r[4]) > 1 and r[6] == "992" and r[7] == "8" for r in rows)
+
+    assert main(["bench", str(out), "--tokens", "16", "--repeats", "2"]) == 0
+    assert "torch.compile(backend=glowq_backend)" in capsys.readouterr().out
+    assert main(["bench", str(model_dir)]) == 2
+    assert "not a quantized checkpoint" in capsys.readouterr().err
+
+
+def test_eval_of_a_missing_model_is_a_clear_error(tmp_path, capsys):
+    assert main(["eval", str(tmp_path / "nothing-here"), "--text", __file__]) == 2
+    assert "cannot load model" in capsys.readouterr().err
+
+
+def test_select_writes_table_json_and_plot(tmp_path, capsys):
+    import json
+
+    model_dir, text = _tiny_model_and_text(tmp_path)
+    out = tmp_path / "sel" / "selective"
+    assert main(["select", str(model_dir), "--score", "gain", "--score", "measured", "--rank", "8", "--group-size", "32",
+                 "--step", "3", "--text", str(text), "--eval-tokens", "600", "--seq-len", "128", "--calib", str(text),
+                 "--calib-samples", "4", "--calib-len", "64", "--measure-len", "32", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "elbow of the gain sweep" in printed and "selective='auto'" in printed
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert [st["score"] for st in data["studies"]] == ["gain", "measured"]
+    units = data["studies"][0]["units"]
+    assert [p["k"] for p in data["studies"][0]["points"]] == sorted(set(range(0, units, 3)) | {units})
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    assert out.with_suffix(".md").read_text().count("\n| ") >= 3

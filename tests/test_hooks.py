@@ -2,13 +2,13 @@ import pytest
 import torch
 from torch import nn
 
-from glowq_fx.demo import run_demo, tiny_llama
 from glowq_fx.hooks import TensorKeys, collect_statistics, group_name, input_sharing_groups
+from tests_helpers import random_llama
 
 
 @pytest.fixture(scope="module")
 def llama():
-    return tiny_llama()
+    return random_llama()
 
 
 def _batch(n=2, t=12, vocab=512, seed=0):
@@ -62,17 +62,6 @@ def test_no_linear_model_raises():
 def test_group_name():
     assert group_name(["a.b.q", "a.b.k"]) == "a.b.{q,k}"
     assert group_name(["x.fc"]) == "x.fc"
-
-
-def test_demo_rows_show_the_glowq_trade():
-    rows = run_demo(n_batches=1, seq_len=16)
-    assert len(rows) == 16
-    for r in rows:
-        assert r.qera_error < r.rtn_error and r.glowq_error < r.rtn_error
-        if r.members > 1:
-            assert r.glowq_bytes < r.qera_bytes  # one B per group instead of one per member
-        else:
-            assert r.glowq_bytes == r.qera_bytes and r.glowq_error == pytest.approx(r.qera_error, rel=1e-5)
 
 
 def test_tensor_keys_follow_identity_without_keeping_tensors_alive():

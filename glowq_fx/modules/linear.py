@@ -81,13 +81,7 @@ class QuantizedLinear(nn.Module):
     def __init__(self, packed: PackedW4, bias: Tensor | None = None, A: Tensor | None = None,
                  projection: SharedProjection | None = None):
         super().__init__()
-        if (A is None) != (projection is None):
-            raise ValueError("a correction needs both A and its projection (or neither)")
         N = packed.out_features
-        if A is not None and (A.shape[0] != N or A.shape[1] != projection.rank):
-            raise ValueError(f"A must be ({N}, {projection.rank}) to match the projection, got {tuple(A.shape)}")
-        if A is not None and projection.in_features != packed.in_features:
-            raise ValueError(f"projection reads {projection.in_features} features, the linear {packed.in_features}")
         if bias is not None and tuple(bias.shape) != (N,):
             raise ValueError(f"bias must be ({N},), got {tuple(bias.shape)}")
         self.in_features = packed.in_features
@@ -97,7 +91,23 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("scales", packed.scales)
         self.register_buffer("zeros", packed.zeros)
         self.register_buffer("bias", None if bias is None else bias.detach().to(packed.scales.dtype).clone())
-        self.register_buffer("A", None if A is None else A.to(packed.scales.dtype).contiguous())
+        self.register_buffer("A", None)
+        object.__setattr__(self, "projection", None)
+        self.set_correction(A, projection)
+
+    def set_correction(self, A: Tensor | None, projection: SharedProjection | None) -> None:
+        """Attach ``A_i`` and the group's projection, or remove the correction with ``(None, None)``
+        (GlowQ-S restores only some groups; the sweep switches corrections in place)."""
+        if (A is None) != (projection is None):
+            raise ValueError("a correction needs both A and its projection (or neither)")
+        if A is not None:
+            N = self.out_features
+            if A.shape[0] != N or A.shape[1] != projection.rank:
+                raise ValueError(f"A must be ({N}, {projection.rank}) to match the projection, got {tuple(A.shape)}")
+            if projection.in_features != self.in_features:
+                raise ValueError(f"projection reads {projection.in_features} features, the linear {self.in_features}")
+            A = A.to(self.scales.dtype).contiguous()
+        self.A = A
         object.__setattr__(self, "projection", projection)  # a reference, not a child (see above)
 
     @classmethod

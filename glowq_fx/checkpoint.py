@@ -1,0 +1,334 @@
+"""``save_quantized(model, dir)`` / ``load_quantized(dir)``: a quantized model on disk, bit for bit.
+
+A checkpoint directory holds:
+
+- ``model.safetensors``: the whole state dict (packed codes, scales, zeros, ``A_i``, each group's
+  ``B``, and every tensor left in floating point), one copy of tensors that share storage (tied
+  embeddings); the aliases are listed in ``glowq.json``.
+- ``glowq.json``: format version, the glowq-fx / torch / transformers versions, the
+  ``GlowQConfig``, each quantized linear (shape, group size, rank, bias, the projection it reads),
+  each projection (its members and state-dict key), the model class, the safetensors file's size
+  and SHA-256, and the quantization report when one is given.
+- ``config.json`` (and the tokenizer's files when one is given) for transformers models, so
+  ``load_quantized(dir)`` can rebuild the model alone; other models are rebuilt by the caller
+  and passed as ``load_quantized(dir, model)``.
+
+Loading checks everything before touching the model: the file's checksum (truncated or
+corrupted files), that every quantized linear exists in the model with the recorded shape, that
+the file holds exactly the tensors the quantized model needs with the right shapes and dtypes.
+Any mismatch raises ``CheckpointError`` naming it, and the model is left as it was.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from glowq_fx.cache import sha256_file
+from glowq_fx.config import GlowQConfig
+from glowq_fx.modules.linear import QuantizedLinear, SharedProjection, linear_weight
+from glowq_fx.kernels.layout import PackedW4
+
+FORMAT = "glowq-fx"
+FORMAT_VERSION = 1
+META_FILE = "glowq.json"
+TENSOR_FILE = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded (into this model); the message says why."""
+
+
+def _versions() -> dict[str, str]:
+    import glowq_fx
+
+    versions = {"glowq_fx": glowq_fx.__version__, "torch": torch.__version__}
+    try:
+        import transformers
+
+        versions["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    return versions
+
+
+def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Keep one key per shared storage (safetensors stores no aliases); return the aliases."""
+    kept: dict[tuple, str] = {}
+    tensors, aliases = {}, {}
+    for key, t in state.items():
+        ident = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if ident in kept:
+            aliases[key] = kept[ident]
+        else:
+            kept[ident] = key
+            tensors[key] = t.detach().contiguous()
+    return tensors, aliases
+
+
+def _projection_key(model: nn.Module, projection: SharedProjection) -> str:
+    for name, m in model.named_modules():
+        if m is projection:
+            return f"{name}.B"
+    raise CheckpointError(f"the projection of {list(projection.members)} is not registered in the model; "
+                          "was the model quantized with glowq_fx.quantize_?")
+
+
+def save_quantized(model: nn.Module, directory: str | Path, *, config: GlowQConfig | None = None,
+                   report=None, tokenizer=None) -> Path:
+    """Write the quantized ``model`` (from ``quantize_``) to ``directory``; returns the directory.
+
+    ``config`` defaults to ``report.config`` when a ``QuantizationReport`` is given.
+    """
+    from safetensors.torch import save_file
+
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    if not linears:
+        raise CheckpointError("the model has no QuantizedLinear modules: quantize it with glowq_fx.quantize_ "
+                              "first (a floating-point model is saved with save_pretrained)")
+    if config is None and report is not None:
+        config = report.config
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    projections: dict[int, dict] = {}
+    records = {}
+    for name, m in linears.items():
+        key = None
+        if m.projection is not None:
+            p = m.projection
+            if id(p) not in projections:
+                projections[id(p)] = {"key": _projection_key(model, p), "members": list(p.members),
+                                      "rank": p.rank, "in_features": p.in_features}
+            key = projections[id(p)]["key"]
+        records[name] = {"in_features": m.in_features, "out_features": m.out_features, "group_size": m.group_size,
+                         "rank": m.rank, "bias": m.bias is not None, "projection": key}
+    tensors, aliases = _dedupe(model.state_dict())
+    path = directory / TENSOR_FILE
+    save_file({k: v.cpu() for k, v in tensors.items()}, str(path), metadata={"format": FORMAT})
+    model_config = getattr(model, "config", None)
+    if model_config is not None and hasattr(model_config, "save_pretrained"):
+        model_config.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    meta = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "versions": _versions(),
+        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "config": None if config is None else config.to_dict(),
+        "linears": records, "projections": list(projections.values()), "aliases": aliases,
+        "tensors": {"file": TENSOR_FILE, "bytes": path.stat().st_size, "sha256": sha256_file(path)},
+        "report": None if report is None else report.to_dict(),
+    }
+    (directory / META_FILE).write_text(json.dumps(meta, indent=1))
+    return directory
+
+
+def read_metadata(directory: str | Path) -> dict:
+    """``glowq.json`` of a checkpoint, after checking it is one this version can read."""
+    path = Path(directory) / META_FILE
+    if not Path(directory).is_dir():
+        raise CheckpointError(f"{directory} is not a directory")
+    if not path.is_file():
+        raise CheckpointError(f"{directory} is not a glowq-fx checkpoint: {META_FILE} is missing "
+                              "(write one with glowq_fx.save_quantized or `glowq quantize --out`)")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is corrupted: not valid JSON ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a glowq-fx checkpoint description (no format {FORMAT!r})")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{path} has format version {meta['format_version']}, newer than this glowq-fx "
+                              f"reads ({FORMAT_VERSION}); upgrade glowq-fx")
+    for field in ("linears", "projections", "aliases", "tensors"):
+        if field not in meta:
+            raise CheckpointError(f"{path} is incomplete: field {field!r} is missing")
+    return meta
+
+
+def _check_tensor_file(directory: Path, meta: dict) -> Path:
+    path = directory / meta["tensors"]["file"]
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: the checkpoint's tensors are gone")
+    size = path.stat().st_size
+    if size != meta["tensors"]["bytes"]:
+        raise CheckpointError(f"{path} is {size} bytes but was written with {meta['tensors']['bytes']}: "
+                              "the file is truncated or was replaced")
+    if sha256_file(path) != meta["tensors"]["sha256"]:
+        raise CheckpointError(f"{path} does not match its SHA-256 in {META_FILE}: the file is corrupted")
+    return path
+
+
+def _build_model(directory: Path, meta: dict, dtype: torch.dtype, device) -> nn.Module:
+    if not (directory / "config.json").is_file():
+        raise CheckpointError(f"{directory} has no config.json to rebuild the model from (the model was not a "
+                              "transformers model): build the unquantized model yourself and call "
+                              "load_quantized(directory, model)")
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(directory)
+    class_name = meta["model_class"].rsplit(".", 1)[-1]
+    with torch.device(device):
+        for auto in (transformers.AutoModelForCausalLM, transformers.AutoModel):
+            try:
+                model = auto.from_config(config, dtype=dtype)
+            except ValueError:
+                continue
+            if type(model).__name__ == class_name:
+                return model.eval()
+    raise CheckpointError(f"cannot rebuild a {class_name} from {directory}/config.json with transformers' auto "
+                          "classes; build the unquantized model yourself and call load_quantized(directory, model)")
+
+
+def _file_dtype(header: dict[str, tuple[tuple[int, ...], torch.dtype]], meta: dict) -> torch.dtype:
+    """The dtype of the model's floating tensors: that of the first quantized linear's scales."""
+    name = next(iter(meta["linears"]))
+    return header[f"{name}.scales"][1]
+
+
+def _check_packed(name: str, rec: dict, header: dict) -> None:
+    """The packed tensors' shapes and dtypes agree with each other and the record (layout.py)."""
+    keys = [f"{name}.{s}" for s in ("qweight", "scales", "zeros")]
+    absent = [k for k in keys if k not in header]
+    if absent:
+        raise CheckpointError(f"the checkpoint does not match its description: missing tensors {absent}")
+    (qshape, qdtype), (sshape, sdtype), (zshape, zdtype) = (header[k] for k in keys)
+    N, K, g = rec["out_features"], rec["in_features"], rec["group_size"]
+    if qdtype != torch.int32 or len(qshape) != 2 or qshape[1] != N:
+        raise CheckpointError(f"{name}.qweight is {qdtype} {qshape}, expected int32 (K_pad / 8, {N})")
+    K_pad = qshape[0] * 8
+    if not (K <= K_pad < K + max(g, 8)) or g < 1 or K_pad % g:
+        raise CheckpointError(f"{name}.qweight holds {K_pad} columns, which group size {g} and "
+                              f"in_features {K} do not explain")
+    for key, shape, dtype in ((keys[1], sshape, sdtype), (keys[2], zshape, zdtype)):
+        if tuple(shape) != (K_pad // g, N) or not dtype.is_floating_point:
+            raise CheckpointError(f"{key} is {dtype} {tuple(shape)}, expected a float ({K_pad // g}, {N})")
+
+
+def _plan(model: nn.Module, meta: dict, header: dict) -> None:
+    """Every check between the checkpoint and ``model``, before anything changes."""
+    modules = dict(model.named_modules())
+    for name, rec in meta["linears"].items():
+        module = modules.get(name)
+        if module is None:
+            raise CheckpointError(f"the checkpoint quantized {name}, which this model does not have: it was "
+                                  "written for another architecture")
+        W = linear_weight(module)
+        if W is None:
+            raise CheckpointError(f"{name} is a {type(module).__name__} in this model, the checkpoint holds a "
+                                  "quantized linear there")
+        if tuple(W.shape) != (rec["out_features"], rec["in_features"]):
+            raise CheckpointError(f"{name}: the model's linear is {tuple(W.shape)} (out, in), the checkpoint's "
+                                  f"({rec['out_features']}, {rec['in_features']}); other model size")
+        if rec["bias"] != (getattr(module, "bias", None) is not None):
+            raise CheckpointError(f"{name}: bias {'missing in the model' if rec['bias'] else 'unexpected'}")
+        _check_packed(name, rec, header)
+    expected: dict[str, tuple[int, ...] | None] = {}
+    quantized_params = set()
+    for name, rec in meta["linears"].items():
+        for suffix in ("weight", "bias"):
+            quantized_params.add(f"{name}.{suffix}")
+        for suffix in ("qweight", "scales", "zeros") + (("bias",) if rec["bias"] else ()) + (("A",) if rec["rank"] else ()):
+            expected[f"{name}.{suffix}"] = None  # shapes checked by QuantizedLinear on construction
+        N, r = rec["out_features"], rec["rank"]
+        if rec["bias"]:
+            expected[f"{name}.bias"] = (N,)
+        if r:
+            expected[f"{name}.A"] = (N, r)
+    for p in meta["projections"]:
+        expected[p["key"]] = (p["rank"], p["in_features"])
+    for key, t in model.state_dict().items():
+        if key not in quantized_params:
+            expected[key] = tuple(t.shape)
+    present = set(header) | set(meta["aliases"])
+    missing, unexpected = sorted(set(expected) - present), sorted(present - set(expected))
+    if missing or unexpected:
+        raise CheckpointError("the checkpoint does not match this model: "
+                              + (f"missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}; " if missing else "")
+                              + (f"unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}" if unexpected else ""))
+    for alias, target in meta["aliases"].items():
+        if target not in header:
+            raise CheckpointError(f"alias {alias} -> {target}, but the file has no {target}")
+    state = model.state_dict()
+    for key, shape in expected.items():
+        source = meta["aliases"].get(key, key)
+        file_shape, file_dtype = header[source]
+        if shape is not None and tuple(file_shape) != shape:
+            raise CheckpointError(f"{key}: the checkpoint holds shape {tuple(file_shape)}, the model needs {shape}")
+        if key in state and state[key].is_floating_point() and state[key].dtype != file_dtype:
+            raise CheckpointError(f"{key}: the checkpoint holds {file_dtype}, the model has {state[key].dtype}; "
+                                  f"build the model in {file_dtype} (loading would round)")
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+def _read_header(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Names, shapes and dtypes of the file's tensors (its JSON header; no tensor is read)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            out = {}
+            for key in f.keys():
+                sl = f.get_slice(key)
+                out[key] = (tuple(sl.get_shape()), _DTYPES[sl.get_dtype()])
+            return out
+    except (SafetensorError, OSError, KeyError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from None
+
+
+def load_quantized(directory: str | Path, model: nn.Module | None = None, *,
+                   device: str | torch.device = "cpu") -> nn.Module:
+    """The quantized model saved in ``directory``, in eval mode on ``device``.
+
+    Args:
+        directory: written by ``save_quantized``.
+        model: the unquantized architecture to load into (its weights are replaced; it must have
+            the checkpoint's dtype). Default: rebuilt from ``config.json`` (transformers models).
+        device: where the tensors go.
+    """
+    from safetensors.torch import load_file
+
+    from glowq_fx.quantize import _register_projection, _swap
+
+    directory = Path(directory)
+    meta = read_metadata(directory)
+    path = _check_tensor_file(directory, meta)
+    header = _read_header(path)
+    if not meta["linears"] or f"{next(iter(meta['linears']))}.scales" not in header:
+        raise CheckpointError(f"{path} does not hold the quantized linears that {META_FILE} lists")
+    if model is None:
+        model = _build_model(directory, meta, _file_dtype(header, meta), device)
+    elif any(isinstance(m, QuantizedLinear) for m in model.modules()):
+        raise CheckpointError("pass the unquantized model to load into; this one already has QuantizedLinear modules")
+    _plan(model, meta, header)
+    tensors = load_file(str(path), device=str(device))
+    for alias, target in meta["aliases"].items():
+        tensors[alias] = tensors[target]
+    # Everything is checked: from here on the model changes.
+    model.to(device)
+    projections = {}
+    for p in meta["projections"]:
+        projection = SharedProjection(tensors[p["key"]], tuple(p["members"]))
+        _register_projection(model, projection)
+        projections[p["key"]] = projection
+    for name, rec in meta["linears"].items():
+        packed = PackedW4(tensors[f"{name}.qweight"], tensors[f"{name}.scales"], tensors[f"{name}.zeros"],
+                          rec["group_size"], rec["in_features"])
+        projection = projections.get(rec["projection"]) if rec["projection"] else None
+        qlinear = QuantizedLinear(packed, tensors.get(f"{name}.bias") if rec["bias"] else None,
+                                  tensors.get(f"{name}.A"), projection)
+        _swap(model, name, qlinear)
+    model.load_state_dict(tensors, strict=True)
+    return model.eval()
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / META_FILE).is_file()
+
+
+__all__ = ["CheckpointError", "is_checkpoint", "load_quantized", "read_metadata", "save_quantized"]

@@ -1,0 +1,124 @@
+"""Perplexity with the WikiText-2 protocol of the GPTQ/GlowQ papers, and calibration windows.
+
+Protocol: the documents are joined (``corpus.DOC_SEPARATOR``) and tokenized once; the token
+stream is cut into non-overlapping windows of ``seq_len`` tokens, the last partial window
+included; each window is scored on its own (no context carried over), token ``t`` predicted from
+tokens ``< t`` of its window. Perplexity is ``exp`` of the token-weighted mean negative
+log-likelihood over every predicted token: a window of ``L`` tokens contributes ``L - 1``.
+The GPTQ reference drops the partial window and weights windows equally, which is the same thing
+when every window is full.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+
+def tokenize(tokenizer, text: str) -> Tensor:
+    """The text's token ids as one 1-D int64 tensor (tokenized once, as the protocol says)."""
+    if not text:
+        raise ValueError("the text to tokenize is empty")
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=True)["input_ids"]
+    return ids.reshape(-1).to(torch.long)
+
+
+def windows(tokens: Tensor, seq_len: int, max_tokens: int | None = None) -> list[Tensor]:
+    """Non-overlapping windows of ``seq_len`` tokens, the last partial one included.
+
+    ``max_tokens`` keeps a prefix of the stream first (a cheaper, still deterministic estimate).
+    """
+    if tokens.dim() != 1:
+        raise ValueError(f"tokens must be a 1-D tensor of ids, got shape {tuple(tokens.shape)}")
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be at least 2 (a window predicts its tokens after the first), got {seq_len}")
+    if max_tokens is not None:
+        if max_tokens < 2:
+            raise ValueError(f"max_tokens must be at least 2, got {max_tokens}")
+        tokens = tokens[:max_tokens]
+    pieces = list(tokens.split(seq_len))
+    return [w for w in pieces if w.numel() >= 2]  # a 1-token tail predicts nothing
+
+
+@dataclass
+class PerplexityResult:
+    perplexity: float
+    nll: float  # token-weighted mean negative log-likelihood (nats)
+    n_tokens: int  # predicted tokens
+    n_windows: int
+    seq_len: int
+    time_s: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+def window_nll(model: nn.Module, batch: Tensor) -> Tensor:
+    """Summed NLL of each row of ``batch`` (B, L): token t scored from tokens < t, in float32 at
+    least (half-precision logits are upcast)."""
+    logits = model(input_ids=batch).logits
+    if logits.shape[:2] != batch.shape:
+        raise ValueError(f"the model returned logits of shape {tuple(logits.shape)} for input {tuple(batch.shape)}")
+    losses = F.cross_entropy(logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32)).transpose(1, 2), batch[:, 1:], reduction="none")
+    return losses.sum(dim=1)
+
+
+def perplexity(model: nn.Module, tokens: Tensor, seq_len: int = 2048, *, batch_size: int = 1,
+               max_tokens: int | None = None, progress: bool = True, desc: str = "perplexity") -> PerplexityResult:
+    """Perplexity of ``model`` (a causal LM returning ``.logits``) on the token stream ``tokens``.
+
+    Full windows are batched ``batch_size`` at a time; the partial last window runs alone.
+    """
+    from tqdm.auto import tqdm
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    pieces = windows(tokens, seq_len, max_tokens)
+    if not pieces:
+        raise ValueError("the token stream is shorter than 2 tokens: nothing to score")
+    device = _model_device(model)
+    full = [w for w in pieces if w.numel() == seq_len]
+    batches = [torch.stack(full[i:i + batch_size]) for i in range(0, len(full), batch_size)]
+    batches += [w[None] for w in pieces if w.numel() != seq_len]
+    total, count = 0.0, 0
+    t0 = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+                nll = window_nll(model, batch.to(device))
+                total += nll.double().sum().item()
+                count += batch.shape[0] * (batch.shape[1] - 1)
+    finally:
+        model.train(was_training)
+    mean = total / count
+    if not math.isfinite(mean):
+        raise ValueError(f"the model's loss is not finite ({mean}); check its dtype and weights")
+    return PerplexityResult(math.exp(mean), mean, count, len(pieces), seq_len, time.perf_counter() - t0)
+
+
+def calibration_batches(tokens: Tensor, n_samples: int = 32, seq_len: int = 512, *, batch_size: int = 8,
+                        seed: int = 0) -> list[dict[str, Tensor]]:
+    """``n_samples`` windows of ``seq_len`` tokens at seeded random offsets (the GPTQ recipe), as
+    ``quantize_`` batches ``{"input_ids", "attention_mask"}`` of up to ``batch_size`` windows."""
+    if n_samples < 1 or seq_len < 1 or batch_size < 1:
+        raise ValueError(f"n_samples, seq_len and batch_size must be positive, got {n_samples}, {seq_len}, {batch_size}")
+    if tokens.dim() != 1 or tokens.numel() < seq_len:
+        raise ValueError(f"need a 1-D token stream of at least seq_len={seq_len} tokens, got shape {tuple(tokens.shape)}")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, tokens.numel() - seq_len + 1, (n_samples,), generator=gen)
+    rows = torch.stack([tokens[s:s + seq_len] for s in starts.tolist()])
+    return [{"input_ids": chunk, "attention_mask": torch.ones_like(chunk)} for chunk in rows.split(batch_size)]

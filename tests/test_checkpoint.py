@@ -1,0 +1,183 @@
+"""save_quantized / load_quantized: bit-exact round trip, and every bad checkpoint refused whole."""
+import json
+
+import pytest
+import torch
+import transformers as T
+
+from glowq_fx import GlowQConfig, quantize_
+from glowq_fx.checkpoint import META_FILE, TENSOR_FILE, CheckpointError, load_quantized, read_metadata, save_quantized
+from glowq_fx.modules.linear import QuantizedLinear
+from tests_helpers import tiny_llama_config
+
+
+def _llama(**overrides):
+    torch.manual_seed(0)
+    return T.LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=True, **overrides)).eval()
+
+
+def _gpt2():
+    torch.manual_seed(0)
+    config = T.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64)
+    return T.GPT2LMHeadModel(config).eval()
+
+
+def _ids(vocab=128):
+    return torch.randint(0, vocab, (2, 24))  # fresh tokens each run
+
+
+def _quantized(build, method="glowq", **kw):
+    model = build()
+    report = quantize_(model, [{"input_ids": _ids()}],
+                       GlowQConfig(group_size=32, rank=8, method=method, **kw), progress=False)
+    return model, report
+
+
+def _assert_same(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sorted(sa) == sorted(sb)
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(a(input_ids=ids).logits, b(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("build,method", [(_llama, "glowq"), (_llama, "qera"), (_gpt2, "glowq")],
+                         ids=["llama-glowq", "llama-qera", "gpt2-conv1d-bias"])
+def test_round_trip_is_bit_exact(tmp_path, build, method):
+    model, report = _quantized(build, method)
+    save_quantized(model, tmp_path, report=report)
+    loaded = load_quantized(tmp_path)  # rebuilt from config.json
+    _assert_same(model, loaded)
+    meta = read_metadata(tmp_path)
+    assert GlowQConfig.from_dict(meta["config"]) == report.config and meta["report"]["groups"]
+    # members of a group still read one shared projection object
+    by_projection = {}
+    for name, m in loaded.named_modules():
+        if isinstance(m, QuantizedLinear) and m.projection is not None:
+            by_projection.setdefault(id(m.projection), []).append(name)
+    expected = sorted(sorted(p["members"]) for p in meta["projections"])
+    assert sorted(sorted(v) for v in by_projection.values()) == expected
+    if method == "glowq" and build is _llama:
+        assert any(len(v) > 1 for v in by_projection.values())
+
+
+def test_load_into_a_given_model_and_tied_embeddings_stay_tied(tmp_path):
+    model, report = _quantized(_llama)
+    save_quantized(model, tmp_path, report=report)
+    assert read_metadata(tmp_path)["aliases"] == {"lm_head.weight": "model.embed_tokens.weight"}
+    target = _llama()
+    with torch.no_grad():
+        target.model.embed_tokens.weight.normal_()  # other values: all are replaced
+    loaded = load_quantized(tmp_path, target)
+    assert loaded is target
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    _assert_same(model, loaded)
+
+
+def _saved(tmp_path):
+    model, report = _quantized(_llama)
+    save_quantized(model, tmp_path, report=report)
+    return tmp_path
+
+
+def _untouched(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("other,match", [
+    (dict(num_hidden_layers=3), "does not match this model: missing tensors"),
+    (dict(num_hidden_layers=1), "does not have"),
+    (dict(intermediate_size=96), r"\(out, in\)"),
+])
+def test_other_architecture_is_refused_and_the_model_is_unchanged(tmp_path, other, match):
+    _saved(tmp_path)
+    target = _llama(**other)
+    before = _untouched(target)
+    with pytest.raises(CheckpointError, match=match):
+        load_quantized(tmp_path, target)
+    assert not any(isinstance(m, QuantizedLinear) for m in target.modules())
+    after = target.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_other_dtype_is_refused(tmp_path):
+    _saved(tmp_path)
+    with pytest.raises(CheckpointError, match="build the model in torch.float32"):
+        load_quantized(tmp_path, _llama().to(torch.bfloat16))
+
+
+def test_truncated_file(tmp_path):
+    path = _saved(tmp_path) / TENSOR_FILE
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_quantized(tmp_path)
+
+
+def test_corrupted_byte(tmp_path):
+    path = _saved(tmp_path) / TENSOR_FILE
+    data = bytearray(path.read_bytes())
+    data[-7] ^= 0x40  # a tensor byte: same size, other content
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        load_quantized(tmp_path)
+
+
+def test_missing_files(tmp_path):
+    _saved(tmp_path)
+    (tmp_path / TENSOR_FILE).unlink()
+    with pytest.raises(CheckpointError, match="is missing"):
+        load_quantized(tmp_path)
+    (tmp_path / META_FILE).unlink()
+    with pytest.raises(CheckpointError, match="not a glowq-fx checkpoint"):
+        load_quantized(tmp_path)
+    with pytest.raises(CheckpointError, match="not a directory"):
+        load_quantized(tmp_path / "nowhere")
+
+
+def test_corrupted_description(tmp_path):
+    meta_path = _saved(tmp_path) / META_FILE
+    meta = meta_path.read_text()
+    meta_path.write_text(meta[:-20])
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_quantized(tmp_path)
+    data = json.loads(meta)
+    data["format_version"] = 99
+    meta_path.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="newer"):
+        load_quantized(tmp_path)
+    del data["linears"]
+    data["format_version"] = 1
+    meta_path.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="'linears' is missing"):
+        load_quantized(tmp_path)
+
+
+def test_description_disagreeing_with_tensors(tmp_path):
+    meta_path = _saved(tmp_path) / META_FILE
+    data = json.loads(meta_path.read_text())
+    name = next(iter(data["linears"]))
+    data["linears"][name]["group_size"] = 64  # the file's scales hold 32-column groups
+    meta_path.write_text(json.dumps(data))
+    target = _llama()
+    with pytest.raises(CheckpointError, match="scales"):
+        load_quantized(tmp_path, target)
+    assert not any(isinstance(m, QuantizedLinear) for m in target.modules())
+
+
+def test_no_config_json_needs_a_model(tmp_path):
+    (_saved(tmp_path) / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="build the unquantized model yourself"):
+        load_quantized(tmp_path)
+    load_quantized(tmp_path, _llama())  # works with the model given
+
+
+def test_refusals_when_saving_or_loading_the_wrong_model(tmp_path):
+    with pytest.raises(CheckpointError, match="no QuantizedLinear"):
+        save_quantized(_llama(), tmp_path)
+    model, _ = _quantized(_llama)
+    save_quantized(model, tmp_path)
+    with pytest.raises(CheckpointError, match="already has QuantizedLinear"):
+        load_quantized(tmp_path, model)
