@@ -228,7 +228,7 @@ def plot_studies(studies: Sequence[SelectionStudy], path, title: str) -> None:
             by_bytes.scatter([st.elbow.factor_bytes / 2**20], [st.elbow.perplexity], s=90, facecolors="none",
                              edgecolors=line.get_color(), label=f"elbow ({st.score}): k={st.elbow.k}")
     by_k.set_xlabel("groups restored (best first)")
-    by_bytes.set_xlabel("correction factors (MB)")
+    by_bytes.set_xlabel("correction factors (MB, model dtype)")
     for ax in (by_k, by_bytes):
         ax.set_ylabel("perplexity")
         ax.grid(alpha=0.3)
