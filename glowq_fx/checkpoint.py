@@ -209,6 +209,9 @@ def _check_packed(name: str, rec: dict, header: dict) -> None:
 def _plan(model: nn.Module, meta: dict, header: dict) -> None:
     """Every check between the checkpoint and ``model``, before anything changes."""
     modules = dict(model.named_modules())
+    state = model.state_dict()
+    expected: dict[str, tuple[int, ...] | None] = {}  # state key -> shape (None: checked by _check_packed)
+    replaced = set()  # the float linears' own tensors, which the quantized ones replace
     for name, rec in meta["linears"].items():
         module = modules.get(name)
         if module is None:
@@ -218,29 +221,22 @@ def _plan(model: nn.Module, meta: dict, header: dict) -> None:
         if W is None:
             raise CheckpointError(f"{name} is a {type(module).__name__} in this model, the checkpoint holds a "
                                   "quantized linear there")
-        if tuple(W.shape) != (rec["out_features"], rec["in_features"]):
+        N, K, r = rec["out_features"], rec["in_features"], rec["rank"]
+        if tuple(W.shape) != (N, K):
             raise CheckpointError(f"{name}: the model's linear is {tuple(W.shape)} (out, in), the checkpoint's "
-                                  f"({rec['out_features']}, {rec['in_features']}); other model size")
+                                  f"({N}, {K}); other model size")
         if rec["bias"] != (getattr(module, "bias", None) is not None):
             raise CheckpointError(f"{name}: bias {'missing in the model' if rec['bias'] else 'unexpected'}")
         _check_packed(name, rec, header)
-    expected: dict[str, tuple[int, ...] | None] = {}
-    quantized_params = set()
-    for name, rec in meta["linears"].items():
-        for suffix in ("weight", "bias"):
-            quantized_params.add(f"{name}.{suffix}")
-        for suffix in ("qweight", "scales", "zeros") + (("bias",) if rec["bias"] else ()) + (("A",) if rec["rank"] else ()):
-            expected[f"{name}.{suffix}"] = None  # shapes checked by QuantizedLinear on construction
-        N, r = rec["out_features"], rec["rank"]
+        replaced.update((f"{name}.weight", f"{name}.bias"))
+        expected.update({f"{name}.{suffix}": None for suffix in ("qweight", "scales", "zeros")})
         if rec["bias"]:
             expected[f"{name}.bias"] = (N,)
         if r:
             expected[f"{name}.A"] = (N, r)
     for p in meta["projections"]:
         expected[p["key"]] = (p["rank"], p["in_features"])
-    for key, t in model.state_dict().items():
-        if key not in quantized_params:
-            expected[key] = tuple(t.shape)
+    expected.update({key: tuple(t.shape) for key, t in state.items() if key not in replaced})
     present = set(header) | set(meta["aliases"])
     missing, unexpected = sorted(set(expected) - present), sorted(present - set(expected))
     if missing or unexpected:
@@ -250,7 +246,6 @@ def _plan(model: nn.Module, meta: dict, header: dict) -> None:
     for alias, target in meta["aliases"].items():
         if target not in header:
             raise CheckpointError(f"alias {alias} -> {target}, but the file has no {target}")
-    state = model.state_dict()
     for key, shape in expected.items():
         source = meta["aliases"].get(key, key)
         file_shape, file_dtype = header[source]

@@ -90,10 +90,7 @@ def wiki_to_text(markup: str) -> str:
     code = mw.parse(markup)
     for tag in code.filter_tags(recursive=False):  # <ref>, <gallery>, tables: not prose
         if str(tag.tag).strip().lower() in ("ref", "gallery", "table", "math", "timeline", "imagemap"):
-            try:
-                code.remove(tag)
-            except ValueError:
-                pass
+            code.remove(tag)
     text = code.strip_code(normalize=True, collapse=True)
     lines = []
     for line in text.splitlines():

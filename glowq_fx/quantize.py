@@ -31,7 +31,7 @@ from torch import nn
 from glowq_fx._text import format_table
 from glowq_fx.capture import Run, check_calibration, check_model, check_one_dtype, find_groups, run_batch
 from glowq_fx.config import GlowQConfig
-from glowq_fx.decompose import LowRankCorrection, solve
+from glowq_fx.decompose import solve
 from glowq_fx.calibrate import GroupStatistics
 from glowq_fx.hooks import collect_statistics
 from glowq_fx.kernels.layout import pack
@@ -201,17 +201,15 @@ def _quantize_group(model: nn.Module, modules: dict[str, nn.Module], g: InputGro
     kw = dict(shrinkage=config.shrinkage, mode=config.svd, oversample=config.oversample,
               power_iters=config.power_iters, seed=config.seed,
               dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-    if config.method == "glowq":  # one shared B, rank capped by what the stacked error can hold
-        rank = min(config.rank, g.in_features, sum(g.out_features))
-        solved = [(g.members, solve(config.method, errors, S, rank, **kw))]
-    else:  # "none" (rank 0) or independent factors per member, S whitened once for the group
-        corr = solve(config.method, errors, S, 0 if config.method == "none" else config.rank, cap_rank=True, **kw)
-        solved = [(g.members, corr)] if config.method == "none" else [
-            ((name,), LowRankCorrection(A=[A], B=[B], shared=False, report=corr.report))
-            for name, A, B in zip(g.members, corr.A, corr.B)]
-    reports = list({id(corr.report): corr.report for _, corr in solved}.values())  # once per solve
-    pending = [(members, corr.B[0].to(dtype), [A.to(dtype) for A in corr.A])
-               for members, corr in solved if corr.B[0].shape[0] > 0]  # rank 0: nothing to store
+    # one solve per group: GlowQ's shared B is capped by what the stacked error can hold, the
+    # independent methods cap each member's rank (and whiten S once for the group); "none": rank 0
+    rank = {"glowq": min(config.rank, g.in_features, sum(g.out_features)), "none": 0}.get(config.method, config.rank)
+    corr = solve(config.method, errors, S, rank, cap_rank=config.method != "glowq", **kw)
+    solved = corr.report  # one solve for the whole group
+    units = [(g.members, corr.B[0], corr.A)] if corr.shared else [
+        ((name,), B, [A]) for name, A, B in zip(g.members, corr.A, corr.B)]
+    pending = [(members, B.to(dtype), [A.to(dtype) for A in As])
+               for members, B, As in units if B.shape[0] > 0]  # rank 0: nothing to store
     code_bytes = scale_bytes = dense_bytes = 0
     for name, W, qw in zip(g.members, Ws, qws):
         qlinear = QuantizedLinear(pack(qw), getattr(modules[name], "bias", None))  # correction attached later
@@ -221,15 +219,14 @@ def _quantize_group(model: nn.Module, modules: dict[str, nn.Module], g: InputGro
         dense_bytes += W.numel() * W.element_size()
     err_sq = sum(float(E.double().pow(2).sum()) for E in errors)
     w_sq = sum(float(W.double().pow(2).sum()) for W in Ws)
-    before = sum(r.whitened_error_before for r in reports)
-    after = sum(r.whitened_error_after for r in reports)
+    before, after = solved.whitened_error_before, solved.whitened_error_after
     report = GroupReport(
         name=g.name, members=g.members, in_features=g.in_features, out_features=g.out_features,
-        rank=max(r.rank for r in reports), error_before=before, error_after=after,
+        rank=solved.rank, error_before=before, error_after=after,
         code_bytes=code_bytes, scale_bytes=scale_bytes, factor_bytes=0, dense_bytes=dense_bytes,
-        solve_time_s=sum(r.time_s for r in reports), weight_error=(err_sq / w_sq) ** 0.5 if w_sq else 0.0,
+        solve_time_s=solved.time_s, weight_error=(err_sq / w_sq) ** 0.5 if w_sq else 0.0,
         restore_gain=before - after,
-        member_gains=tuple(b - a for r in reports for b, a in zip(r.member_errors_before, r.member_errors_after)),
+        member_gains=tuple(b - a for b, a in zip(solved.member_errors_before, solved.member_errors_after)),
         candidate_factor_bytes=sum(B.nbytes + sum(A.nbytes for A in As) for _, B, As in pending),
         restored=False,
     )
@@ -274,7 +271,6 @@ class Calibration:
     graph_breaks: list[str] = field(default_factory=list)
     n_batches: int = 0
     n_tokens: int = 0
-    stats_dtype: str = "float32"
     time_s: float = 0.0
 
 
@@ -324,7 +320,7 @@ def calibrate(
     modules = dict(model.named_modules())
     fingerprints = {g.name: _fingerprint(modules, g) for g in groups}
     return Calibration(list(groups), stats, fingerprints, skipped, breaks, len(batches), n_tokens,
-                       config.stats_dtype, time.perf_counter() - t0)
+                       time.perf_counter() - t0)
 
 
 def _check_config(config: GlowQConfig | None) -> GlowQConfig:
@@ -340,9 +336,6 @@ def _check_reuse(model: nn.Module, calibrated: Calibration, groups) -> None:
     modules = dict(model.named_modules())
     _check_given_groups(model, calibrated.groups)
     for g in calibrated.groups:
-        if g.name not in calibrated.statistics:
-            raise ValueError(f"this Calibration was already used by a quantize_ call that consumed it "
-                             f"(group {g.name} has no S left); calibrate again")
         now, then = _fingerprint(modules, g), calibrated.fingerprints[g.name]
         if not abs(now - then) <= 1e-9 * max(abs(then), 1.0):
             raise ValueError(f"group {g.name}: the model's weights differ from those this Calibration was "
