@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from glowq_fx import ops
 from glowq_fx.kernels.layout import dequantize_packed
+from glowq_fx.timing import graph_time_ms
 
 GROUPS = [("qkv", 4096, [4096, 1024, 1024]), ("o", 4096, [4096]), ("gate_up", 4096, [14336, 14336]),
           ("down", 14336, [4096])]
@@ -129,29 +130,6 @@ def weight_bytes(name):
         if name == "GlowQ fused":
             total += K * RANK * 2
     return total
-
-
-def graph_time_ms(fn, reps):
-    """Mean time of one replay of ``fn`` captured in a CUDA graph (after warm-up/autotuning)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    del graph
-    return start.elapsed_time(end) / reps
 
 
 def copy_bandwidth():

@@ -29,6 +29,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _select(args: argparse.Namespace) -> int:
     """GlowQ-S study: full GlowQ once, each score's top-k sweep, elbows, the quantize-time 'auto' pick."""
     import copy
+    import dataclasses
     import json
     import platform
     import time
@@ -37,55 +38,66 @@ def _select(args: argparse.Namespace) -> int:
 
     from glowq_fx import calibrate, quantize_
     from glowq_fx.corpus import load_text
-    from glowq_fx.evaluate import calibration_batches, tokenize
+    from glowq_fx.evaluate import calibration_batches, perplexity, tokenize
     from glowq_fx.models import load_model
-    from glowq_fx.select import choose_groups
-    from glowq_fx.selective import Corrections, order_by, plot_studies, study, sweep, unit_scores
+    from glowq_fx.selective import SweepPoint, Corrections, correction_latency, plot_studies, study
 
     t_start = time.perf_counter()
     config = GlowQConfig(group_size=args.group_size, rank=args.rank, method="glowq")
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, dtype=_torch_dtype(args.dtype), device=args.device)
     tokens = tokenize(tokenizer, load_text(args.text))
     calib_tokens = tokenize(tokenizer, load_text(args.calib))
-    batches = calibration_batches(calib_tokens, args.calib_samples, args.calib_len)
+    batches = [{k: v.to(args.device) for k, v in b.items()}
+               for b in calibration_batches(calib_tokens, args.calib_samples, args.calib_len)]
     calibrated = calibrate(model, batches, config)
     quantized = copy.deepcopy(model)
-    del model
     report = quantize_(quantized, calibrated, config)
-    measure = calibration_batches(calib_tokens, args.measure_samples, args.measure_len, seed=1)
-    studies = study(quantized, report, tokens, args.score or ["gain"], step=args.step, batches=measure,
-                    seq_len=args.seq_len, max_tokens=args.eval_tokens, batch_size=args.batch_size)
-    # what GlowQConfig(selective="auto") keeps, decided at quantization time without any evaluation
+    measure = [{k: v.to(args.device) for k, v in b.items()}
+               for b in calibration_batches(calib_tokens, args.measure_samples, args.measure_len, seed=1)]
     corrections = Corrections(quantized)
-    gain = unit_scores(corrections, report, "gain")
-    names = list(gain)
-    auto = [names[i] for i in choose_groups([gain[n] for n in names], [corrections.nbytes(n) for n in names], "auto")]
-    assert auto == order_by(gain, corrections)[: len(auto)]  # the same ranking as the gain sweep
-    auto_point = sweep(quantized, corrections, auto, tokens, [len(auto)], seq_len=args.seq_len,
-                       max_tokens=args.eval_tokens, batch_size=args.batch_size)[0]
+    latency, unit_ms = (correction_latency(corrections, tokens=args.latency_tokens) if args.latency_tokens
+                        else (None, None))
+    studies = study(quantized, report, tokens, args.score or ["gain"], step=args.step, batches=measure,
+                    seq_len=args.seq_len, max_tokens=args.eval_tokens, batch_size=args.batch_size,
+                    latency_ms=unit_ms)
+    # what GlowQConfig(selective="auto") keeps: quantize_ itself, on the same calibration
+    auto_report = quantize_(model, calibrated, dataclasses.replace(config, selective="auto"))
+    auto = [g.name for g in auto_report.groups if g.restored]
+    auto_ppl = perplexity(model, tokens, args.seq_len, batch_size=args.batch_size, max_tokens=args.eval_tokens,
+                          desc="selective='auto'").perplexity
+    auto_point = SweepPoint(len(auto), auto_report.total("factor_bytes"), auto_ppl,
+                            None if unit_ms is None else sum(unit_ms[n] for n in auto))
     full = studies[0].points[-1]
     none = studies[0].points[0]
     rows = []
-    for label, point in [*((f"elbow of the {st.score} sweep", st.elbow) for st in studies),
-                         ("selective='auto' (at quantization)", auto_point)]:
+    elbows = [(f"elbow of the {st.score} sweep (bytes)", st.elbow) for st in studies]
+    if latency is not None:
+        elbows += [(f"elbow of the {st.score} sweep (latency)", st.latency_elbow) for st in studies]
+    for label, point in [*elbows, ("selective='auto' (at quantization)", auto_point)]:
         if point is None:
-            rows.append([label, "-", "-", "-", "-", "-"])
+            rows.append([label] + ["-"] * 6)
             continue
         rows.append([label, f"{point.k}/{studies[0].units}", f"{point.factor_bytes / studies[0].total_bytes:.2f}",
+                     "-" if point.latency_ms is None else f"{point.latency_ms / full.latency_ms:.2f}",
                      f"{point.perplexity:.3f}", f"{100 * (point.perplexity / full.perplexity - 1):+.2f}%",
                      f"{100 * (none.perplexity - point.perplexity) / (none.perplexity - full.perplexity):.0f}%"])
-    headers = ["selection", "groups kept", "bytes kept", "perplexity", "vs full GlowQ", "of GlowQ's gain"]
+    headers = ["selection", "groups kept", "bytes kept", "latency kept", "perplexity", "vs full GlowQ",
+               "of GlowQ's gain"]
     table = format_table(headers, rows)
     print(f"\nfull GlowQ {full.perplexity:.3f}, none restored (RTN) {none.perplexity:.3f}")
     print(table)
     meta = {"command": "glowq " + " ".join(args.argv),
-            "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads (CPU)",
+            "machine": (f"{torch.cuda.get_device_name(args.device)}, {args.dtype}" if args.device.startswith("cuda")
+                        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads "
+                             f"(CPU), {args.dtype}"),
             "torch": torch.__version__, "model": args.model, "config": config.to_dict(),
             "evaluated_tokens": int(min(tokens.numel(), args.eval_tokens or tokens.numel())), "seq_len": args.seq_len,
             "calibration": f"{args.calib_samples} x {args.calib_len} tokens of {args.calib}",
             "measured_score_batches": f"{args.measure_samples} x {args.measure_len} tokens of {args.calib}",
             "full_glowq_perplexity": full.perplexity, "rtn_perplexity": none.perplexity,
-            "auto": {"k": len(auto), **auto_point.to_dict()}, "studies": [st.to_dict() for st in studies],
+            "auto": {**auto_point.to_dict(), "groups": auto, "loss_curve": auto_report.selection},
+            "studies": [st.to_dict() for st in studies],
+            "latency": None if latency is None else latency.to_dict(),
             "time_s": time.perf_counter() - t_start, "date": time.strftime("%Y-%m-%d")}
     out = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -94,12 +106,26 @@ def _select(args: argparse.Namespace) -> int:
           f"GlowQ rank {args.rank}, W4 g{args.group_size}; perplexity over {meta['evaluated_tokens']:,} tokens of "
           f"{args.text} (windows of {args.seq_len}); sweep step {args.step}; {meta['machine']}, torch "
           f"{meta['torch']}, {meta['date']}. Full GlowQ {full.perplexity:.3f}, RTN {none.perplexity:.3f}.", "",
+          *_latency_lines(latency, full),
           "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     md += ["| " + " | ".join(r) + " |" for r in rows]
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
-    plot_studies(studies, out.with_suffix(".png"), f"GlowQ-S, {args.model}, rank {args.rank}")
+    plot_studies(studies, out.with_suffix(".png"), f"GlowQ-S, {args.model}, rank {args.rank}",
+                 latency_device=meta["machine"])
     print(f"wrote {out.with_suffix('.json')}, .md, .png ({meta['time_s']:.0f} s)")
     return 0
+
+
+def _latency_lines(latency, full) -> list[str]:
+    if latency is None:
+        return []
+    shapes = "; ".join(f"{d['shape']}: {1e3 * d['correction_ms']:.1f} us over {1e3 * d['uncorrected_ms']:.1f} us"
+                       for d in latency.to_dict()["shapes"])
+    where = ("the pure-torch CPU path, not a GPU figure" if latency.device == "cpu"
+             else "CUDA-graph replays of the kernels")
+    return [f"Correction latency per unit shape at {latency.tokens} token(s), measured on {latency.device} "
+            f"({where}): {shapes}. All corrections: {full.latency_ms:.3f} ms per step; 'latency kept' is the "
+            "fraction of that.", ""]
 
 
 def _config_from_args(args: argparse.Namespace) -> GlowQConfig:
@@ -323,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     select.add_argument("--calib-len", type=int, default=512)
     select.add_argument("--measure-samples", type=int, default=2, help="batches of the measured score")
     select.add_argument("--measure-len", type=int, default=256)
+    select.add_argument("--latency-tokens", type=int, default=1,
+                        help="rows of the timed input for the latency cost model (1 = decode); 0 skips timing")
+    _device_args(select)
     select.add_argument("--out", type=Path, default=Path("glowq-select") / "selective")
     select.set_defaults(func=_select)
 

@@ -37,12 +37,17 @@ from glowq_fx.hooks import collect_statistics
 from glowq_fx.kernels.layout import pack
 from glowq_fx.modules.linear import QuantizedLinear, SharedProjection, linear_weight
 from glowq_fx.quant import quantization_error, quantize_gptq, quantize_rtn
-from glowq_fx.select import choose_groups
+from glowq_fx.select import choose_groups, ranking
+from glowq_fx.selective import Corrections, loss_curve_knee
 from passes.grouping import InputGroup, group_name
 
 log = logging.getLogger(__name__)
 
 PROJECTIONS = "glowq_projections"  # ModuleDict on a group's common ancestor holding its B
+# selective="auto": the loss curve is measured on the first calibration batches at about this
+# many values of k (a forward pass each); enough to place a knee, cheap next to the solves
+AUTO_CURVE_BATCHES = 4
+AUTO_CURVE_POINTS = 16
 
 
 @dataclass
@@ -89,6 +94,7 @@ class QuantizationReport:
     n_batches: int = 0
     n_tokens: int = 0
     time_s: float = 0.0
+    selection: dict | None = None  # selective="auto": the measured loss curve and the knee
 
     def total(self, key: str) -> int:
         return sum(getattr(g, key) for g in self.groups)
@@ -100,7 +106,8 @@ class QuantizationReport:
     def to_dict(self) -> dict:
         return {"config": self.config.to_dict(), "groups": [asdict(g) for g in self.groups],
                 "skipped": dict(self.skipped), "graph_breaks": list(self.graph_breaks),
-                "n_batches": self.n_batches, "n_tokens": self.n_tokens, "time_s": self.time_s}
+                "n_batches": self.n_batches, "n_tokens": self.n_tokens, "time_s": self.time_s,
+                "selection": self.selection}
 
     def table(self) -> str:
         rows = [[g.name, str(len(g.members)), str(g.in_features), str(sum(g.out_features)), str(g.rank),
@@ -126,6 +133,11 @@ class QuantizationReport:
             kept = [g for g in self.groups if g.restored]
             lines.append(f"GlowQ-S ({self.config.selective!r}): corrections kept for {len(kept)} of {len(self.groups)} "
                          f"groups, {self.total('factor_bytes'):,} of {self.total('candidate_factor_bytes'):,} factor bytes")
+            if self.selection is not None:
+                curve = self.selection["curve"]
+                lines.append(f"  knee of the calibration loss ({self.selection['curve_batches']} batches): "
+                             f"{curve[0]['loss']:.4f} with none, {curve[-1]['loss']:.4f} with all corrections, "
+                             f"kept the best {self.selection['kept']}")
         if self.skipped:
             lines.append("not quantized: " + "; ".join(f"{k}: {v}" for k, v in self.skipped.items()))
         return "\n".join(lines)
@@ -165,18 +177,35 @@ def _common_ancestor(members: Sequence[str]) -> str:
     return ".".join(common)
 
 
-def _register_projection(model: nn.Module, projection: SharedProjection) -> None:
-    """Register ``projection`` once, under ``glowq_projections`` of its members' common ancestor."""
-    members = projection.members
+def _projection_slot(model: nn.Module, members: Sequence[str]) -> tuple[nn.Module, str]:
+    """Where a group's projection lives: ``glowq_projections[key]`` of the members' common ancestor."""
     label = group_name(members)
     ancestor_name = _common_ancestor(members)
-    ancestor = model.get_submodule(ancestor_name)
+    key = label[len(ancestor_name) + 1:] if ancestor_name else label
+    return model.get_submodule(ancestor_name), key.replace(".", "_")
+
+
+def _register_projection(model: nn.Module, projection: SharedProjection) -> None:
+    """Register ``projection`` once, under ``glowq_projections`` of its members' common ancestor."""
+    ancestor, key = _projection_slot(model, projection.members)
     holder = getattr(ancestor, PROJECTIONS, None)
     if holder is None:
         holder = nn.ModuleDict()
         ancestor.add_module(PROJECTIONS, holder)
-    key = label[len(ancestor_name) + 1:] if ancestor_name else label
-    holder[key.replace(".", "_")] = projection
+    holder[key] = projection
+
+
+def _detach(model: nn.Module, report: GroupReport, pending) -> None:
+    """Undo ``_attach``: the members lose their correction, the projections leave the module tree."""
+    for members, _, _ in pending:
+        for name in members:
+            model.get_submodule(name).set_correction(None, None)
+        ancestor, key = _projection_slot(model, members)
+        holder = getattr(ancestor, PROJECTIONS)
+        del holder[key]
+        if len(holder) == 0:
+            delattr(ancestor, PROJECTIONS)
+    report.factor_bytes, report.restored = 0, False
 
 
 def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -245,13 +274,43 @@ def _attach(model: nn.Module, report: GroupReport, pending) -> None:
 
 
 def _select(reports: list[GroupReport], policy) -> set[int]:
-    """Indices of the groups whose corrections are kept (all when ``policy`` is None)."""
+    """Indices of the groups whose corrections are kept (all when ``policy`` is None) for the
+    policies decided from the report alone (a fraction or a byte budget)."""
     candidates = [i for i, r in enumerate(reports) if r.candidate_factor_bytes > 0]
     if policy is None:
         return set(candidates)
     chosen = choose_groups([max(reports[i].restore_gain, 0.0) for i in candidates],
                            [reports[i].candidate_factor_bytes for i in candidates], policy)
     return {candidates[j] for j in chosen}
+
+
+def _select_auto(model: nn.Module, reports: list[GroupReport], pending: list, batches: list,
+                 progress: bool) -> tuple[set[int], dict]:
+    """``selective="auto"``: attach every correction, measure the calibration loss with the best
+    ``k`` groups corrected (ranked as ``_select`` ranks), keep the groups up to the knee of loss
+    against bytes, detach the others. Returns the kept indices and the measured curve."""
+    candidates = [i for i, r in enumerate(reports) if r.candidate_factor_bytes > 0]
+    ranked = [candidates[j] for j in ranking([max(reports[i].restore_gain, 0.0) for i in candidates],
+                                             [reports[i].candidate_factor_bytes for i in candidates])]
+    for i in ranked:
+        _attach(model, reports[i], pending[i])
+    if not ranked:
+        return set(), None
+    corrections = Corrections(model)
+    curve_batches = batches[:AUTO_CURVE_BATCHES]
+    was_training = model.training
+    model.eval()
+    try:
+        k, curve = loss_curve_knee(model, corrections, [[group_name(m) for m, _, _ in pending[i]] for i in ranked],
+                                   [reports[i].candidate_factor_bytes for i in ranked], curve_batches,
+                                   points=AUTO_CURVE_POINTS, progress=progress)
+    finally:
+        model.train(was_training)
+    for i in ranked[k:]:
+        _detach(model, reports[i], pending[i])
+    selection = {"policy": "auto", "ranking": "restore_gain per factor byte", "kept": k, "candidates": len(ranked),
+                 "curve_batches": len(curve_batches), "curve": [asdict(p) for p in curve]}
+    return set(ranked[:k]), selection
 
 
 @dataclass
@@ -272,6 +331,7 @@ class Calibration:
     n_batches: int = 0
     n_tokens: int = 0
     time_s: float = 0.0
+    batches: list = field(default_factory=list, repr=False)  # selective="auto" measures its loss curve on them
 
 
 def _fingerprint(modules: dict[str, nn.Module], g: InputGroup) -> float:
@@ -320,7 +380,18 @@ def calibrate(
     modules = dict(model.named_modules())
     fingerprints = {g.name: _fingerprint(modules, g) for g in groups}
     return Calibration(list(groups), stats, fingerprints, skipped, breaks, len(batches), n_tokens,
-                       time.perf_counter() - t0)
+                       time.perf_counter() - t0, list(batches))
+
+
+def _check_auto_batches(batches: list) -> None:
+    """``selective="auto"`` scores a causal LM's next-token loss: say so before any work is done."""
+    if not batches:
+        raise ValueError("selective='auto' measures the calibration loss, but this Calibration holds no batches; "
+                         "build it with calibrate(), or choose a fraction or a byte budget")
+    for b in batches[:AUTO_CURVE_BATCHES]:
+        if not isinstance(b, dict) or not isinstance(b.get("input_ids"), torch.Tensor) or b["input_ids"].dim() != 2:
+            raise ValueError("selective='auto' measures a causal LM's next-token loss on calibration batches of the "
+                             "form {'input_ids': (B, T), ...}; for other inputs choose a fraction or a byte budget")
 
 
 def _check_config(config: GlowQConfig | None) -> GlowQConfig:
@@ -377,6 +448,8 @@ def quantize_(
         calibrated, reused = calibration, True
     else:
         calibrated, reused = calibrate(model, calibration, config, groups=groups, run=run, progress=progress), False
+    if config.selective == "auto":
+        _check_auto_batches(calibrated.batches)
     modules = dict(model.named_modules())
     rows, pending = [], []
     with torch.no_grad():
@@ -385,11 +458,15 @@ def quantize_(
             row, factors = _quantize_group(model, modules, g, S, config)
             rows.append(row)
             pending.append(factors)
-        chosen = _select(rows, config.selective)
-        for i, (row, factors) in enumerate(zip(rows, pending)):
-            if i in chosen:
-                _attach(model, row, factors)
-            else:  # uncorrected: the model's error is the quantization's
+        selection = None
+        if config.selective == "auto":
+            chosen, selection = _select_auto(model, rows, pending, calibrated.batches, progress)
+        else:
+            chosen = _select(rows, config.selective)
+            for i in chosen:
+                _attach(model, rows[i], pending[i])
+        for i, row in enumerate(rows):
+            if i not in chosen:  # uncorrected: the model's error is the quantization's
                 row.error_after, row.rank = row.error_before, 0
     return QuantizationReport(config, rows, dict(calibrated.skipped), list(calibrated.graph_breaks),
-                              calibrated.n_batches, calibrated.n_tokens, time.perf_counter() - t0)
+                              calibrated.n_batches, calibrated.n_tokens, time.perf_counter() - t0, selection)

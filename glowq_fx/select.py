@@ -7,10 +7,15 @@ accuracy-vs-cost curve to the eye. Here:
   to [0, 1]; the knee is the point farthest (vertically) from the chord joining the curve's
   ends, on the side the curve's shape says (above it for a concave curve, below for a convex
   one). A straight line has no knee (None).
-- ``choose_groups``: groups ranked by score per correction byte; the cumulative score against
-  the cumulative bytes is concave and increasing (diminishing returns), and ``"auto"`` keeps the
-  groups up to its knee. A fraction keeps that share of the groups, a byte budget the best
-  groups that fit.
+- ``choose_groups``: groups ranked by score per correction byte; a fraction keeps that share of
+  the groups, a byte budget the best groups that fit.
+
+``GlowQConfig(selective="auto")`` does not decide from the scores alone: it measures the
+calibration loss along this ranking and takes the knee of that curve
+(``selective.loss_curve_knee``). A knee of the cumulative score was tried first and measured
+poorly: the whitened error is in each layer's own output units (on SmolLM2 the down
+projections of layers 11, 28 and 29 hold 81% of the total), so its curve turned after 6 of
+120 groups while the perplexity kept falling (the first ``benchmarks/results/selective.md``).
 """
 from __future__ import annotations
 
@@ -61,26 +66,16 @@ def ranking(scores: Sequence[float], costs: Sequence[float]) -> list[int]:
     return sorted(range(len(scores)), key=lambda i: (-scores[i] / costs[i], -scores[i], i))
 
 
-def choose_groups(scores: Sequence[float], costs: Sequence[float], policy: str | float | int) -> list[int]:
+def choose_groups(scores: Sequence[float], costs: Sequence[float], policy: float | int) -> list[int]:
     """Indices (in ranking order) of the groups whose corrections are kept.
 
     Args:
         scores: benefit of each group's correction (e.g. the whitened error it removes).
         costs: bytes of each group's correction factors.
-        policy: ``"auto"`` (knee of the cumulative score against cumulative bytes), a float
-            in (0, 1] (that fraction of the groups, rounded up), or an int (a byte budget).
+        policy: a float in (0, 1] (that fraction of the groups, rounded up), or an int (a byte
+            budget).
     """
     order = ranking(scores, costs)
-    if not order:
-        return []
-    if policy == "auto":
-        cum_cost = [0.0]
-        cum_score = [0.0]
-        for i in order:
-            cum_cost.append(cum_cost[-1] + costs[i])
-            cum_score.append(cum_score[-1] + scores[i])
-        knee = find_knee(cum_cost, cum_score, "concave")
-        return order if knee is None else order[:knee]  # no knee (straight line): every group pays
     if isinstance(policy, float):
         if not 0 < policy <= 1:
             raise ValueError(f"a fraction of groups must lie in (0, 1], got {policy}")
@@ -95,4 +90,5 @@ def choose_groups(scores: Sequence[float], costs: Sequence[float], policy: str |
                 kept.append(i)
                 spent += costs[i]
         return kept
-    raise ValueError(f"selective must be 'auto', a fraction in (0, 1] or a byte budget (int), got {policy!r}")
+    raise ValueError(f"choose_groups takes a fraction in (0, 1] or a byte budget (int), got {policy!r}; "
+                     "selective='auto' is decided by quantize_ from a measured loss curve")

@@ -23,8 +23,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
-from glowq_fx.evaluate import perplexity, window_nll
+from glowq_fx.evaluate import perplexity
+from glowq_fx.latency import LatencyModel, measure_latency
 from glowq_fx.modules.linear import QuantizedLinear, SharedProjection
 from glowq_fx.select import find_knee, ranking
 from passes.grouping import group_name
@@ -57,6 +59,10 @@ class Corrections:
     def members(self, name: str) -> tuple[str, ...]:
         return self._units[name][0].members
 
+    def modules(self, name: str) -> list[QuantizedLinear]:
+        """The unit's ``QuantizedLinear``s, in member order."""
+        return [module for module, _ in self._units[name][1]]
+
     def nbytes(self, name: str) -> int:
         """Bytes of the unit's factors (its ``B`` and every member's ``A_i``), in the model dtype."""
         projection, members = self._units[name]
@@ -78,14 +84,69 @@ class Corrections:
 
 
 def calibration_loss(model: nn.Module, batches: Sequence[dict[str, Tensor]]) -> float:
-    """Mean next-token NLL over the calibration batches' ``input_ids``."""
+    """Mean next-token NLL over the batches' ``input_ids`` (a causal LM returning ``.logits``);
+    an ``attention_mask`` in a batch is passed on and its padded positions are not scored."""
     total, count = 0.0, 0
     with torch.inference_mode():
         for batch in batches:
-            ids = batch["input_ids"]
-            total += float(window_nll(model, ids).double().sum())
-            count += ids.shape[0] * (ids.shape[1] - 1)
+            if not isinstance(batch, dict) or "input_ids" not in batch or batch["input_ids"].dim() != 2:
+                raise ValueError("the calibration loss needs batches of the form {'input_ids': (B, T), ...} for a "
+                                 "causal LM; for other models choose the corrections with a fraction or a byte budget")
+            ids, mask = batch["input_ids"], batch.get("attention_mask")
+            out = model(input_ids=ids) if mask is None else model(input_ids=ids, attention_mask=mask)
+            logits = getattr(out, "logits", None)
+            if logits is None or logits.shape[:2] != ids.shape:
+                raise ValueError("the calibration loss needs a causal LM returning .logits of shape (B, T, vocab); "
+                                 "for other models choose the corrections with a fraction or a byte budget")
+            nll = F.cross_entropy(logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32)).transpose(1, 2),
+                                  ids[:, 1:], reduction="none")
+            scored = torch.ones_like(nll, dtype=torch.bool) if mask is None else mask[:, 1:].bool()
+            total += float(nll.double()[scored].sum())
+            count += int(scored.sum())
+    if count == 0:
+        raise ValueError("the calibration batches have no token to score (every target is padding)")
     return total / count
+
+
+@dataclass
+class LossPoint:
+    k: int  # units corrected, the best-ranked first
+    factor_bytes: int
+    loss: float
+
+
+def loss_curve_knee(model: nn.Module, corrections: Corrections, ranked: Sequence[Sequence[str]],
+                    costs: Sequence[int], batches: Sequence[dict[str, Tensor]], points: int = 16,
+                    progress: bool = False) -> tuple[int, list[LossPoint]]:
+    """How many of the ``ranked`` candidates to keep: the knee of the calibration loss against the
+    kept factor bytes, measured with the first ``k`` candidates corrected for ``k`` on a grid of
+    about ``points`` steps (``GlowQConfig(selective="auto")``).
+
+    A candidate is a list of unit names switched together (a group's projections), ``costs`` its
+    bytes. Every candidate is switched on again afterwards. No knee (a straight line: every
+    candidate pays the same per byte) keeps them all.
+    """
+    from tqdm.auto import tqdm
+
+    if len(ranked) != len(costs):
+        raise ValueError(f"{len(ranked)} candidates but {len(costs)} costs")
+    if points < 2:
+        raise ValueError(f"points must be at least 2, got {points}")
+    n = len(ranked)
+    ks = default_ks(n, max(1, -(-n // points)))
+    everything = corrections.enabled
+    cum = [0]
+    for c in costs:
+        cum.append(cum[-1] + c)
+    curve = []
+    try:
+        for k in tqdm(ks, desc="GlowQ-S loss curve", disable=not progress, leave=False):
+            corrections.set([u for units in ranked[:k] for u in units])
+            curve.append(LossPoint(k, cum[k], calibration_loss(model, batches)))
+    finally:
+        corrections.set(everything)
+    knee = find_knee([p.factor_bytes for p in curve], [p.loss for p in curve], "convex") if cum[-1] > 0 else None
+    return (n if knee is None else curve[knee].k), curve
 
 
 def unit_scores(corrections: Corrections, report, kind: str = "gain", *, model: nn.Module | None = None,
@@ -124,11 +185,25 @@ def unit_scores(corrections: Corrections, report, kind: str = "gain", *, model: 
     return scores
 
 
+def correction_latency(corrections: Corrections, *, tokens: int = 1, **kwargs) -> tuple[LatencyModel, dict[str, float]]:
+    """Each unit's correction latency in ms (``latency.measure_latency``, every correction on
+    while timing; the previous state is restored)."""
+    everything = corrections.enabled
+    corrections.set(corrections.names)
+    try:
+        model, shapes = measure_latency({n: corrections.modules(n) for n in corrections.names}, tokens=tokens,
+                                        **kwargs)
+    finally:
+        corrections.set(everything)
+    return model, {n: model.unit_ms(shapes[n]) for n in corrections.names}
+
+
 @dataclass
 class SweepPoint:
     k: int  # units restored, the best-ranked first
     factor_bytes: int
     perplexity: float
+    latency_ms: float | None = None  # the restored units' correction latency (``correction_latency``)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -136,9 +211,12 @@ class SweepPoint:
 
 def sweep(model: nn.Module, corrections: Corrections, order: Sequence[str], tokens: Tensor, ks: Sequence[int], *,
           seq_len: int = 2048, max_tokens: int | None = None, batch_size: int = 1,
-          progress: bool = True) -> list[SweepPoint]:
+          latency_ms: dict[str, float] | None = None, progress: bool = True) -> list[SweepPoint]:
     """Perplexity with the first ``k`` units of ``order`` restored, for each ``k`` in ``ks``; the
-    model's corrections are switched in place and restored to all-on afterwards."""
+    model's corrections are switched in place and restored to all-on afterwards. With
+    ``latency_ms`` (unit -> ms, from ``correction_latency``) each point also carries its latency."""
+    if latency_ms is not None and set(order) - set(latency_ms):
+        raise ValueError(f"latency_ms has no time for units {sorted(set(order) - set(latency_ms))[:3]}")
     everything = corrections.enabled
     points = []
     try:
@@ -149,16 +227,31 @@ def sweep(model: nn.Module, corrections: Corrections, order: Sequence[str], toke
             corrections.set(kept)
             r = perplexity(model, tokens, seq_len, batch_size=batch_size, max_tokens=max_tokens, progress=progress,
                            desc=f"k={k}")
-            points.append(SweepPoint(k, sum(corrections.nbytes(n) for n in kept), r.perplexity))
+            points.append(SweepPoint(k, sum(corrections.nbytes(n) for n in kept), r.perplexity,
+                                     None if latency_ms is None else sum(latency_ms[n] for n in kept)))
     finally:
         corrections.set(everything)
     return points
 
 
-def sweep_elbow(points: Sequence[SweepPoint]) -> SweepPoint | None:
-    """The knee of perplexity against factor bytes (a convex, decreasing curve)."""
-    pts = sorted(points, key=lambda p: p.factor_bytes)
-    knee = find_knee([p.factor_bytes for p in pts], [p.perplexity for p in pts], "convex")
+COSTS = ("bytes", "latency")
+
+
+def sweep_elbow(points: Sequence[SweepPoint], cost: str = "bytes") -> SweepPoint | None:
+    """The knee of perplexity against the cost (a convex, decreasing curve): factor bytes, or the
+    measured correction latency. Points of equal cost keep the lowest perplexity."""
+    if cost not in COSTS:
+        raise ValueError(f"cost must be one of {list(COSTS)}, got {cost!r}")
+    if cost == "latency" and any(p.latency_ms is None for p in points):
+        raise ValueError("the sweep has no latencies: pass latency_ms to sweep()")
+    x_of = (lambda p: p.factor_bytes) if cost == "bytes" else (lambda p: p.latency_ms)
+    best: dict[float, SweepPoint] = {}
+    for p in points:
+        x = x_of(p)
+        if x not in best or (p.perplexity, p.k) < (best[x].perplexity, best[x].k):
+            best[x] = p
+    pts = [best[x] for x in sorted(best)]
+    knee = find_knee([x_of(p) for p in pts], [p.perplexity for p in pts], "convex")
     return None if knee is None else pts[knee]
 
 
@@ -170,7 +263,8 @@ def order_by(scores: dict[str, float], corrections: Corrections) -> list[str]:
 
 @dataclass
 class SelectionStudy:
-    """One score's ranking swept over k, with its elbow; ``full`` / ``none`` are the sweep's ends."""
+    """One score's ranking swept over k, with its elbows (against bytes, and against latency when
+    the sweep measured it)."""
 
     score: str
     order: list[str]
@@ -178,11 +272,13 @@ class SelectionStudy:
     elbow: SweepPoint | None
     units: int
     total_bytes: int
+    latency_elbow: SweepPoint | None = None
 
     def to_dict(self) -> dict:
         return {"score": self.score, "order": self.order, "points": [p.to_dict() for p in self.points],
-                "elbow": None if self.elbow is None else self.elbow.to_dict(), "units": self.units,
-                "total_bytes": self.total_bytes}
+                "elbow": None if self.elbow is None else self.elbow.to_dict(),
+                "latency_elbow": None if self.latency_elbow is None else self.latency_elbow.to_dict(),
+                "units": self.units, "total_bytes": self.total_bytes}
 
 
 def default_ks(n: int, step: int) -> list[int]:
@@ -194,8 +290,10 @@ def default_ks(n: int, step: int) -> list[int]:
 
 def study(model: nn.Module, report, tokens: Tensor, scores: Sequence[str] = ("gain",), *, step: int = 1,
           batches: Sequence[dict[str, Tensor]] | None = None, seq_len: int = 2048, max_tokens: int | None = None,
-          batch_size: int = 1, progress: bool = True) -> list[SelectionStudy]:
-    """For each score: rank the units, sweep top-k perplexity on ``tokens``, find the elbow."""
+          batch_size: int = 1, latency_ms: dict[str, float] | None = None,
+          progress: bool = True) -> list[SelectionStudy]:
+    """For each score: rank the units, sweep top-k perplexity on ``tokens``, find the elbows
+    (against bytes, and against latency when ``latency_ms`` from ``correction_latency`` is given)."""
     corrections = Corrections(model)
     ks = default_ks(len(corrections.names), step)
     out = []
@@ -203,33 +301,40 @@ def study(model: nn.Module, report, tokens: Tensor, scores: Sequence[str] = ("ga
         order = order_by(unit_scores(corrections, report, kind, model=model, batches=batches, progress=progress),
                          corrections)
         points = sweep(model, corrections, order, tokens, ks, seq_len=seq_len, max_tokens=max_tokens,
-                       batch_size=batch_size, progress=progress)
+                       batch_size=batch_size, latency_ms=latency_ms, progress=progress)
         out.append(SelectionStudy(kind, order, points, sweep_elbow(points), len(order),
-                                  sum(corrections.nbytes(n) for n in order)))
+                                  sum(corrections.nbytes(n) for n in order),
+                                  None if latency_ms is None else sweep_elbow(points, "latency")))
     return out
 
 
-def plot_studies(studies: Sequence[SelectionStudy], path, title: str) -> None:
-    """PNG: perplexity against units restored (left) and against factor bytes (right), elbows marked."""
+def plot_studies(studies: Sequence[SelectionStudy], path, title: str, latency_device: str = "") -> None:
+    """PNG: perplexity against units restored, against factor bytes and (when the sweeps measured
+    it) against correction latency, elbows marked."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(11, 4.2))  # no pyplot: no global state
+    with_latency = all(p.latency_ms is not None for st in studies for p in st.points)
+    panels = [("k", "groups restored (best first)", lambda p: p.k, "elbow"),
+              ("bytes", "correction factors (MB, model dtype)", lambda p: p.factor_bytes / 2**20, "elbow")]
+    if with_latency:
+        panels.append(("latency", f"correction latency per token (ms, {latency_device or 'measured'})",
+                       lambda p: p.latency_ms, "latency_elbow"))
+    fig = Figure(figsize=(5.5 * len(panels), 4.2))  # no pyplot: no global state
     FigureCanvasAgg(fig)
-    by_k, by_bytes = fig.subplots(1, 2)
+    axes = fig.subplots(1, len(panels))
     for st in studies:
-        ks = [p.k for p in st.points]
-        mb = [p.factor_bytes / 2**20 for p in st.points]
-        ppl = [p.perplexity for p in st.points]
-        line = by_k.plot(ks, ppl, marker=".", label=st.score)[0]
-        by_bytes.plot(mb, ppl, marker=".", color=line.get_color(), label=st.score)
-        if st.elbow is not None:
-            by_k.scatter([st.elbow.k], [st.elbow.perplexity], s=90, facecolors="none", edgecolors=line.get_color())
-            by_bytes.scatter([st.elbow.factor_bytes / 2**20], [st.elbow.perplexity], s=90, facecolors="none",
-                             edgecolors=line.get_color(), label=f"elbow ({st.score}): k={st.elbow.k}")
-    by_k.set_xlabel("groups restored (best first)")
-    by_bytes.set_xlabel("correction factors (MB, model dtype)")
-    for ax in (by_k, by_bytes):
+        color = None
+        for ax, (kind, _, x_of, elbow_field) in zip(axes, panels):
+            line = ax.plot([x_of(p) for p in st.points], [p.perplexity for p in st.points], marker=".",
+                           color=color, label=st.score)[0]
+            color = line.get_color()
+            elbow = getattr(st, elbow_field)
+            if elbow is not None:
+                ax.scatter([x_of(elbow)], [elbow.perplexity], s=90, facecolors="none", edgecolors=color,
+                           label=f"elbow ({st.score}): k={elbow.k}" if kind != "k" else None)
+    for ax, (_, xlabel, _, _) in zip(axes, panels):
+        ax.set_xlabel(xlabel)
         ax.set_ylabel("perplexity")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

@@ -53,8 +53,7 @@ def test_policies():
     costs = [rng.choice([100, 300]) for _ in range(n)]
     # a few groups carry most of the benefit (as measured on real models: deep layers, MLP inputs)
     scores = [c * (50.0 if i < 6 else 1.0) * rng.uniform(0.9, 1.1) for i, c in enumerate(costs)]
-    auto = choose_groups(scores, costs, "auto")
-    assert sorted(auto) == list(range(6))  # cumulative benefit against bytes turns at the sixth group
+    assert sorted(choose_groups(scores, costs, 6 / n)) == list(range(6))  # the dense six rank first
     half = choose_groups(scores, costs, 0.5)
     assert len(half) == 20 and half == ranking(scores, costs)[:20]
     budget = 2000
@@ -62,7 +61,7 @@ def test_policies():
     assert sum(costs[i] for i in kept) <= budget
     assert all(costs[i] + sum(costs[j] for j in kept) > budget for i in set(range(n)) - set(kept))
     assert choose_groups(scores, costs, 1.0) == ranking(scores, costs)
-    for bad in (0.0, 1.5, -3, "most", True):
+    for bad in (0.0, 1.5, -3, "most", True, "auto"):
         with pytest.raises(ValueError):
             choose_groups(scores, costs, bad)
 
@@ -70,12 +69,15 @@ def test_policies():
 # --- GlowQConfig(selective=...) in quantize_ --------------------------------------------------------
 
 import copy  # noqa: E402
+import json  # noqa: E402
 
 import torch  # noqa: E402
 import transformers as T  # noqa: E402
 
 from glowq_fx import GlowQConfig, calibrate, quantize_  # noqa: E402
-from glowq_fx.modules.linear import QuantizedLinear  # noqa: E402
+from glowq_fx.modules.linear import QuantizedLinear, SharedProjection  # noqa: E402
+from glowq_fx.quantize import AUTO_CURVE_BATCHES, AUTO_CURVE_POINTS  # noqa: E402
+from glowq_fx.selective import calibration_loss  # noqa: E402
 from tests_helpers import tiny_llama_config  # noqa: E402
 
 
@@ -94,6 +96,18 @@ def _quantize(calibrated, **kw):
     return subject, report
 
 
+def _auto_expected(full_report, report):
+    """What selective="auto" must keep: the best groups (by removed error per byte) up to the knee
+    of the loss curve it measured."""
+    curve = report.selection["curve"]
+    knee = find_knee([p["factor_bytes"] for p in curve], [p["loss"] for p in curve], "convex")
+    ranked = choose_groups([g.restore_gain for g in full_report.groups],
+                           [g.candidate_factor_bytes for g in full_report.groups], 1.0)
+    k = len(ranked) if knee is None else curve[knee]["k"]
+    assert report.selection["kept"] == k
+    return ranked[:k]
+
+
 @pytest.mark.parametrize("policy", ["auto", 0.5, 30000])
 def test_selective_model_equals_full_glowq_with_the_other_corrections_removed(calibrated, policy):
     full, full_report = _quantize(calibrated)
@@ -101,9 +115,12 @@ def test_selective_model_equals_full_glowq_with_the_other_corrections_removed(ca
     kept = [g for g in report.groups if g.restored]
     assert 0 < len(kept) < len(report.groups)
     # the choice is the documented one: ranking by removed whitened error per factor byte
-    expected = choose_groups([g.restore_gain for g in full_report.groups],
-                             [g.candidate_factor_bytes for g in full_report.groups], policy)
+    expected = (_auto_expected(full_report, report) if policy == "auto" else
+                choose_groups([g.restore_gain for g in full_report.groups],
+                              [g.candidate_factor_bytes for g in full_report.groups], policy))
     assert {g.name for g in kept} == {full_report.groups[i].name for i in expected}
+    # the unchosen projections are not in the module tree (nor in a saved state_dict)
+    assert sum(isinstance(m, SharedProjection) for m in sel.modules()) == len(kept)
     if isinstance(policy, float):
         assert len(kept) == -(-len(report.groups) * policy // 1)
     if isinstance(policy, int) and not isinstance(policy, bool):
@@ -120,6 +137,34 @@ def test_selective_model_equals_full_glowq_with_the_other_corrections_removed(ca
     with torch.no_grad():
         assert torch.equal(sel(input_ids=ids).logits, full(input_ids=ids).logits)
     assert "GlowQ-S" in str(report)
+
+
+def test_auto_loss_curve_is_measured_on_the_model(calibrated):
+    _, cal = calibrated
+    full, _ = _quantize(calibrated)
+    rtn, _ = _quantize(calibrated, method="none")
+    sel, report = _quantize(calibrated, selective="auto")
+    curve = report.selection["curve"]
+    batches = cal.batches[:AUTO_CURVE_BATCHES]
+    n = len(report.groups)
+    assert [p["k"] for p in curve] == sorted(set(range(0, n, -(-n // AUTO_CURVE_POINTS))) | {n})
+    assert curve[0]["loss"] == calibration_loss(rtn, batches)  # k = 0: RTN, the same arithmetic
+    assert curve[-1]["loss"] == calibration_loss(full, batches)  # k = all: full GlowQ
+    assert curve[-1]["factor_bytes"] == report.total("candidate_factor_bytes")
+    assert "knee of the calibration loss" in str(report)
+    assert json.loads(json.dumps(report.to_dict()))["selection"]["kept"] == report.selection["kept"]
+
+
+def test_auto_needs_a_causal_lm_and_its_batches(calibrated):
+    model, cal = calibrated
+    bare = copy.copy(cal)
+    bare.batches = []
+    with pytest.raises(ValueError, match="holds no batches"):
+        quantize_(copy.deepcopy(model), bare, GlowQConfig(group_size=32, rank=8, selective="auto"), progress=False)
+    tensors = [torch.randint(0, 128, (2, 32))]
+    with pytest.raises(ValueError, match="causal LM's next-token loss"):
+        quantize_(copy.deepcopy(model), tensors, GlowQConfig(group_size=32, rank=8, selective="auto"),
+                  progress=False)
 
 
 def test_selective_one_keeps_everything(calibrated):

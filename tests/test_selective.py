@@ -101,3 +101,76 @@ def test_sweep_elbow_on_a_known_corner():
     pts = [SweepPoint(k, 100 * k, 30.0 - (2.0 * k if k <= 4 else 8 + 0.1 * (k - 4))) for k in range(12)]
     assert sweep_elbow(pts).k == 4
     assert sweep_elbow(pts[:2]) is None
+
+
+def test_sweep_elbow_against_latency_keeps_the_best_point_per_cost():
+    # latency grows by 1 ms per unit up to k=4, then by 0 for k=5 (a unit whose timing was noise)
+    pts = [SweepPoint(k, 100 * k, 30.0 - (2.0 * k if k <= 4 else 8 + 0.1 * (k - 4)), float(min(k, 4) if k <= 5
+                                                                                         else k - 1))
+           for k in range(12)]
+    elbow = sweep_elbow(pts, "latency")
+    assert elbow.k == 5  # k=4 and k=5 cost 4 ms: the better perplexity stands for that cost
+    with pytest.raises(ValueError, match="no latencies"):
+        sweep_elbow([SweepPoint(0, 0, 3.0), SweepPoint(1, 1, 2.0), SweepPoint(2, 2, 1.9)], "latency")
+    with pytest.raises(ValueError, match="cost must be"):
+        sweep_elbow(pts, "flops")
+
+
+def test_correction_latency_times_each_shape_once_and_sweeps_sum_it(setup):
+    from glowq_fx.selective import correction_latency
+
+    model, report = _quantized(setup)
+    corrections = Corrections(model)
+    corrections.set(corrections.names[:1])  # timing switches everything on, then restores this
+    latency, per_unit = correction_latency(corrections, tokens=1, reps=2, trials=3)
+    assert corrections.enabled == set(corrections.names[:1])
+    # 2 layers x (q/k/v, o, gate/up, down): four shapes, each layer's units share them
+    assert len(latency.correction_ms) == 4 and set(per_unit) == set(corrections.names)
+    for name in corrections.names:
+        twin = name.replace("layers.0.", "layers.1.")
+        assert per_unit[name] == per_unit[twin]
+    assert all(v > 0 for v in latency.uncorrected_ms.values())
+    assert all(v >= 0 for v in latency.correction_ms.values())
+    order = order_by(unit_scores(corrections, report), corrections)
+    points = sweep(model, corrections, order, torch.randint(0, 128, (100,)), [0, 3, len(order)], seq_len=50,
+                   latency_ms=per_unit, progress=False)
+    assert points[0].latency_ms == 0
+    assert points[1].latency_ms == pytest.approx(sum(per_unit[n] for n in order[:3]))
+    assert points[2].latency_ms == pytest.approx(sum(per_unit.values()))
+    with pytest.raises(ValueError, match="no time for units"):
+        sweep(model, corrections, order, torch.randint(0, 128, (100,)), [1], seq_len=50, latency_ms={},
+              progress=False)
+
+
+def test_latency_is_the_median_difference_clamped_at_zero(setup, monkeypatch):
+    from glowq_fx import latency as latency_mod
+
+    model, _ = _quantized(setup)
+    corrections = Corrections(model)
+    calls = []
+
+    def fake_time_ms(fn, reps, device):
+        out = fn()
+        calls.append(out)
+        i = len(calls) - 1  # interleaved: plain, corrected, plain, corrected, ...
+        return {0: 1.0, 1: 1.5, 2: 1.2, 3: 9.0, 4: 1.1, 5: 1.4}[i % 6]
+
+    monkeypatch.setattr(latency_mod, "time_ms", fake_time_ms)
+    name = corrections.names[0]
+    members = corrections.modules(name)
+    lat, shapes = latency_mod.measure_latency({name: members}, tokens=3, trials=3)
+    shape = shapes[name]
+    assert lat.uncorrected_ms[shape] == 1.1 and lat.correction_ms[shape] == pytest.approx(1.5 - 1.1)
+    plain, corrected = calls[0], calls[1]  # the timed calls: one group launch, with and without A_i R
+    assert len(corrected) == len(members) and all(t.shape[0] == 3 for t in corrected)
+    assert all(not torch.equal(p, c) for p, c in zip(plain, corrected))
+    values = iter([2.0, 1.0])  # plain, then corrected
+    monkeypatch.setattr(latency_mod, "time_ms", lambda fn, reps, device: next(values))
+    lat, shapes = latency_mod.measure_latency({name: members}, trials=1)
+    assert lat.correction_ms[shapes[name]] == 0.0  # corrected faster than plain: noise, clamped
+    with pytest.raises(ValueError, match="tokens must be positive"):
+        latency_mod.measure_latency({name: members}, tokens=0)
+    with pytest.raises(ValueError, match="no units"):
+        latency_mod.measure_latency({})
+    with pytest.raises(ValueError, match="no timing for unit shape"):
+        lat.unit_ms(latency_mod.UnitShape(1, (2,), 3, 32, "float32", "cpu"))
