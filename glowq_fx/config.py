@@ -53,8 +53,8 @@ class GlowQConfig:
         selective: GlowQ-S. ``None`` restores every group's correction; otherwise groups are
             ranked by the whitened error their correction removes per byte of factors, and
             ``"auto"`` keeps the best ``k``, ``k`` at the knee (Kneedle) of the calibration loss
-            measured against the kept factor bytes (a causal LM's next-token loss on the first
-            calibration batches, about 16 forward passes; ``selective.loss_curve_knee``), a
+            measured against the kept factor bytes (a causal LM's next-token loss on the first 4096
+            calibration tokens, about 16 forward passes; ``selective.loss_curve_knee``), a
             float in (0, 1] that fraction of the groups, an int a budget of factor bytes (model
             dtype). The others keep their 4-bit weights without correction.
 

@@ -10,15 +10,21 @@ model runs (``glowq::shared_projection`` + one ``glowq::w4a16_group`` launch wit
 unit's correction latency; units of one shape share it. A Llama has four shapes (q/k/v, o,
 gate/up, down), so calibration is four pairs of timings whatever the depth.
 
-On CUDA the timings are CUDA-graph replays of the Triton kernels (``timing.graph_time_ms``); on
-the CPU they are wall-clock times of the pure-torch path, which is what an eager CPU model pays
-(a different trade-off from the GPU's: say which device a figure comes from).
+On CUDA the timings are CUDA-graph replays of the Triton kernels (``timing.graph_time_ms``), and
+the correction's cost is the difference of the two launches (its work is fused into the launch).
+On the CPU the pure-torch path adds the correction as separate ops after the dequantized matmul
+(``ops.reference_linear``: ``R = x B^T``, then ``+ R A_i^T`` per member), so those ops are timed
+on their own: a difference of two wall-clock timings of milliseconds is too noisy for a
+correction of tens of microseconds (two study runs disagreed 8x on one shape). CPU figures are
+what an eager CPU model pays, a different trade-off from the GPU's: say which device a figure
+comes from.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
+from torch.nn import functional as F
 
 from glowq_fx import ops
 from glowq_fx.modules.linear import QuantizedLinear
@@ -47,7 +53,7 @@ class LatencyModel:
 
     tokens: int
     device: str
-    correction_ms: dict[UnitShape, float] = field(default_factory=dict)  # corrected - uncorrected, >= 0
+    correction_ms: dict[UnitShape, float] = field(default_factory=dict)  # what the correction adds, >= 0
     uncorrected_ms: dict[UnitShape, float] = field(default_factory=dict)  # the group launch alone
 
     def unit_ms(self, shape: UnitShape) -> float:
@@ -72,8 +78,8 @@ def unit_shape(members: list[QuantizedLinear]) -> UnitShape:
 
 def _time_pair(members: list[QuantizedLinear], tokens: int, reps: int, trials: int,
                generator: torch.Generator) -> tuple[float, float]:
-    """(uncorrected, corrected) milliseconds of the unit's group launch: the median over
-    ``trials`` interleaved trials, so drifting clocks and caches hit both alike."""
+    """(uncorrected launch, correction) milliseconds of the unit: medians over ``trials``
+    interleaved trials, so drifting clocks and caches hit both alike."""
     first = members[0]
     device = first.scales.device
     x = torch.randn(tokens, first.in_features, generator=generator, dtype=torch.float32).to(device,
@@ -90,13 +96,21 @@ def _time_pair(members: list[QuantizedLinear], tokens: int, reps: int, trials: i
     def corrected():
         return ops.w4a16_group(x, *args, As, ops.shared_projection(x, B))
 
-    times = {plain: [], corrected: []}
+    y = [torch.zeros(tokens, m.out_features, dtype=x.dtype, device=device) for m in members]
+
+    def correction_alone():  # what the CPU path adds to the plain launch (see the module docstring)
+        R = ops.shared_projection(x, B)
+        return [out + F.linear(R, A) for out, A in zip(y, As)]  # reference_linear's expression
+
+    second = corrected if device.type == "cuda" else correction_alone
+    times = {plain: [], second: []}
     with torch.inference_mode():
         for _ in range(trials):
             for fn in times:
                 times[fn].append(time_ms(fn, reps, device))
-    med = [sorted(t)[len(t) // 2] for t in times.values()]
-    return med[0], med[1]
+    plain_ms, second_ms = (sorted(t)[len(t) // 2] for t in times.values())
+    # CUDA: the correction is the difference, which noise can push below 0; CPU: timed alone
+    return plain_ms, (max(second_ms - plain_ms, 0.0) if device.type == "cuda" else second_ms)
 
 
 def measure_latency(units: dict[str, list[QuantizedLinear]], *, tokens: int = 1, reps: int = 20, trials: int = 5,
@@ -123,7 +137,6 @@ def measure_latency(units: dict[str, list[QuantizedLinear]], *, tokens: int = 1,
     for name, shape in shapes.items():
         if shape in model.correction_ms:
             continue
-        plain, corrected = _time_pair(units[name], tokens, reps, trials, generator)
-        model.uncorrected_ms[shape] = plain
-        model.correction_ms[shape] = max(corrected - plain, 0.0)  # noise can make it dip below 0
+        model.uncorrected_ms[shape], model.correction_ms[shape] = _time_pair(units[name], tokens, reps, trials,
+                                                                            generator)
     return model, shapes

@@ -15,6 +15,10 @@ Scores (larger = the correction matters more):
   code's choice).
 - ``"measured"``: the calibration loss increase when only this unit's correction is switched off
   (one forward pass over the calibration batches per unit).
+
+``loss_curve_knee`` is what ``GlowQConfig(selective="auto")`` runs inside ``quantize_``: the
+calibration loss along a ranking, and its knee. ``correction_latency`` prices units in time
+(``latency``), so sweeps and elbows can be read against bytes or against latency.
 """
 from __future__ import annotations
 

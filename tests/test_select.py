@@ -76,7 +76,7 @@ import transformers as T  # noqa: E402
 
 from glowq_fx import GlowQConfig, calibrate, quantize_  # noqa: E402
 from glowq_fx.modules.linear import QuantizedLinear, SharedProjection  # noqa: E402
-from glowq_fx.quantize import AUTO_CURVE_BATCHES, AUTO_CURVE_POINTS  # noqa: E402
+from glowq_fx.quantize import AUTO_CURVE_POINTS, curve_batches  # noqa: E402
 from glowq_fx.selective import calibration_loss  # noqa: E402
 from tests_helpers import tiny_llama_config  # noqa: E402
 
@@ -145,7 +145,8 @@ def test_auto_loss_curve_is_measured_on_the_model(calibrated):
     rtn, _ = _quantize(calibrated, method="none")
     sel, report = _quantize(calibrated, selective="auto")
     curve = report.selection["curve"]
-    batches = cal.batches[:AUTO_CURVE_BATCHES]
+    batches = curve_batches(cal.batches)
+    assert report.selection["curve_tokens"] == sum(b["input_ids"].numel() for b in batches)
     n = len(report.groups)
     assert [p["k"] for p in curve] == sorted(set(range(0, n, -(-n // AUTO_CURVE_POINTS))) | {n})
     assert curve[0]["loss"] == calibration_loss(rtn, batches)  # k = 0: RTN, the same arithmetic
@@ -153,6 +154,16 @@ def test_auto_loss_curve_is_measured_on_the_model(calibrated):
     assert curve[-1]["factor_bytes"] == report.total("candidate_factor_bytes")
     assert "knee of the calibration loss" in str(report)
     assert json.loads(json.dumps(report.to_dict()))["selection"]["kept"] == report.selection["kept"]
+
+
+def test_curve_batches_cut_rows_to_the_token_budget():
+    batches = [{"input_ids": torch.arange(4 * 10).view(4, 10), "attention_mask": torch.ones(4, 10), "labels": None}
+               for _ in range(3)]
+    cut = curve_batches(batches, max_tokens=55)  # 4 rows of the first (40 tokens), 1 of the second
+    assert [b["input_ids"].shape[0] for b in cut] == [4, 1]
+    assert torch.equal(cut[1]["attention_mask"], batches[1]["attention_mask"][:1]) and cut[1]["labels"] is None
+    assert [b["input_ids"].shape[0] for b in curve_batches(batches, max_tokens=3)] == [1]  # at least one row
+    assert sum(b["input_ids"].numel() for b in curve_batches(batches, max_tokens=10**6)) == 120
 
 
 def test_auto_needs_a_causal_lm_and_its_batches(calibrated):
