@@ -111,7 +111,7 @@ def main(argv=None) -> int:
                                                              selective=args.keep)}
     results = []
     for label, config in variants.items():
-        model = copy.deepcopy(base) if config is not None else base
+        model = copy.deepcopy(base)  # base stays uncompiled: a copy of a compiled forward would call base's
         report = quantize_(model, calibrated, config, progress=False) if config is not None else None
         eager_tokens = model.generate(ids, max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
         model.forward = torch.compile(model.forward, backend=glowq_backend, mode="reduce-overhead")
@@ -127,6 +127,9 @@ def main(argv=None) -> int:
         results.append(row)
         print(f"{label}: {row['tokens_per_s']:.1f} tokens/s (agreement {agree:.0%})", flush=True)
         del model
+        # the variants share LlamaForCausalLM.forward's code: without a reset, Dynamo's cache keeps
+        # guards on freed models and counts every variant against one recompile limit (then runs eager)
+        torch.compiler.reset()
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()

@@ -40,20 +40,18 @@ def _select(args: argparse.Namespace) -> int:
     from glowq_fx.corpus import load_text
     from glowq_fx.evaluate import calibration_batches, perplexity, tokenize
     from glowq_fx.models import load_model
-    from glowq_fx.selective import SweepPoint, Corrections, correction_latency, plot_studies, study
+    from glowq_fx.selective import Corrections, SweepPoint, correction_latency, plot_studies, study
 
     t_start = time.perf_counter()
     config = GlowQConfig(group_size=args.group_size, rank=args.rank, method="glowq")
     model, tokenizer = load_model(args.model, dtype=_torch_dtype(args.dtype), device=args.device)
     tokens = tokenize(tokenizer, load_text(args.text))
     calib_tokens = tokenize(tokenizer, load_text(args.calib))
-    batches = [{k: v.to(args.device) for k, v in b.items()}
-               for b in calibration_batches(calib_tokens, args.calib_samples, args.calib_len)]
+    batches = calibration_batches(calib_tokens, args.calib_samples, args.calib_len, device=args.device)
     calibrated = calibrate(model, batches, config)
     quantized = copy.deepcopy(model)
     report = quantize_(quantized, calibrated, config)
-    measure = [{k: v.to(args.device) for k, v in b.items()}
-               for b in calibration_batches(calib_tokens, args.measure_samples, args.measure_len, seed=1)]
+    measure = calibration_batches(calib_tokens, args.measure_samples, args.measure_len, seed=1, device=args.device)
     corrections = Corrections(quantized)
     latency, unit_ms = (correction_latency(corrections, tokens=args.latency_tokens) if args.latency_tokens
                         else (None, None))
@@ -144,8 +142,7 @@ def _quantize(args: argparse.Namespace) -> int:
     config = _config_from_args(args)
     model, tokenizer = load_model(args.model, dtype=_torch_dtype(args.dtype), device=args.device)
     batches = calibration_batches(tokenize(tokenizer, load_text(args.calib)), args.calib_samples, args.calib_len,
-                                  seed=args.seed)
-    batches = [{k: v.to(args.device) for k, v in b.items()} for b in batches]
+                                  seed=args.seed, device=args.device)
     report = quantize_(model, batches, config)
     print(report)
     out = save_quantized(model, args.out, report=report, tokenizer=tokenizer)

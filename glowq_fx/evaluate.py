@@ -65,14 +65,23 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def token_nll(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    """NLL of every predicted token (B, L - 1) of a causal LM returning ``.logits``: token t scored
+    from tokens < t, in float32 at least (half-precision logits are upcast)."""
+    out = model(input_ids=input_ids) if attention_mask is None else model(input_ids=input_ids,
+                                                                          attention_mask=attention_mask)
+    logits = getattr(out, "logits", None)
+    if logits is None or logits.shape[:2] != input_ids.shape:
+        got = "no .logits" if logits is None else f"logits of shape {tuple(logits.shape)}"
+        raise ValueError(f"expected a causal LM returning .logits (B, T, vocab) for input {tuple(input_ids.shape)}, "
+                         f"got {got}")
+    return F.cross_entropy(logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32)).transpose(1, 2),
+                           input_ids[:, 1:], reduction="none")
+
+
 def window_nll(model: nn.Module, batch: Tensor) -> Tensor:
-    """Summed NLL of each row of ``batch`` (B, L): token t scored from tokens < t, in float32 at
-    least (half-precision logits are upcast)."""
-    logits = model(input_ids=batch).logits
-    if logits.shape[:2] != batch.shape:
-        raise ValueError(f"the model returned logits of shape {tuple(logits.shape)} for input {tuple(batch.shape)}")
-    losses = F.cross_entropy(logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32)).transpose(1, 2), batch[:, 1:], reduction="none")
-    return losses.sum(dim=1)
+    """Summed NLL of each row of ``batch`` (B, L) (``token_nll`` per row)."""
+    return token_nll(model, batch).sum(dim=1)
 
 
 def perplexity(model: nn.Module, tokens: Tensor, seq_len: int = 2048, *, batch_size: int = 1,
@@ -111,14 +120,15 @@ def perplexity(model: nn.Module, tokens: Tensor, seq_len: int = 2048, *, batch_s
 
 
 def calibration_batches(tokens: Tensor, n_samples: int = 32, seq_len: int = 512, *, batch_size: int = 8,
-                        seed: int = 0) -> list[dict[str, Tensor]]:
+                        seed: int = 0, device: torch.device | str = "cpu") -> list[dict[str, Tensor]]:
     """``n_samples`` windows of ``seq_len`` tokens at seeded random offsets (the GPTQ recipe), as
-    ``quantize_`` batches ``{"input_ids", "attention_mask"}`` of up to ``batch_size`` windows."""
+    ``quantize_`` batches ``{"input_ids", "attention_mask"}`` of up to ``batch_size`` windows, on
+    ``device`` (the model's)."""
     if n_samples < 1 or seq_len < 1 or batch_size < 1:
         raise ValueError(f"n_samples, seq_len and batch_size must be positive, got {n_samples}, {seq_len}, {batch_size}")
     if tokens.dim() != 1 or tokens.numel() < seq_len:
         raise ValueError(f"need a 1-D token stream of at least seq_len={seq_len} tokens, got shape {tuple(tokens.shape)}")
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, tokens.numel() - seq_len + 1, (n_samples,), generator=gen)
-    rows = torch.stack([tokens[s:s + seq_len] for s in starts.tolist()])
+    rows = torch.stack([tokens[s:s + seq_len] for s in starts.tolist()]).to(device)
     return [{"input_ids": chunk, "attention_mask": torch.ones_like(chunk)} for chunk in rows.split(batch_size)]

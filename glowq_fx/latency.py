@@ -6,8 +6,9 @@ and it is not proportional to bytes: at decode (one token) a unit's correction c
 see. So the model here is measured, not assumed: every distinct unit shape (input width, member
 widths, rank, dtype, device) is timed once, on the model's own device, with the ops the compiled
 model runs (``glowq::shared_projection`` + one ``glowq::w4a16_group`` launch with the members'
-``A_i R`` epilogues), against the same group launch without correction. The difference is the
-unit's correction latency; units of one shape share it. A Llama has four shapes (q/k/v, o,
+``A_i R`` epilogues), against the same group launch without correction; the difference is the
+unit's correction latency (on the CPU, below, the correction's own ops). Units of one shape
+share it. A Llama has four shapes (q/k/v, o,
 gate/up, down), so calibration is four pairs of timings whatever the depth.
 
 On CUDA the timings are CUDA-graph replays of the Triton kernels (``timing.graph_time_ms``), and
@@ -93,16 +94,16 @@ def _time_pair(members: list[QuantizedLinear], tokens: int, reps: int, trials: i
     def plain():
         return ops.w4a16_group(x, *args, none, None)
 
-    def corrected():
-        return ops.w4a16_group(x, *args, As, ops.shared_projection(x, B))
+    if device.type == "cuda":  # the correction is fused into the launch: time the launch with it
+        def second():
+            return ops.w4a16_group(x, *args, As, ops.shared_projection(x, B))
+    else:  # the CPU path adds the correction as separate ops (module docstring): time those alone
+        y = [torch.zeros(tokens, m.out_features, dtype=x.dtype, device=device) for m in members]
 
-    y = [torch.zeros(tokens, m.out_features, dtype=x.dtype, device=device) for m in members]
+        def second():
+            R = ops.shared_projection(x, B)
+            return [out + F.linear(R, A) for out, A in zip(y, As)]  # reference_linear's expression
 
-    def correction_alone():  # what the CPU path adds to the plain launch (see the module docstring)
-        R = ops.shared_projection(x, B)
-        return [out + F.linear(R, A) for out, A in zip(y, As)]  # reference_linear's expression
-
-    second = corrected if device.type == "cuda" else correction_alone
     times = {plain: [], second: []}
     with torch.inference_mode():
         for _ in range(trials):

@@ -38,7 +38,7 @@ from glowq_fx.kernels.layout import pack
 from glowq_fx.modules.linear import QuantizedLinear, SharedProjection, linear_weight
 from glowq_fx.quant import quantization_error, quantize_gptq, quantize_rtn
 from glowq_fx.select import choose_groups, ranking
-from glowq_fx.selective import Corrections, loss_curve_knee
+from glowq_fx.selective import Corrections, check_lm_batch, loss_curve_knee
 from passes.grouping import InputGroup, group_name
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ def curve_batches(batches: list, max_tokens: int = AUTO_CURVE_TOKENS) -> list:
     out, left = [], max_tokens
     for batch in batches:
         rows, length = batch["input_ids"].shape
-        take = max(1, min(rows, left // length)) if not out else min(rows, left // length)
+        take = min(rows, max(left // length, 0 if out else 1))  # the first batch gives one row at least
         if take == 0:
             break
         out.append({k: v[:take] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == rows else v
@@ -292,29 +292,34 @@ def _attach(model: nn.Module, report: GroupReport, pending) -> None:
     report.restored = True
 
 
+def _ranked_candidates(reports: list[GroupReport]) -> list[int]:
+    """Indices of the groups with a correction, best first: removed whitened error per factor byte."""
+    candidates = [i for i, r in enumerate(reports) if r.candidate_factor_bytes > 0]
+    return [candidates[j] for j in ranking([max(reports[i].restore_gain, 0.0) for i in candidates],
+                                           [reports[i].candidate_factor_bytes for i in candidates])]
+
+
 def _select(reports: list[GroupReport], policy) -> set[int]:
     """Indices of the groups whose corrections are kept (all when ``policy`` is None) for the
     policies decided from the report alone (a fraction or a byte budget)."""
-    candidates = [i for i, r in enumerate(reports) if r.candidate_factor_bytes > 0]
+    ranked = _ranked_candidates(reports)
     if policy is None:
-        return set(candidates)
-    chosen = choose_groups([max(reports[i].restore_gain, 0.0) for i in candidates],
-                           [reports[i].candidate_factor_bytes for i in candidates], policy)
-    return {candidates[j] for j in chosen}
+        return set(ranked)
+    chosen = choose_groups([max(reports[i].restore_gain, 0.0) for i in ranked],
+                           [reports[i].candidate_factor_bytes for i in ranked], policy)
+    return {ranked[j] for j in chosen}
 
 
 def _select_auto(model: nn.Module, reports: list[GroupReport], pending: list, batches: list,
-                 progress: bool) -> tuple[set[int], dict]:
+                 progress: bool) -> tuple[set[int], dict | None]:
     """``selective="auto"``: attach every correction, measure the calibration loss with the best
     ``k`` groups corrected (ranked as ``_select`` ranks), keep the groups up to the knee of loss
     against bytes, detach the others. Returns the kept indices and the measured curve."""
-    candidates = [i for i, r in enumerate(reports) if r.candidate_factor_bytes > 0]
-    ranked = [candidates[j] for j in ranking([max(reports[i].restore_gain, 0.0) for i in candidates],
-                                             [reports[i].candidate_factor_bytes for i in candidates])]
-    for i in ranked:
-        _attach(model, reports[i], pending[i])
+    ranked = _ranked_candidates(reports)
     if not ranked:
         return set(), None
+    for i in ranked:
+        _attach(model, reports[i], pending[i])
     corrections = Corrections(model)
     scored = curve_batches(batches)
     was_training = model.training
@@ -408,9 +413,7 @@ def _check_auto_batches(batches: list) -> None:
         raise ValueError("selective='auto' measures the calibration loss, but this Calibration holds no batches; "
                          "build it with calibrate(), or choose a fraction or a byte budget")
     for b in batches:
-        if not isinstance(b, dict) or not isinstance(b.get("input_ids"), torch.Tensor) or b["input_ids"].dim() != 2:
-            raise ValueError("selective='auto' measures a causal LM's next-token loss on calibration batches of the "
-                             "form {'input_ids': (B, T), ...}; for other inputs choose a fraction or a byte budget")
+        check_lm_batch(b)
 
 
 def _check_config(config: GlowQConfig | None) -> GlowQConfig:

@@ -27,9 +27,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
-from glowq_fx.evaluate import perplexity
+from glowq_fx.evaluate import perplexity, token_nll
 from glowq_fx.latency import LatencyModel, measure_latency
 from glowq_fx.modules.linear import QuantizedLinear, SharedProjection
 from glowq_fx.select import find_knee, ranking
@@ -87,23 +86,23 @@ class Corrections:
         self._on = enabled
 
 
+def check_lm_batch(batch) -> None:
+    """A calibration batch the causal-LM loss can score, or a ValueError saying what to do."""
+    if not isinstance(batch, dict) or not isinstance(batch.get("input_ids"), Tensor) or batch["input_ids"].dim() != 2:
+        raise ValueError("the calibration loss (selective='auto', the measured score) needs batches of the form "
+                         "{'input_ids': (B, T), ...} for a causal LM; for other inputs choose the corrections with a "
+                         "fraction or a byte budget")
+
+
 def calibration_loss(model: nn.Module, batches: Sequence[dict[str, Tensor]]) -> float:
     """Mean next-token NLL over the batches' ``input_ids`` (a causal LM returning ``.logits``);
     an ``attention_mask`` in a batch is passed on and its padded positions are not scored."""
     total, count = 0.0, 0
     with torch.inference_mode():
         for batch in batches:
-            if not isinstance(batch, dict) or "input_ids" not in batch or batch["input_ids"].dim() != 2:
-                raise ValueError("the calibration loss needs batches of the form {'input_ids': (B, T), ...} for a "
-                                 "causal LM; for other models choose the corrections with a fraction or a byte budget")
-            ids, mask = batch["input_ids"], batch.get("attention_mask")
-            out = model(input_ids=ids) if mask is None else model(input_ids=ids, attention_mask=mask)
-            logits = getattr(out, "logits", None)
-            if logits is None or logits.shape[:2] != ids.shape:
-                raise ValueError("the calibration loss needs a causal LM returning .logits of shape (B, T, vocab); "
-                                 "for other models choose the corrections with a fraction or a byte budget")
-            nll = F.cross_entropy(logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32)).transpose(1, 2),
-                                  ids[:, 1:], reduction="none")
+            check_lm_batch(batch)
+            mask = batch.get("attention_mask")
+            nll = token_nll(model, batch["input_ids"], mask)
             scored = torch.ones_like(nll, dtype=torch.bool) if mask is None else mask[:, 1:].bool()
             total += float(nll.double()[scored].sum())
             count += int(scored.sum())
