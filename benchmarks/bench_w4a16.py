@@ -12,8 +12,11 @@ weights (distinct per layer, so nothing stays in L2): q/k/v (4096 -> 4096, 1024,
 - ``indep unfused``: ours + ``(x B_i^T) A_i^T`` as two cuBLAS matmuls and an add per member.
 - ``indep fused``: per member its own ``R_i = x B_i^T`` and the W4A16 kernel with ``A_i R_i``
   in the epilogue.
-- ``GlowQ fused``: per group one ``R = x B^T`` and one ``w4a16_group`` launch with every
-  member's ``A_i R`` in its epilogue (what ``glowq_backend`` emits).
+- ``GlowQ fused``: per group one ``R = x B^T`` (``glowq::shared_projection``: a Triton GEMV or
+  cuBLAS, whichever the op measured faster on the shape) and one ``w4a16_group`` launch with
+  every member's ``A_i R`` in its epilogue (what ``glowq_backend`` emits).
+
+The one-row GEMV rows run the split-K or the plain kernel, whichever the op measured faster.
 
 Every row is captured once in a CUDA graph (launch overhead as in serving) and replayed; time
 is per layer (stack time / layers). Bandwidth is the row's weight (+ factor) bytes over its time,

@@ -1,5 +1,6 @@
 """Explicit configurations of the raw W4A16 kernels on one Llama-3-8B shape: time, registers and
-spills of each, to choose the autotune lists in ``glowq_fx/kernels/w4a16.py``.
+spills of each, to choose the autotune lists in ``glowq_fx/kernels/w4a16.py`` (GEMV with and
+without split-K, GEMMs) and ``glowq_fx/kernels/projection.py`` (against cuBLAS, one row).
 
     python benchmarks/tune_w4a16.py [--n 4096] [--k 4096] [--rows 1,16,2048]
 """
@@ -11,9 +12,10 @@ import torch
 import triton
 from triton.testing import do_bench_cudagraph
 
+from glowq_fx.kernels import projection
 from glowq_fx.kernels import w4a16 as kernels
 
-GROUP_SIZE = 128
+GROUP_SIZE, RANK = 128, 64
 
 
 def main(argv=None):
@@ -39,13 +41,31 @@ def main(argv=None):
         head = (x, x, x.stride(0), 0, M, K, 0)
         common = dict(NUM_MEMBERS=1, GROUP_SIZE=GROUP_SIZE, HAS_A=False, HAS_BIAS=False)
         if M == 1:
-            configs = [(bn, bk, w) for bn in (16, 32, 64) for bk in (256, 512, 1024) for w in (4, 8)]
-            for bn, bk, w in configs:
+            configs = [(bn, bk, w, sk) for sk in (1, 2, 4, 8) for bn in (16, 32, 64) for bk in (256, 512, 1024, 2048)
+                       for w in (4, 8) if sk == 1 or bk <= 1024]
+            for bn, bk, w, sk in configs:
+                ws = torch.empty(sk * triton.cdiv(N, bn) * bn, device=dev, dtype=torch.float32)
+                arrivals = torch.zeros(triton.cdiv(N, bn), device=dev, dtype=torch.int32)
+
                 def run():
-                    return kernels._w4a16_gemv_kernel[(triton.cdiv(N, bn), 1)](
-                        *head, *slots, **common, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=32, TILE_GROUP=GROUP_SIZE,
-                        num_warps=w)
-                report(f"gemv BN={bn} BK={bk} w={w}", run, wbytes)
+                    # the kernel puts its arrival counters back to zero, so replays need no memset
+                    return kernels._w4a16_gemv_kernel[(triton.cdiv(N, bn), 1, sk)](
+                        *head, ws, arrivals, triton.cdiv(N, bn) * bn, *slots, **common, BLOCK_N=bn, BLOCK_K=bk,
+                        BLOCK_R=32, TILE_GROUP=GROUP_SIZE, SPLIT_K=sk, num_warps=w)
+                report(f"gemv BN={bn} BK={bk} w={w} split={sk}", run, wbytes)
+            # the shared projection R = x B^T of a rank-64 group on this K: cuBLAS vs the Triton GEMV
+            B = torch.randn(RANK, K, device=dev, dtype=torch.bfloat16)
+            R = torch.empty(M, RANK, device=dev, dtype=torch.bfloat16)
+            bbytes = B.numel() * 2
+            report("projection cuBLAS", lambda: torch.mm(x, B.t(), out=R), bbytes)
+            for c in projection.CONFIGS:
+                br, bk = c.kwargs["BLOCK_R"], c.kwargs["BLOCK_K"]
+
+                def run_projection():
+                    return projection._projection_gemv_kernel[(triton.cdiv(RANK, br), M)](
+                        x, B, R, K, RANK, x.stride(0), B.stride(0), R.stride(0), BLOCK_R=br, BLOCK_K=bk,
+                        num_warps=c.num_warps)
+                report(f"projection BR={br} BK={bk} w={c.num_warps}", run_projection, bbytes)
         else:
             if M <= 16:
                 configs = [(16, bn, bk, 4, st) for bn in (32, 64, 128) for bk in (64, 128) for st in (3, 4)]
@@ -77,8 +97,9 @@ def report(name, run, wbytes, flops=None):
         print(f"  {name}: failed ({type(e).__name__})", flush=True)
         return
     extra = f", {flops / ms / 1e9:.0f} TFLOP/s" if flops else ""
-    print(f"  {name}: {ms * 1e3:.1f} us, {wbytes / ms / 1e6:.0f} GB/s{extra}, regs {compiled.n_regs}, "
-          f"spills {compiled.n_spills}", flush=True)
+    if hasattr(compiled, "n_regs"):  # a Triton launch (cuBLAS rows return a tensor)
+        extra += f", regs {compiled.n_regs}, spills {compiled.n_spills}"
+    print(f"  {name}: {ms * 1e3:.1f} us, {wbytes / ms / 1e6:.0f} GB/s{extra}", flush=True)
 
 
 if __name__ == "__main__":

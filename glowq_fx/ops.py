@@ -21,7 +21,7 @@ a wrong ``R`` or ``A`` is an error, never a silently uncorrected output.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Optional
 
 import torch
@@ -90,12 +90,15 @@ def _uses_kernels(x: Tensor) -> bool:
 
 def launch_w4a16(x: Tensor, qweights: Sequence[Tensor], scales: Sequence[Tensor], zeros: Sequence[Tensor],
                  biases: Sequence[Optional[Tensor]], As: Sequence[Optional[Tensor]], R: Optional[Tensor],
-                 outs: Optional[Sequence[Tensor]] = None) -> list[Tensor]:
+                 outs: Optional[Sequence[Tensor]] = None, split_k: Optional[bool] = None) -> list[Tensor]:
     """Run the Triton kernels for members that read ``x`` (checked by the caller): below
     ``DEQUANT_MATMUL_MIN_M`` rows one launch per ``MAX_MEMBERS`` members of equal
     bias/correction presence, from there a dequantize + cuBLAS per member. Returns each member's output
     ``x.shape[:-1] + (N_i,)``, written into ``outs[i]`` (contiguous, (rows, N_i)) when given.
-    Works on CPU tensors under ``TRITON_INTERPRET=1``."""
+    Works on CPU tensors under ``TRITON_INTERPRET=1``.
+
+    ``split_k`` (one row only): True / False force the split-K / plain GEMV; None times both once
+    per shape on the GPU and keeps the faster (the plain one under the interpreter)."""
     from glowq_fx.kernels import w4a16 as kernels
 
     K = x.shape[-1]
@@ -139,8 +142,20 @@ def launch_w4a16(x: Tensor, qweights: Sequence[Tensor], scales: Sequence[Tensor]
             head = (x2, R2 if has_a else x2, x2.stride(0), R2.stride(0) if has_a else 0, M, K, rank)
             if M == 1:
                 tile_group = gs if gs & (gs - 1) == 0 else 32  # per-channel: one group, any power of two
-                wrap_triton(kernels.gemv_kernel)[lambda meta: (blocks(meta), M)](
-                    *head, *slots, **common, TILE_GROUP=tile_group)
+                grid = lambda meta: (blocks(meta), M, meta["SPLIT_K"])
+
+                def plain():
+                    wrap_triton(kernels.gemv_kernel)[grid](*head, x2, x2, 0, *slots, **common, TILE_GROUP=tile_group)
+
+                def split():
+                    ws, arrivals, ws_stride = _split_k_scratch(x2, Ns)
+                    wrap_triton(kernels.gemv_split_k_kernel)[grid](*head, ws, arrivals, ws_stride, *slots, **common,
+                                                                   TILE_GROUP=tile_group)
+
+                if split_k is None:
+                    key = ("gemv", x2.device, x2.dtype, K, tuple(Ns), rank, gs, has_a, has_bias)
+                    split_k = _fastest(key, {"split": split, "plain": plain}, fallback="plain") == "split"
+                (split if split_k else plain)()
             else:
                 kernel = kernels.small_m_kernel if M <= kernels.SMALL_M else kernels.gemm_kernel
                 wrap_triton(kernel)[lambda meta: (_cdiv(M, meta["BLOCK_M"]), blocks(meta))](
@@ -148,6 +163,72 @@ def launch_w4a16(x: Tensor, qweights: Sequence[Tensor], scales: Sequence[Tensor]
             for i, y in zip(chunk, ys):
                 results[i] = y.view(shape(i))
     return results  # type: ignore[return-value]
+
+
+def _split_k_scratch(x2: Tensor, Ns: Sequence[int]) -> tuple[Tensor, Tensor, int]:
+    """Fresh (float32 partials, zeroed arrival counters, partial row stride) for one split-K
+    launch: per launch, not cached, so concurrent launches never share counters."""
+    from glowq_fx.kernels import w4a16 as kernels
+
+    ws_stride, counters, most = kernels.split_k_buffers(Ns)
+    M = x2.shape[0]
+    ws = x2.new_empty(most * M * ws_stride, dtype=torch.float32)
+    return ws, torch.zeros(M * counters, dtype=torch.int32, device=x2.device), ws_stride
+
+
+# (what, device, dtype, shape...) -> the name of the implementation that was fastest there
+_FASTEST: dict[tuple, str] = {}
+
+
+def _fastest(key: tuple, candidates: dict[str, Callable[[], object]], fallback: str) -> str:
+    """The candidate that ran fastest on this shape, timed once as CUDA-graph replays (as a served
+    model runs them; each autotunes in its warm-up calls) and remembered. The interpreter cannot
+    time, nor can a first call made during someone's graph capture: ``fallback``, decided later."""
+    from glowq_fx.kernels import w4a16 as kernels
+    from glowq_fx.timing import graph_time_ms
+
+    if kernels.interpreting():
+        return fallback
+    if key not in _FASTEST:
+        if torch.cuda.is_current_stream_capturing():
+            return fallback
+        times = {name: graph_time_ms(fn, 20) for name, fn in candidates.items()}
+        _FASTEST[key] = min(times, key=times.get)
+    return _FASTEST[key]
+
+
+def launch_projection(x: Tensor, B: Tensor, kernel: Optional[bool] = None, out: Optional[Tensor] = None) -> Tensor:
+    """``R = x B^T`` on the GPU (or under ``TRITON_INTERPRET=1``): up to
+    ``kernels.projection.MAX_ROWS`` rows the Triton GEMV or cuBLAS, whichever ran faster on this
+    shape (``kernel`` True / False forces one), beyond that cuBLAS. Written into ``out``
+    (contiguous, (rows, rank)) when given."""
+    from glowq_fx.kernels import projection
+
+    K, rank = x.shape[-1], B.shape[0]
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if B.stride(-1) != 1:
+        B = B.contiguous()
+    M = x2.shape[0]
+    R = x2.new_empty(M, rank) if out is None else out
+    if M > projection.MAX_ROWS:
+        torch.mm(x2, B.t(), out=R)
+        return R.view(*x.shape[:-1], rank)
+
+    def triton_gemv():
+        grid = lambda meta: (_cdiv(rank, meta["BLOCK_R"]), M)
+        wrap_triton(projection.projection_gemv_kernel)[grid](x2, B, R, K, rank, x2.stride(0), B.stride(0),
+                                                              R.stride(0))
+
+    def cublas():
+        torch.mm(x2, B.t(), out=R)
+
+    if kernel is None:
+        key = ("projection", x2.device, x2.dtype, M, K, rank)
+        kernel = _fastest(key, {"triton": triton_gemv, "cublas": cublas}, fallback="cublas") == "triton"
+    (triton_gemv if kernel else cublas)()
+    return R.view(*x.shape[:-1], rank)
 
 
 def _dequantized_matmul(x2: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Optional[Tensor],
@@ -176,8 +257,11 @@ def _cdiv(a, b):
 
 @custom_op("glowq::shared_projection", mutates_args=(), tags=(torch.Tag.flexible_layout,))
 def shared_projection(x: Tensor, B: Tensor) -> Tensor:
-    """``R = x B^T`` (cuBLAS / Inductor's own matmul: a thin GEMM)."""
+    """``R = x B^T``: on CUDA half / bfloat16 ``launch_projection`` (a Triton GEMV for decode rows
+    when it beats cuBLAS), elsewhere ``F.linear``."""
     _check_projection(x, B)
+    if _uses_kernels(x):
+        return launch_projection(x, B)
     return F.linear(x, B)
 
 

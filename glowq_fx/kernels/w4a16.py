@@ -11,7 +11,9 @@ Two paths, chosen on the number of rows ``M`` (tokens):
 - ``M == 1`` (decode): a GEMV. The weight tile is loaded as ``BLOCK_K / 8`` rows of int32 words
   and unpacked into a ``(BLOCK_K / 8, 8, BLOCK_N)`` register tile, so every word is loaded
   once; the products are summed per scale group and scaled there,
-  ``s * (sum_k x_k q_k - z * sum_k x_k)``, instead of dequantizing every weight.
+  ``s * (sum_k x_k q_k - z * sum_k x_k)``, instead of dequantizing every weight. With
+  ``SPLIT_K > 1`` each column block gets ``SPLIT_K`` programs over disjoint K ranges; the last to
+  finish adds their float32 partials (in a fixed order) and runs the epilogue, in the same launch.
 - ``M > 1``: a tensor-core GEMM (``tl.dot``) that dequantizes a ``BLOCK_K x BLOCK_N`` tile
   (``(q - z) * s`` in float32, rounded to the activation dtype like the eager module's ``W_q``)
   inside the K loop. Small ``M`` (<= 16) gets its own configurations: a 16-row tile and narrow
@@ -95,14 +97,24 @@ def _epilogue_gemv(acc, row, offs_n, mask_n, R, stride_rm, A, BIAS, RANK,
 
 
 @triton.jit
+def _finish_gemv(acc, row, offs_n, mask_n, R, stride_rm, member, A0, A1, A2, A3, BIAS0, BIAS1, BIAS2, BIAS3, Y, N,
+                 RANK, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr):
+    A = _pick(member, A0, A1, A2, A3)
+    BIAS = _pick(member, BIAS0, BIAS1, BIAS2, BIAS3)
+    acc = _epilogue_gemv(acc, row, offs_n, mask_n, R, stride_rm, A, BIAS, RANK, HAS_A, HAS_BIAS, BLOCK_R)
+    tl.store(Y + row * N + offs_n, acc.to(Y.dtype.element_ty), mask=mask_n)
+
+
+@triton.jit
 def _w4a16_gemv_kernel(
-    X, R, stride_xm, stride_rm, M, K, RANK,
+    X, R, stride_xm, stride_rm, M, K, RANK, WS, COUNTERS, WS_STRIDE,
     W0, S0, Z0, A0, BIAS0, Y0, N0,
     W1, S1, Z1, A1, BIAS1, Y1, N1,
     W2, S2, Z2, A2, BIAS2, Y2, N2,
     W3, S3, Z3, A3, BIAS3, Y3, N3,
     NUM_MEMBERS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, TILE_GROUP: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
     # The K tile is (TILE_GROUPS, TILE_GROUP / 8, BLOCK_N) words: one slab per scale group
     # (TILE_GROUP = the group size, a power of two; for per-channel scales any power of two),
@@ -111,6 +123,7 @@ def _w4a16_gemv_kernel(
     GROUP_ROWS: tl.constexpr = TILE_GROUP // 8
     pid_n = tl.program_id(0)
     row = tl.program_id(1)
+    split = tl.program_id(2)
     member, offs_n, W, S, Z, Y, N = _member_block(pid_n, W0, S0, Z0, Y0, N0, W1, S1, Z1, Y1, N1, W2, S2, Z2, Y2, N2,
                                                   W3, S3, Z3, Y3, N3, BLOCK_N, NUM_MEMBERS)
 
@@ -120,7 +133,11 @@ def _w4a16_gemv_kernel(
     r = tl.arange(0, GROUP_ROWS)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     x_row = X + row * stride_xm
-    for k0 in range(0, K, BLOCK_K):
+    # split-K: program ``split`` covers whole K tiles [k_begin, k_end); the last may be empty
+    k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_begin = split * k_per_split
+    k_end = tl.minimum(K, k_begin + k_per_split)
+    for k0 in range(k_begin, k_end, BLOCK_K):
         rows = k0 // 8 + t[:, None] * GROUP_ROWS + r[None, :]  # (TILE_GROUPS, GROUP_ROWS)
         words = tl.load(W + rows[:, :, None] * N + offs_n[None, None, :],
                         mask=(rows < words_per_col)[:, :, None] & mask_n[None, None, :], other=0)
@@ -137,10 +154,29 @@ def _w4a16_gemv_kernel(
         z = tl.load(Z + g[:, None] * N + offs_n[None, :], mask=gmask, other=0.0).to(tl.float32)
         acc += tl.sum(s * (tl.sum(dots, axis=1) - z * tl.sum(xsum, axis=1)[:, None]), axis=0)
 
-    A = _pick(member, A0, A1, A2, A3)
-    BIAS = _pick(member, BIAS0, BIAS1, BIAS2, BIAS3)
-    acc = _epilogue_gemv(acc, row, offs_n, mask_n, R, stride_rm, A, BIAS, RANK, HAS_A, HAS_BIAS, BLOCK_R)
-    tl.store(Y + row * N + offs_n, acc.to(Y.dtype.element_ty), mask=mask_n)
+    if SPLIT_K == 1:
+        _finish_gemv(acc, row, offs_n, mask_n, R, stride_rm, member, A0, A1, A2, A3, BIAS0, BIAS1, BIAS2, BIAS3, Y, N,
+                     RANK, HAS_A, HAS_BIAS, BLOCK_R)
+    else:
+        # Each split stores its float32 partial; the last of the column block's programs to
+        # arrive (a counter, zeroed by the launcher) adds the partials up in split order, so the
+        # result does not depend on arrival order, runs the epilogue once and writes the output.
+        # It then puts the counter back to zero, so repeated launches on one buffer (the
+        # autotuner's timing runs) stay right. The barrier makes every thread's partial stores
+        # precede the release of the counter increment.
+        ws_cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        tl.store(WS + (split * M + row) * WS_STRIDE + ws_cols, acc)
+        tl.debug_barrier()
+        counter = COUNTERS + row * tl.num_programs(0) + pid_n
+        arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            total = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for s_idx in tl.static_range(SPLIT_K):
+                # .cg: read from L2, where the other programs' stores are, never a stale L1 line
+                total += tl.load(WS + (s_idx * M + row) * WS_STRIDE + ws_cols, cache_modifier=".cg")
+            _finish_gemv(total, row, offs_n, mask_n, R, stride_rm, member, A0, A1, A2, A3, BIAS0, BIAS1, BIAS2, BIAS3,
+                         Y, N, RANK, HAS_A, HAS_BIAS, BLOCK_R)
+            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -223,10 +259,12 @@ def _w4a16_gemm_kernel(
              mask=mask_m[:, None] & mask_n[None, :])
 
 
-def _config(block_n, block_k, warps, stages=None, block_m=None, block_r=32):
+def _config(block_n, block_k, warps, stages=None, block_m=None, block_r=32, split_k=None):
     kwargs = {"BLOCK_N": block_n, "BLOCK_K": block_k, "BLOCK_R": block_r}
     if block_m is not None:
         kwargs["BLOCK_M"] = block_m
+    if split_k is not None:
+        kwargs["SPLIT_K"] = split_k
     return triton.Config(kwargs, num_warps=warps, **({} if stages is None else {"num_stages": stages}))
 
 
@@ -237,8 +275,17 @@ def _config(block_n, block_k, warps, stages=None, block_m=None, block_r=32):
 # the column block narrow (16-32) to spread over every SM; the small-M GEMM prefers narrow
 # column blocks too; large M goes through dequantize + cuBLAS (DEQUANT_MATMUL_MIN_M).
 GEMV_CONFIGS = [
-    _config(32, 1024, 4), _config(16, 1024, 4), _config(32, 2048, 4), _config(16, 2048, 4), _config(64, 1024, 8),
-    _config(32, 2048, 8),
+    _config(32, 1024, 4, split_k=1), _config(16, 1024, 4, split_k=1), _config(32, 2048, 4, split_k=1),
+    _config(16, 2048, 4, split_k=1), _config(64, 1024, 8, split_k=1), _config(32, 2048, 8, split_k=1),
+]
+# Split-K puts SPLIT_K programs on each column block, so more weight bytes are in flight at once
+# without a longer K tile; the launcher times it against GEMV_CONFIGS once per shape (it costs a
+# counter memset and a float32 partial per split). The first entry, the one the interpreter runs,
+# has a short K tile so that the CPU tests split K into several tiles.
+SPLIT_K_CONFIGS = [
+    _config(32, 256, 4, split_k=4), _config(32, 512, 4, split_k=4), _config(32, 1024, 4, split_k=2),
+    _config(32, 1024, 4, split_k=4), _config(64, 512, 4, split_k=4), _config(16, 1024, 4, split_k=2),
+    _config(32, 512, 4, split_k=8),
 ]
 SMALL_M_CONFIGS = [
     _config(32, 128, 4, 3, block_m=16), _config(32, 256, 4, 3, block_m=16), _config(16, 256, 4, 3, block_m=16),
@@ -263,5 +310,15 @@ def _autotuned(kernel, configs):
 
 
 gemv_kernel = _autotuned(_w4a16_gemv_kernel, GEMV_CONFIGS)
+gemv_split_k_kernel = _autotuned(_w4a16_gemv_kernel, SPLIT_K_CONFIGS)
+
+
+def split_k_buffers(Ns) -> tuple[int, int, int]:
+    """(workspace row stride, counters per row, largest SPLIT_K) that ``gemv_split_k_kernel``
+    needs for members of ``Ns`` columns under any of its configurations: a program's partial
+    lands at column ``pid_n * BLOCK_N`` of a workspace row, its counter at ``pid_n``."""
+    widths = [sum(triton.cdiv(n, c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_N"] for n in Ns) for c in SPLIT_K_CONFIGS]
+    blocks = [sum(triton.cdiv(n, c.kwargs["BLOCK_N"]) for n in Ns) for c in SPLIT_K_CONFIGS]
+    return max(widths), max(blocks), max(c.kwargs["SPLIT_K"] for c in SPLIT_K_CONFIGS)
 small_m_kernel = _autotuned(_w4a16_gemm_kernel, SMALL_M_CONFIGS)
 gemm_kernel = _autotuned(_w4a16_gemm_kernel, GEMM_CONFIGS)

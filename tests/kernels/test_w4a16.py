@@ -49,12 +49,12 @@ def reference(x, member, R):
     return y, spread.sqrt()
 
 
-def run_and_check(M, K, Ns, group_size, dtype, rank, bias, gen):
+def run_and_check(M, K, Ns, group_size, dtype, rank, bias, gen, split_k=None):
     x = torch.randn(M, K, generator=gen).to(dtype).to(DEVICE)
     members = [make_member(N, K, group_size, dtype, rank, bias, gen) for N in Ns]
     R = (torch.randn(M, rank, generator=gen)).to(dtype).to(DEVICE) if rank else None
     poisoned = [torch.full((M, N), float("nan"), dtype=dtype, device=DEVICE) for N in Ns]
-    outs = ops.launch_w4a16(x, *[list(t) for t in zip(*members)], R, outs=poisoned)
+    outs = ops.launch_w4a16(x, *[list(t) for t in zip(*members)], R, outs=poisoned, split_k=split_k)
     u = UNIT_ROUNDOFF[dtype]
     for i, (y, member) in enumerate(zip(outs, members)):
         assert y.data_ptr() == poisoned[i].data_ptr() and y.shape == (M, Ns[i])
@@ -80,6 +80,10 @@ CASES = [
     (100, 200, [70, 21], 32, 9, False),
     (300, 100, [130], -1, 0, True),  # per-channel: one group of K_pad = 104
     (1, 100, [50], -1, 3, False),
+    # split-K under the interpreter: 256-column K tiles over 4 splits, so 2, 2, 1, 0 tiles per
+    # split for K = 1100 and one (the last one partial and padded) per split for K = 1000
+    (1, 1100, [40, 24], 64, 8, True),
+    (1, 1000, [70], 32, 4, False),
     (1030, 72, [40, 24], 32, 4, True),  # >= DEQUANT_MATMUL_MIN_M: dequantize, then a matmul
 ]
 
@@ -88,6 +92,31 @@ CASES = [
 @pytest.mark.parametrize("M,K,Ns,group_size,rank,bias", CASES)
 def test_kernel_matches_float64_reference(M, K, Ns, group_size, rank, bias, dtype, gen):
     run_and_check(M, K, Ns, group_size, dtype, rank, bias, gen)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("M,K,Ns,group_size,rank,bias", [c for c in CASES if c[0] == 1])
+def test_split_k_gemv_matches_float64_reference(M, K, Ns, group_size, rank, bias, dtype, gen):
+    """The split-K GEMV (partials added by the last program of each column block) gives the
+    plain GEMV's accuracy, including splits left without a K tile."""
+    run_and_check(M, K, Ns, group_size, dtype, rank, bias, gen, split_k=True)
+
+
+def test_split_k_gemv_leaves_its_counters_at_zero(gen, monkeypatch):
+    """The autotuner times a configuration by launching it again and again on the same buffers:
+    each launch must put its arrival counters back to zero, or the next one never writes."""
+    fresh = ops._split_k_scratch
+    kept = {}
+
+    def same_buffers(x2, Ns):
+        kept.setdefault(tuple(Ns), fresh(x2, Ns))
+        return kept[tuple(Ns)]
+
+    monkeypatch.setattr(ops, "_split_k_scratch", same_buffers)
+    for _ in range(3):
+        run_and_check(1, 1100, [40, 24], 64, torch.float16, 8, True, gen, split_k=True)
+        (arrivals,) = [buffers[1] for buffers in kept.values()]
+        assert (arrivals == 0).all()
 
 
 def test_mixed_bias_and_correction_in_one_group(gen):
