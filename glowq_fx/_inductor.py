@@ -1,12 +1,13 @@
 """The Inductor entry points glowq_backend uses, behind one small wrapper.
 
-``compile_fx`` lives in a private module (``torch._inductor.compile_fx``) and
-``list_mode_options`` is Inductor's own table of what ``mode=`` means; both have kept their
-signatures across 2.11-2.13. ``tests/test_inductor_private`` fails loudly if either changes.
+``compile_fx`` lives in a private module (``torch._inductor.compile_fx``),
+``list_mode_options`` is Inductor's own table of what ``mode=`` means, and ``run_and_get_code``
+(``torch._inductor.utils``) returns the Python Inductor generates; all have kept their
+signatures across 2.11-2.13. ``tests/test_inductor_private`` fails loudly if any changes.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from torch import fx
@@ -30,3 +31,11 @@ def compile_with_inductor(gm: fx.GraphModule, example_inputs: Sequence[object],
     from torch._inductor.compile_fx import compile_fx
 
     return compile_fx(gm, list(example_inputs), config_patches=dict(config_patches or {}))
+
+
+def run_and_get_generated_code(fn: Callable[..., Any], *args: Any) -> tuple[Any, list[str]]:
+    """``fn(*args)`` and the source of every module Inductor generated while running it (the
+    wrapper code that calls kernels and ops, in order): what runs, after all of Inductor's passes."""
+    from torch._inductor.utils import run_and_get_code
+
+    return run_and_get_code(fn, *args)

@@ -109,7 +109,7 @@ def _select(args: argparse.Namespace) -> int:
     md += ["| " + " | ".join(r) + " |" for r in rows]
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
     plot_studies(studies, out.with_suffix(".png"), f"GlowQ-S, {args.model}, rank {args.rank}",
-                 latency_device=meta["machine"])
+                 latency_device=meta["machine"], marks=[("selective='auto'", auto_point)])
     print(f"wrote {out.with_suffix('.json')}, .md, .png ({meta['time_s']:.0f} s)")
     return 0
 

@@ -311,9 +311,11 @@ def study(model: nn.Module, report, tokens: Tensor, scores: Sequence[str] = ("ga
     return out
 
 
-def plot_studies(studies: Sequence[SelectionStudy], path, title: str, latency_device: str = "") -> None:
+def plot_studies(studies: Sequence[SelectionStudy], path, title: str, latency_device: str = "",
+                 marks: Sequence[tuple[str, SweepPoint]] = ()) -> None:
     """PNG: perplexity against units restored, against factor bytes and (when the sweeps measured
-    it) against correction latency, elbows marked."""
+    it) against correction latency, elbows marked; ``marks`` are further labelled points (such as
+    what ``selective="auto"`` kept), drawn as stars on every panel."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -336,6 +338,11 @@ def plot_studies(studies: Sequence[SelectionStudy], path, title: str, latency_de
             if elbow is not None:
                 ax.scatter([x_of(elbow)], [elbow.perplexity], s=90, facecolors="none", edgecolors=color,
                            label=f"elbow ({st.score}): k={elbow.k}" if kind != "k" else None)
+    for label, point in marks:
+        for ax, (kind, _, x_of, _) in zip(axes, panels):
+            if kind != "latency" or point.latency_ms is not None:
+                ax.scatter([x_of(point)], [point.perplexity], marker="*", s=140, color="black", zorder=3,
+                           label=f"{label}: k={point.k}")
     for ax, (_, xlabel, _, _) in zip(axes, panels):
         ax.set_xlabel(xlabel)
         ax.set_ylabel("perplexity")

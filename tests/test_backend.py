@@ -8,12 +8,14 @@ in the last place after two layers).
 """
 import copy
 import functools
+import re
 
 import pytest
 import torch
 import transformers as T
 
 from glowq_fx import GlowQConfig, quantize_
+from glowq_fx._inductor import run_and_get_generated_code
 from glowq_fx.backend import glowq_backend
 from passes.rewrite import GROUP, LINEAR, PROJECTION
 from tests_helpers import tiny_llama_config
@@ -58,6 +60,34 @@ def _ids(seed, t=11, device="cpu"):
     return torch.randint(0, 128, (1, t), generator=torch.Generator().manual_seed(seed)).to(device)
 
 
+_OP_CALL = re.compile(r"^\s*(\w+) = torch\.ops\.glowq\.(shared_projection|w4a16_group|w4a16_linear)\.default\((.*)\)$")
+
+
+_ALIAS = re.compile(r"^\s*(\w+) = (\w+)$")  # Inductor names an op's single output anew: bufB = bufA
+
+
+def _glowq_calls(codes):
+    """(output buffer, op, x argument, last argument) of every glowq op call in Inductor's
+    generated code (the code that runs, after every Inductor pass), with buffer aliases in the
+    last argument resolved to the call that produced it."""
+    calls, alias = [], {}
+    for line in "\n".join(codes).splitlines():
+        a = _ALIAS.match(line)
+        if a:
+            alias[a.group(1)] = alias.get(a.group(2), a.group(2))
+        m = _OP_CALL.match(line)
+        if m:
+            out, op, args = m.groups()
+            depth, cut = 0, []
+            for i, ch in enumerate(args):  # split the arguments at top-level commas
+                depth += ch in "([" and 1 or (ch in ")]" and -1 or 0)
+                if ch == "," and depth == 0:
+                    cut.append(i)
+            parts = [p.strip() for p in (args[a + 1 if a else 0:b] for a, b in zip([0, *cut], [*cut, len(args)]))]
+            calls.append((out, op, parts[0], alias.get(parts[-1], parts[-1])))
+    return calls
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_compiled_equals_eager_with_one_projection_per_group(device):
     model, report = quantized(device)
@@ -65,8 +95,18 @@ def test_compiled_equals_eager_with_one_projection_per_group(device):
     ids = _ids(3, device=device)
     with torch.no_grad():
         ref = model(ids).logits
-        out = torch.compile(model, backend=rec)(ids).logits
+        out, codes = run_and_get_generated_code(torch.compile(model, backend=rec), ids)
+        out = out.logits
     assert (out - ref).abs().max() <= TOL[device] * ref.abs().max()
+    # what runs: one projection call per group in the generated code, and each group's (or
+    # single linear's) call reads the very buffer expression its projection read (no copy of x
+    # per consumer) and takes that projection's output as R
+    calls = _glowq_calls(codes)
+    projected = {o: x for o, op, x, _ in calls if op == "shared_projection"}
+    consumers = [(x, r) for _, op, x, r in calls if op != "shared_projection"]
+    assert len(projected) == len(report.groups) and len(consumers) == len(report.groups)
+    assert sorted(r for _, r in consumers) == sorted(projected)
+    assert all(projected[r] == x for x, r in consumers)
     (gm,) = rec.graphs
     rewrite = gm.meta["glowq_rewrite"]
     nodes = list(gm.graph.nodes)

@@ -3,7 +3,7 @@ glowq_fx/_dynamo.placeholder_fqn): if torch changes them, these fail first."""
 import torch
 
 from glowq_fx._dynamo import placeholder_fqn
-from glowq_fx._inductor import compile_with_inductor, mode_options
+from glowq_fx._inductor import compile_with_inductor, mode_options, run_and_get_generated_code
 
 
 def test_mode_options_mean_what_torch_compile_means():
@@ -41,3 +41,11 @@ def test_placeholder_fqn_names_parameters_and_buffers():
 
     torch.compile(M(), backend=backend)(torch.randn(2, 3))
     assert {"layers.0.weight", "layers.0.bias", "scale"} <= set(names) and None in names  # x is a user input
+
+
+def test_run_and_get_generated_code_returns_the_result_and_inductor_source():
+    f = torch.compile(lambda x: torch.relu(x) * 3)
+    x = torch.randn(6)
+    out, codes = run_and_get_generated_code(f, x)
+    assert torch.equal(out, torch.relu(x) * 3)
+    assert codes and all(isinstance(c, str) for c in codes) and any("def call(" in c for c in codes)
