@@ -170,7 +170,7 @@ def _split_k_scratch(x2: Tensor, Ns: Sequence[int]) -> tuple[Tensor, Tensor, int
     launch: per launch, not cached, so concurrent launches never share counters."""
     from glowq_fx.kernels import w4a16 as kernels
 
-    ws_stride, counters, most = kernels.split_k_buffers(Ns)
+    ws_stride, counters, most = kernels.split_k_buffers(tuple(Ns))
     M = x2.shape[0]
     ws = x2.new_empty(most * M * ws_stride, dtype=torch.float32)
     return ws, torch.zeros(M * counters, dtype=torch.int32, device=x2.device), ws_stride
@@ -212,9 +212,6 @@ def launch_projection(x: Tensor, B: Tensor, kernel: Optional[bool] = None, out: 
         B = B.contiguous()
     M = x2.shape[0]
     R = x2.new_empty(M, rank) if out is None else out
-    if M > projection.MAX_ROWS:
-        torch.mm(x2, B.t(), out=R)
-        return R.view(*x.shape[:-1], rank)
 
     def triton_gemv():
         grid = lambda meta: (_cdiv(rank, meta["BLOCK_R"]), M)
@@ -224,7 +221,9 @@ def launch_projection(x: Tensor, B: Tensor, kernel: Optional[bool] = None, out: 
     def cublas():
         torch.mm(x2, B.t(), out=R)
 
-    if kernel is None:
+    if M > projection.MAX_ROWS:
+        kernel = False
+    elif kernel is None:
         key = ("projection", x2.device, x2.dtype, M, K, rank)
         kernel = _fastest(key, {"triton": triton_gemv, "cublas": cublas}, fallback="cublas") == "triton"
     (triton_gemv if kernel else cublas)()

@@ -78,13 +78,13 @@ def _glowq_calls(codes):
         m = _OP_CALL.match(line)
         if m:
             out, op, args = m.groups()
-            depth, cut = 0, []
-            for i, ch in enumerate(args):  # split the arguments at top-level commas
-                depth += ch in "([" and 1 or (ch in ")]" and -1 or 0)
+            depth, commas = 0, []  # commas outside brackets separate the arguments
+            for i, ch in enumerate(args):
+                depth += (ch in "([") - (ch in ")]")
                 if ch == "," and depth == 0:
-                    cut.append(i)
-            parts = [p.strip() for p in (args[a + 1 if a else 0:b] for a, b in zip([0, *cut], [*cut, len(args)]))]
-            calls.append((out, op, parts[0], alias.get(parts[-1], parts[-1])))
+                    commas.append(i)
+            first, last = args[:commas[0]].strip(), args[commas[-1] + 1:].strip()
+            calls.append((out, op, first, alias.get(last, last)))
     return calls
 
 

@@ -30,6 +30,7 @@ truncates instead of rounding, so bfloat16 results may be one unit in the last p
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import triton
@@ -81,9 +82,11 @@ def _member_block(pid_n, W0, S0, Z0, Y0, N0, W1, S1, Z1, Y1, N1, W2, S2, Z2, Y2,
 
 
 @triton.jit
-def _epilogue_gemv(acc, row, offs_n, mask_n, R, stride_rm, A, BIAS, RANK,
-                   HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr):
+def _finish_gemv(acc, row, offs_n, mask_n, R, stride_rm, member, A0, A1, A2, A3, BIAS0, BIAS1, BIAS2, BIAS3, Y, N,
+                 RANK, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Epilogue of a column block's finished sum: ``+ A_i R`` and bias, then the one store."""
     if HAS_A:
+        A = _pick(member, A0, A1, A2, A3)
         for r0 in range(0, RANK, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
             mask_r = offs_r < RANK
@@ -92,16 +95,8 @@ def _epilogue_gemv(acc, row, offs_n, mask_n, R, stride_rm, A, BIAS, RANK,
                         other=0.0).to(tl.float32)
             acc += tl.sum(a * rv[:, None], axis=0)
     if HAS_BIAS:
+        BIAS = _pick(member, BIAS0, BIAS1, BIAS2, BIAS3)
         acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    return acc
-
-
-@triton.jit
-def _finish_gemv(acc, row, offs_n, mask_n, R, stride_rm, member, A0, A1, A2, A3, BIAS0, BIAS1, BIAS2, BIAS3, Y, N,
-                 RANK, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr):
-    A = _pick(member, A0, A1, A2, A3)
-    BIAS = _pick(member, BIAS0, BIAS1, BIAS2, BIAS3)
-    acc = _epilogue_gemv(acc, row, offs_n, mask_n, R, stride_rm, A, BIAS, RANK, HAS_A, HAS_BIAS, BLOCK_R)
     tl.store(Y + row * N + offs_n, acc.to(Y.dtype.element_ty), mask=mask_n)
 
 
@@ -309,16 +304,17 @@ def _autotuned(kernel, configs):
     return triton.autotune(configs=configs[:1] if interpreting() else configs, key=_KEY)(kernel)
 
 
-gemv_kernel = _autotuned(_w4a16_gemv_kernel, GEMV_CONFIGS)
-gemv_split_k_kernel = _autotuned(_w4a16_gemv_kernel, SPLIT_K_CONFIGS)
-
-
-def split_k_buffers(Ns) -> tuple[int, int, int]:
+@functools.lru_cache(maxsize=None)
+def split_k_buffers(Ns: tuple[int, ...]) -> tuple[int, int, int]:
     """(workspace row stride, counters per row, largest SPLIT_K) that ``gemv_split_k_kernel``
     needs for members of ``Ns`` columns under any of its configurations: a program's partial
     lands at column ``pid_n * BLOCK_N`` of a workspace row, its counter at ``pid_n``."""
     widths = [sum(triton.cdiv(n, c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_N"] for n in Ns) for c in SPLIT_K_CONFIGS]
     blocks = [sum(triton.cdiv(n, c.kwargs["BLOCK_N"]) for n in Ns) for c in SPLIT_K_CONFIGS]
     return max(widths), max(blocks), max(c.kwargs["SPLIT_K"] for c in SPLIT_K_CONFIGS)
+
+
+gemv_kernel = _autotuned(_w4a16_gemv_kernel, GEMV_CONFIGS)
+gemv_split_k_kernel = _autotuned(_w4a16_gemv_kernel, SPLIT_K_CONFIGS)
 small_m_kernel = _autotuned(_w4a16_gemm_kernel, SMALL_M_CONFIGS)
 gemm_kernel = _autotuned(_w4a16_gemm_kernel, GEMM_CONFIGS)
