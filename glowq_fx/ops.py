@@ -21,6 +21,7 @@ a wrong ``R`` or ``A`` is an error, never a silently uncorrected output.
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Optional
 
@@ -146,11 +147,13 @@ def launch_w4a16(x: Tensor, qweights: Sequence[Tensor], scales: Sequence[Tensor]
 
                 def plain():
                     wrap_triton(kernels.gemv_kernel)[grid](*head, x2, x2, 0, *slots, **common, TILE_GROUP=tile_group)
+                    return ys
 
                 def split():
                     ws, arrivals, ws_stride = _split_k_scratch(x2, Ns)
                     wrap_triton(kernels.gemv_split_k_kernel)[grid](*head, ws, arrivals, ws_stride, *slots, **common,
                                                                    TILE_GROUP=tile_group)
+                    return ys
 
                 if split_k is None:
                     key = ("gemv", x2.device, x2.dtype, K, tuple(Ns), rank, gs, has_a, has_bias)
@@ -180,10 +183,12 @@ def _split_k_scratch(x2: Tensor, Ns: Sequence[int]) -> tuple[Tensor, Tensor, int
 _FASTEST: dict[tuple, str] = {}
 
 
-def _fastest(key: tuple, candidates: dict[str, Callable[[], object]], fallback: str) -> str:
+def _fastest(key: tuple, candidates: dict[str, Callable[[], Sequence[Tensor]]], fallback: str) -> str:
     """The candidate that ran fastest on this shape, timed once as CUDA-graph replays (as a served
-    model runs them; each autotunes in its warm-up calls) and remembered. The interpreter cannot
-    time, nor can a first call made during someone's graph capture: ``fallback``, decided later."""
+    model runs them; each autotunes in its warm-up calls) and remembered. Only candidates whose
+    outputs agree with ``fallback``'s on this very call compete (``_agreeing``). The interpreter
+    cannot time, nor can a first call made during someone's graph capture: ``fallback``, decided
+    later. Each candidate returns its outputs."""
     from glowq_fx.kernels import w4a16 as kernels
     from glowq_fx.timing import graph_time_ms
 
@@ -192,9 +197,57 @@ def _fastest(key: tuple, candidates: dict[str, Callable[[], object]], fallback: 
     if key not in _FASTEST:
         if torch.cuda.is_current_stream_capturing():
             return fallback
-        times = {name: graph_time_ms(fn, 20) for name, fn in candidates.items()}
+        times = {name: graph_time_ms(candidates[name], 20) for name in _agreeing(key, candidates, fallback)}
         _FASTEST[key] = min(times, key=times.get)
     return _FASTEST[key]
+
+
+def _agreeing(key: tuple, candidates: dict[str, Callable[[], Sequence[Tensor]]], fallback: str) -> list[str]:
+    """``fallback`` and the candidates whose outputs match its outputs on the same inputs, each
+    output element within ``AGREE_ULPS`` units of its dtype's precision of ``|ref| + rms(ref)``.
+    The paths differ only in float32 summation order and so agree far closer than that, while a
+    dropped K slice or a racing reduction misses by a large fraction of the output. A candidate
+    that disagrees is left out with a ``GlowQWarning``: the fallback path is the one verified on
+    the GPU, and a wrong fast kernel must never be chosen silently."""
+    from glowq_fx.capture import GlowQWarning
+
+    outputs = _as_outputs(candidates[fallback]())
+    reference = [t.clone() for t in outputs]
+    kept = [fallback]
+    for name, fn in candidates.items():
+        if name == fallback:
+            continue
+        for t in outputs:  # the candidates write into the same buffers: one that writes nothing must not pass
+            t.fill_(float("nan"))
+        worst = max(_excess(out, ref) for out, ref in zip(_as_outputs(fn()), reference))
+        if worst <= 1:
+            kept.append(name)
+        else:
+            warnings.warn(f"glowq: the '{name}' path for {key} disagrees with the '{fallback}' path (its worst "
+                          f"element is off by {worst:.3g}x the tolerance); it is not used, '{fallback}' is. "
+                          "Please report this with the GPU name and the torch and triton versions.",
+                          GlowQWarning, stacklevel=2)
+    return kept
+
+
+AGREE_ULPS = 8
+
+
+def _as_outputs(outputs: Tensor | Sequence[Tensor]) -> Sequence[Tensor]:
+    return [outputs] if isinstance(outputs, Tensor) else outputs
+
+
+def _excess(out: Tensor, ref: Tensor) -> float:
+    """Largest ``|out - ref| / tolerance`` over the elements (<= 1: they agree); NaN where
+    ``ref`` is finite counts as infinitely far."""
+    ref32, out32 = ref.float(), out.float()
+    finite = torch.isfinite(ref32)
+    scale = ref32[finite].pow(2).mean().sqrt() if finite.any() else ref32.new_zeros(())
+    tol = AGREE_ULPS * torch.finfo(ref.dtype).eps * (ref32.abs() + scale) + torch.finfo(torch.float32).tiny
+    excess = ((out32 - ref32).abs() / tol).nan_to_num(nan=float("inf"))
+    same_special = ~finite & ((out32 == ref32) | (out32.isnan() & ref32.isnan()))
+    excess = torch.where(same_special, torch.zeros_like(excess), excess)
+    return float(excess.max()) if excess.numel() else 0.0
 
 
 def launch_projection(x: Tensor, B: Tensor, kernel: Optional[bool] = None, out: Optional[Tensor] = None) -> Tensor:
@@ -217,9 +270,10 @@ def launch_projection(x: Tensor, B: Tensor, kernel: Optional[bool] = None, out: 
         grid = lambda meta: (_cdiv(rank, meta["BLOCK_R"]), M)
         wrap_triton(projection.projection_gemv_kernel)[grid](x2, B, R, K, rank, x2.stride(0), B.stride(0),
                                                               R.stride(0))
+        return R
 
     def cublas():
-        torch.mm(x2, B.t(), out=R)
+        return torch.mm(x2, B.t(), out=R)
 
     if M > projection.MAX_ROWS:
         kernel = False

@@ -47,16 +47,3 @@ def test_projection_of_a_batch_keeps_its_leading_dims(gen):
 @pytest.mark.parametrize("M", [2, projection.MAX_ROWS + 1], ids=["cublas-forced", "many-rows"])
 def test_projection_matmul_path(M, gen):
     check(M, 300, 9, torch.bfloat16, gen, kernel=False if M <= projection.MAX_ROWS else None)
-
-
-def test_fastest_falls_back_without_timing_under_the_interpreter():
-    """The interpreter cannot time kernels: the choice is the fallback, nothing runs, and
-    nothing is remembered (a later, timeable call decides)."""
-    from glowq_fx.kernels.w4a16 import interpreting
-
-    if not interpreting():
-        pytest.skip("compiled Triton: _fastest times the candidates")
-    ran = []
-    key = ("test", "never-timed")
-    assert ops._fastest(key, {"a": lambda: ran.append("a"), "b": lambda: ran.append("b")}, fallback="b") == "b"
-    assert ran == [] and key not in ops._FASTEST

@@ -1,0 +1,137 @@
+"""``ops._fastest``: on the GPU the ops time their candidate paths once per shape and keep the
+fastest, but only among the paths whose outputs agree with the fallback's (the path verified on
+the GPU). A fast path that is wrong on some hardware (a racing split-K reduction, a dropped K
+slice, an output left unwritten) is left out with a warning, never chosen.
+
+The timing is faked here (CPU CI has no GPU); the agreement check runs for real, on hand-made
+outputs and on the Triton kernels in the interpreter."""
+import pytest
+import torch
+
+from glowq_fx import ops
+from glowq_fx.capture import GlowQWarning
+from glowq_fx.kernels import w4a16 as kernels
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def timed(monkeypatch):
+    """``_fastest`` as on a GPU, with a fake clock: ``timed[name] = ms``; records what was timed."""
+    import glowq_fx.timing
+
+    times, seen = {}, []
+    monkeypatch.setattr(kernels, "interpreting", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(ops, "_FASTEST", {})
+
+    def fake_graph_time_ms(fn, reps):
+        fn()
+        name = next(n for n, f in current.items() if f is fn)
+        seen.append(name)
+        return times[name]
+
+    current: dict = {}
+    monkeypatch.setattr(glowq_fx.timing, "graph_time_ms", fake_graph_time_ms)
+    return times, seen, current
+
+
+def test_fastest_falls_back_without_timing_under_the_interpreter():
+    """The interpreter cannot time kernels: the choice is the fallback, nothing runs, and
+    nothing is remembered (a later, timeable call decides)."""
+    if not kernels.interpreting():
+        pytest.skip("compiled Triton: _fastest times the candidates")
+    ran = []
+    key = ("test", "never-timed")
+    assert ops._fastest(key, {"a": lambda: ran.append("a"), "b": lambda: ran.append("b")}, fallback="b") == "b"
+    assert ran == [] and key not in ops._FASTEST
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_only_agreeing_candidates_are_timed(dtype, timed, gen):
+    times, seen, current = timed
+    ref = torch.randn(64, generator=gen).to(dtype)
+    out = torch.empty_like(ref)  # every path writes here, as the kernels write into one output
+    rms = ref.float().pow(2).mean().sqrt()
+
+    def plain():
+        return out.copy_(ref)
+
+    def one_ulp_off():  # another summation order: the last bit may differ
+        return out.copy_(torch.nextafter(ref, torch.full_like(ref, float("inf"))))
+
+    def dropped_slice():  # one element misses a K slice's contribution
+        out.copy_(ref)
+        out[5] += (0.3 * (ref[5].float().abs() + rms)).to(dtype)  # ~5x the bf16 tolerance
+        return out
+
+    def writes_nothing():
+        return out
+
+    # writes_nothing right after plain: unless the buffer is poisoned between paths, it would pass
+    current.update(plain=plain, writes_nothing=writes_nothing, one_ulp_off=one_ulp_off, dropped_slice=dropped_slice)
+    times.update(plain=3.0, one_ulp_off=2.0, dropped_slice=1.0, writes_nothing=0.5)
+    with pytest.warns(GlowQWarning) as record:
+        chosen = ops._fastest(("test", dtype), current, fallback="plain")
+    assert chosen == "one_ulp_off"
+    assert sorted(seen) == ["one_ulp_off", "plain"]
+    messages = " ".join(str(w.message) for w in record)
+    assert "'dropped_slice'" in messages and "'writes_nothing'" in messages and "'one_ulp_off'" not in messages
+    # remembered: a second call times nothing and warns nothing
+    seen.clear()
+    assert ops._fastest(("test", dtype), current, fallback="plain") == "one_ulp_off" and seen == []
+
+
+def test_excess_treats_matching_specials_as_agreement():
+    ref = torch.tensor([1.0, float("nan"), float("inf"), -2.0], dtype=torch.float16)
+    assert ops._excess(ref.clone(), ref) == 0
+    assert ops._excess(torch.tensor([1.0, 0.0, float("inf"), -2.0], dtype=torch.float16), ref) == float("inf")
+    assert ops._excess(torch.tensor([float("nan"), float("nan"), float("inf"), -2.0],
+                                    dtype=torch.float16), ref) == float("inf")
+
+
+def _group(gen, dtype, K=1100, Ns=(40, 24), rank=8):
+    from glowq_fx.kernels.layout import pack
+    from glowq_fx.quant.rtn import quantize_rtn
+
+    x = torch.randn(1, K, generator=gen).to(dtype).to(DEVICE)
+    members = []
+    for N in Ns:
+        p = pack(quantize_rtn(torch.randn(N, K, generator=gen).to(dtype).float(), 64))
+        A = (torch.randn(N, rank, generator=gen) / rank**0.5).to(dtype)
+        members.append([t.to(DEVICE) for t in (p.qweight, p.scales.to(dtype), p.zeros.to(dtype))] + [None, A.to(DEVICE)])
+    R = torch.randn(1, rank, generator=gen).to(dtype).to(DEVICE)
+    outs = [torch.empty(1, N, dtype=dtype, device=DEVICE) for N in Ns]
+    args = [list(t) for t in zip(*members)]
+    return {name: (lambda split=split: ops.launch_w4a16(x, *args, R, outs=outs, split_k=split))
+            for name, split in (("plain", False), ("split", True))}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_split_k_kernel_agrees_with_the_plain_gemv(dtype, gen):
+    """The real tolerance is loose enough for the two kernels' different summation orders."""
+    assert ops._agreeing(("gemv", dtype), _group(gen, dtype), fallback="plain") == ["plain", "split"]
+
+
+def test_a_split_k_reduction_that_misses_a_split_is_left_out(gen, monkeypatch):
+    """Counters that start at 1 make a column block's second-to-last program run the reduction
+    before the last split's partial exists (here the last split is empty: the stale NaN it has not
+    yet overwritten is what gets read): what a broken arrival count would do on hardware."""
+    fresh = ops._split_k_scratch
+
+    def miscounted(x2, Ns):
+        ws, counters, stride = fresh(x2, Ns)
+        return ws.fill_(float("nan")), counters.fill_(1), stride  # stale partials, as fresh memory may hold
+
+    monkeypatch.setattr(ops, "_split_k_scratch", miscounted)
+    with pytest.warns(GlowQWarning, match="'split' path .* disagrees"):
+        assert ops._agreeing(("gemv", "miscounted"), _group(gen, torch.float16), fallback="plain") == ["plain"]
+
+
+def test_projection_gemv_agrees_with_cublas(gen):
+    x = torch.randn(3, 600, generator=gen).to(torch.bfloat16).to(DEVICE)
+    B = (torch.randn(16, 600, generator=gen) / 600**0.5).to(torch.bfloat16).to(DEVICE)
+    out = torch.empty(3, 16, dtype=torch.bfloat16, device=DEVICE)
+    candidates = {name: (lambda k=k: ops.launch_projection(x, B, kernel=k, out=out))
+                  for name, k in (("cublas", False), ("triton", True))}
+    assert ops._agreeing(("projection",), candidates, fallback="cublas") == ["cublas", "triton"]
