@@ -28,3 +28,25 @@ def test_selective_decode_benchmark_refuses_a_cpu_only_full_run(monkeypatch):
     monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="CUDA machine"):
         bench.main([])
+
+
+def test_first_token_weighting_counts_the_first_position_c_times():
+    """c = 1 gives calibrate's S; S(c) = S(0) + c (S(1) - S(0)) for any c (the first position's
+    share scales linearly), and S(0) differs from S(1) (the first position was really there)."""
+    import torch
+
+    from glowq_fx import GlowQConfig, calibrate
+    from tests_helpers import random_llama
+
+    probe = _load("probe_gptq_sink")
+    model = random_llama().eval()
+    gen = torch.Generator().manual_seed(torch.initial_seed() % 2**31)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=gen)
+    batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
+    calibrated = calibrate(model, batches, GlowQConfig(rank=4), progress=False)
+    S = {c: probe.first_token_weighted(model, calibrated, batches, c) for c in (0.0, 1.0, 7.0)}
+    for g in calibrated.groups:
+        s0, s1, s7 = (S[c][g.name].value() * S[c][g.name].n_tokens for c in (0.0, 1.0, 7.0))
+        assert torch.allclose(S[1.0][g.name].value(), calibrated.statistics[g.name].value(), rtol=1e-5, atol=1e-6)
+        assert torch.allclose(s7, s0 + 7 * (s1 - s0), rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(s0, s1)
