@@ -131,15 +131,12 @@ def main(argv: list[str] | None = None) -> int:
         row = {"c": c, "GPTQ": ppl(with_weights(quantized(lambda name: stats[name].value())))}
         with_weights(original)
         if c in (1, 32):
-            weighted = dataclasses.replace(calibrated, statistics=stats)
+            weighted = dataclasses.replace(calibrated, statistics=stats)  # quantize_ reads a Calibration, keeps it
             for label, cfg in (("RTN + GlowQ r64", config),
                                ("GPTQ + GlowQ r64", dataclasses.replace(config, quantizer="gptq"))):
                 m = copy.deepcopy(model)
                 quantize_(m, weighted, cfg, progress=False)
                 row[label] = ppl(m)
-                # quantize_ consumed the statistics it used: rebuild them for the next method
-                stats = first_token_weighted(model, calibrated, batches, c)
-                weighted = dataclasses.replace(calibrated, statistics=stats)
         result["first_token_weight"].append(row)
         print(row, flush=True)
 

@@ -202,6 +202,9 @@ def _fastest(key: tuple, candidates: dict[str, Callable[[], Sequence[Tensor]]], 
     return _FASTEST[key]
 
 
+AGREE_ULPS = 8  # of the output dtype's eps, times |ref| + rms(ref): see _agreeing
+
+
 def _agreeing(key: tuple, candidates: dict[str, Callable[[], Sequence[Tensor]]], fallback: str) -> list[str]:
     """``fallback`` and the candidates whose outputs match its outputs on the same inputs, each
     output element within ``AGREE_ULPS`` units of its dtype's precision of ``|ref| + rms(ref)``.
@@ -230,9 +233,6 @@ def _agreeing(key: tuple, candidates: dict[str, Callable[[], Sequence[Tensor]]],
     return kept
 
 
-AGREE_ULPS = 8
-
-
 def _as_outputs(outputs: Tensor | Sequence[Tensor]) -> Sequence[Tensor]:
     return [outputs] if isinstance(outputs, Tensor) else outputs
 
@@ -245,8 +245,8 @@ def _excess(out: Tensor, ref: Tensor) -> float:
     scale = ref32[finite].pow(2).mean().sqrt() if finite.any() else ref32.new_zeros(())
     tol = AGREE_ULPS * torch.finfo(ref.dtype).eps * (ref32.abs() + scale) + torch.finfo(torch.float32).tiny
     excess = ((out32 - ref32).abs() / tol).nan_to_num(nan=float("inf"))
-    same_special = ~finite & ((out32 == ref32) | (out32.isnan() & ref32.isnan()))
-    excess = torch.where(same_special, torch.zeros_like(excess), excess)
+    same = (out32 == ref32) | (out32.isnan() & ref32.isnan())  # equal infinities and NaNs agree too
+    excess = torch.where(same, torch.zeros_like(excess), excess)
     return float(excess.max()) if excess.numel() else 0.0
 
 

@@ -19,3 +19,17 @@ def random_llama(seed: int = 0) -> torch.nn.Module:
         torch.manual_seed(seed)
         model = T.LlamaForCausalLM(config)
     return model.eval()
+
+
+def packed_member(N, K, group_size, dtype, rank, bias, gen, device):
+    """One kernel member on ``device``: (qweight, scales, zeros, bias or None, A or None) of a random
+    (N, K) weight RTN-quantized in groups of ``group_size``; ``A`` scaled by 1/sqrt(rank)."""
+    from glowq_fx.kernels.layout import pack
+    from glowq_fx.quant.rtn import quantize_rtn
+
+    W = torch.randn(N, K, generator=gen, dtype=torch.float64)
+    packed = pack(quantize_rtn(W.to(dtype).float(), group_size))
+    b = torch.randn(N, generator=gen).to(dtype) if bias else None
+    A = (torch.randn(N, rank, generator=gen) / rank**0.5).to(dtype) if rank else None
+    return tuple(None if t is None else t.to(device) for t in (packed.qweight, packed.scales.to(dtype),
+                                                                packed.zeros.to(dtype), b, A))

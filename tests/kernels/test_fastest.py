@@ -11,16 +11,18 @@ import torch
 from glowq_fx import ops
 from glowq_fx.capture import GlowQWarning
 from glowq_fx.kernels import w4a16 as kernels
+from tests_helpers import packed_member
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture
 def timed(monkeypatch):
-    """``_fastest`` as on a GPU, with a fake clock: ``timed[name] = ms``; records what was timed."""
+    """``_fastest`` as on a GPU, with a fake clock: (times, seen, current). A test puts its candidates
+    in ``current`` and their milliseconds in ``times``; ``seen`` lists what was timed."""
     import glowq_fx.timing
 
-    times, seen = {}, []
+    times, seen, current = {}, [], {}  # current: the candidates of the test, by name
     monkeypatch.setattr(kernels, "interpreting", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     monkeypatch.setattr(ops, "_FASTEST", {})
@@ -31,7 +33,6 @@ def timed(monkeypatch):
         seen.append(name)
         return times[name]
 
-    current: dict = {}
     monkeypatch.setattr(glowq_fx.timing, "graph_time_ms", fake_graph_time_ms)
     return times, seen, current
 
@@ -91,15 +92,9 @@ def test_excess_treats_matching_specials_as_agreement():
 
 
 def _group(gen, dtype, K=1100, Ns=(40, 24), rank=8):
-    from glowq_fx.kernels.layout import pack
-    from glowq_fx.quant.rtn import quantize_rtn
-
+    """The plain and the split-K GEMV of one two-member group, as ``_fastest`` candidates."""
     x = torch.randn(1, K, generator=gen).to(dtype).to(DEVICE)
-    members = []
-    for N in Ns:
-        p = pack(quantize_rtn(torch.randn(N, K, generator=gen).to(dtype).float(), 64))
-        A = (torch.randn(N, rank, generator=gen) / rank**0.5).to(dtype)
-        members.append([t.to(DEVICE) for t in (p.qweight, p.scales.to(dtype), p.zeros.to(dtype))] + [None, A.to(DEVICE)])
+    members = [packed_member(N, K, 64, dtype, rank, False, gen, DEVICE) for N in Ns]
     R = torch.randn(1, rank, generator=gen).to(dtype).to(DEVICE)
     outs = [torch.empty(1, N, dtype=dtype, device=DEVICE) for N in Ns]
     args = [list(t) for t in zip(*members)]

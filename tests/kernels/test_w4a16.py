@@ -16,21 +16,11 @@ import pytest
 import torch
 
 from glowq_fx import ops
-from glowq_fx.kernels.layout import dequantize_packed, pack
-from glowq_fx.quant.rtn import quantize_rtn
+from glowq_fx.kernels.layout import dequantize_packed
+from tests_helpers import packed_member
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
-
-
-def make_member(N, K, group_size, dtype, rank, bias, gen):
-    W = torch.randn(N, K, generator=gen, dtype=torch.float64)
-    packed = pack(quantize_rtn(W.to(dtype).float(), group_size))
-    to = lambda t: t.to(DEVICE)
-    b = torch.randn(N, generator=gen).to(dtype) if bias else None
-    A = (torch.randn(N, rank, generator=gen) / rank**0.5).to(dtype) if rank else None
-    return tuple(None if t is None else to(t) for t in (packed.qweight, packed.scales.to(dtype),
-                                                         packed.zeros.to(dtype), b, A))
 
 
 def reference(x, member, R):
@@ -51,7 +41,7 @@ def reference(x, member, R):
 
 def run_and_check(M, K, Ns, group_size, dtype, rank, bias, gen, split_k=None):
     x = torch.randn(M, K, generator=gen).to(dtype).to(DEVICE)
-    members = [make_member(N, K, group_size, dtype, rank, bias, gen) for N in Ns]
+    members = [packed_member(N, K, group_size, dtype, rank, bias, gen, DEVICE) for N in Ns]
     R = (torch.randn(M, rank, generator=gen)).to(dtype).to(DEVICE) if rank else None
     poisoned = [torch.full((M, N), float("nan"), dtype=dtype, device=DEVICE) for N in Ns]
     outs = ops.launch_w4a16(x, *[list(t) for t in zip(*members)], R, outs=poisoned, split_k=split_k)
@@ -123,7 +113,7 @@ def test_mixed_bias_and_correction_in_one_group(gen):
     """Members without a bias or without A take their own launch; each output is still right."""
     dtype, M, K = torch.float16, 3, 128
     x = torch.randn(M, K, generator=gen).to(dtype).to(DEVICE)
-    members = [make_member(40, K, 64, dtype, 4, True, gen), make_member(24, K, 64, dtype, 0, False, gen)]
+    members = [packed_member(40, K, 64, dtype, 4, True, gen, DEVICE), packed_member(24, K, 64, dtype, 0, False, gen, DEVICE)]
     R = torch.randn(M, 4, generator=gen).to(dtype).to(DEVICE)
     outs = ops.launch_w4a16(x, *[list(t) for t in zip(*members)], R)
     for y, m in zip(outs, members):
