@@ -40,7 +40,7 @@ def _select(args: argparse.Namespace) -> int:
     from glowq_fx.corpus import load_text
     from glowq_fx.evaluate import calibration_batches, perplexity, tokenize
     from glowq_fx.models import load_model
-    from glowq_fx.selective import Corrections, SweepPoint, correction_latency, plot_studies, study
+    from glowq_fx.selective import Corrections, SweepPoint, correction_latency, plot_studies, rank_sweep, study
 
     t_start = time.perf_counter()
     config = GlowQConfig(group_size=args.group_size, rank=args.rank, method="glowq")
@@ -49,6 +49,10 @@ def _select(args: argparse.Namespace) -> int:
     calib_tokens = tokenize(tokenizer, load_text(args.calib))
     batches = calibration_batches(calib_tokens, args.calib_samples, args.calib_len, device=args.device)
     calibrated = calibrate(model, batches, config)
+    # the equal-bytes baseline, every group at another rank; first, so a bad rank fails before the study
+    ranks = rank_sweep(model, calibrated, config, args.compare_rank or [], tokens, seq_len=args.seq_len,
+                       max_tokens=args.eval_tokens, batch_size=args.batch_size,
+                       latency_tokens=args.latency_tokens or None)
     quantized = copy.deepcopy(model)
     report = quantize_(quantized, calibrated, config)
     measure = calibration_batches(calib_tokens, args.measure_samples, args.measure_len, seed=1, device=args.device)
@@ -71,7 +75,8 @@ def _select(args: argparse.Namespace) -> int:
     elbows = [(f"elbow of the {st.score} sweep (bytes)", st.elbow) for st in studies]
     if latency is not None:
         elbows += [(f"elbow of the {st.score} sweep (latency)", st.latency_elbow) for st in studies]
-    for label, point in [*elbows, ("selective='auto' (at quantization)", auto_point)]:
+    lower = [(f"every group at rank {r}", ranks[r]) for r in sorted(ranks, reverse=True)]
+    for label, point in [*elbows, ("selective='auto' (at quantization)", auto_point), *lower]:
         if point is None:
             rows.append([label] + ["-"] * 6)
             continue
@@ -95,6 +100,7 @@ def _select(args: argparse.Namespace) -> int:
             "full_glowq_perplexity": full.perplexity, "rtn_perplexity": none.perplexity,
             "auto": {**auto_point.to_dict(), "groups": auto, "loss_curve": auto_report.selection},
             "studies": [st.to_dict() for st in studies],
+            "lower_ranks": {str(r): p.to_dict() for r, p in sorted(ranks.items())},
             "latency": None if latency is None else latency.to_dict(),
             "time_s": time.perf_counter() - t_start, "date": time.strftime("%Y-%m-%d")}
     out = args.out
@@ -109,7 +115,8 @@ def _select(args: argparse.Namespace) -> int:
     md += ["| " + " | ".join(r) + " |" for r in rows]
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
     plot_studies(studies, out.with_suffix(".png"), f"GlowQ-S, {args.model}, rank {args.rank}",
-                 latency_device=meta["machine"], marks=[("selective='auto'", auto_point)])
+                 latency_device=meta["machine"], marks=[("selective='auto'", auto_point)],
+                 ranks={**ranks, args.rank: full} if ranks else None)
     print(f"wrote {out.with_suffix('.json')}, .md, .png ({meta['time_s']:.0f} s)")
     return 0
 
@@ -337,6 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     select.add_argument("--rank", type=int, default=64)
     select.add_argument("--group-size", type=int, default=64)
     select.add_argument("--step", type=int, default=8, help="sweep k = 0, step, 2 step, ..., all")
+    select.add_argument("--compare-rank", type=int, action="append",
+                        help="also quantize every group at this rank (repeatable): the equal-bytes "
+                             "baseline a selection has to beat")
     select.add_argument("--text", default="wikipedia")
     select.add_argument("--eval-tokens", type=int, default=8192)
     select.add_argument("--seq-len", type=int, default=1024)

@@ -19,6 +19,8 @@ Scores (larger = the correction matters more):
 ``loss_curve_knee`` is what ``GlowQConfig(selective="auto")`` runs inside ``quantize_``: the
 calibration loss along a ranking, and its knee. ``correction_latency`` prices units in time
 (``latency``), so sweeps and elbows can be read against bytes or against latency.
+``rank_sweep`` is the other way to spend fewer factor bytes, every unit kept at a lower rank: the
+baseline a selection has to beat.
 """
 from __future__ import annotations
 
@@ -237,6 +239,41 @@ def sweep(model: nn.Module, corrections: Corrections, order: Sequence[str], toke
     return points
 
 
+def rank_sweep(model: nn.Module, calibration, config, ranks: Sequence[int], tokens: Tensor, *,
+               seq_len: int = 2048, max_tokens: int | None = None, batch_size: int = 1,
+               latency_tokens: int | None = None, progress: bool = True) -> dict[int, SweepPoint]:
+    """Every unit restored, at each of ``ranks``: perplexity on ``tokens`` and factor bytes (and,
+    with ``latency_tokens``, the summed correction latency, ``correction_latency``).
+
+    ``model`` is the float model and stays unchanged: each rank quantizes a copy from the same
+    ``calibration`` (a ``Calibration``, so ``S`` is collected once) with ``config`` at that rank.
+    The points have ``k`` = all units, so they sit beside a top-k sweep's on the cost axes.
+    """
+    import copy
+    import dataclasses
+
+    from glowq_fx.quantize import quantize_  # quantize_ imports this module (selective="auto")
+
+    if config.selective is not None:
+        raise ValueError("rank_sweep restores every unit; pass a config with selective=None")
+    bad = [r for r in ranks if not isinstance(r, int) or isinstance(r, bool) or r < 1]
+    if bad:
+        raise ValueError(f"ranks must be positive ints, got {bad}")
+    points = {}
+    for rank in ranks:
+        subject = copy.deepcopy(model)
+        quantize_(subject, calibration, dataclasses.replace(config, rank=rank), progress=False)
+        corrections = Corrections(subject)
+        r = perplexity(subject, tokens, seq_len, batch_size=batch_size, max_tokens=max_tokens, progress=progress,
+                       desc=f"rank {rank}")
+        latency_ms = (None if latency_tokens is None
+                      else sum(correction_latency(corrections, tokens=latency_tokens)[1].values()))
+        points[rank] = SweepPoint(len(corrections.names), sum(corrections.nbytes(n) for n in corrections.names),
+                                  r.perplexity, latency_ms)
+        del subject, corrections
+    return points
+
+
 COSTS = ("bytes", "latency")
 
 
@@ -312,10 +349,11 @@ def study(model: nn.Module, report, tokens: Tensor, scores: Sequence[str] = ("ga
 
 
 def plot_studies(studies: Sequence[SelectionStudy], path, title: str, latency_device: str = "",
-                 marks: Sequence[tuple[str, SweepPoint]] = ()) -> None:
+                 marks: Sequence[tuple[str, SweepPoint]] = (), ranks: dict[int, SweepPoint] | None = None) -> None:
     """PNG: perplexity against units restored, against factor bytes and (when the sweeps measured
     it) against correction latency, elbows marked; ``marks`` are further labelled points (such as
-    what ``selective="auto"`` kept), drawn as stars on every panel."""
+    what ``selective="auto"`` kept), drawn as stars on every panel; ``ranks`` (``rank_sweep``) a
+    dashed line of every unit at other ranks on the cost panels."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -338,6 +376,14 @@ def plot_studies(studies: Sequence[SelectionStudy], path, title: str, latency_de
             if elbow is not None:
                 ax.scatter([x_of(elbow)], [elbow.perplexity], s=90, facecolors="none", edgecolors=color,
                            label=f"elbow ({st.score}): k={elbow.k}" if kind != "k" else None)
+    for ax, (kind, _, x_of, _) in zip(axes, panels):
+        if kind == "k" or not ranks or (kind == "latency" and any(p.latency_ms is None for p in ranks.values())):
+            continue
+        order = sorted(ranks)
+        xs, ys = [x_of(ranks[r]) for r in order], [ranks[r].perplexity for r in order]
+        ax.plot(xs, ys, linestyle="--", marker="s", markersize=4, color="gray", label="every group, other ranks")
+        for r, x, y in zip(order, xs, ys):
+            ax.annotate(f"r{r}", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7, color="gray")
     for label, point in marks:
         for ax, (kind, _, x_of, _) in zip(axes, panels):
             if kind != "latency" or point.latency_ms is not None:

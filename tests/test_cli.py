@@ -101,7 +101,7 @@ def test_select_writes_table_json_and_plot(tmp_path, capsys):
     model_dir, text = _tiny_model_and_text(tmp_path)
     out = tmp_path / "sel" / "selective"
     assert main(["select", str(model_dir), "--score", "gain", "--score", "measured", "--rank", "8", "--group-size", "32",
-                 "--step", "3", "--text", str(text), "--eval-tokens", "600", "--seq-len", "128", "--calib", str(text),
+                 "--step", "3", "--compare-rank", "4", "--text", str(text), "--eval-tokens", "600", "--seq-len", "128", "--calib", str(text),
                  "--calib-samples", "4", "--calib-len", "64", "--measure-len", "32", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "elbow of the gain sweep" in printed and "selective='auto'" in printed
@@ -109,5 +109,11 @@ def test_select_writes_table_json_and_plot(tmp_path, capsys):
     assert [st["score"] for st in data["studies"]] == ["gain", "measured"]
     units = data["studies"][0]["units"]
     assert [p["k"] for p in data["studies"][0]["points"]] == sorted(set(range(0, units, 3)) | {units})
+    lower = data["lower_ranks"]["4"]
+    assert lower["k"] == units and lower["factor_bytes"] * 2 == data["studies"][0]["points"][-1]["factor_bytes"]
+    assert "every group at rank 4" in printed
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     assert out.with_suffix(".md").read_text().count("\n| ") >= 3
+    assert main(["select", str(model_dir), "--rank", "8", "--group-size", "32", "--compare-rank", "0", "--text",
+                 str(text), "--calib", str(text), "--calib-samples", "2", "--calib-len", "32", "--out", str(out)]) == 2
+    assert "ranks must be positive ints, got [0]" in capsys.readouterr().err

@@ -167,3 +167,30 @@ def test_cpu_latency_is_the_median_time_of_the_correction_ops(setup, monkeypatch
         latency_mod.measure_latency({})
     with pytest.raises(ValueError, match="no timing for unit shape"):
         lat.unit_ms(latency_mod.UnitShape(1, (2,), 3, 32, "float32", "cpu"))
+
+
+def test_rank_sweep_restores_every_unit_at_each_rank_and_leaves_the_model_alone(setup, monkeypatch):
+    from glowq_fx import latency as latency_mod
+    from glowq_fx.selective import rank_sweep
+
+    model, cal, _ = setup
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    full, report = _quantized(setup)  # rank 8
+    units = len(Corrections(full).names)
+    tokens = torch.randint(0, 128, (150,))
+    monkeypatch.setattr(latency_mod, "time_ms", lambda fn, reps, device: (fn(), 0.25)[1])
+    points = rank_sweep(model, cal, GlowQConfig(group_size=32, rank=8), [8, 4, 2], tokens, seq_len=64,
+                        latency_tokens=1, progress=False)
+    assert sorted(points) == [2, 4, 8]
+    # the same calibration, config and sketch seed: rank 8 is the fully restored model itself
+    assert points[8].perplexity == perplexity(full, tokens, 64, progress=False).perplexity
+    assert points[8].factor_bytes == report.total("factor_bytes")
+    # A_i (N x r) and B (r x K) are linear in r
+    assert points[4].factor_bytes * 2 == points[8].factor_bytes == points[2].factor_bytes * 4
+    assert all(p.k == units and p.latency_ms is not None for p in points.values())
+    assert len({p.perplexity for p in points.values()}) == 3
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="selective=None"):
+        rank_sweep(model, cal, GlowQConfig(group_size=32, selective=0.5), [4], tokens, progress=False)
+    with pytest.raises(ValueError, match="positive ints"):
+        rank_sweep(model, cal, GlowQConfig(group_size=32), [0], tokens, progress=False)
