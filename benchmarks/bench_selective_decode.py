@@ -10,7 +10,10 @@ calibration batch (one ``calibrate``, reused by every variant), W4 g128, rank 64
 - ``W4A16``: no correction (``method="none"``);
 - ``independent``: QERA, one ``B_i`` / ``A_i`` per linear;
 - ``GlowQ``: one ``B`` per input-sharing group;
-- ``GlowQ-S``: GlowQ with ``selective=--keep`` (a fraction of the groups, best first).
+- ``GlowQ-S``: GlowQ with ``selective=--keep`` (a fraction of the groups, best first);
+- ``GlowQ rank --compare-rank``: every group at a lower rank, the other way to cut the
+  correction's cost (on SmolLM2 it wins at equal bytes, GlowQ-S at equal CPU latency;
+  ``benchmarks/results/selective.md``). Here: which wins at equal GPU decode throughput.
 
 Each variant: ``model.forward`` compiled with ``glowq_backend`` and ``mode="reduce-overhead"``
 (CUDA graphs), ``generate()`` greedy with a static cache. Decode time = time of
@@ -19,7 +22,7 @@ throughput = (new tokens - 1) / decode time. Checked first: the compiled model's
 agree with the eager ones (bf16 kernels may flip near-ties on random weights, so the agreement
 fraction is printed and must exceed 0.8). Writes JSON and a markdown table.
 
-    python benchmarks/bench_selective_decode.py [--layers 32] [--keep 0.5] [--out DIR]
+    python benchmarks/bench_selective_decode.py [--layers 32] [--keep 0.5] [--compare-rank 16] [--out DIR]
     python benchmarks/bench_selective_decode.py --tiny   # CPU smoke run of the same code
 """
 from __future__ import annotations
@@ -85,12 +88,15 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--keep", type=float, default=0.5, help="GlowQ-S: fraction of the groups kept")
     p.add_argument("--rank", type=int, default=64)
+    p.add_argument("--compare-rank", type=int, default=16, help="every group at this rank (0: leave the row out)")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=65)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--tiny", action="store_true", help="a small float32 model on the CPU: checks the code path")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = p.parse_args(argv)
+    if not 0 <= args.compare_rank < args.rank:
+        raise SystemExit(f"--compare-rank must lie in [0, --rank={args.rank}), got {args.compare_rank}")
     if not args.tiny and not torch.cuda.is_available():
         raise SystemExit("this benchmark times the GPU kernels: run it on a CUDA machine (or --tiny on the CPU)")
     device, dtype = ("cpu", torch.float32) if args.tiny else ("cuda", torch.bfloat16)
@@ -109,6 +115,9 @@ def main(argv=None) -> int:
                 "GlowQ": GlowQConfig(group_size=group_size, method="glowq", rank=args.rank),
                 f"GlowQ-S (keep {args.keep:g})": GlowQConfig(group_size=group_size, method="glowq", rank=args.rank,
                                                              selective=args.keep)}
+    if args.compare_rank:
+        variants[f"GlowQ rank {args.compare_rank} (every group)"] = GlowQConfig(group_size=group_size, method="glowq",
+                                                                             rank=args.compare_rank)
     results = []
     for label, config in variants.items():
         model = copy.deepcopy(base)  # base stays uncompiled: a copy of a compiled forward would call base's

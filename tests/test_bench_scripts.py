@@ -19,7 +19,8 @@ def test_selective_decode_benchmark_runs_every_variant_on_a_tiny_model(capsys):
     bench = _load("bench_selective_decode")
     assert bench.main(["--tiny", "--layers", "1", "--new-tokens", "4", "--repeats", "1"]) == 0
     printed = capsys.readouterr().out
-    for variant in ("float32", "W4A16", "independent (QERA)", "GlowQ", "GlowQ-S (keep 0.5)"):
+    for variant in ("float32", "W4A16", "independent (QERA)", "GlowQ", "GlowQ-S (keep 0.5)",
+                    "GlowQ rank 16 (every group)"):
         assert f"{variant}: " in printed
 
 
@@ -28,6 +29,8 @@ def test_selective_decode_benchmark_refuses_a_cpu_only_full_run(monkeypatch):
     monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="CUDA machine"):
         bench.main([])
+    with pytest.raises(SystemExit, match="compare-rank must lie"):
+        bench.main(["--compare-rank", "64"])
 
 
 def test_first_token_weighting_counts_the_first_position_c_times():
