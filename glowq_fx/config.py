@@ -56,7 +56,9 @@ class GlowQConfig:
             measured against the kept factor bytes (a causal LM's next-token loss on the first 4096
             calibration tokens, about 16 forward passes; ``selective.loss_curve_knee``), a
             float in (0, 1] that fraction of the groups, an int a budget of factor bytes (model
-            dtype). The others keep their 4-bit weights without correction.
+            dtype). The others keep their 4-bit weights without correction. What a selection
+            saves is whole units (launches, latency); to save bytes, a lower ``rank`` on every
+            group measured better on SmolLM2 (``benchmarks/results/selective.md``).
 
     Which linears are quantized (``passes.grouping.GroupFilter``):
         include: regular expressions (``re.search`` on the qualified module name); when

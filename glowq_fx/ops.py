@@ -197,7 +197,14 @@ def _fastest(key: tuple, candidates: dict[str, Callable[[], Sequence[Tensor]]], 
     if key not in _FASTEST:
         if torch.cuda.is_current_stream_capturing():
             return fallback
-        times = {name: graph_time_ms(candidates[name], 20) for name in _agreeing(key, candidates, fallback)}
+        times = {}
+        for name in _agreeing(key, candidates, fallback):
+            try:
+                times[name] = graph_time_ms(candidates[name], 20)
+            except Exception as exc:  # noqa: BLE001 - e.g. a launch that cannot be graph-captured
+                if name == fallback:
+                    raise
+                _leave_out(name, key, fallback, f"failed while being timed ({type(exc).__name__}: {exc})")
         _FASTEST[key] = min(times, key=times.get)
     return _FASTEST[key]
 
@@ -210,10 +217,9 @@ def _agreeing(key: tuple, candidates: dict[str, Callable[[], Sequence[Tensor]]],
     output element within ``AGREE_ULPS`` units of its dtype's precision of ``|ref| + rms(ref)``.
     The paths differ only in float32 summation order and so agree far closer than that, while a
     dropped K slice or a racing reduction misses by a large fraction of the output. A candidate
-    that disagrees is left out with a ``GlowQWarning``: the fallback path is the one verified on
-    the GPU, and a wrong fast kernel must never be chosen silently."""
-    from glowq_fx.capture import GlowQWarning
-
+    that disagrees, or raises (a kernel that does not compile for this GPU), is left out with a
+    ``GlowQWarning``: the fallback path is the one verified on the GPU, and a wrong or broken fast
+    kernel must never be chosen silently. Errors of the fallback itself propagate."""
     outputs = _as_outputs(candidates[fallback]())
     reference = [t.clone() for t in outputs]
     kept = [fallback]
@@ -222,15 +228,24 @@ def _agreeing(key: tuple, candidates: dict[str, Callable[[], Sequence[Tensor]]],
             continue
         for t in outputs:  # the candidates write into the same buffers: one that writes nothing must not pass
             t.fill_(float("nan"))
-        worst = max(_excess(out, ref) for out, ref in zip(_as_outputs(fn()), reference))
+        try:
+            worst = max(_excess(out, ref) for out, ref in zip(_as_outputs(fn()), reference))
+        except Exception as exc:  # noqa: BLE001 - Triton's compile and resource errors share no base class
+            _leave_out(name, key, fallback, f"raised {type(exc).__name__}: {exc}")
+            continue
         if worst <= 1:
             kept.append(name)
         else:
-            warnings.warn(f"glowq: the '{name}' path for {key} disagrees with the '{fallback}' path (its worst "
-                          f"element is off by {worst:.3g}x the tolerance); it is not used, '{fallback}' is. "
-                          "Please report this with the GPU name and the torch and triton versions.",
-                          GlowQWarning, stacklevel=2)
-    return kept
+            _leave_out(name, key, fallback, f"disagrees with the '{fallback}' path (its worst element is off by "
+                                            f"{worst:.3g}x the tolerance)")
+    return kept  # the buffers hold the last candidate's outputs: callers run the chosen path after this
+
+
+def _leave_out(name: str, key: tuple, fallback: str, why: str) -> None:
+    from glowq_fx.capture import GlowQWarning
+
+    warnings.warn(f"glowq: the '{name}' path for {key} {why}; it is not used, '{fallback}' is. Please report "
+                  "this with the GPU name and the torch and triton versions.", GlowQWarning, stacklevel=3)
 
 
 def _as_outputs(outputs: Tensor | Sequence[Tensor]) -> Sequence[Tensor]:

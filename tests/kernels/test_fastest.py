@@ -83,6 +83,48 @@ def test_only_agreeing_candidates_are_timed(dtype, timed, gen):
     assert ops._fastest(("test", dtype), current, fallback="plain") == "one_ulp_off" and seen == []
 
 
+def test_a_candidate_that_raises_is_left_out_and_a_raising_fallback_propagates(timed, gen, monkeypatch):
+    """A kernel that does not compile for this GPU (or cannot be graph-captured) must cost its
+    speed-up, not the call: it is left out with a warning naming the error."""
+    times, seen, current = timed
+    ref = torch.randn(32, generator=gen).to(torch.float16)
+    out = torch.empty_like(ref)
+    timing = {"now": False}
+
+    def plain():
+        return out.copy_(ref)
+
+    def does_not_compile():
+        raise RuntimeError("out of resource: shared memory, Required: 262144")
+
+    def fails_when_timed():
+        if timing["now"]:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return out.copy_(ref)
+
+    import glowq_fx.timing
+    clock = glowq_fx.timing.graph_time_ms
+
+    def timed_clock(fn, reps):
+        timing["now"] = True
+        try:
+            return clock(fn, reps)
+        finally:
+            timing["now"] = False
+
+    monkeypatch.setattr(glowq_fx.timing, "graph_time_ms", timed_clock)  # the fake clock, flagging its calls
+    current.update(plain=plain, does_not_compile=does_not_compile, fails_when_timed=fails_when_timed)
+    times.update(plain=2.0, does_not_compile=0.1, fails_when_timed=0.2)
+    with pytest.warns(GlowQWarning) as record:
+        assert ops._fastest(("test", "raises"), current, fallback="plain") == "plain"
+    messages = [str(w.message) for w in record]
+    assert any("'does_not_compile'" in m and "RuntimeError: out of resource" in m for m in messages)
+    assert any("'fails_when_timed'" in m and "failed while being timed" in m for m in messages)
+    assert seen == ["plain"]  # the raising candidates never reached the clock's record
+    with pytest.raises(RuntimeError, match="out of resource"):
+        ops._fastest(("test", "fallback raises"), {"broken": does_not_compile, "plain": plain}, fallback="broken")
+
+
 def test_excess_treats_matching_specials_as_agreement():
     ref = torch.tensor([1.0, float("nan"), float("inf"), -2.0], dtype=torch.float16)
     assert ops._excess(ref.clone(), ref) == 0
