@@ -101,7 +101,8 @@ def test_select_writes_table_json_and_plot(tmp_path, capsys):
     model_dir, text = _tiny_model_and_text(tmp_path)
     out = tmp_path / "sel" / "selective"
     assert main(["select", str(model_dir), "--score", "gain", "--score", "measured", "--rank", "8", "--group-size", "32",
-                 "--step", "3", "--compare-rank", "4", "--text", str(text), "--eval-tokens", "600", "--seq-len", "128", "--calib", str(text),
+                 "--step", "3", "--compare-rank", "4", "--text", str(text), "--eval-tokens", "600", "--seq-len", "128",
+                 "--calib", str(text),
                  "--calib-samples", "4", "--calib-len", "64", "--measure-len", "32", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "elbow of the gain sweep" in printed and "selective='auto'" in printed
