@@ -16,7 +16,10 @@ weights (distinct per layer, so nothing stays in L2): q/k/v (4096 -> 4096, 1024,
   cuBLAS, whichever the op measured faster on the shape) and one ``w4a16_group`` launch with
   every member's ``A_i R`` in its epilogue (what ``glowq_backend`` emits).
 
-The one-row GEMV rows run the split-K or the plain kernel, whichever the op measured faster.
+Where an op has several kernels for a shape it times them once and keeps the fastest that agrees
+with its verified path: one row, the split-K or the plain GEMV; 2-16 rows, the several-row GEMV or
+the small-M GEMM; the projection, the Triton GEMV or cuBLAS. The JSON and the table list what was
+chosen, per kind and row count.
 
 Every row is captured once in a CUDA graph (launch overhead as in serving) and replayed; time
 is per layer (stack time / layers). Bandwidth is the row's weight (+ factor) bytes over its time,
@@ -183,7 +186,19 @@ def main(argv=None):
                   flush=True)
             if err > 2e-2:
                 print(f"  !! {name} at M={M}: relative error {err:.2e} exceeds 2e-2", flush=True)
+    results["chosen_paths"] = chosen_paths()
     write(results, Path(args.out))
+
+
+def chosen_paths():
+    """{"kind M=rows": {path: how many shapes chose it}} from the ops' per-shape choices; the
+    GEMV keys carry no row count (one row)."""
+    counts = {}
+    for key, path in ops._FASTEST.items():
+        kind = key[0] if key[0] == "gemv" else f"{key[0]} M={key[3]}"
+        counts.setdefault(kind, {}).setdefault(path, 0)
+        counts[kind][path] += 1
+    return counts
 
 
 def write(results, out: Path):
@@ -217,6 +232,11 @@ def write(results, out: Path):
                 cell += f" ({e['layers_timed']} layer)"
             cells.append(cell)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    chosen = results.get("chosen_paths", {})
+    if chosen:
+        lines += ["", "Kernels the ops chose (shapes per path): " + "; ".join(
+            f"{kind}: " + ", ".join(f"{path} {n}" for path, n in sorted(paths.items()))
+            for kind, paths in sorted(chosen.items())) + "."]
     (out / "w4a16_gpu.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

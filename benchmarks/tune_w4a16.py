@@ -1,8 +1,9 @@
 """Explicit configurations of the raw W4A16 kernels on one Llama-3-8B shape: time, registers and
 spills of each, to choose the autotune lists in ``glowq_fx/kernels/w4a16.py`` (GEMV with and
-without split-K, GEMMs) and ``glowq_fx/kernels/projection.py`` (against cuBLAS, one row).
+without split-K, the several-row GEMV, GEMMs) and ``glowq_fx/kernels/projection.py`` (against
+cuBLAS, one row).
 
-    python benchmarks/tune_w4a16.py [--n 4096] [--k 4096] [--rows 1,16,2048]
+    python benchmarks/tune_w4a16.py [--n 4096] [--k 4096] [--rows 1,4,16,512,2048]
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--n", type=int, default=4096)
     p.add_argument("--k", type=int, default=4096)
-    p.add_argument("--rows", default="1,16,512,2048")
+    p.add_argument("--rows", default="1,4,16,512,2048")
     args = p.parse_args(argv)
     N, K = args.n, args.k
     dev = "cuda"
@@ -67,8 +68,18 @@ def main(argv=None):
                         num_warps=c.num_warps)
                 report(f"projection BR={br} BK={bk} w={c.num_warps}", run_projection, bbytes)
         else:
-            if M <= 16:
+            if M <= kernels.SMALL_M:
                 configs = [(16, bn, bk, 4, st) for bn in (32, 64, 128) for bk in (64, 128) for st in (3, 4)]
+                # the several-row GEMV, the small-M GEMM's rival (the launcher times both per shape)
+                top = min(kernels.ROWS_GEMV_MAX_BLOCK_M, 1 << (M - 1).bit_length())
+                for bm in sorted({top, min(top, 4)}):
+                    for bn, bk, w in [(bn, bk, w) for bn in (16, 32, 64) for bk in (256, 512, 1024) for w in (4, 8)]:
+
+                        def run_rows():
+                            return kernels._w4a16_rows_gemv_kernel[(triton.cdiv(N, bn), triton.cdiv(M, bm))](
+                                *head, *slots, **common, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=32,
+                                TILE_GROUP=GROUP_SIZE, num_warps=w)
+                        report(f"rows gemv BM={bm} BN={bn} BK={bk} w={w}", run_rows, wbytes, flops=2 * M * N * K)
             else:
                 configs = [(128, 128, 32, 8, 3), (128, 128, 64, 8, 4), (128, 256, 32, 8, 3), (64, 128, 32, 4, 3),
                            (128, 64, 64, 8, 3), (256, 128, 32, 8, 3), (256, 128, 64, 8, 3)]

@@ -91,7 +91,8 @@ def _uses_kernels(x: Tensor) -> bool:
 
 def launch_w4a16(x: Tensor, qweights: Sequence[Tensor], scales: Sequence[Tensor], zeros: Sequence[Tensor],
                  biases: Sequence[Optional[Tensor]], As: Sequence[Optional[Tensor]], R: Optional[Tensor],
-                 outs: Optional[Sequence[Tensor]] = None, split_k: Optional[bool] = None) -> list[Tensor]:
+                 outs: Optional[Sequence[Tensor]] = None, split_k: Optional[bool] = None,
+                 rows_gemv: Optional[bool] = None) -> list[Tensor]:
     """Run the Triton kernels for members that read ``x`` (checked by the caller): below
     ``DEQUANT_MATMUL_MIN_M`` rows one launch per ``MAX_MEMBERS`` members of equal
     bias/correction presence, from there a dequantize + cuBLAS per member. Returns each member's output
@@ -99,7 +100,9 @@ def launch_w4a16(x: Tensor, qweights: Sequence[Tensor], scales: Sequence[Tensor]
     Works on CPU tensors under ``TRITON_INTERPRET=1``.
 
     ``split_k`` (one row only): True / False force the split-K / plain GEMV; None times both once
-    per shape on the GPU and keeps the faster (the plain one under the interpreter)."""
+    per shape on the GPU and keeps the faster (the plain one under the interpreter). ``rows_gemv``
+    (2 to ``SMALL_M`` rows): the same choice between the several-row GEMV and the small-M
+    tensor-core GEMM (the GEMM under the interpreter)."""
     from glowq_fx.kernels import w4a16 as kernels
 
     K = x.shape[-1]
@@ -137,12 +140,12 @@ def launch_w4a16(x: Tensor, qweights: Sequence[Tensor], scales: Sequence[Tensor]
             common = dict(NUM_MEMBERS=len(chunk), GROUP_SIZE=gs, HAS_A=has_a, HAS_BIAS=has_bias)
             # every kernel argument is passed explicitly: Inductor's analysis of user kernels does
             # not see Python defaults
+            tile_group = kernels.tile_group(gs, scales[chunk[0]].shape[0])  # the GEMVs' scale slab
             gemm_only = dict(UPCAST_DOT=kernels.interpreting() and x.dtype == torch.bfloat16)
             Ns = [qweights[i].shape[1] for i in chunk]
             blocks = lambda meta: sum(_cdiv(n, meta["BLOCK_N"]) for n in Ns)
             head = (x2, R2 if has_a else x2, x2.stride(0), R2.stride(0) if has_a else 0, M, K, rank)
             if M == 1:
-                tile_group = gs if gs & (gs - 1) == 0 else 32  # per-channel: one group, any power of two
                 grid = lambda meta: (blocks(meta), M, meta["SPLIT_K"])
 
                 def plain():
@@ -161,8 +164,24 @@ def launch_w4a16(x: Tensor, qweights: Sequence[Tensor], scales: Sequence[Tensor]
                 (split if split_k else plain)()
             else:
                 kernel = kernels.small_m_kernel if M <= kernels.SMALL_M else kernels.gemm_kernel
-                wrap_triton(kernel)[lambda meta: (_cdiv(M, meta["BLOCK_M"]), blocks(meta))](
-                    *head, *slots, **common, **gemm_only)
+
+                def gemm():
+                    wrap_triton(kernel)[lambda meta: (_cdiv(M, meta["BLOCK_M"]), blocks(meta))](
+                        *head, *slots, **common, **gemm_only)
+                    return ys
+
+                def rows():
+                    block_m = min(kernels.ROWS_GEMV_MAX_BLOCK_M, 1 << (M - 1).bit_length())
+                    wrap_triton(kernels.rows_gemv_kernel)[lambda meta: (blocks(meta), _cdiv(M, block_m))](
+                        *head, *slots, **common, BLOCK_M=block_m, TILE_GROUP=tile_group)
+                    return ys
+
+                if M > kernels.SMALL_M:
+                    rows_gemv = False
+                elif rows_gemv is None:
+                    key = ("small_m", x2.device, x2.dtype, M, K, tuple(Ns), rank, gs, has_a, has_bias)
+                    rows_gemv = _fastest(key, {"rows": rows, "gemm": gemm}, fallback="gemm") == "rows"
+                (rows if rows_gemv else gemm)()
             for i, y in zip(chunk, ys):
                 results[i] = y.view(shape(i))
     return results  # type: ignore[return-value]

@@ -53,3 +53,29 @@ def test_first_token_weighting_counts_the_first_position_c_times():
         assert torch.allclose(S[1.0][g.name].value(), calibrated.statistics[g.name].value(), rtol=1e-5, atol=1e-6)
         assert torch.allclose(s7, s0 + 7 * (s1 - s0), rtol=1e-4, atol=1e-4)
         assert not torch.allclose(s0, s1)
+
+
+def test_w4a16_benchmark_table_and_chosen_paths(tmp_path, monkeypatch):
+    """The GPU table's writer on the stored H100 results: every cell's ratio is recomputed from
+    the JSON, and the ops' per-shape kernel choices are counted per kind and row count."""
+    import json
+
+    bench = _load("bench_w4a16")
+    from glowq_fx import ops
+
+    results = json.loads((ROOT / "benchmarks" / "results" / "w4a16_gpu.json").read_text())
+    monkeypatch.setattr(ops, "_FASTEST", {("gemv", "cuda", "bf16", 4096, (4096,), 64, 128, True, False): "split",
+                                          ("gemv", "cuda", "bf16", 14336, (4096,), 64, 128, True, False): "plain",
+                                          ("small_m", "cuda", "bf16", 4, 4096, (4096,), 64, 128, True, False): "rows",
+                                          ("small_m", "cuda", "bf16", 4, 4096, (14336, 14336), 0, 128, False, False):
+                                              "rows"})
+    results["chosen_paths"] = bench.chosen_paths()
+    assert results["chosen_paths"] == {"gemv": {"split": 1, "plain": 1}, "small_m M=4": {"rows": 2}}
+    bench.write(results, tmp_path)
+    table = (tmp_path / "w4a16_gpu.md").read_text()
+    assert "gemv: plain 1, split 1; small_m M=4: rows 2." in table
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    bf16_m1 = results["rows"]["bf16 cuBLAS"]["1"]["us_per_layer"]
+    glowq_m1 = results["rows"]["GlowQ fused"]["1"]["us_per_layer"]
+    assert f"{bf16_m1 / glowq_m1:.2f}x bf16" in rows["GlowQ fused"].split(" | ")[1]
+    assert json.loads((tmp_path / "w4a16_gpu.json").read_text())["chosen_paths"] == results["chosen_paths"]

@@ -6,7 +6,7 @@ all members, each program finds its member from its column-block index). ``R = x
 group's shared projection, computed once before the launch; the ``R A_i^T`` term is added to
 the accumulator in the epilogue, so the uncorrected output is never written or re-read.
 
-Two paths, chosen on the number of rows ``M`` (tokens):
+Three paths, chosen on the number of rows ``M`` (tokens):
 
 - ``M == 1`` (decode): a GEMV. The weight tile is loaded as ``BLOCK_K / 8`` rows of int32 words
   and unpacked into a ``(BLOCK_K / 8, 8, BLOCK_N)`` register tile, so every word is loaded
@@ -14,6 +14,9 @@ Two paths, chosen on the number of rows ``M`` (tokens):
   ``s * (sum_k x_k q_k - z * sum_k x_k)``, instead of dequantizing every weight. With
   ``SPLIT_K > 1`` each column block gets ``SPLIT_K`` programs over disjoint K ranges; the last to
   finish adds their float32 partials (in a fixed order) and runs the epilogue, in the same launch.
+- ``2 <= M <= 16`` (a decode batch), as a candidate: the same GEMV over ``BLOCK_M`` rows at
+  once, every unpacked weight tile serving all of them. The launcher times it against the GEMM
+  below once per shape.
 - ``M > 1``: a tensor-core GEMM (``tl.dot``) that dequantizes a ``BLOCK_K x BLOCK_N`` tile
   (``(q - z) * s`` in float32, rounded to the activation dtype like the eager module's ``W_q``)
   inside the K loop. Small ``M`` (<= 16) gets its own configurations: a 16-row tile and narrow
@@ -101,6 +104,43 @@ def _finish_gemv(acc, row, offs_n, mask_n, R, stride_rm, member, A0, A1, A2, A3,
 
 
 @triton.jit
+def _slab_indices(K, GROUP_SIZE: tl.constexpr, TILE_GROUPS: tl.constexpr, GROUP_ROWS: tl.constexpr):
+    """(slab index, word row within a slab, word rows per column = K_pad / 8) of the GEMVs."""
+    return tl.arange(0, TILE_GROUPS), tl.arange(0, GROUP_ROWS), tl.cdiv(K, GROUP_SIZE) * (GROUP_SIZE // 8)
+
+
+@triton.jit
+def _word_tile(W, k0, t, r, offs_n, mask_n, N, words_per_col, GROUP_ROWS: tl.constexpr):
+    """(word rows (TILE_GROUPS, GROUP_ROWS), int32 words (TILE_GROUPS, GROUP_ROWS, BLOCK_N)) of
+    the GEMV's K tile from code ``k0``: one slab of ``GROUP_ROWS`` word rows per scale group."""
+    rows = k0 // 8 + t[:, None] * GROUP_ROWS + r[None, :]
+    words = tl.load(W + rows[:, :, None] * N + offs_n[None, None, :],
+                    mask=(rows < words_per_col)[:, :, None] & mask_n[None, None, :], other=0)
+    return rows, words
+
+
+@triton.jit
+def _group_scales(S, Z, k0, t, offs_n, mask_n, N, K, GROUP_SIZE: tl.constexpr, TILE_GROUP: tl.constexpr):
+    """float32 (scales, zeros), each (TILE_GROUPS, BLOCK_N), of the GEMV's K tile from code ``k0``."""
+    g = (k0 + t * TILE_GROUP) // GROUP_SIZE
+    gmask = (k0 + t * TILE_GROUP < K)[:, None] & mask_n[None, :]
+    s = tl.load(S + g[:, None] * N + offs_n[None, :], mask=gmask, other=0.0).to(tl.float32)
+    z = tl.load(Z + g[:, None] * N + offs_n[None, :], mask=gmask, other=0.0).to(tl.float32)
+    return s, z
+
+
+@triton.jit
+def _store_rows(acc, offs_m, mask_m, offs_n, mask_n, member, BIAS0, BIAS1, BIAS2, BIAS3, Y, N,
+                HAS_BIAS: tl.constexpr):
+    """Last step of a (rows, columns) block of the several-row kernels: bias, then the one store."""
+    if HAS_BIAS:
+        BIAS = _pick(member, BIAS0, BIAS1, BIAS2, BIAS3)
+        acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + offs_m[:, None] * N + offs_n[None, :], acc.to(Y.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
 def _w4a16_gemv_kernel(
     X, R, stride_xm, stride_rm, M, K, RANK, WS, COUNTERS, WS_STRIDE,
     W0, S0, Z0, A0, BIAS0, Y0, N0,
@@ -121,11 +161,8 @@ def _w4a16_gemv_kernel(
     split = tl.program_id(2)
     member, offs_n, W, S, Z, Y, N = _member_block(pid_n, W0, S0, Z0, Y0, N0, W1, S1, Z1, Y1, N1, W2, S2, Z2, Y2, N2,
                                                   W3, S3, Z3, Y3, N3, BLOCK_N, NUM_MEMBERS)
-
     mask_n = offs_n < N
-    words_per_col = tl.cdiv(K, GROUP_SIZE) * (GROUP_SIZE // 8)  # K_pad / 8
-    t = tl.arange(0, TILE_GROUPS)
-    r = tl.arange(0, GROUP_ROWS)
+    t, r, words_per_col = _slab_indices(K, GROUP_SIZE, TILE_GROUPS, GROUP_ROWS)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     x_row = X + row * stride_xm
     # split-K: program ``split`` covers whole K tiles [k_begin, k_end); the last may be empty
@@ -133,9 +170,7 @@ def _w4a16_gemv_kernel(
     k_begin = split * k_per_split
     k_end = tl.minimum(K, k_begin + k_per_split)
     for k0 in range(k_begin, k_end, BLOCK_K):
-        rows = k0 // 8 + t[:, None] * GROUP_ROWS + r[None, :]  # (TILE_GROUPS, GROUP_ROWS)
-        words = tl.load(W + rows[:, :, None] * N + offs_n[None, None, :],
-                        mask=(rows < words_per_col)[:, :, None] & mask_n[None, None, :], other=0)
+        rows, words = _word_tile(W, k0, t, r, offs_n, mask_n, N, words_per_col, GROUP_ROWS)
         kx = rows * 8  # column of the lowest code of each word
         dots = tl.zeros([TILE_GROUPS, GROUP_ROWS, BLOCK_N], dtype=tl.float32)
         xsum = tl.zeros([TILE_GROUPS, GROUP_ROWS], dtype=tl.float32)
@@ -143,10 +178,7 @@ def _w4a16_gemv_kernel(
             xj = tl.load(x_row + kx + j, mask=kx + j < K, other=0.0).to(tl.float32)
             dots += ((words >> (4 * j)) & 0xF).to(tl.float32) * xj[:, :, None]
             xsum += xj
-        g = (k0 + t * TILE_GROUP) // GROUP_SIZE
-        gmask = (k0 + t * TILE_GROUP < K)[:, None] & mask_n[None, :]
-        s = tl.load(S + g[:, None] * N + offs_n[None, :], mask=gmask, other=0.0).to(tl.float32)
-        z = tl.load(Z + g[:, None] * N + offs_n[None, :], mask=gmask, other=0.0).to(tl.float32)
+        s, z = _group_scales(S, Z, k0, t, offs_n, mask_n, N, K, GROUP_SIZE, TILE_GROUP)
         acc += tl.sum(s * (tl.sum(dots, axis=1) - z * tl.sum(xsum, axis=1)[:, None]), axis=0)
 
     if SPLIT_K == 1:
@@ -172,6 +204,58 @@ def _w4a16_gemv_kernel(
             _finish_gemv(total, row, offs_n, mask_n, R, stride_rm, member, A0, A1, A2, A3, BIAS0, BIAS1, BIAS2, BIAS3,
                          Y, N, RANK, HAS_A, HAS_BIAS, BLOCK_R)
             tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _w4a16_rows_gemv_kernel(
+    X, R, stride_xm, stride_rm, M, K, RANK,
+    W0, S0, Z0, A0, BIAS0, Y0, N0,
+    W1, S1, Z1, A1, BIAS1, Y1, N1,
+    W2, S2, Z2, A2, BIAS2, Y2, N2,
+    W3, S3, Z3, A3, BIAS3, Y3, N3,
+    NUM_MEMBERS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    TILE_GROUP: tl.constexpr,
+):
+    # The one-row GEMV's K loop for BLOCK_M rows at once: each weight tile is loaded and
+    # unpacked once and serves every row (the products get a leading row axis), so a decode
+    # batch of a few sequences reads the weights once, without the tensor-core GEMM's 16-row
+    # tile or its per-element dequantization.
+    TILE_GROUPS: tl.constexpr = BLOCK_K // TILE_GROUP
+    GROUP_ROWS: tl.constexpr = TILE_GROUP // 8
+    pid_n = tl.program_id(0)
+    member, offs_n, W, S, Z, Y, N = _member_block(pid_n, W0, S0, Z0, Y0, N0, W1, S1, Z1, Y1, N1, W2, S2, Z2, Y2, N2,
+                                                  W3, S3, Z3, Y3, N3, BLOCK_N, NUM_MEMBERS)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    t, r, words_per_col = _slab_indices(K, GROUP_SIZE, TILE_GROUPS, GROUP_ROWS)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    x_rows = X + offs_m[:, None, None] * stride_xm  # (BLOCK_M, 1, 1)
+    for k0 in range(0, K, BLOCK_K):
+        rows, words = _word_tile(W, k0, t, r, offs_n, mask_n, N, words_per_col, GROUP_ROWS)
+        kx = rows[None, :, :] * 8  # (1, TILE_GROUPS, GROUP_ROWS)
+        dots = tl.zeros([BLOCK_M, TILE_GROUPS, GROUP_ROWS, BLOCK_N], dtype=tl.float32)
+        xsum = tl.zeros([BLOCK_M, TILE_GROUPS, GROUP_ROWS], dtype=tl.float32)
+        for j in tl.static_range(8):
+            xj = tl.load(x_rows + kx + j, mask=mask_m[:, None, None] & (kx + j < K), other=0.0).to(tl.float32)
+            dots += ((words >> (4 * j)) & 0xF).to(tl.float32)[None, :, :, :] * xj[:, :, :, None]
+            xsum += xj
+        s, z = _group_scales(S, Z, k0, t, offs_n, mask_n, N, K, GROUP_SIZE, TILE_GROUP)
+        acc += tl.sum(s[None, :, :] * (tl.sum(dots, axis=2) - z[None, :, :] * tl.sum(xsum, axis=2)[:, :, None]),
+                      axis=1)
+
+    if HAS_A:
+        A = _pick(member, A0, A1, A2, A3)
+        for r0 in range(0, RANK, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            mask_r = offs_r < RANK
+            rv = tl.load(R + offs_m[:, None] * stride_rm + offs_r[None, :], mask=mask_m[:, None] & mask_r[None, :],
+                         other=0.0).to(tl.float32)  # (BLOCK_M, BLOCK_R)
+            a = tl.load(A + offs_n[None, :] * RANK + offs_r[:, None], mask=mask_r[:, None] & mask_n[None, :],
+                        other=0.0).to(tl.float32)  # (BLOCK_R, BLOCK_N)
+            acc += tl.sum(rv[:, :, None] * a[None, :, :], axis=1)
+    _store_rows(acc, offs_m, mask_m, offs_n, mask_n, member, BIAS0, BIAS1, BIAS2, BIAS3, Y, N, HAS_BIAS)
 
 
 @triton.jit
@@ -247,11 +331,7 @@ def _w4a16_gemm_kernel(
                 rr = rr.to(tl.float32)
                 at = at.to(tl.float32)
             acc = tl.dot(rr, at, acc)
-    if HAS_BIAS:
-        BIAS = _pick(member, BIAS0, BIAS1, BIAS2, BIAS3)
-        acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(Y + offs_m[:, None] * N + offs_n[None, :], acc.to(Y.dtype.element_ty),
-             mask=mask_m[:, None] & mask_n[None, :])
+    _store_rows(acc, offs_m, mask_m, offs_n, mask_n, member, BIAS0, BIAS1, BIAS2, BIAS3, Y, N, HAS_BIAS)
 
 
 def _config(block_n, block_k, warps, stages=None, block_m=None, block_r=32, split_k=None):
@@ -282,6 +362,15 @@ SPLIT_K_CONFIGS = [
     _config(32, 1024, 4, split_k=4), _config(64, 512, 4, split_k=4), _config(16, 1024, 4, split_k=2),
     _config(32, 512, 4, split_k=8),
 ]
+# The several-row GEMV (BLOCK_M rows, chosen by the launcher) holds BLOCK_M times the one-row
+# kernel's products in registers, so shorter K tiles or more warps. Not yet timed on a GPU: the
+# launcher times it against the small-M GEMM once per shape and keeps the faster (only if it
+# agrees). The first entry, the one the interpreter runs, splits the tests' K into several tiles.
+ROWS_GEMV_CONFIGS = [
+    _config(32, 256, 4), _config(32, 512, 4), _config(16, 512, 4), _config(32, 1024, 8),
+    _config(16, 1024, 8), _config(64, 512, 8),
+]
+ROWS_GEMV_MAX_BLOCK_M = 8  # rows per program; more rows take more programs
 SMALL_M_CONFIGS = [
     _config(32, 128, 4, 3, block_m=16), _config(32, 256, 4, 3, block_m=16), _config(16, 256, 4, 3, block_m=16),
     _config(64, 128, 4, 3, block_m=16), _config(16, 512, 4, 3, block_m=16),
@@ -291,6 +380,19 @@ GEMM_CONFIGS = [
     _config(128, 32, 4, 3, block_m=64, block_r=32), _config(64, 64, 4, 3, block_m=64, block_r=32),
 ]
 _KEY = ["M", "K", "N0", "N1", "N2", "N3", "RANK"]
+
+
+GEMV_MIN_BLOCK_K = min(c.kwargs["BLOCK_K"] for c in GEMV_CONFIGS + SPLIT_K_CONFIGS + ROWS_GEMV_CONFIGS)
+
+
+def tile_group(group_size: int, n_groups: int) -> int:
+    """The GEMVs' ``TILE_GROUP``: the codes summed before one scale is applied. It must divide
+    the group size (a slab never straddles two groups) and every configuration's ``BLOCK_K``
+    (all powers of two): the largest power of two dividing ``group_size``, at most
+    ``GEMV_MIN_BLOCK_K``. With one group (per-channel scales, ``group_size`` = K_pad, any
+    multiple of 8) no slab can straddle, so at least 32 codes."""
+    tile = min(group_size & -group_size, GEMV_MIN_BLOCK_K)
+    return max(tile, 32) if n_groups == 1 else tile
 
 
 def interpreting() -> bool:
@@ -316,5 +418,6 @@ def split_k_buffers(Ns: tuple[int, ...]) -> tuple[int, int, int]:
 
 gemv_kernel = _autotuned(_w4a16_gemv_kernel, GEMV_CONFIGS)
 gemv_split_k_kernel = _autotuned(_w4a16_gemv_kernel, SPLIT_K_CONFIGS)
+rows_gemv_kernel = _autotuned(_w4a16_rows_gemv_kernel, ROWS_GEMV_CONFIGS)
 small_m_kernel = _autotuned(_w4a16_gemm_kernel, SMALL_M_CONFIGS)
 gemm_kernel = _autotuned(_w4a16_gemm_kernel, GEMM_CONFIGS)

@@ -165,6 +165,21 @@ def test_a_split_k_reduction_that_misses_a_split_is_left_out(gen, monkeypatch):
         assert ops._agreeing(("gemv", "miscounted"), _group(gen, torch.float16), fallback="plain") == ["plain"]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_rows_gemv_agrees_with_the_small_m_gemm(dtype, gen):
+    """The several-row GEMV sums per scale group in float32, the GEMM rounds each dequantized
+    weight to the activation dtype first: still within the agreement tolerance."""
+    M, K, Ns, rank = 4, 600, (40, 24), 8
+    x = torch.randn(M, K, generator=gen).to(dtype).to(DEVICE)
+    members = [packed_member(N, K, 64, dtype, rank, True, gen, DEVICE) for N in Ns]
+    R = torch.randn(M, rank, generator=gen).to(dtype).to(DEVICE)
+    outs = [torch.empty(M, N, dtype=dtype, device=DEVICE) for N in Ns]
+    args = [list(t) for t in zip(*members)]
+    candidates = {name: (lambda rows=rows: ops.launch_w4a16(x, *args, R, outs=outs, rows_gemv=rows))
+                  for name, rows in (("gemm", False), ("rows", True))}
+    assert ops._agreeing(("small_m", dtype), candidates, fallback="gemm") == ["gemm", "rows"]
+
+
 def test_projection_gemv_agrees_with_cublas(gen):
     x = torch.randn(3, 600, generator=gen).to(torch.bfloat16).to(DEVICE)
     B = (torch.randn(16, 600, generator=gen) / 600**0.5).to(torch.bfloat16).to(DEVICE)

@@ -47,3 +47,14 @@ def test_projection_of_a_batch_keeps_its_leading_dims(gen):
 @pytest.mark.parametrize("M", [2, projection.MAX_ROWS + 1], ids=["cublas-forced", "many-rows"])
 def test_projection_matmul_path(M, gen):
     check(M, 300, 9, torch.bfloat16, gen, kernel=False if M <= projection.MAX_ROWS else None)
+
+
+@pytest.mark.parametrize("index", range(len(projection.CONFIGS)))
+def test_every_autotune_configuration_is_right(index, gen, monkeypatch):
+    """The GPU's autotuner picks by speed alone, the interpreter runs only the first entry: each
+    configuration on its own, with a K longer than every K tile and a rank over several row blocks."""
+    import triton
+
+    only = triton.autotune(configs=[projection.CONFIGS[index]], key=["K", "RANK"])(projection._projection_gemv_kernel)
+    monkeypatch.setattr(projection, "projection_gemv_kernel", only)
+    check(3, 5000, 19, torch.bfloat16, gen, kernel=True)

@@ -39,12 +39,12 @@ def reference(x, member, R):
     return y, spread.sqrt()
 
 
-def run_and_check(M, K, Ns, group_size, dtype, rank, bias, gen, split_k=None):
+def run_and_check(M, K, Ns, group_size, dtype, rank, bias, gen, **path):
     x = torch.randn(M, K, generator=gen).to(dtype).to(DEVICE)
     members = [packed_member(N, K, group_size, dtype, rank, bias, gen, DEVICE) for N in Ns]
     R = (torch.randn(M, rank, generator=gen)).to(dtype).to(DEVICE) if rank else None
     poisoned = [torch.full((M, N), float("nan"), dtype=dtype, device=DEVICE) for N in Ns]
-    outs = ops.launch_w4a16(x, *[list(t) for t in zip(*members)], R, outs=poisoned, split_k=split_k)
+    outs = ops.launch_w4a16(x, *[list(t) for t in zip(*members)], R, outs=poisoned, **path)
     u = UNIT_ROUNDOFF[dtype]
     for i, (y, member) in enumerate(zip(outs, members)):
         assert y.data_ptr() == poisoned[i].data_ptr() and y.shape == (M, Ns[i])
@@ -70,6 +70,7 @@ CASES = [
     (100, 200, [70, 21], 32, 9, False),
     (300, 100, [130], -1, 0, True),  # per-channel: one group of K_pad = 104
     (1, 100, [50], -1, 3, False),
+    (1, 2048, [40], -1, 5, True),  # per-channel, K_pad a power of two longer than any K tile
     # split-K under the interpreter: 256-column K tiles over 4 splits, so 2, 2, 1, 0 tiles per
     # split for K = 1100 and one (the last one partial and padded) per split for K = 1000
     (1, 1100, [40, 24], 64, 8, True),
@@ -90,6 +91,45 @@ def test_split_k_gemv_matches_float64_reference(M, K, Ns, group_size, rank, bias
     """The split-K GEMV (partials added by the last program of each column block) gives the
     plain GEMV's accuracy, including splits left without a K tile."""
     run_and_check(M, K, Ns, group_size, dtype, rank, bias, gen, split_k=True)
+
+
+# The several-row GEMV: 3 rows in a 4-row block, 8 in one full block, 11 over two 8-row blocks
+# (the second partly masked), 16 (SMALL_M) in two full ones; five members; per-channel scales
+ROWS_CASES = [
+    (3, 200, [70, 33, 20], 64, 5, True),
+    (2, 300, [45, 20, 9, 70, 33], 64, 7, True),
+    (8, 264, [40, 50], 128, 16, False),
+    (11, 136, [24], 32, 3, True),
+    (16, 520, [130], 256, 0, False),
+    (5, 100, [50], -1, 3, False),
+    (4, 2048, [24], -1, 0, True),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("M,K,Ns,group_size,rank,bias", ROWS_CASES)
+def test_rows_gemv_matches_float64_reference(M, K, Ns, group_size, rank, bias, dtype, gen):
+    """The GEMV over several rows (each weight tile unpacked once for all of them) keeps the
+    one-row GEMV's accuracy on every row, masked rows of a partial block included."""
+    run_and_check(M, K, Ns, group_size, dtype, rank, bias, gen, rows_gemv=True)
+
+
+def test_rows_gemv_is_never_used_beyond_small_m(gen):
+    """Above ``SMALL_M`` rows only the GEMMs run, even when asked for the several-row GEMV (its
+    register tile grows with the rows; the tensor cores win there)."""
+    from glowq_fx.kernels import w4a16 as kernels
+
+    run_and_check(kernels.SMALL_M + 1, 136, [24], 32, torch.float16, 3, True, gen, rows_gemv=True)
+
+
+def test_tile_group_divides_the_group_and_every_k_tile():
+    from glowq_fx.kernels import w4a16 as kernels
+
+    for n_groups in (1, 2, 7):
+        for group_size in (8, 24, 32, 40, 96, 104, 128, 256, 512, 4096, 14336):
+            tile = kernels.tile_group(group_size, n_groups)
+            assert tile & (tile - 1) == 0 and kernels.GEMV_MIN_BLOCK_K % tile == 0
+            assert n_groups == 1 or group_size % tile == 0, (group_size, tile)
 
 
 def test_split_k_gemv_leaves_its_counters_at_zero(gen, monkeypatch):
@@ -119,3 +159,39 @@ def test_mixed_bias_and_correction_in_one_group(gen):
     for y, m in zip(outs, members):
         ref, spread = reference(x, m, R if m[4] is not None else None)
         assert ((y.double() - ref).abs() <= 2 * 2**-11 * ref.abs() + 8 * 2**-11 * spread).all()
+
+
+# On the GPU the autotuner chooses among a list's configurations by speed alone, while the
+# interpreter runs only the first of each list: here every configuration runs on its own, on
+# shapes that reach its kernel. K = 2048 per-channel (one scale group longer than most K tiles)
+# and K = 1100 in groups of 32 (a last K tile that is partial in every configuration).
+CONFIG_LISTS = {
+    # module attribute: (raw kernel, its configurations, launcher option that reaches it, row counts)
+    "gemv_kernel": ("_w4a16_gemv_kernel", "GEMV_CONFIGS", {"split_k": False}, (1,)),
+    "gemv_split_k_kernel": ("_w4a16_gemv_kernel", "SPLIT_K_CONFIGS", {"split_k": True}, (1,)),
+    "rows_gemv_kernel": ("_w4a16_rows_gemv_kernel", "ROWS_GEMV_CONFIGS", {"rows_gemv": True}, (3, 11)),
+    "small_m_kernel": ("_w4a16_gemm_kernel", "SMALL_M_CONFIGS", {"rows_gemv": False}, (3, 17)),
+    "gemm_kernel": ("_w4a16_gemm_kernel", "GEMM_CONFIGS", {}, (40,)),
+}
+
+
+def _every_config():
+    from glowq_fx.kernels import w4a16 as kernels
+
+    for attr, (_, configs, _, _) in CONFIG_LISTS.items():
+        for i, config in enumerate(getattr(kernels, configs)):
+            yield pytest.param(attr, i, id=f"{attr}-{i}-" + "-".join(f"{k}{v}" for k, v in config.kwargs.items()))
+
+
+@pytest.mark.parametrize("attr,index", list(_every_config()))
+def test_every_autotune_configuration_is_right(attr, index, gen, monkeypatch):
+    import triton
+
+    from glowq_fx.kernels import w4a16 as kernels
+
+    raw, configs, path, row_counts = CONFIG_LISTS[attr]
+    only = triton.autotune(configs=[getattr(kernels, configs)[index]], key=kernels._KEY)(getattr(kernels, raw))
+    monkeypatch.setattr(kernels, attr, only)
+    for M in row_counts:
+        run_and_check(M, 2048, [40], -1, torch.bfloat16, 5, True, gen, **path)
+        run_and_check(M, 1100, [40, 24], 32, torch.float16, 8, False, gen, **path)
