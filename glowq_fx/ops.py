@@ -113,6 +113,9 @@ def launch_w4a16(x: Tensor, qweights: Sequence[Tensor], scales: Sequence[Tensor]
     R2 = None if R is None else R.reshape(-1, R.shape[-1])
     if R2 is not None and R2.stride(-1) != 1:
         R2 = R2.contiguous()
+    # the kernels index the weights as dense row-major: a strided view (a transposed A, a column
+    # slice of scales) would be read as the wrong elements, so such a tensor is copied once here
+    qweights, scales, zeros, biases, As = ([_dense(t) for t in ts] for ts in (qweights, scales, zeros, biases, As))
     results: list[Optional[Tensor]] = [None] * len(qweights)
     shape = lambda i: (*x.shape[:-1], qweights[i].shape[1])
     if M >= kernels.DEQUANT_MATMUL_MIN_M:  # one dequantize + cuBLAS per member, no fused launch
@@ -185,6 +188,10 @@ def launch_w4a16(x: Tensor, qweights: Sequence[Tensor], scales: Sequence[Tensor]
             for i, y in zip(chunk, ys):
                 results[i] = y.view(shape(i))
     return results  # type: ignore[return-value]
+
+
+def _dense(t: Optional[Tensor]) -> Optional[Tensor]:
+    return t if t is None or t.is_contiguous() else t.contiguous()
 
 
 def _split_k_scratch(x2: Tensor, Ns: Sequence[int]) -> tuple[Tensor, Tensor, int]:

@@ -149,6 +149,25 @@ def test_split_k_gemv_leaves_its_counters_at_zero(gen, monkeypatch):
         assert (arrivals == 0).all()
 
 
+@pytest.mark.parametrize("M,path", [(1, {"split_k": False}), (1, {"split_k": True}), (3, {"rows_gemv": True}),
+                                    (3, {"rows_gemv": False}), (130, {})], ids=["gemv", "split-k", "rows", "small-m",
+                                                                               "dequant-matmul"])
+def test_strided_weights_are_read_as_their_values(M, path, gen):
+    """The ops are public and Inductor may hand them any layout: a transposed ``A``, scales and
+    zeros that are column slices of wider tensors, a bias with a stride. The kernels index dense
+    row-major memory, so every path must still compute with the tensors' values."""
+    dtype, K, N, rank = torch.float16, 264, 40, 6
+    x = torch.randn(M, K, generator=gen).to(dtype).to(DEVICE)
+    qweight, scales, zeros, bias, A = packed_member(N, K, 32, dtype, rank, True, gen, DEVICE)
+    R = torch.randn(M, rank, generator=gen).to(dtype).to(DEVICE)
+    wide = lambda t: torch.cat([t, torch.full_like(t, 7.0)], dim=-1)[..., :t.shape[-1]]  # same values, row stride 2N
+    strided = (qweight, wide(scales), wide(zeros), torch.stack([bias, -bias], 1)[:, 0], A.t().contiguous().t())
+    assert not any(t.is_contiguous() for t in strided[1:])
+    (y,) = ops.launch_w4a16(x, *[[t] for t in strided], R, **path)
+    ref, spread = reference(x, (qweight, scales, zeros, bias, A), R)
+    assert ((y.double() - ref).abs() <= 2 * 2**-11 * ref.abs() + 8 * 2**-11 * spread).all()
+
+
 def test_mixed_bias_and_correction_in_one_group(gen):
     """Members without a bias or without A take their own launch; each output is still right."""
     dtype, M, K = torch.float16, 3, 128
