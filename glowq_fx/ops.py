@@ -44,6 +44,8 @@ def _check_member(i: int, x: Tensor, qweight: Tensor, scales: Tensor, zeros: Ten
                   A: Optional[Tensor], R: Optional[Tensor]) -> None:
     who = f"member {i}: " if i >= 0 else ""
     K = x.shape[-1]
+    for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros), ("bias", bias), ("A", A), ("R", R)):
+        _check_device(who, name, t, x)
     if qweight.dtype != torch.int32 or qweight.dim() != 2:
         raise ValueError(f"{who}qweight must be int32 (K_pad/8, N), got {qweight.dtype} of shape {tuple(qweight.shape)}")
     N, k_pad = qweight.shape[1], qweight.shape[0] * 8
@@ -72,7 +74,14 @@ def _check_member(i: int, x: Tensor, qweight: Tensor, scales: Tensor, zeros: Ten
                              f"{tuple(R.shape)} {R.dtype}: R is the projection of this very x")
 
 
+def _check_device(who: str, name: str, t: Optional[Tensor], x: Tensor) -> None:
+    if t is not None and t.device != x.device:
+        raise ValueError(f"{who}{name} is on {t.device} but x is on {x.device}: move the model and its inputs to "
+                         "one device (model.to(device))")
+
+
 def _check_projection(x: Tensor, B: Tensor) -> None:
+    _check_device("", "B", B, x)
     if B.dim() != 2 or B.shape[1] != x.shape[-1] or B.dtype != x.dtype:
         raise ValueError(f"B must be (rank, {x.shape[-1]}) {x.dtype} to project x, got {tuple(B.shape)} {B.dtype}")
 
@@ -118,6 +127,8 @@ def launch_w4a16(x: Tensor, qweights: Sequence[Tensor], scales: Sequence[Tensor]
     qweights, scales, zeros, biases, As = ([_dense(t) for t in ts] for ts in (qweights, scales, zeros, biases, As))
     results: list[Optional[Tensor]] = [None] * len(qweights)
     shape = lambda i: (*x.shape[:-1], qweights[i].shape[1])
+    if M == 0:  # nothing to launch (and no shape to time)
+        return [(x2.new_empty(0, q.shape[1]) if outs is None else outs[i]).view(shape(i)) for i, q in enumerate(qweights)]
     if M >= kernels.DEQUANT_MATMUL_MIN_M:  # one dequantize + cuBLAS per member, no fused launch
         for i in range(len(qweights)):
             y = x2.new_empty(M, qweights[i].shape[1]) if outs is None else outs[i]
@@ -306,6 +317,8 @@ def launch_projection(x: Tensor, B: Tensor, kernel: Optional[bool] = None, out: 
         B = B.contiguous()
     M = x2.shape[0]
     R = x2.new_empty(M, rank) if out is None else out
+    if M == 0:
+        return R.view(*x.shape[:-1], rank)
 
     def triton_gemv():
         grid = lambda meta: (_cdiv(rank, meta["BLOCK_R"]), M)

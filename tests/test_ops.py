@@ -46,3 +46,24 @@ def test_bad_inputs_are_named(member, gen):
         ops.shared_projection(x, torch.randn(4, 65))
     with pytest.raises(ValueError, match="one qweight/scales/zeros/bias/A per member"):
         ops.w4a16_group(x, [p.qweight], [], [p.zeros], [None], [None], None)
+    with pytest.raises(ValueError, match="qweight is on cpu but x is on meta"):
+        ops.w4a16_linear(x.to("meta"), p.qweight, p.scales, p.zeros, None, None, None)
+    with pytest.raises(ValueError, match="member 1: A is on meta but x is on cpu"):
+        ops.w4a16_group(x, [p.qweight] * 2, [p.scales] * 2, [p.zeros] * 2, [None] * 2, [A, A.to("meta")], R)
+    with pytest.raises(ValueError, match="B is on meta but x is on cpu"):
+        ops.shared_projection(x, torch.randn(4, 64, device="meta"))
+
+
+@pytest.mark.parametrize("kernel", [False, True], ids=["torch", "kernels"])
+def test_no_rows_give_empty_outputs(member, kernel, monkeypatch):
+    """Zero tokens (an empty batch) give empty outputs on every path, no launch."""
+    p, A = member
+    x, R = torch.randn(2, 0, 64, dtype=torch.float16), torch.randn(2, 0, 4, dtype=torch.float16)
+    scales, zeros, A = p.scales.half(), p.zeros.half(), A.half()
+    monkeypatch.setattr(ops, "_uses_kernels", lambda x: kernel)
+    monkeypatch.setattr(ops, "wrap_triton", lambda kernel: pytest.fail("a kernel was launched for zero rows"))
+    monkeypatch.setattr(torch, "mm", lambda *a, **k: pytest.fail("cuBLAS was called for zero rows"))
+    assert ops.shared_projection(x, torch.randn(4, 64, dtype=torch.float16)).shape == (2, 0, 4)
+    assert ops.w4a16_linear(x, p.qweight, scales, zeros, None, A, R).shape == (2, 0, 24)
+    ys = ops.w4a16_group(x, [p.qweight] * 2, [scales] * 2, [zeros] * 2, [None] * 2, [A, A], R)
+    assert [tuple(y.shape) for y in ys] == [(2, 0, 24)] * 2
