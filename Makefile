@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench clean
+.PHONY: demo test test-slow bench gpu-test gpu-bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,20 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_decompose.py
 	$(PY) benchmarks/bench_accuracy.py --seq-len 1024 --max-tokens 65536 --batch-size 4
+
+# On a CUDA machine that already has torch >= 2.11, triton, transformers, networkx and pytest (no
+# venv: the GPU machines here have no network). gpu-test: the kernels compiled, the ops and the
+# compiled backend on CUDA. gpu-bench: the kernel configuration sweep (printed), the W4A16 table
+# and the GlowQ-S decode throughput, written to benchmarks/results/.
+GPU_PY ?= python3
+gpu-test:
+	PYTHONPATH=. $(GPU_PY) -m pytest -q -p no:cacheprovider tests/kernels tests/test_ops.py tests/test_backend.py \
+		tests/test_inductor_private.py
+
+gpu-bench:
+	PYTHONPATH=. $(GPU_PY) benchmarks/tune_w4a16.py --rows 1,4
+	PYTHONPATH=. $(GPU_PY) benchmarks/bench_w4a16.py --layers 32
+	PYTHONPATH=. $(GPU_PY) benchmarks/bench_selective_decode.py --layers 8
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -211,6 +211,9 @@ def test_every_autotune_configuration_is_right(attr, index, gen, monkeypatch):
     raw, configs, path, row_counts = CONFIG_LISTS[attr]
     only = triton.autotune(configs=[getattr(kernels, configs)[index]], key=kernels._KEY)(getattr(kernels, raw))
     monkeypatch.setattr(kernels, attr, only)
-    for M in row_counts:
-        run_and_check(M, 2048, [40], -1, torch.bfloat16, 5, True, gen, **path)
-        run_and_check(M, 1100, [40, 24], 32, torch.float16, 8, False, gen, **path)
+    try:
+        for M in row_counts:
+            run_and_check(M, 2048, [40], -1, torch.bfloat16, 5, True, gen, **path)
+            run_and_check(M, 1100, [40, 24], 32, torch.float16, 8, False, gen, **path)
+    except triton.runtime.errors.OutOfResources as exc:  # compiled on a GPU only; its autotuner skips it too
+        pytest.skip(f"this configuration does not fit this GPU: {exc}")
