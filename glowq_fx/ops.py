@@ -172,10 +172,11 @@ def launch_w4a16(x: Tensor, qweights: Sequence[Tensor], scales: Sequence[Tensor]
                                                                    TILE_GROUP=tile_group)
                     return ys
 
-                if split_k is None:
+                use_split = split_k  # decided per launch: each has its own shape and agreement check
+                if use_split is None:
                     key = ("gemv", x2.device, x2.dtype, K, tuple(Ns), rank, gs, has_a, has_bias)
-                    split_k = _fastest(key, {"split": split, "plain": plain}, fallback="plain") == "split"
-                (split if split_k else plain)()
+                    use_split = _fastest(key, {"split": split, "plain": plain}, fallback="plain") == "split"
+                (split if use_split else plain)()
             else:
                 kernel = kernels.small_m_kernel if M <= kernels.SMALL_M else kernels.gemm_kernel
 
@@ -190,12 +191,11 @@ def launch_w4a16(x: Tensor, qweights: Sequence[Tensor], scales: Sequence[Tensor]
                         *head, *slots, **common, BLOCK_M=block_m, TILE_GROUP=tile_group)
                     return ys
 
-                if M > kernels.SMALL_M:
-                    rows_gemv = False
-                elif rows_gemv is None:
+                use_rows = False if M > kernels.SMALL_M else rows_gemv  # decided per launch, as above
+                if use_rows is None:
                     key = ("small_m", x2.device, x2.dtype, M, K, tuple(Ns), rank, gs, has_a, has_bias)
-                    rows_gemv = _fastest(key, {"rows": rows, "gemm": gemm}, fallback="gemm") == "rows"
-                (rows if rows_gemv else gemm)()
+                    use_rows = _fastest(key, {"rows": rows, "gemm": gemm}, fallback="gemm") == "rows"
+                (rows if use_rows else gemm)()
             for i, y in zip(chunk, ys):
                 results[i] = y.view(shape(i))
     return results  # type: ignore[return-value]

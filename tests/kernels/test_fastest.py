@@ -187,3 +187,21 @@ def test_projection_gemv_agrees_with_cublas(gen):
     candidates = {name: (lambda k=k: ops.launch_projection(x, B, kernel=k, out=out))
                   for name, k in (("cublas", False), ("triton", True))}
     assert ops._agreeing(("projection",), candidates, fallback="cublas") == ["cublas", "triton"]
+
+
+@pytest.mark.parametrize("M,kind", [(1, "gemv"), (3, "small_m")])
+def test_each_launch_of_a_call_decides_its_own_path(M, kind, gen, monkeypatch):
+    """Members of one call that take separate launches (here one with a bias, one without) have
+    different shapes: each is timed and agreement-checked on its own, none inherits the first's
+    choice."""
+    decided = []
+
+    def fastest(key, candidates, fallback):
+        decided.append(key)
+        return fallback
+
+    monkeypatch.setattr(ops, "_fastest", fastest)
+    x = torch.randn(M, 200, generator=gen).to(torch.float16).to(DEVICE)
+    members = [packed_member(40, 200, 64, torch.float16, 0, bias, gen, DEVICE) for bias in (True, False)]
+    ops.launch_w4a16(x, *[list(t) for t in zip(*members)], None)
+    assert [key[0] for key in decided] == [kind, kind] and decided[0] != decided[1]
