@@ -35,8 +35,7 @@ bench: $(STAMP)
 # and the GlowQ-S decode throughput, written to benchmarks/results/.
 GPU_PY ?= python3
 gpu-test:
-	PYTHONPATH=. $(GPU_PY) -m pytest -q -p no:cacheprovider tests/kernels tests/test_ops.py tests/test_backend.py \
-		tests/test_inductor_private.py
+	PYTHONPATH=. $(GPU_PY) -m pytest -q -p no:cacheprovider tests/kernels tests/test_ops.py tests/backend tests/passes/test_rewrite.py
 
 gpu-bench:
 	PYTHONPATH=. $(GPU_PY) benchmarks/tune_w4a16.py --rows 1,4

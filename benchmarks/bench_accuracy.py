@@ -1,7 +1,7 @@
 """Accuracy table: SmolLM2-135M on Wikipedia text, calibrated on news text, W4 group 64.
 
 One calibration run (``calibrate``) serves every row; each row quantizes a fresh copy of the
-model and measures perplexity with the WikiText-2 protocol (``glowq_fx.evaluate``). Rows:
+model and measures perplexity with the WikiText-2 protocol (``glowq_fx.evaluation.perplexity``). Rows:
 reference, RTN, GPTQ, RTN + plain SVD, + LQER, + independent QERA-exact, + GlowQ rank 64 and 32,
 GPTQ + GlowQ, and GlowQ at the rank whose factor bytes match independent QERA at rank 64.
 
@@ -25,11 +25,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from glowq_fx import GlowQConfig, calibrate  # noqa: E402
-from glowq_fx.accuracy import (Method, accuracy_table, compare_methods, equal_memory_rank,  # noqa: E402
+from glowq_fx.evaluation.accuracy import (Method, accuracy_table, compare_methods, equal_memory_rank,  # noqa: E402
                                factor_bytes, plot_perplexity_vs_bytes)
-from glowq_fx.corpus import load_text  # noqa: E402
-from glowq_fx.evaluate import calibration_batches, tokenize  # noqa: E402
-from glowq_fx.models import load_model  # noqa: E402
+from glowq_fx.data.corpus import load_text  # noqa: E402
+from glowq_fx.data.batches import text_calibration_batches, tokenize  # noqa: E402
+from glowq_fx.data.models import load_model  # noqa: E402
 
 
 def methods(groups, group_size: int, rank: int) -> list[Method]:
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     model, tokenizer = load_model(args.model)
     tokens = tokenize(tokenizer, load_text(args.text))
-    batches = calibration_batches(tokenize(tokenizer, load_text(args.calib_text)), args.calib_samples, args.calib_len)
+    batches = text_calibration_batches(tokenizer, args.calib_text, args.calib_samples, args.calib_len)
     config = GlowQConfig(group_size=args.group_size, rank=args.rank)
     calibrated = calibrate(model, batches, config)
     specs = [m for m in methods(calibrated.groups, args.group_size, args.rank)

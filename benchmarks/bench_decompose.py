@@ -6,7 +6,7 @@ the RTN errors of random weights, one run measures:
 
 - core time: the factorization alone, given the whitening (exact: SVD of ``E_cat S^{1/2}``;
   randomized: thin QR of ``E_cat``, then the sketch on the d x d core);
-- solve time: ``decompose.solve`` end to end (whitening by float64 eigh included);
+- solve time: ``correction.decompose.solve`` end to end (whitening by float64 eigh included);
 - residual: whitened error after correction, randomized over exact.
 
 Rows: exact, randomized with our default sketch (oversample r/2 + 10), and the paper's
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from glowq_fx.decompose import scaled_lowrank, default_oversample, shrink, solve, whitening
+from glowq_fx.correction.decompose import scaled_lowrank, default_oversample, shrink, solve, whitening
 from glowq_fx.quant import quantization_error, quantize_rtn
 
 GROUPS = {"q/k/v": (4096, [4096, 1024, 1024]), "gate/up": (4096, [14336, 14336])}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from glowq_fx.cli import main  # noqa: E402
+from glowq_fx.cli.main import main  # noqa: E402
 
 if __name__ == "__main__":
     out = Path(__file__).parent / "results" / "selective"

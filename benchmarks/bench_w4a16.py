@@ -41,8 +41,9 @@ import torch
 import torch.nn.functional as F
 
 from glowq_fx import ops
+from glowq_fx.kernels.fastest_path import FASTEST
 from glowq_fx.kernels.layout import dequantize_packed
-from glowq_fx.timing import graph_time_ms
+from glowq_fx.kernels.timing import graph_time_ms
 
 GROUPS = [("qkv", 4096, [4096, 1024, 1024]), ("o", 4096, [4096]), ("gate_up", 4096, [14336, 14336]),
           ("down", 14336, [4096])]
@@ -190,11 +191,11 @@ def main(argv=None):
     write(results, Path(args.out))
 
 
-def chosen_paths():
-    """{"kind M=rows": {path: how many shapes chose it}} from the ops' per-shape choices; the
-    GEMV keys carry no row count (one row)."""
+def chosen_paths(chosen: dict[tuple, str] | None = None):
+    """{"kind M=rows": {path: how many shapes chose it}} from the launchers' per-shape choices
+    (``FASTEST.chosen()`` by default); the GEMV keys carry no row count (one row)."""
     counts = {}
-    for key, path in ops._FASTEST.items():
+    for key, path in (FASTEST.chosen() if chosen is None else chosen).items():
         kind = key[0] if key[0] == "gemv" else f"{key[0]} M={key[3]}"
         counts.setdefault(kind, {}).setdefault(path, 0)
         counts[kind][path] += 1

@@ -33,10 +33,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from glowq_fx import GlowQConfig, calibrate, quantize_  # noqa: E402
-from glowq_fx.calibrate import GroupStatistics  # noqa: E402
-from glowq_fx.corpus import load_text  # noqa: E402
-from glowq_fx.evaluate import calibration_batches, perplexity, tokenize  # noqa: E402
-from glowq_fx.models import load_model  # noqa: E402
+from glowq_fx.calibration.moments import GroupStatistics  # noqa: E402
+from glowq_fx.data.corpus import load_text  # noqa: E402
+from glowq_fx.data.batches import text_calibration_batches, tokenize  # noqa: E402
+from glowq_fx.evaluation.perplexity import perplexity  # noqa: E402
+from glowq_fx.data.models import load_model  # noqa: E402
 from glowq_fx.quant import quantize_gptq, quantize_rtn  # noqa: E402
 
 KINDS = {"q/k/v": r"self_attn\.(q|k|v)_proj", "o": r"o_proj", "gate/up": r"mlp\.(gate|up)_proj", "down": r"down_proj"}
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load_model("smollm2")
     model.eval()
     wiki = tokenize(tokenizer, load_text("wikipedia"))
-    batches = calibration_batches(tokenize(tokenizer, load_text("news")), 32, 512)
+    batches = text_calibration_batches(tokenizer, "news", 32, 512)
     config = GlowQConfig(group_size=64, rank=64)
     calibrated = calibrate(model, batches, config, progress=False)
     ppl = lambda m: perplexity(m, wiki, args.seq_len, max_tokens=args.max_tokens, batch_size=4,

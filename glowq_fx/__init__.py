@@ -1,11 +1,25 @@
 """glowq-fx: GlowQ group-shared low-rank correction for 4-bit LLMs, as a PyTorch library.
 
-``quantize_(model, calibration, GlowQConfig())`` quantizes a model in place; ``find_groups``
-shows the input-sharing groups it would use.
-"""
-from glowq_fx.capture import GlowQWarning, GroupDiscovery, find_groups
-from glowq_fx.config import GlowQConfig
-from glowq_fx.quantize import Calibration, QuantizationReport, calibrate, quantize_
+``quantize_(model, calibration, GlowQConfig())`` quantizes a model in place;
+``torch.compile(model, backend=glowq_backend)`` (or ``backend="glowq"``) runs it with one shared
+projection per group and the fused kernels; ``find_groups`` shows the input-sharing groups;
+``save_quantized`` / ``load_quantized`` write and read a quantized model.
 
-__version__ = "0.1.0"
-__all__ = ["Calibration", "GlowQConfig", "GlowQWarning", "GroupDiscovery", "QuantizationReport", "__version__", "calibrate", "find_groups", "quantize_"]
+The package follows the stages a model goes through, each a subpackage that imports only the
+ones before it: ``capture`` (graph, groups) -> ``calibration`` (one ``S`` per group) -> ``quant``
+(4-bit codes) and ``correction`` (low-rank solvers) -> ``modules`` (what a quantized model runs)
+-> ``ops`` / ``kernels`` -> ``backend``; ``selective`` (GlowQ-S), ``evaluation``, ``data``,
+``checkpoint`` and ``cli`` on top. The graph passes (``passes``) sit below all of them.
+"""
+from glowq_fx._version import __version__
+from glowq_fx.backend import glowq_backend
+from glowq_fx.calibration.calibrate import Calibration, calibrate
+from glowq_fx.capture.groups import GroupDiscovery, find_groups
+from glowq_fx.checkpoint import load_quantized, save_quantized
+from glowq_fx.config import GlowQConfig
+from glowq_fx.errors import GlowQWarning
+from glowq_fx.quantize import quantize_
+from glowq_fx.report import QuantizationReport
+
+__all__ = ["Calibration", "GlowQConfig", "GlowQWarning", "GroupDiscovery", "QuantizationReport", "__version__",
+           "calibrate", "find_groups", "glowq_backend", "load_quantized", "quantize_", "save_quantized"]

@@ -26,10 +26,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from glowq_fx.cache import sha256_file
+from glowq_fx._version import __version__
 from glowq_fx.config import GlowQConfig
+from glowq_fx.data.cache import sha256_file
+from glowq_fx.kernels.layout import PackedW4, packed_shapes
+from glowq_fx.modules.install import register_projection, replace_module
 from glowq_fx.modules.linear import QuantizedLinear, SharedProjection, linear_weight
-from glowq_fx.kernels.layout import PackedW4
 
 FORMAT = "glowq-fx"
 FORMAT_VERSION = 1
@@ -42,9 +44,7 @@ class CheckpointError(ValueError):
 
 
 def _versions() -> dict[str, str]:
-    import glowq_fx
-
-    versions = {"glowq_fx": glowq_fx.__version__, "torch": torch.__version__}
+    versions = {"glowq_fx": __version__, "torch": torch.__version__}
     try:
         import transformers
 
@@ -195,15 +195,16 @@ def _check_packed(name: str, rec: dict, header: dict) -> None:
         raise CheckpointError(f"the checkpoint does not match its description: missing tensors {absent}")
     (qshape, qdtype), (sshape, sdtype), (zshape, zdtype) = (header[k] for k in keys)
     N, K, g = rec["out_features"], rec["in_features"], rec["group_size"]
-    if qdtype != torch.int32 or len(qshape) != 2 or qshape[1] != N:
-        raise CheckpointError(f"{name}.qweight is {qdtype} {qshape}, expected int32 (K_pad / 8, {N})")
-    K_pad = qshape[0] * 8
-    if not (K <= K_pad < K + max(g, 8)) or g < 1 or K_pad % g:
-        raise CheckpointError(f"{name}.qweight holds {K_pad} columns, which group size {g} and "
-                              f"in_features {K} do not explain")
+    try:
+        q_expected, s_expected = packed_shapes(K, N, g)
+    except ValueError as exc:
+        raise CheckpointError(f"{name}: {exc} (the record is corrupted)") from None
+    if qdtype != torch.int32 or tuple(qshape) != q_expected:
+        raise CheckpointError(f"{name}.qweight is {qdtype} {tuple(qshape)}, expected int32 {q_expected} for "
+                              f"in_features {K} in groups of {g}")
     for key, shape, dtype in ((keys[1], sshape, sdtype), (keys[2], zshape, zdtype)):
-        if tuple(shape) != (K_pad // g, N) or not dtype.is_floating_point:
-            raise CheckpointError(f"{key} is {dtype} {tuple(shape)}, expected a float ({K_pad // g}, {N})")
+        if tuple(shape) != s_expected or not dtype.is_floating_point:
+            raise CheckpointError(f"{key} is {dtype} {tuple(shape)}, expected a float {s_expected}")
 
 
 def _plan(model: nn.Module, meta: dict, header: dict) -> None:
@@ -288,8 +289,6 @@ def load_quantized(directory: str | Path, model: nn.Module | None = None, *,
     """
     from safetensors.torch import load_file
 
-    from glowq_fx.quantize import _register_projection, _swap
-
     directory = Path(directory)
     meta = read_metadata(directory)
     path = _check_tensor_file(directory, meta)
@@ -309,7 +308,7 @@ def load_quantized(directory: str | Path, model: nn.Module | None = None, *,
     projections = {}
     for p in meta["projections"]:
         projection = SharedProjection(tensors[p["key"]], tuple(p["members"]))
-        _register_projection(model, projection)
+        register_projection(model, projection)
         projections[p["key"]] = projection
     for name, rec in meta["linears"].items():
         packed = PackedW4(tensors[f"{name}.qweight"], tensors[f"{name}.scales"], tensors[f"{name}.zeros"],
@@ -317,7 +316,7 @@ def load_quantized(directory: str | Path, model: nn.Module | None = None, *,
         projection = projections.get(rec["projection"]) if rec["projection"] else None
         qlinear = QuantizedLinear(packed, tensors.get(f"{name}.bias") if rec["bias"] else None,
                                   tensors.get(f"{name}.A"), projection)
-        _swap(model, name, qlinear)
+        replace_module(model, name, qlinear)
     model.load_state_dict(tensors, strict=True)
     return model.eval()
 

@@ -36,7 +36,7 @@ class GlowQConfig:
             fixed up front from the unquantized weight ("static groups") so the codes keep
             the plain contiguous group layout.
 
-    Low-rank correction (``glowq_fx.decompose``):
+    Low-rank correction (``glowq_fx.correction``):
         method: ``"glowq"`` (one shared ``B`` per input-sharing group, whitened by ``S``),
             ``"qera"`` (independent per linear, whitened: QERA-exact), ``"lqer"`` (independent,
             diagonal activation scaling: L2QER), ``"svd"`` (independent, plain SVD of ``E``:
@@ -47,14 +47,14 @@ class GlowQConfig:
         svd: ``"randomized"`` (QR-reduced randomized SVD) or ``"exact"``.
         oversample, power_iters: randomized-SVD sketch width ``r + oversample`` and the number
             of re-orthonormalized power iterations. ``oversample=None`` means ``r // 2 + 10``
-            (see ``decompose.solve``); the paper's setting is ``oversample=10``.
+            (see ``correction.decompose.solve``); the paper's setting is ``oversample=10``.
         seed: seed of the randomized-SVD sketch (a local generator; global RNG untouched).
         stats_dtype: ``"float32"`` or ``"float64"`` accumulation of ``S``.
         selective: GlowQ-S. ``None`` restores every group's correction; otherwise groups are
             ranked by the whitened error their correction removes per byte of factors, and
             ``"auto"`` keeps the best ``k``, ``k`` at the knee (Kneedle) of the calibration loss
             measured against the kept factor bytes (a causal LM's next-token loss on the first 4096
-            calibration tokens, about 16 forward passes; ``selective.loss_curve_knee``), a
+            calibration tokens, about 16 forward passes; ``selective.corrections.loss_curve_knee``), a
             float in (0, 1] that fraction of the groups, an int a budget of factor bytes (model
             dtype). The others keep their 4-bit weights without correction. What a selection
             saves is whole units (launches, latency); to save bytes, a lower ``rank`` on every
@@ -159,3 +159,11 @@ def _check_choice(name: str, value: Any, choices: tuple, why: str = "") -> None:
     if value not in choices:
         hint = f" ({why})" if why else ""
         raise ValueError(f"unsupported {name}={value!r}: choose one of {list(choices)}{hint}")
+
+
+def as_config(config: GlowQConfig | None) -> GlowQConfig:
+    """``config``, or the default ``GlowQConfig()`` for None; a ``ValueError`` for anything else."""
+    config = config if config is not None else GlowQConfig()
+    if not isinstance(config, GlowQConfig):
+        raise ValueError(f"config must be a GlowQConfig, got {type(config).__name__}")
+    return config

@@ -12,8 +12,10 @@ What the pass sees as a linear (``y = x W^T (+ b)`` with ``W`` a 2-D parameter):
 - ``mm`` / ``addmm`` / ``matmul`` whose weight operand is a parameter, possibly transposed:
   transposed means ``W`` is stored (out, in) like ``nn.Linear`` (AOTAutograd's ``t`` + ``mm``);
   not transposed means (in, out), transformers' ``Conv1D``;
-- ``glowq::w4a16_linear`` (a model that ``quantize_`` prepared): its weight is the packed
-  ``qweight`` buffer, (K_pad / 8, out_features).
+- a packed linear op the caller names (``packed_linears``; the backend names
+  ``glowq::w4a16_linear``), called as ``op(x, packed_weight, ...)``: the packed weight is a
+  buffer whose last dimension is ``out_features``, and ``in_features`` is the width of ``x``
+  (read from the node's shape metadata; how the codes are packed is the caller's business).
 
 Each linear's input is traced back through row-preserving ops (views, reshapes that keep the
 last dimension, ``contiguous``, dtype casts, ``detach``, eval-mode dropout) to its real
@@ -29,9 +31,7 @@ from __future__ import annotations
 
 import logging
 import operator
-import os
-import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -39,14 +39,13 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-import glowq_fx.ops  # noqa: F401  (registers the glowq:: ops this pass recognises)
-from glowq_fx._dynamo import placeholder_fqn
+from passes._dynamo import placeholder_fqn
+from passes.groups import GroupFilter, InputGroup, group_name
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
 
 _LINEAR_FUNCTIONS = {torch._C._nn.linear, F.linear, aten.linear.default}
-_PACKED_LINEARS = {torch.ops.glowq.w4a16_linear.default}  # registered by glowq_fx.ops (imported below)
 _MATMUL_FUNCTIONS = {
     torch.mm: "mm", torch.matmul: "matmul", operator.matmul: "matmul", torch.addmm: "addmm",
     aten.mm.default: "mm", aten.matmul.default: "matmul", aten.addmm.default: "addmm",
@@ -69,29 +68,6 @@ _CAST_FUNCTIONS = {aten._to_copy.default, aten.detach.default, aten.alias.defaul
                    torch.ops.prims.convert_element_type.default}
 
 
-@dataclass(frozen=True)
-class InputGroup:
-    """Linears reading one input, in graph (or first-call) order.
-
-    Attributes:
-        name: ``prefix.{a,b,c}`` from the members' qualified names.
-        members: qualified module names.
-        in_features: the shared input width.
-        out_features: each member's output width.
-    """
-
-    name: str
-    members: tuple[str, ...]
-    in_features: int
-    out_features: tuple[int, ...]
-
-    def subset(self, members: Iterable[str]) -> "InputGroup":
-        """The group restricted to ``members`` (kept in their given order)."""
-        members = tuple(members)
-        outs = dict(zip(self.members, self.out_features))
-        return InputGroup(group_name(members), members, self.in_features, tuple(outs[m] for m in members))
-
-
 def parameter_owners(model: nn.Module, *, buffers: bool = False) -> dict[int, list[str]]:
     """``id(tensor)`` -> every qualified name of that parameter (several when tied); with
     ``buffers``, of that buffer instead."""
@@ -100,47 +76,6 @@ def parameter_owners(model: nn.Module, *, buffers: bool = False) -> dict[int, li
     for name, p in named:
         owners.setdefault(id(p), []).append(name)
     return owners
-
-
-def group_name(members: Iterable[str]) -> str:
-    members = list(members)
-    if len(members) == 1:
-        return members[0]
-    prefix = os.path.commonprefix(members)
-    prefix = prefix[: prefix.rfind(".") + 1]
-    return f"{prefix}{{{','.join(m[len(prefix):] for m in members)}}}"
-
-
-@dataclass(frozen=True)
-class GroupFilter:
-    """Which linears may join a group.
-
-    Attributes:
-        skip: module names never grouped, each with its reason (e.g. the output head).
-        include: regular expressions; when non-empty a module must match one (``re.search``).
-        exclude: regular expressions; a matching module is skipped.
-        min_out_features: members with fewer outputs are skipped. MoE routers (N = number of
-            experts) and scalar gates (Qwen2-MoE's ``shared_expert_gate``, N = 1) are tiny
-            and sensitive: they stay in full precision.
-    """
-
-    skip: Mapping[str, str] = field(default_factory=dict)
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-    min_out_features: int = 1
-
-    def reason(self, module: str, out_features: int) -> str | None:
-        if module in self.skip:
-            return self.skip[module]
-        if self.include and not any(re.search(p, module) for p in self.include):
-            return f"matches none of the include patterns {list(self.include)}"
-        for p in self.exclude:
-            if re.search(p, module):
-                return f"matches the exclude pattern {p!r}"
-        if out_features < self.min_out_features:
-            return (f"out_features {out_features} < min_out_features {self.min_out_features} "
-                    "(a router or gate: kept in full precision)")
-        return None
 
 
 @dataclass
@@ -171,7 +106,7 @@ class LinearSite:
         producer: ``(piece, node name)`` of the real producer of its input.
         through: the row-preserving ops looked through, producer side last.
         in_features, out_features: of the linear.
-        form: ``"linear"``, ``"module"``, ``"mm"``, ``"addmm"``, ``"matmul"`` or ``"w4a16"``.
+        form: ``"linear"``, ``"module"``, ``"mm"``, ``"addmm"``, ``"matmul"`` or ``"packed"``.
         stored_transposed: the weight is stored (in, out) (transformers' ``Conv1D``).
     """
 
@@ -268,15 +203,15 @@ def _weight_source(node: fx.Node) -> tuple[fx.Node, int]:
         node = node.args[0]
 
 
-def _match_linear(node: fx.Node, modules: Mapping[str, nn.Module]):
+def _match_linear(node: fx.Node, modules: Mapping[str, nn.Module], packed_linears: Collection[object] = ()):
     """``(x, weight operand, weight source, stored (in, out), form)`` when ``node`` is a linear.
 
     The source is the weight operand followed back through casts and transposes; an odd number
     of transposes flips the storage layout.
     """
-    if node.op == "call_function" and node.target in _PACKED_LINEARS:
-        x, qweight = node.args[:2]
-        return x, qweight, qweight, False, "w4a16"
+    if node.op == "call_function" and node.target in packed_linears:
+        x, packed = node.args[:2]
+        return x, packed, packed, False, "packed"
     if node.op == "call_function" and node.target in _LINEAR_FUNCTIONS:
         x = node.args[0] if node.args else node.kwargs.get("input")
         w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
@@ -305,8 +240,9 @@ def _match_linear(node: fx.Node, modules: Mapping[str, nn.Module]):
 class _Resolver:
     """Maps weight nodes of the pieces to parameter names, and inputs to producers."""
 
-    def __init__(self, pieces: Sequence[CapturedGraph], model: nn.Module | None):
+    def __init__(self, pieces: Sequence[CapturedGraph], model: nn.Module | None, packed_linears: Collection[object]):
         self.pieces = pieces
+        self.packed_linears = packed_linears
         root = model if model is not None else pieces[0].gm
         self.owners = parameter_owners(root)
         self.buffer_owners = parameter_owners(root, buffers=True)
@@ -365,7 +301,7 @@ class _Resolver:
         """
         n = w
         while n.op in ("call_function", "call_method") and n.args and isinstance(n.args[0], fx.Node):
-            if _match_linear(n, self.modules[piece]) is not None:
+            if _match_linear(n, self.modules[piece], self.packed_linears) is not None:
                 return None
             n = n.args[0]
         names = self.parameter_names(piece, n) if n.op in ("placeholder", "get_attr") else []
@@ -400,6 +336,7 @@ def find_input_sharing_groups(
     *,
     model: nn.Module | None = None,
     filter: GroupFilter | None = None,
+    packed_linears: Collection[object] = (),
 ) -> SharingAnalysis:
     """Group the linears of ``graph`` by the input they read.
 
@@ -411,6 +348,8 @@ def find_input_sharing_groups(
         model: the module whose parameter names the groups use (default: the graph module,
             right for ``call_module`` graphs whose attributes mirror the model).
         filter: which modules may be grouped (default: all).
+        packed_linears: call targets of packed linear ops, ``op(x, packed_weight, ...)``, to group
+            as linears too (the weight's name is that of a buffer).
 
     Returns:
         ``SharingAnalysis`` with deterministic groups (graph order), skipped modules and reasons.
@@ -424,7 +363,7 @@ def find_input_sharing_groups(
     if not pieces:
         raise ValueError("no graph to analyse: the capture produced no graph pieces")
     filter = filter or GroupFilter()
-    res = _Resolver(pieces, model)
+    res = _Resolver(pieces, model, packed_linears)
     sharing = nx.DiGraph()
     sites: dict[str, list[LinearSite]] = {}
     skipped: dict[str, str] = {}
@@ -433,11 +372,11 @@ def find_input_sharing_groups(
 
     for p, piece in enumerate(pieces):
         for node in piece.gm.graph.nodes:
-            match = _match_linear(node, res.modules[p])
+            match = _match_linear(node, res.modules[p], res.packed_linears)
             if match is None:
                 continue
             x, w, src, stored_transposed, form = match
-            names = res.parameter_names(p, src, buffer=form == "w4a16")
+            names = res.parameter_names(p, src, buffer=form == "packed")
             tensor, _ = res.tensor_of(p, src)
             where = f"piece {p} node {node.name}" if len(pieces) > 1 else f"node {node.name}"
             if not names:
@@ -459,9 +398,13 @@ def find_input_sharing_groups(
             if W is None or W.dim() != 2:
                 skipped[module] = f"weight {names[0]} is not 2-D: not a linear layer"
                 continue
-            if form == "w4a16":  # packed (K_pad / 8, N); the input's width is the real in_features
+            if form == "packed":  # (..., N); the input's width is the real in_features
                 xv = _value(x)
-                out_f, in_f = W.shape[1], xv.shape[-1] if xv is not None else W.shape[0] * 8
+                if xv is None:
+                    skipped[module] = (f"the packed linear at {where} has no shape metadata on its input, so its "
+                                       "in_features is unknown: group a Dynamo or AOTAutograd graph")
+                    continue
+                out_f, in_f = W.shape[-1], xv.shape[-1]
             else:
                 out_f, in_f = (W.shape[1], W.shape[0]) if stored_transposed else (W.shape[0], W.shape[1])
             why = filter.reason(module, int(out_f))

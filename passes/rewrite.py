@@ -17,10 +17,13 @@ member) followed by a ``getitem`` per member::
 Members that read the input through different views (a reshape, a cast) still share the one
 projection: ``R`` is reshaped like their view (``rows_like``) when no op on either path can
 reorder rows; otherwise they keep their own projection, and the report says so.
-Members are fused into one group node only when they read the very same ``x`` node, have the same group size, and
-all their weights are defined before the first member (true for parameters and buffers, which
-are graph inputs); the others keep their own node, and the report says why. The pass does not
-touch any other node; an unquantized graph comes out unchanged.
+Members are fused into one group node only when they read the very same ``x`` node and all
+their weights are defined before the first member (true for parameters and buffers, which are
+graph inputs); the others keep their own node, and the report says why. The pass does not touch
+any other node; an unquantized graph comes out unchanged.
+
+The pass knows the ops only by their call signatures: the caller names them (``QuantizedOps``;
+``glowq_fx.backend`` passes the ``glowq::`` ops), so this package never imports the library.
 """
 from __future__ import annotations
 
@@ -32,13 +35,26 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
-from passes.grouping import GroupFilter, find_input_sharing_groups
+from passes.groups import GroupFilter
+from passes.grouping import find_input_sharing_groups
 
 log = logging.getLogger(__name__)
 
-LINEAR = torch.ops.glowq.w4a16_linear.default
-PROJECTION = torch.ops.glowq.shared_projection.default
-GROUP = torch.ops.glowq.w4a16_group.default
+
+@dataclass(frozen=True)
+class QuantizedOps:
+    """The call targets the rewrite reads and writes.
+
+    Attributes:
+        linear: ``linear(x, packed_weight, scales, zeros, bias, A, R) -> y``, one quantized linear.
+        projection: ``projection(x, B) -> R``, a group's shared projection.
+        group: ``group(x, [packed_weight], [scales], [zeros], [bias], [A], R) -> [y]``, the
+            members of a group in one launch (members may differ in group size, bias and A).
+    """
+
+    linear: object
+    projection: object
+    group: object
 
 
 @dataclass(frozen=True)
@@ -85,22 +101,14 @@ class RewriteReport:
         return "\n".join(lines)
 
 
-def _group_size(node: fx.Node) -> int | None:
-    qweight, scales = node.args[1], node.args[2]
-    shapes = [n.meta.get("example_value", n.meta.get("val")) for n in (qweight, scales)]
-    if any(not isinstance(s, torch.Tensor) for s in shapes):
-        return None
-    return shapes[0].shape[0] * 8 // shapes[1].shape[0]
-
-
 def _r_of(node: fx.Node) -> fx.Node | None:
     """The ``R`` argument of a ``w4a16_linear`` node."""
     return node.args[6] if len(node.args) > 6 else node.kwargs.get("R")
 
 
-def _b_of(R: fx.Node | None) -> fx.Node | None:
+def _b_of(R: fx.Node | None, ops: QuantizedOps) -> fx.Node | None:
     """The ``B`` node of ``R`` when ``R`` is a ``shared_projection`` (else None)."""
-    if isinstance(R, fx.Node) and R.op == "call_function" and R.target is PROJECTION:
+    if isinstance(R, fx.Node) and R.op == "call_function" and R.target is ops.projection:
         return R.args[1]
     return None
 
@@ -109,6 +117,7 @@ def fuse_shared_projections(
     gm: fx.GraphModule,
     example_inputs: Sequence[object] = (),
     *,
+    ops: QuantizedOps,
     model: nn.Module | None = None,
 ) -> RewriteReport:
     """Rewrite ``gm`` in place (see the module docstring) and return what changed.
@@ -116,37 +125,39 @@ def fuse_shared_projections(
     Args:
         gm: a Dynamo graph (``glowq::`` op nodes, weights as placeholders or attributes).
         example_inputs: the real tensors bound to its placeholders (Dynamo's), to name members.
+        ops: the quantized ops to find and the group op to emit.
         model: the module whose names the report uses (default: ``gm``).
     """
     graph = gm.graph
-    report = RewriteReport(projections_before=sum(n.target is PROJECTION for n in graph.nodes))
-    if not any(n.target is LINEAR for n in graph.nodes):
+    report = RewriteReport(projections_before=sum(n.target is ops.projection for n in graph.nodes))
+    if not any(n.target is ops.linear for n in graph.nodes):
         report.projections_after = report.projections_before
         return report
-    analysis = find_input_sharing_groups(gm, example_inputs, model=model, filter=GroupFilter())
+    analysis = find_input_sharing_groups(gm, example_inputs, model=model, filter=GroupFilter(),
+                                         packed_linears={ops.linear})
     position = {n: i for i, n in enumerate(graph.nodes)}
 
     for group in analysis.groups:
-        sites = [s for m in group.members for s in analysis.sites[m] if s.form == "w4a16"]
+        sites = [s for m in group.members for s in analysis.sites[m] if s.form == "packed"]
         sites.sort(key=lambda s: position[s.node])
-        _share_projections(graph, sites, report)
-        # members fused together: same input node, same R (or none), same group size
+        _share_projections(graph, sites, report, ops)
+        # members fused together: same input node, same R (or none)
         parts: dict[tuple, list] = {}
         for s in sites:
-            parts.setdefault((s.node.args[0], _r_of(s.node), _group_size(s.node)), []).append(s)
-        for (x, R, gs), part in parts.items():
-            _rewrite_part(graph, part, x, R, position, report)
+            parts.setdefault((s.node.args[0], _r_of(s.node)), []).append(s)
+        for (x, R), part in parts.items():
+            _rewrite_part(graph, part, x, R, position, report, ops)
             if len(parts) > 1:
                 for s in part:
                     report.left.setdefault(s.module, f"not in one launch with all of {group.name}: reads node "
-                                           f"{x.name}, group size {gs}, R = {None if R is None else R.name}")
+                                           f"{x.name}, R = {None if R is None else R.name}")
 
     for node in list(graph.nodes):  # projections no member reads any more
-        if node.target is PROJECTION and not node.users:
+        if node.target is ops.projection and not node.users:
             graph.erase_node(node)
     graph.lint()
     gm.recompile()
-    report.projections_after = sum(n.target is PROJECTION for n in graph.nodes)
+    report.projections_after = sum(n.target is ops.projection for n in graph.nodes)
     log.info("%s", report)
     return report
 
@@ -162,14 +173,14 @@ def rows_like(R: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return R.reshape(*x.shape[:-1], R.shape[-1]).to(x.dtype)
 
 
-def _share_projections(graph: fx.Graph, sites: list, report: RewriteReport) -> None:
+def _share_projections(graph: fx.Graph, sites: list, report: RewriteReport, ops: QuantizedOps) -> None:
     """Point every member's R at the first projection of its ``B`` in the group (reshaped once
     per other view of the input)."""
     anchors: dict[fx.Node, tuple] = {}  # B node -> (R node, its site)
     reshaped: dict[tuple[fx.Node, fx.Node], fx.Node] = {}  # (R, view of x) -> rows_like node
     for s in sites:
         R = _r_of(s.node)
-        B = _b_of(R)
+        B = _b_of(R, ops)
         if B is None:
             continue
         if B not in anchors:
@@ -191,7 +202,8 @@ def _share_projections(graph: fx.Graph, sites: list, report: RewriteReport) -> N
                                      "keeps its own projection")
 
 
-def _rewrite_part(graph: fx.Graph, part: list, x: fx.Node, R, position, report: RewriteReport) -> None:
+def _rewrite_part(graph: fx.Graph, part: list, x: fx.Node, R, position, report: RewriteReport,
+                  ops: QuantizedOps) -> None:
     first = part[0].node
     # a member whose weights are computed after the first member cannot move up to it
     fusable = [s for s in part if all(not isinstance(a, fx.Node) or position[a] < position[first]
@@ -205,7 +217,7 @@ def _rewrite_part(graph: fx.Graph, part: list, x: fx.Node, R, position, report: 
         return
     args = [[s.node.args[j] if len(s.node.args) > j else None for s in fusable] for j in range(1, 6)]
     with graph.inserting_before(first):
-        fused = graph.call_function(GROUP, (x, *args, R))
+        fused = graph.call_function(ops.group, (x, *args, R))
     for i, s in enumerate(fusable):
         with graph.inserting_after(fused):
             out = graph.call_function(operator.getitem, (fused, i))

@@ -4,6 +4,14 @@ import pytest
 import torch
 
 
+@pytest.fixture(scope="module")
+def llama():
+    """``tests_helpers.random_llama()``, built once per test module."""
+    from tests_helpers import random_llama
+
+    return random_llama()
+
+
 @pytest.fixture
 def gen():
     """A fresh seeded generator per test: reproducible, and the global RNG is untouched."""

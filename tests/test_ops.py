@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from glowq_fx import ops
+from glowq_fx.kernels import launch
 from glowq_fx.kernels.layout import pack
 from glowq_fx.quant.rtn import quantize_rtn
 
@@ -61,7 +62,7 @@ def test_no_rows_give_empty_outputs(member, kernel, monkeypatch):
     x, R = torch.randn(2, 0, 64, dtype=torch.float16), torch.randn(2, 0, 4, dtype=torch.float16)
     scales, zeros, A = p.scales.half(), p.zeros.half(), A.half()
     monkeypatch.setattr(ops, "_uses_kernels", lambda x: kernel)
-    monkeypatch.setattr(ops, "wrap_triton", lambda kernel: pytest.fail("a kernel was launched for zero rows"))
+    monkeypatch.setattr(launch, "wrap_triton", lambda kernel: pytest.fail("a kernel was launched for zero rows"))
     monkeypatch.setattr(torch, "mm", lambda *a, **k: pytest.fail("cuBLAS was called for zero rows"))
     assert ops.shared_projection(x, torch.randn(4, 64, dtype=torch.float16)).shape == (2, 0, 4)
     assert ops.w4a16_linear(x, p.qweight, scales, zeros, None, A, R).shape == (2, 0, 24)

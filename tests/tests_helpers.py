@@ -11,6 +11,19 @@ def tiny_llama_config(**overrides) -> T.LlamaConfig:
     return T.LlamaConfig(**kw)
 
 
+def tiny_llama(seed: int = 0) -> torch.nn.Module:
+    """``tiny_llama_config()`` with seeded random weights, in eval mode (the caller's RNG untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return T.LlamaForCausalLM(tiny_llama_config()).eval()
+
+
+def token_batches(n: int = 3, seed: int = 0, t: int = 24, vocab: int = 128) -> list[dict[str, torch.Tensor]]:
+    """``n`` calibration batches of 2 x ``t`` random token ids below ``vocab``."""
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(0, vocab, (2, t), generator=g)} for _ in range(n)]
+
+
 def random_llama(seed: int = 0) -> torch.nn.Module:
     """A 4-layer Llama (hidden 256) with random weights; ``intermediate_size`` 688 exercises group padding."""
     config = T.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
@@ -33,3 +46,39 @@ def packed_member(N, K, group_size, dtype, rank, bias, gen, device):
     A = (torch.randn(N, rank, generator=gen) / rank**0.5).to(dtype) if rank else None
     return tuple(None if t is None else t.to(device) for t in (packed.qweight, packed.scales.to(dtype),
                                                                 packed.zeros.to(dtype), b, A))
+
+
+def quantized_copy(setup, **config):
+    """(a deep copy of ``setup[0]`` quantized from the ``Calibration`` ``setup[1]`` with
+    ``GlowQConfig(group_size=32, rank=8, **config)``, its report)."""
+    import copy
+
+    from glowq_fx import GlowQConfig, quantize_
+
+    subject = copy.deepcopy(setup[0])
+    report = quantize_(subject, setup[1], GlowQConfig(**{"group_size": 32, "rank": 8, **config}), progress=False)
+    return subject, report
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def llama_batch(n=2, t=12, vocab=512, seed=0):
+    """A batch for ``random_llama``: seeded ids and an all-ones attention mask."""
+    g = torch.Generator().manual_seed(seed)
+    return {"input_ids": torch.randint(0, vocab, (n, t), generator=g), "attention_mask": torch.ones(n, t, dtype=torch.long)}
+
+
+def or_skip(load):
+    """``load()``, or skip the test naming the packaged resource that could not be obtained."""
+    import pytest
+
+    from glowq_fx.data.cache import MissingResourceError
+
+    try:
+        return load()
+    except MissingResourceError as exc:
+        pytest.skip(f"packaged resource unavailable: {exc}")
+

@@ -13,7 +13,12 @@ the same addressing for the GEMV (decode) and GEMM (prefill) paths:
 - ``scales``, ``zeros``: model dtype (n_groups, N), row ``k // group_size`` for column ``k``;
   ``deq = (q - zero) * scale``.
 - ``K_pad = n_groups * group_size`` is a multiple of 8; columns ``>= in_features`` are padding
-  (their codes dequantize to 0, and kernels mask them against the activations anyway).
+  (their codes dequantize to 0, and kernels mask them against the activations anyway). A
+  single group (per-channel) whose width is not a multiple of 8 is widened to the next whole
+  word by ``pack``: its padding codes are the zero point, and its packed group size is ``K_pad``.
+
+Other modules ask this one for what they need of the layout (``packed_shapes``,
+``padded_in_features``, ``group_size_of``) instead of re-deriving it.
 """
 from __future__ import annotations
 
@@ -22,8 +27,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from glowq_fx.quant.rtn import CODES_PER_WORD, QuantizedWeight
+from glowq_fx.quant.rtn import QuantizedWeight
 
+CODES_PER_WORD = 8  # 4-bit codes in one int32 word
 
 
 def _shifts(device: torch.device) -> Tensor:
@@ -47,16 +53,41 @@ class PackedW4:
         return self.qweight.shape[1]
 
 
+def padded_in_features(qweight: Tensor) -> int:
+    """``K_pad``: the columns a packed ``qweight`` (K_pad / 8, N) holds, padding included."""
+    return qweight.shape[0] * CODES_PER_WORD
+
+
+def group_size_of(qweight: Tensor, scales: Tensor) -> int:
+    """The packed group size implied by the shapes: ``K_pad / n_groups``."""
+    return padded_in_features(qweight) // scales.shape[0]
+
+
+def packed_shapes(in_features: int, out_features: int, group_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(qweight shape, scales and zeros shape) of a packed (out_features, in_features) weight in
+    groups of ``group_size`` packed columns; ``ValueError`` for a group size the layout cannot hold."""
+    if group_size < CODES_PER_WORD or group_size % CODES_PER_WORD:
+        raise ValueError(f"packed group size {group_size} is not a positive multiple of {CODES_PER_WORD}")
+    K_pad = -(-in_features // group_size) * group_size
+    return (K_pad // CODES_PER_WORD, out_features), (K_pad // group_size, out_features)
+
+
 def pack(qw: QuantizedWeight) -> PackedW4:
-    """Pack ``qw`` (codes (N, K_pad) uint8 in [0, 15]) into the kernel layout."""
+    """Pack ``qw`` (codes (N, K_codes) uint8 in [0, 15]) into the kernel layout."""
     if qw.bits != 4:
         raise ValueError(f"the packed layout holds 4-bit codes, got bits={qw.bits}")
-    N, K_pad = qw.codes.shape
+    codes, group_size = qw.codes, qw.group_size
+    N, K_pad = codes.shape
+    if K_pad % CODES_PER_WORD and K_pad == group_size:  # one group: widen it to whole words
+        K_pad = -(-K_pad // CODES_PER_WORD) * CODES_PER_WORD
+        codes = torch.cat([codes, qw.zeros.to(codes.dtype).expand(N, K_pad - group_size)], dim=1)
+        group_size = K_pad
     if K_pad % CODES_PER_WORD:
-        raise ValueError(f"padded in_features {K_pad} must be a multiple of {CODES_PER_WORD}")
-    if qw.codes.max() > 15:
+        raise ValueError(f"{K_pad} code columns in groups of {group_size}: a group size that is not a multiple of "
+                         f"{CODES_PER_WORD} fits the packed words only as a single group")
+    if codes.max() > 15:
         raise ValueError("codes exceed 4 bits (max 15)")
-    q = qw.codes.to(torch.int32).T.reshape(K_pad // CODES_PER_WORD, CODES_PER_WORD, N)
+    q = codes.to(torch.int32).T.reshape(K_pad // CODES_PER_WORD, CODES_PER_WORD, N)
     words = (q << _shifts(q.device)).sum(dim=1, dtype=torch.int64)
     # wrap into int32 two's complement (code 15 in the top nibble sets the sign bit)
     words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
@@ -64,13 +95,14 @@ def pack(qw: QuantizedWeight) -> PackedW4:
         qweight=words.contiguous(),
         scales=qw.scales.T.contiguous(),
         zeros=qw.zeros.T.contiguous(),
-        group_size=qw.group_size,
+        group_size=group_size,
         in_features=qw.in_features,
     )
 
 
 def unpack(p: PackedW4) -> QuantizedWeight:
-    """Inverse of ``pack``: exact."""
+    """Inverse of ``pack``: the same codes, scales and zeros (a single group widened to whole
+    words comes back widened, with the same dequantized weight)."""
     words = p.qweight
     q = (words.unsqueeze(1) >> _shifts(words.device)) & 0xF  # (K_pad/8, 8, N)
     codes = q.reshape(-1, p.out_features).T.to(torch.uint8).contiguous()
@@ -92,7 +124,7 @@ def dequantize_packed(
     Same arithmetic as ``QuantizedWeight.dequantize`` (float32, then cast), so eager modules
     and the CPU path of the ops reproduce the quantizer's ``W_q`` bit for bit.
     """
-    K_pad, N = qweight.shape[0] * CODES_PER_WORD, qweight.shape[1]
+    K_pad, N = padded_in_features(qweight), qweight.shape[1]
     q = (qweight.unsqueeze(1) >> _shifts(qweight.device)) & 0xF  # (K_pad/8, 8, N)
     q = q.reshape(K_pad // group_size, group_size, N).float()
     w = (q - zeros.float().unsqueeze(1)) * scales.float().unsqueeze(1)  # (G, g, N)

@@ -379,7 +379,7 @@ GEMM_CONFIGS = [
     _config(128, 64, 8, 4, block_m=128, block_r=64), _config(64, 64, 8, 3, block_m=128, block_r=64),
     _config(128, 32, 4, 3, block_m=64, block_r=32), _config(64, 64, 4, 3, block_m=64, block_r=32),
 ]
-_KEY = ["M", "K", "N0", "N1", "N2", "N3", "RANK"]
+AUTOTUNE_KEY = ["M", "K", "N0", "N1", "N2", "N3", "RANK"]
 
 
 GEMV_MIN_BLOCK_K = min(c.kwargs["BLOCK_K"] for c in GEMV_CONFIGS + SPLIT_K_CONFIGS + ROWS_GEMV_CONFIGS)
@@ -403,7 +403,7 @@ def interpreting() -> bool:
 
 def _autotuned(kernel, configs):
     # the interpreter cannot time configurations: it runs the first one
-    return triton.autotune(configs=configs[:1] if interpreting() else configs, key=_KEY)(kernel)
+    return triton.autotune(configs=configs[:1] if interpreting() else configs, key=AUTOTUNE_KEY)(kernel)
 
 
 @functools.lru_cache(maxsize=None)

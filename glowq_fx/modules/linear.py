@@ -3,7 +3,7 @@ projection ``R = x B^T`` its group shares.
 
 GlowQ's correction of member ``i`` is ``A_i (B x)``: ``B`` belongs to the group, ``A_i`` to the
 member. So ``B`` lives in one ``SharedProjection``, registered once in the module tree (on the
-members' closest common ancestor, see ``quantize``), and every ``QuantizedLinear`` of the group
+members' closest common ancestor, see ``install``), and every ``QuantizedLinear`` of the group
 holds a plain reference to it. In eager mode each member computes ``B x`` itself, which is
 correct but repeats work (on CUDA each member is one Triton launch with the correction in its
 epilogue, see ``glowq_fx.ops``); ``glowq_backend`` finds the members that read one input and one

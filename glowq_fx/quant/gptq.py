@@ -54,8 +54,7 @@ def quantize_gptq(
         raise ValueError(f"S must be ({K}, {K}) for a weight with {K} input columns, got {tuple(S.shape)}")
     if not torch.isfinite(S).all():
         raise ValueError("S contains NaN or Inf; the calibration activations were not finite")
-    g_eff, n_groups = group_geometry(K, group_size)
-    g = K if group_size == -1 else g_eff  # real columns per group while walking K
+    g, n_groups = group_geometry(K, group_size)
 
     W_work = W.float().clone()
     H = S.to(device=W.device, dtype=torch.float32).clone()
@@ -66,9 +65,9 @@ def quantize_gptq(
     scales = torch.empty(N, n_groups, device=W.device)
     zeros = torch.empty(N, n_groups, device=W.device)
     if act_order:
-        padded = torch.nn.functional.pad(W_work, (0, g_eff * n_groups - K))
+        padded = torch.nn.functional.pad(W_work, (0, g * n_groups - K))
         scales[:], zeros[:] = group_params(
-            padded.view(N, n_groups, g_eff), bits=bits, symmetric=symmetric, dtype=W.dtype
+            padded.view(N, n_groups, g), bits=bits, symmetric=symmetric, dtype=W.dtype
         )
         perm = torch.argsort(torch.diagonal(H), descending=True)
         W_work, H = W_work[:, perm], H[perm][:, perm]
@@ -113,14 +112,14 @@ def quantize_gptq(
     codes_orig = torch.empty_like(codes)
     codes_orig[:, perm] = codes
     # padded columns hold their group's zero point, exactly as RTN lays them out
-    pad_codes = zeros[:, -1:].expand(N, g_eff * n_groups - K)
+    pad_codes = zeros[:, -1:].expand(N, g * n_groups - K)
     codes_full = torch.cat([codes_orig, pad_codes], dim=1)
     assert 0 <= codes_full.min() and codes_full.max() <= maxq
     return QuantizedWeight(
         codes=codes_full.to(torch.uint8),
         scales=scales.to(W.dtype),
         zeros=zeros.to(W.dtype),
-        group_size=g_eff,
+        group_size=g,
         in_features=K,
         bits=bits,
     )

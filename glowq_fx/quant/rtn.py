@@ -14,8 +14,8 @@ Padding: when ``K`` is not a multiple of ``g`` (SmolLM2's 576 with g = 128), the
 padded with zero columns up to ``K_pad = ceil(K / g) * g``. Zero never widens a group's range
 (0 is always inside it), so the last group's scale and zero come from its real columns only,
 and a padded column gets the code ``z``, which dequantizes to exactly 0. Per-channel
-(``group_size=-1``) is one group of ``K_pad = ceil(K / 8) * 8`` columns, so that ``K_pad``
-always fills whole 32-bit words of the packed layout.
+(``group_size=-1``) is one group of exactly ``K`` columns (how codes are stored in words is
+the kernels' concern, ``glowq_fx.kernels.layout``).
 """
 from __future__ import annotations
 
@@ -27,8 +27,6 @@ from torch import Tensor
 
 from glowq_fx.config import BITS, GROUP_SIZES
 
-CODES_PER_WORD = 8  # 4-bit codes in one 32-bit word of the packed layout
-
 
 @dataclass
 class QuantizedWeight:
@@ -39,7 +37,7 @@ class QuantizedWeight:
             are padding and hold the zero point of their group.
         scales: model dtype (N, n_groups).
         zeros: model dtype (N, n_groups), integer-valued zero points.
-        group_size: columns per group in ``codes`` (``K_pad`` for per-channel).
+        group_size: columns per group in ``codes`` (``K`` for per-channel).
         in_features: K, the number of real input columns.
         bits: code width (4).
     """
@@ -68,7 +66,7 @@ class QuantizedWeight:
         return w.to(dtype or self.dtype)
 
     def nbytes(self) -> int:
-        """Storage of the packed form: 4-bit codes plus scales and zeros."""
+        """Storage of the codes at ``bits`` each plus scales and zeros."""
         code_bytes = self.codes.numel() * self.bits // 8
         return code_bytes + self.scales.numel() * self.scales.element_size() * 2
 
@@ -83,7 +81,7 @@ def group_geometry(in_features: int, group_size: int) -> tuple[int, int]:
     if in_features < 1:
         raise ValueError(f"in_features must be positive, got {in_features}")
     if group_size == -1:
-        return math.ceil(in_features / CODES_PER_WORD) * CODES_PER_WORD, 1
+        return in_features, 1
     return group_size, math.ceil(in_features / group_size)
 
 

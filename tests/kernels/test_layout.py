@@ -35,6 +35,34 @@ def test_pack_rejects_bad_codes():
     qw = QuantizedWeight(torch.full((2, 8), 16, dtype=torch.uint8), torch.ones(2, 1), torch.zeros(2, 1), 8, 8)
     with pytest.raises(ValueError, match="4 bits"):
         pack(qw)
-    qw = QuantizedWeight(torch.zeros(2, 12, dtype=torch.uint8), torch.ones(2, 1), torch.zeros(2, 1), 12, 12)
+    # three groups of 12 columns cannot be cut into whole words
+    qw = QuantizedWeight(torch.zeros(2, 36, dtype=torch.uint8), torch.ones(2, 3), torch.zeros(2, 3), 12, 36)
     with pytest.raises(ValueError, match="multiple of 8"):
         pack(qw)
+
+
+@pytest.mark.parametrize("K", [5, 37, 576])
+def test_a_single_group_is_widened_to_whole_words_with_zero_point_codes(K, gen):
+    """Per-channel codes cover exactly K columns; the packed layout widens the one group to the
+    next multiple of 8, the padding codes dequantize to 0, and every layout fact others use agrees."""
+    from glowq_fx.kernels.layout import dequantize_packed, group_size_of, packed_shapes, padded_in_features
+
+    qw = quantize_rtn(torch.randn(6, K, generator=gen), -1)
+    assert qw.codes.shape == (6, K) and qw.group_size == K
+    p = pack(qw)
+    K_pad = -(-K // 8) * 8
+    assert p.group_size == K_pad == padded_in_features(p.qweight) == group_size_of(p.qweight, p.scales)
+    assert (p.qweight.shape, p.scales.shape) == packed_shapes(K, 6, p.group_size)
+    assert torch.equal(unpack(p).codes[:, K:], qw.zeros.to(torch.uint8).expand(6, K_pad - K))
+    torch.testing.assert_close(dequantize_packed(p.qweight, p.scales, p.zeros, p.group_size, K, torch.float32),
+                               qw.dequantize(torch.float32), rtol=0, atol=0)
+
+
+def test_packed_shapes_refuse_group_sizes_the_words_cannot_hold():
+    from glowq_fx.kernels.layout import packed_shapes
+
+    assert packed_shapes(576, 10, 64) == ((72, 10), (9, 10))
+    assert packed_shapes(100, 10, 128) == ((16, 10), (1, 10))
+    for bad in (0, 4, 12):
+        with pytest.raises(ValueError, match="multiple of 8"):
+            packed_shapes(100, 10, bad)

@@ -9,7 +9,7 @@ offset moves an element by about the latter's square root term itself.
 import pytest
 import torch
 
-from glowq_fx import ops
+from glowq_fx.kernels import launch
 from glowq_fx.kernels import projection
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -21,7 +21,7 @@ def check(M, K, rank, dtype, gen, kernel, batch=()):
     B = (torch.randn(rank, K, generator=gen) / K**0.5).to(dtype).to(DEVICE)
     rows = x.numel() // K
     out = torch.full((rows, rank), float("nan"), dtype=dtype, device=DEVICE)
-    R = ops.launch_projection(x, B, kernel=kernel, out=out)
+    R = launch.launch_projection(x, B, kernel=kernel, out=out)
     assert R.shape == (*batch, M, rank) and R.data_ptr() == out.data_ptr()
     x64, B64 = x.double().reshape(rows, K), B.double()
     ref, spread = x64 @ B64.T, ((x64**2) @ (B64**2).T).sqrt()

@@ -15,8 +15,8 @@ index moves an element by about ``sqrt(sum t^2)`` itself, far outside.
 import pytest
 import torch
 
-from glowq_fx import ops
-from glowq_fx.kernels.layout import dequantize_packed
+from glowq_fx.kernels import launch
+from glowq_fx.kernels.layout import dequantize_packed, group_size_of
 from tests_helpers import packed_member
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -26,7 +26,7 @@ UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 def reference(x, member, R):
     """float64 ``y`` and the per-element scale ``sqrt(sum t^2)`` of its terms."""
     qweight, scales, zeros, bias, A = member
-    gs = ops.group_size_of(qweight, scales)
+    gs = group_size_of(qweight, scales)
     W = dequantize_packed(qweight, scales, zeros, gs, x.shape[-1], torch.float64)
     x64 = x.double()
     y = x64 @ W.T
@@ -40,11 +40,13 @@ def reference(x, member, R):
 
 
 def run_and_check(M, K, Ns, group_size, dtype, rank, bias, gen, **path):
+    """``group_size`` is one for every member, or a list: one per member."""
     x = torch.randn(M, K, generator=gen).to(dtype).to(DEVICE)
-    members = [packed_member(N, K, group_size, dtype, rank, bias, gen, DEVICE) for N in Ns]
+    sizes = group_size if isinstance(group_size, list) else [group_size] * len(Ns)
+    members = [packed_member(N, K, g, dtype, rank, bias, gen, DEVICE) for N, g in zip(Ns, sizes)]
     R = (torch.randn(M, rank, generator=gen)).to(dtype).to(DEVICE) if rank else None
     poisoned = [torch.full((M, N), float("nan"), dtype=dtype, device=DEVICE) for N in Ns]
-    outs = ops.launch_w4a16(x, *[list(t) for t in zip(*members)], R, outs=poisoned, **path)
+    outs = launch.launch_w4a16(x, *[list(t) for t in zip(*members)], R, outs=poisoned, **path)
     u = UNIT_ROUNDOFF[dtype]
     for i, (y, member) in enumerate(zip(outs, members)):
         assert y.data_ptr() == poisoned[i].data_ptr() and y.shape == (M, Ns[i])
@@ -135,14 +137,14 @@ def test_tile_group_divides_the_group_and_every_k_tile():
 def test_split_k_gemv_leaves_its_counters_at_zero(gen, monkeypatch):
     """The autotuner times a configuration by launching it again and again on the same buffers:
     each launch must put its arrival counters back to zero, or the next one never writes."""
-    fresh = ops._split_k_scratch
+    fresh = launch.split_k_scratch
     kept = {}
 
     def same_buffers(x2, Ns):
         kept.setdefault(tuple(Ns), fresh(x2, Ns))
         return kept[tuple(Ns)]
 
-    monkeypatch.setattr(ops, "_split_k_scratch", same_buffers)
+    monkeypatch.setattr(launch, "split_k_scratch", same_buffers)
     for _ in range(3):
         run_and_check(1, 1100, [40, 24], 64, torch.float16, 8, True, gen, split_k=True)
         (arrivals,) = [buffers[1] for buffers in kept.values()]
@@ -163,7 +165,7 @@ def test_strided_weights_are_read_as_their_values(M, path, gen):
     wide = lambda t: torch.cat([t, torch.full_like(t, 7.0)], dim=-1)[..., :t.shape[-1]]  # same values, row stride 2N
     strided = (qweight, wide(scales), wide(zeros), torch.stack([bias, -bias], 1)[:, 0], A.t().contiguous().t())
     assert not any(t.is_contiguous() for t in strided[1:])
-    (y,) = ops.launch_w4a16(x, *[[t] for t in strided], R, **path)
+    (y,) = launch.launch_w4a16(x, *[[t] for t in strided], R, **path)
     ref, spread = reference(x, (qweight, scales, zeros, bias, A), R)
     assert ((y.double() - ref).abs() <= 2 * 2**-11 * ref.abs() + 8 * 2**-11 * spread).all()
 
@@ -174,7 +176,7 @@ def test_mixed_bias_and_correction_in_one_group(gen):
     x = torch.randn(M, K, generator=gen).to(dtype).to(DEVICE)
     members = [packed_member(40, K, 64, dtype, 4, True, gen, DEVICE), packed_member(24, K, 64, dtype, 0, False, gen, DEVICE)]
     R = torch.randn(M, 4, generator=gen).to(dtype).to(DEVICE)
-    outs = ops.launch_w4a16(x, *[list(t) for t in zip(*members)], R)
+    outs = launch.launch_w4a16(x, *[list(t) for t in zip(*members)], R)
     for y, m in zip(outs, members):
         ref, spread = reference(x, m, R if m[4] is not None else None)
         assert ((y.double() - ref).abs() <= 2 * 2**-11 * ref.abs() + 8 * 2**-11 * spread).all()
@@ -209,7 +211,7 @@ def test_every_autotune_configuration_is_right(attr, index, gen, monkeypatch):
     from glowq_fx.kernels import w4a16 as kernels
 
     raw, configs, path, row_counts = CONFIG_LISTS[attr]
-    only = triton.autotune(configs=[getattr(kernels, configs)[index]], key=kernels._KEY)(getattr(kernels, raw))
+    only = triton.autotune(configs=[getattr(kernels, configs)[index]], key=kernels.AUTOTUNE_KEY)(getattr(kernels, raw))
     monkeypatch.setattr(kernels, attr, only)
     try:
         for M in row_counts:
@@ -217,3 +219,10 @@ def test_every_autotune_configuration_is_right(attr, index, gen, monkeypatch):
             run_and_check(M, 1100, [40, 24], 32, torch.float16, 8, False, gen, **path)
     except triton.runtime.errors.OutOfResources as exc:  # compiled on a GPU only; its autotuner skips it too
         pytest.skip(f"this configuration does not fit this GPU: {exc}")
+
+
+@pytest.mark.parametrize("M", [1, 3, 200])
+def test_members_of_other_group_sizes_share_one_call(M, gen):
+    """The rewrite fuses every member that reads one x; the launcher gives each group size its own
+    launch (a kernel specialisation), and every member still gets its own exact output."""
+    run_and_check(M, 200, [40, 24, 33, 16], [32, 64, -1, 32], torch.float16, 5, True, gen)

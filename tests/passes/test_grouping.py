@@ -8,7 +8,8 @@ import transformers as T
 from torch import fx, nn
 from torch._functorch.aot_autograd import aot_module_simplified
 
-from passes.grouping import CapturedGraph, GroupFilter, find_input_sharing_groups, group_name
+from passes.grouping import CapturedGraph, find_input_sharing_groups
+from passes.groups import GroupFilter
 from tests_helpers import tiny_llama_config
 
 
@@ -223,9 +224,3 @@ def test_activation_products_are_not_linears(gen):
     model = Attn()
     analysis = find_input_sharing_groups(*_dynamo(model, torch.randn(4, 16, generator=gen)), model=model)
     assert [g.name for g in analysis.groups] == ["{q,k}"] and not analysis.skipped
-
-
-def test_group_name():
-    assert group_name(["a.b.q", "a.b.k"]) == "a.b.{q,k}"
-    assert group_name(["x.fc"]) == "x.fc"
-    assert group_name(["h.0.attn.q", "h.0.mlp.fc"]) == "h.0.{attn.q,mlp.fc}"

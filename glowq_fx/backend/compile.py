@@ -1,0 +1,63 @@
+"""``glowq_backend``: the torch.compile backend for models that ``quantize_`` prepared.
+
+    model = torch.compile(model, backend=glowq_backend)                       # default
+    model = torch.compile(model, backend=glowq_backend, mode="reduce-overhead")  # CUDA graphs
+    model = torch.compile(model, backend=functools.partial(glowq_backend, debug=True))
+
+It is also registered under the name ``"glowq"`` (the ``torch_dynamo_backends`` entry point), so
+``torch.compile(model, backend="glowq")`` works once glowq-fx is installed.
+
+It runs ``passes.rewrite`` on the graph Dynamo captured (one shared projection per group, each
+group's members in one fused W4A16 + low-rank node), checks the graph, and hands it to Inductor,
+which compiles everything else and calls the ``glowq::`` ops (Triton kernels on CUDA) from its
+generated code.
+A graph without quantized linears is compiled unchanged. The backend registers no tensors and
+changes no global state: the model was quantized before compiling.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import fx
+
+from glowq_fx import ops  # noqa: F401  (registers the glowq:: ops named below)
+from glowq_fx.backend._inductor import compile_with_inductor, mode_options
+from passes.rewrite import QuantizedOps, RewriteReport, fuse_shared_projections
+
+# the glowq:: ops (registered by importing glowq_fx.ops) that the rewrite reads and writes
+GLOWQ_OPS = QuantizedOps(linear=torch.ops.glowq.w4a16_linear.default,
+                         projection=torch.ops.glowq.shared_projection.default,
+                         group=torch.ops.glowq.w4a16_group.default)
+
+_OWN_OPTIONS = ("glowq.debug", "glowq.fuse")
+
+
+def glowq_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: str | None = None,
+                  options: dict[str, Any] | None = None, dynamic: bool | None = None, debug: bool = False,
+                  fuse: bool = True, **kwargs: Any):
+    """Compile a Dynamo graph with GlowQ's rewrite, then Inductor.
+
+    Args:
+        gm, example_inputs: what Dynamo hands a backend (tensors and SymInts).
+        mode: ``torch.compile``'s ``mode`` (passed through to Inductor).
+        options: Inductor config patches, plus ``"glowq.debug"`` / ``"glowq.fuse"`` (the two
+            arguments below, for use through ``torch.compile(options=...)``).
+        dynamic: ``torch.compile``'s ``dynamic``, for the mode's options.
+        debug: print the groups found and the rewritten graph.
+        fuse: run the rewrite (``False`` compiles the graph as captured: for comparisons).
+    """
+    if kwargs:
+        raise TypeError(f"glowq_backend got unexpected arguments {sorted(kwargs)}: it takes mode=, options=, "
+                        "dynamic=, debug= and fuse=")
+    patches = dict(options or {})
+    debug = bool(patches.pop("glowq.debug", debug))
+    fuse = bool(patches.pop("glowq.fuse", fuse))
+    patches = {**mode_options(mode, dynamic), **patches}
+    report = fuse_shared_projections(gm, example_inputs, ops=GLOWQ_OPS) if fuse else RewriteReport()  # lints the graph
+    if debug:
+        print(report)
+        print(gm.code)
+    gm.meta["glowq_rewrite"] = report  # for tests and tools that inspect the compiled graph
+    return compile_with_inductor(gm, example_inputs, patches)

@@ -1,0 +1,1 @@
+"""Stage 2: one input second moment ``S`` per group (``calibrate.calibrate``)."""

@@ -1,0 +1,175 @@
+"""Find a model's input-sharing groups: from its captured graph, checked by forward hooks.
+
+``find_groups`` captures the model's graph on one batch (``graphs.capture_graphs``; the graph is
+what ``glowq_backend`` will see later), hands the pieces to
+``passes.grouping.find_input_sharing_groups``, then runs the model once more eagerly with
+forward hooks to learn which linears actually ran. Linears that ran but appear in no captured
+graph (a frame Dynamo skipped, or a capture that failed) are grouped by the hooks instead, with
+a warning: hooks see sharing only through the identical tensor object, not through views or
+casts. Graph breaks are named in a warning.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from glowq_fx.capture.graphs import capture_graphs
+from glowq_fx.capture.hooks import input_sharing_groups
+from glowq_fx.capture.run import Run, check_model, run_batch
+from glowq_fx.config import GlowQConfig
+from glowq_fx.errors import warn
+from glowq_fx.modules.linear import linear_weight
+from passes.grouping import SharingAnalysis, find_input_sharing_groups, owner_of, parameter_owners
+from passes.groups import GroupFilter, InputGroup
+
+log = logging.getLogger(__name__)
+
+def output_head(model: nn.Module) -> str | None:
+    """Qualified name of the output projection (``get_output_embeddings()``, else ``lm_head``)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for name, m in model.named_modules():
+        if (head is not None and m is head) or (head is None and name.split(".")[-1] == "lm_head"):
+            return name
+    return None
+
+
+def group_filter(model: nn.Module, config: GlowQConfig) -> GroupFilter:
+    skip = {}
+    head = output_head(model)
+    if head is not None and not config.quantize_output_head:
+        skip[head] = "the output head stays in full precision (set quantize_output_head=True to quantize it)"
+    return GroupFilter(skip=skip, include=config.include, exclude=config.exclude,
+                       min_out_features=config.min_out_features)
+
+
+@dataclass
+class GroupDiscovery:
+    """What ``find_groups`` found.
+
+    Attributes:
+        groups: input-sharing groups, in graph order.
+        skipped: module -> why it is not quantized.
+        graph_breaks: Dynamo's reasons, when the forward did not capture as one graph.
+        pieces: number of captured graph pieces (0 when the capture failed).
+        from_hooks: modules grouped by forward hooks because no captured graph contained them.
+        analysis: the graph analysis (None when the capture failed).
+    """
+
+    groups: list[InputGroup]
+    skipped: dict[str, str] = field(default_factory=dict)
+    graph_breaks: list[str] = field(default_factory=list)
+    pieces: int = 0
+    from_hooks: list[str] = field(default_factory=list)
+    analysis: SharingAnalysis | None = None
+
+
+def _names(items: list[str], limit: int = 3) -> str:
+    return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def find_groups(model: nn.Module, example_batch: object, config: GlowQConfig | None = None, *,
+                run: Run = run_batch) -> GroupDiscovery:
+    """Input-sharing groups of ``model`` from its captured graph (see the module docstring).
+
+    Args:
+        model: the floating-point model (any device, any ``nn.Module``).
+        example_batch: one batch, as ``run`` takes it.
+        config: filters (output head, include/exclude patterns, ``min_out_features``).
+        run: ``run(model, batch)`` does one forward pass (default ``run_batch``).
+    """
+    config = config or GlowQConfig()
+    check_model(model)
+    filter = group_filter(model, config)
+    modules = dict(model.named_modules())
+    discovery = GroupDiscovery(groups=[])
+    try:
+        pieces, discovery.graph_breaks = capture_graphs(model, example_batch, run)
+        discovery.pieces = len(pieces)
+        if pieces:
+            discovery.analysis = find_input_sharing_groups(pieces, model=model, filter=filter)
+            discovery.groups = list(discovery.analysis.groups)
+            discovery.skipped.update(discovery.analysis.skipped)
+    except Exception as exc:  # any capture failure; a real model error resurfaces in the eager pass below
+        warn(f"capturing the graph of {type(model).__name__} failed ({type(exc).__name__}: "
+              f"{str(exc).splitlines()[0] if str(exc) else ''}); falling back to forward hooks, which group "
+              "linears only when they receive the very same tensor (not through views or casts)")
+    if discovery.graph_breaks:
+        warn(f"the forward pass of {type(model).__name__} captured as {discovery.pieces} graphs; graph breaks: "
+              f"{'; '.join(discovery.graph_breaks)}. Groups were stitched across the breaks through the tensors "
+              "passed between the pieces; remove the break (e.g. data-dependent control flow) to compile one graph")
+
+    # which linear-like modules really ran, and how hooks would group them
+    hook_groups = input_sharing_groups(model, lambda m: run(m, example_batch))
+    ran = {m for g in hook_groups for m in g.members}
+    grouped = {m for g in discovery.groups for m in g.members}
+    owners = parameter_owners(model)
+    position = {name: i for i, name in enumerate(modules)}
+    missing = []
+    for name in sorted(ran - grouped - set(discovery.skipped), key=position.__getitem__):
+        module = modules[name]
+        _, why = owner_of(owners.get(id(module.weight), [f"{name}.weight"]), modules)
+        why = why or filter.reason(name, linear_weight(module).shape[0])
+        if why is not None:
+            discovery.skipped[name] = why
+        else:
+            missing.append(name)
+    if missing:
+        warn(f"{len(missing)} linears ran but are in no captured graph ({_names(missing)}); grouped by forward "
+              "hooks instead")
+        discovery.groups += [g.subset(m for m in g.members if m in missing) for g in hook_groups
+                             if any(m in missing for m in g.members)]
+        discovery.from_hooks = missing
+    _check_members(model, discovery)
+    _warn_skipped(model, discovery)
+    if not discovery.groups:
+        raise ValueError(f"no linear layer of {type(model).__name__} is left to quantize: "
+                         f"{_names([f'{k} ({v})' for k, v in discovery.skipped.items()])}")
+    return discovery
+
+
+def _check_members(model: nn.Module, discovery: GroupDiscovery) -> None:
+    modules = dict(model.named_modules())
+    kept = []
+    for g in discovery.groups:
+        members = []
+        for name in g.members:
+            if linear_weight(modules[name]) is None:
+                discovery.skipped[name] = (f"{type(modules[name]).__name__} is used as a linear but is not an "
+                                           "nn.Linear or transformers Conv1D: glowq-fx swaps only those")
+            else:
+                members.append(name)
+        if members:
+            g = g if len(members) == len(g.members) else g.subset(members)
+            check_one_dtype(g, modules)
+            kept.append(g)
+    discovery.groups = kept
+
+
+def check_one_dtype(group: InputGroup, modules: Mapping[str, nn.Module]) -> None:
+    """Raise ``ValueError`` when the members of ``group`` do not share one weight dtype."""
+    dtypes = {m: linear_weight(modules[m]).dtype for m in group.members}
+    if len(set(dtypes.values())) > 1:
+        detail = ", ".join(f"{m}: {d}" for m, d in dtypes.items())
+        raise ValueError(f"the members of {group.name} read one input but have different dtypes ({detail}); "
+                         "cast the model to one dtype, e.g. model.to(torch.bfloat16)")
+
+
+def _warn_skipped(model: nn.Module, discovery: GroupDiscovery) -> None:
+    """One warning per kind of unusual skip (expected ones, like the output head, are logged)."""
+    unusual = {k: v for k, v in discovery.skipped.items()
+               if "output head" not in v and "tied to the embedding" not in v and "pattern" not in v}
+    for k, v in discovery.skipped.items():
+        if k not in unusual:
+            log.info("not quantized: %s: %s", k, v)
+    if unusual:
+        details = [f"{k} ({v})" for k, v in unusual.items()]
+        warn(f"not quantized: {_names(details, limit=4)}; the report's skipped field lists them all")
+    experts = sorted({n for n, m in model.named_modules()
+                      if any(p.dim() >= 3 for p in m.parameters(recurse=False))
+                      and not isinstance(m, nn.modules.conv._ConvNd)})
+    if experts:
+        warn(f"leaving {len(experts)} MoE expert modules unquantized ({_names(experts)}): their fused 3-D "
+              "expert weights are not linears; glowq-fx quantizes the dense linears only")

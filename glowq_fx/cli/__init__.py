@@ -1,0 +1,1 @@
+"""The ``glowq`` command (``main``) and ``glowq demo`` (``demo``)."""

@@ -1,0 +1,386 @@
+"""The ``glowq`` command."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from glowq_fx._console import format_table
+from glowq_fx.data.cache import MissingResourceError
+from glowq_fx.config import GlowQConfig
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from glowq_fx.cli.demo import DemoSettings, run_demo
+
+    run_demo(DemoSettings(eval_tokens=args.eval_tokens, rank=args.rank, group_size=args.group_size,
+                          calib_samples=args.calib_samples, compile=not args.no_compile, out=args.out))
+    return 0
+
+
+def _select(args: argparse.Namespace) -> int:
+    """GlowQ-S study: full GlowQ once, each score's top-k sweep, elbows, the quantize-time 'auto' pick."""
+    import copy
+    import dataclasses
+    import json
+    import platform
+    import time
+
+    import torch
+
+    from glowq_fx import calibrate, quantize_
+    from glowq_fx.data.batches import text_calibration_batches, tokenize
+    from glowq_fx.data.corpus import load_text
+    from glowq_fx.data.models import load_model
+    from glowq_fx.evaluation.perplexity import perplexity
+    from glowq_fx.selective.corrections import Corrections
+    from glowq_fx.selective.study import SweepPoint, correction_latency, plot_studies, rank_sweep, study
+
+    t_start = time.perf_counter()
+    config = GlowQConfig(group_size=args.group_size, rank=args.rank, method="glowq")
+    model, tokenizer = load_model(args.model, dtype=_torch_dtype(args.dtype), device=args.device)
+    tokens = tokenize(tokenizer, load_text(args.text))
+    batches = text_calibration_batches(tokenizer, args.calib, args.calib_samples, args.calib_len, device=args.device)
+    calibrated = calibrate(model, batches, config)
+    # the equal-bytes baseline, every group at another rank; first, so a bad rank fails before the study
+    ranks = rank_sweep(model, calibrated, config, args.compare_rank or [], tokens, seq_len=args.seq_len,
+                       max_tokens=args.eval_tokens, batch_size=args.batch_size,
+                       latency_tokens=args.latency_tokens or None)
+    quantized = copy.deepcopy(model)
+    report = quantize_(quantized, calibrated, config)
+    measure = text_calibration_batches(tokenizer, args.calib, args.measure_samples, args.measure_len, seed=1,
+                                       device=args.device)
+    corrections = Corrections(quantized)
+    latency, unit_ms = (correction_latency(corrections, tokens=args.latency_tokens) if args.latency_tokens
+                        else (None, None))
+    studies = study(quantized, report, tokens, args.score or ["gain"], step=args.step, batches=measure,
+                    seq_len=args.seq_len, max_tokens=args.eval_tokens, batch_size=args.batch_size,
+                    latency_ms=unit_ms)
+    # what GlowQConfig(selective="auto") keeps: quantize_ itself, on the same calibration
+    auto_report = quantize_(model, calibrated, dataclasses.replace(config, selective="auto"))
+    auto = [g.name for g in auto_report.groups if g.restored]
+    auto_ppl = perplexity(model, tokens, args.seq_len, batch_size=args.batch_size, max_tokens=args.eval_tokens,
+                          desc="selective='auto'").perplexity
+    auto_point = SweepPoint(len(auto), auto_report.total("factor_bytes"), auto_ppl,
+                            None if unit_ms is None else sum(unit_ms[n] for n in auto))
+    full = studies[0].points[-1]
+    none = studies[0].points[0]
+    rows = []
+    elbows = [(f"elbow of the {st.score} sweep (bytes)", st.elbow) for st in studies]
+    if latency is not None:
+        elbows += [(f"elbow of the {st.score} sweep (latency)", st.latency_elbow) for st in studies]
+    lower = [(f"every group at rank {r}", ranks[r]) for r in sorted(ranks, reverse=True)]
+    for label, point in [*elbows, ("selective='auto' (at quantization)", auto_point), *lower]:
+        if point is None:
+            rows.append([label] + ["-"] * 6)
+            continue
+        rows.append([label, f"{point.k}/{studies[0].units}", f"{point.factor_bytes / studies[0].total_bytes:.2f}",
+                     "-" if point.latency_ms is None else f"{point.latency_ms / full.latency_ms:.2f}",
+                     f"{point.perplexity:.3f}", f"{100 * (point.perplexity / full.perplexity - 1):+.2f}%",
+                     f"{100 * (none.perplexity - point.perplexity) / (none.perplexity - full.perplexity):.0f}%"])
+    headers = ["selection", "groups kept", "bytes kept", "latency kept", "perplexity", "vs full GlowQ",
+               "of GlowQ's gain"]
+    table = format_table(headers, rows)
+    print(f"\nfull GlowQ {full.perplexity:.3f}, none restored (RTN) {none.perplexity:.3f}")
+    print(table)
+    meta = {"command": "glowq " + " ".join(args.argv),
+            "machine": (f"{torch.cuda.get_device_name(args.device)}, {args.dtype}" if args.device.startswith("cuda")
+                        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads "
+                             f"(CPU), {args.dtype}"),
+            "torch": torch.__version__, "model": args.model, "config": config.to_dict(),
+            "evaluated_tokens": int(min(tokens.numel(), args.eval_tokens or tokens.numel())), "seq_len": args.seq_len,
+            "calibration": f"{args.calib_samples} x {args.calib_len} tokens of {args.calib}",
+            "measured_score_batches": f"{args.measure_samples} x {args.measure_len} tokens of {args.calib}",
+            "full_glowq_perplexity": full.perplexity, "rtn_perplexity": none.perplexity,
+            "auto": {**auto_point.to_dict(), "groups": auto, "loss_curve": auto_report.selection},
+            "studies": [st.to_dict() for st in studies],
+            "lower_ranks": {str(r): p.to_dict() for r, p in sorted(ranks.items())},
+            "latency": None if latency is None else latency.to_dict(),
+            "time_s": time.perf_counter() - t_start, "date": time.strftime("%Y-%m-%d")}
+    out = args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(meta, indent=1))
+    md = [f"# GlowQ-S on {args.model}", "", f"`{meta['command']}`", "",
+          f"GlowQ rank {args.rank}, W4 g{args.group_size}; perplexity over {meta['evaluated_tokens']:,} tokens of "
+          f"{args.text} (windows of {args.seq_len}); sweep step {args.step}; {meta['machine']}, torch "
+          f"{meta['torch']}, {meta['date']}. Full GlowQ {full.perplexity:.3f}, RTN {none.perplexity:.3f}.", "",
+          *_latency_lines(latency, full),
+          "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    md += ["| " + " | ".join(r) + " |" for r in rows]
+    out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    plot_studies(studies, out.with_suffix(".png"), f"GlowQ-S, {args.model}, rank {args.rank}",
+                 latency_device=meta["machine"], marks=[("selective='auto'", auto_point)],
+                 ranks={**ranks, args.rank: full} if ranks else None)
+    print(f"wrote {out.with_suffix('.json')}, .md, .png ({meta['time_s']:.0f} s)")
+    return 0
+
+
+def _latency_lines(latency, full) -> list[str]:
+    if latency is None:
+        return []
+    shapes = "; ".join(f"{d['shape']}: {1e3 * d['correction_ms']:.1f} us over {1e3 * d['uncorrected_ms']:.1f} us"
+                       for d in latency.to_dict()["shapes"])
+    where = ("the pure-torch CPU path, not a GPU figure" if latency.device == "cpu"
+             else "CUDA-graph replays of the kernels")
+    return [f"Correction latency per unit shape at {latency.tokens} token(s), measured on {latency.device} "
+            f"({where}): {shapes}. All corrections: {full.latency_ms:.3f} ms per step; 'latency kept' is the "
+            "fraction of that.", ""]
+
+
+def _config_from_args(args: argparse.Namespace) -> GlowQConfig:
+    return GlowQConfig(bits=args.bits, group_size=args.group_size, symmetric=args.symmetric, quantizer=args.quantizer,
+                       method=args.method, rank=args.rank, svd=args.svd, seed=args.seed, exclude=tuple(args.exclude),
+                       quantize_output_head=args.quantize_output_head)
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from glowq_fx import quantize_, save_quantized
+    from glowq_fx.data.batches import text_calibration_batches
+    from glowq_fx.data.models import load_model
+
+    config = _config_from_args(args)
+    model, tokenizer = load_model(args.model, dtype=_torch_dtype(args.dtype), device=args.device)
+    batches = text_calibration_batches(tokenizer, args.calib, args.calib_samples, args.calib_len, seed=args.seed,
+                                       device=args.device)
+    report = quantize_(model, batches, config)
+    print(report)
+    out = save_quantized(model, args.out, report=report, tokenizer=tokenizer)
+    print(f"saved to {out}")
+    return 0
+
+
+def _load_any(name: str, dtype: str, device: str):
+    """A quantized checkpoint directory, or a floating-point model (built-in name, directory, hub name)."""
+    from glowq_fx.checkpoint import is_checkpoint, load_quantized
+    from glowq_fx.data.models import load_model
+
+    if is_checkpoint(name):
+        from transformers import AutoTokenizer
+
+        return load_quantized(name, device=device), AutoTokenizer.from_pretrained(name), "quantized checkpoint"
+    model, tokenizer = load_model(name, dtype=_torch_dtype(dtype), device=device)
+    return model, tokenizer, f"{dtype} model"
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from glowq_fx.data.batches import tokenize
+    from glowq_fx.data.corpus import load_text
+    from glowq_fx.evaluation.perplexity import perplexity
+
+    model, tokenizer, kind = _load_any(args.model, args.dtype, args.device)
+    tokens = tokenize(tokenizer, load_text(args.text))
+    r = perplexity(model, tokens, args.seq_len, batch_size=args.batch_size, max_tokens=args.max_tokens)
+    print(format_table(["model", "kind", "text", "perplexity", "nll", "tokens", "windows", "seq_len", "seconds"],
+                       [[args.model, kind, args.text, f"{r.perplexity:.3f}", f"{r.nll:.4f}", f"{r.n_tokens:,}",
+                         str(r.n_windows), str(r.seq_len), f"{r.time_s:.0f}"]]))
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from glowq_fx.checkpoint import is_checkpoint
+    from glowq_fx.cli.demo import time_eager_vs_compiled
+
+    if not is_checkpoint(args.model):
+        raise ValueError(f"{args.model} is not a quantized checkpoint; make one with "
+                         f"`glowq quantize MODEL --out DIR` and bench DIR")
+    model, _, _ = _load_any(args.model, "float32", args.device)
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.randint(0, vocab, (args.batch, args.tokens), generator=torch.Generator().manual_seed(0))
+    t = time_eager_vs_compiled(model, ids.to(args.device), args.repeats)
+    print(format_table(["run", "ms", "vs eager"],
+                       [["eager", f"{t.eager_ms:.2f}", "1.00x"],
+                        ["torch.compile(backend=glowq_backend)", f"{t.compiled_ms:.2f}", f"{t.speedup:.2f}x"]]))
+    print(f"{args.batch} x {args.tokens} tokens on {args.device}, torch {torch.__version__}, median of {args.repeats}; "
+          f"compile {t.compile_s:.0f} s; max relative difference of the logits {t.max_rel_diff:.1e}")
+    return 0
+
+
+def _build_from_config(model: str, layers: int | None):
+    """A transformers model at its real layer shapes, from a model type or a local directory.
+
+    Weights are never loaded or initialised: the model is built on the meta device and then
+    given zero-filled CPU storage in bfloat16 (groups depend on shapes only). The meta device
+    alone is not enough: some forwards index with CPU tensors or branch on mask values.
+    """
+    import os
+
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from glowq_fx.data.models import BUILTIN_MODELS, resolve_model
+
+    if model in BUILTIN_MODELS:
+        model = resolve_model(model)
+    if os.path.isdir(model):
+        config = AutoConfig.from_pretrained(model)
+    elif model in CONFIG_MAPPING:
+        config = AutoConfig.for_model(model)
+    else:
+        raise ValueError(f"{model!r} is neither a local model directory nor a transformers model type "
+                         "(e.g. llama, gpt2, gptj, falcon); hub names need a download, which glowq does not do")
+    if layers is not None:
+        if layers < 1:
+            raise ValueError(f"--layers must be positive, got {layers}")
+        config.num_hidden_layers = min(layers, config.num_hidden_layers)
+    with torch.device("meta"):
+        try:
+            net = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        except ValueError:
+            net = AutoModel.from_config(config, dtype=torch.bfloat16)
+    net = net.to_empty(device="cpu")
+    with torch.no_grad():
+        for t in [*net.parameters(), *net.buffers()]:
+            t.zero_()
+    if hasattr(net, "tie_weights"):
+        net.tie_weights()  # to_empty replaced tied parameters one module at a time
+    return net.eval(), config
+
+
+def _groups(args: argparse.Namespace) -> int:
+    import warnings
+
+    import torch
+
+    from glowq_fx import GlowQWarning, find_groups
+
+    net, config = _build_from_config(args.model, args.layers)
+    batch = {"input_ids": torch.zeros(1, 8, dtype=torch.long)}
+    glowq_config = GlowQConfig(min_out_features=args.min_out_features, exclude=tuple(args.exclude),
+                               quantize_output_head=args.quantize_output_head)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        found = find_groups(net, batch, glowq_config)
+    print(f"glowq groups: {type(net).__name__} ({config.model_type}, {config.num_hidden_layers} layers), "
+          f"{found.pieces} captured graph(s)")
+    rows = [[g.name, str(len(g.members)), str(g.in_features), "/".join(map(str, g.out_features))]
+            for g in found.groups]
+    print(format_table(["group", "k", "d_in", "d_out"], rows))
+    shared = sum(len(g.members) > 1 for g in found.groups)
+    print(f"{len(found.groups)} groups ({shared} shared by 2+ linears), "
+          f"{sum(len(g.members) for g in found.groups)} linears")
+    for name, why in found.skipped.items():
+        print(f"not quantized: {name}: {why}")
+    for w in caught:
+        if issubclass(w.category, GlowQWarning):
+            print(f"warning: {w.message}")
+    return 0
+
+
+def _quantization_args(p: argparse.ArgumentParser) -> None:
+    d = GlowQConfig()
+    p.add_argument("--method", default=d.method, choices=["glowq", "qera", "lqer", "svd", "none"])
+    p.add_argument("--rank", type=int, default=d.rank)
+    p.add_argument("--group-size", type=int, default=d.group_size, help="32..256, or -1 for per-channel")
+    p.add_argument("--bits", type=int, default=d.bits)
+    p.add_argument("--quantizer", default=d.quantizer, choices=["rtn", "gptq"])
+    p.add_argument("--symmetric", action="store_true")
+    p.add_argument("--svd", default=d.svd, choices=["randomized", "exact"])
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--exclude", action="append", default=[], help="regex of modules to leave out (repeatable)")
+    p.add_argument("--quantize-output-head", action="store_true")
+    p.add_argument("--calib", default="news", help="calibration text: news, wikipedia or a text file")
+    p.add_argument("--calib-samples", type=int, default=32)
+    p.add_argument("--calib-len", type=int, default=512)
+
+
+def _device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="float32", choices=_DTYPES)
+    p.add_argument("--device", default="cpu")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="glowq", description="GlowQ: 4-bit LLMs with group-shared low-rank correction")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="SmolLM2 on Wikipedia text: groups, perplexity of RTN / independent / GlowQ, "
+                                       "eager vs compiled, a PNG plot")
+    demo.add_argument("--eval-tokens", type=int, default=8192, help="prefix of the text to score")
+    demo.add_argument("--rank", type=int, default=64)
+    demo.add_argument("--group-size", type=int, default=64)
+    demo.add_argument("--calib-samples", type=int, default=16)
+    demo.add_argument("--no-compile", action="store_true", help="skip the eager vs compiled timing")
+    demo.add_argument("--out", type=Path, default=Path("glowq-demo"))
+    demo.set_defaults(func=_demo)
+
+    quantize = sub.add_parser("quantize", help="quantize a model and save the checkpoint")
+    quantize.add_argument("model", help="smollm2 (built in), a local model directory or a hub name")
+    quantize.add_argument("--out", type=Path, required=True)
+    _quantization_args(quantize)
+    _device_args(quantize)
+    quantize.set_defaults(func=_quantize)
+
+    evaluate = sub.add_parser("eval", help="perplexity of a model or a quantized checkpoint")
+    evaluate.add_argument("model", help="a quantized checkpoint directory, smollm2, a model directory or a hub name")
+    evaluate.add_argument("--text", default="wikipedia", help="wikipedia, news or a text file")
+    evaluate.add_argument("--seq-len", type=int, default=2048)
+    evaluate.add_argument("--max-tokens", type=int, default=None, help="score a prefix of the text")
+    evaluate.add_argument("--batch-size", type=int, default=1)
+    _device_args(evaluate)
+    evaluate.set_defaults(func=_eval)
+
+    bench = sub.add_parser("bench", help="forward time of a quantized checkpoint, eager vs glowq_backend")
+    bench.add_argument("model", help="a quantized checkpoint directory")
+    bench.add_argument("--tokens", type=int, default=128)
+    bench.add_argument("--batch", type=int, default=1)
+    bench.add_argument("--repeats", type=int, default=5)
+    bench.add_argument("--device", default="cpu")
+    bench.set_defaults(func=_bench)
+
+    select = sub.add_parser("select", help="GlowQ-S: sweep top-k restored groups per score, find the elbows, "
+                                           "write a table and a PNG")
+    select.add_argument("model", nargs="?", default="smollm2")
+    select.add_argument("--score", action="append", choices=["gain", "weight_error", "measured"],
+                        help="ranking score (repeatable; default gain)")
+    select.add_argument("--rank", type=int, default=64)
+    select.add_argument("--group-size", type=int, default=64)
+    select.add_argument("--step", type=int, default=8, help="sweep k = 0, step, 2 step, ..., all")
+    select.add_argument("--compare-rank", type=int, action="append",
+                        help="also quantize every group at this rank (repeatable): the equal-bytes "
+                             "baseline a selection has to beat")
+    select.add_argument("--text", default="wikipedia")
+    select.add_argument("--eval-tokens", type=int, default=8192)
+    select.add_argument("--seq-len", type=int, default=1024)
+    select.add_argument("--batch-size", type=int, default=1)
+    select.add_argument("--calib", default="news")
+    select.add_argument("--calib-samples", type=int, default=32)
+    select.add_argument("--calib-len", type=int, default=512)
+    select.add_argument("--measure-samples", type=int, default=2, help="batches of the measured score")
+    select.add_argument("--measure-len", type=int, default=256)
+    select.add_argument("--latency-tokens", type=int, default=1,
+                        help="rows of the timed input for the latency cost model (1 = decode); 0 skips timing")
+    _device_args(select)
+    select.add_argument("--out", type=Path, default=Path("glowq-select") / "selective")
+    select.set_defaults(func=_select)
+
+    groups = sub.add_parser("groups", help="print the input-sharing groups found in a model's graph")
+    groups.add_argument("model", help="smollm2, a transformers model type (llama, gpt2, ...) or a local model directory")
+    groups.add_argument("--layers", type=int, default=2,
+                        help="layers to build (default 2: the groups repeat per layer)")
+    groups.add_argument("--all-layers", dest="layers", action="store_const", const=None,
+                        help="build every layer of the config")
+    groups.add_argument("--min-out-features", type=int, default=GlowQConfig.min_out_features)
+    groups.add_argument("--exclude", action="append", default=[], help="regex of modules to leave out (repeatable)")
+    groups.add_argument("--quantize-output-head", action="store_true")
+    groups.set_defaults(func=_groups)
+    args = parser.parse_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])  # for the command line written with results
+    try:
+        return args.func(args)
+    except (ValueError, MissingResourceError) as exc:
+        print(f"glowq: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

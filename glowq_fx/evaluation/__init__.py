@@ -1,0 +1,1 @@
+"""Evaluation: perplexity (``perplexity``) and many methods from one calibration (``accuracy``)."""

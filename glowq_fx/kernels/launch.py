@@ -1,0 +1,198 @@
+"""Launching the Triton kernels: path by number of rows, per-launch scratch buffers, and the
+run-time choice between equivalent paths (``fastest_path``).
+
+``launch_w4a16`` serves every member of a group that reads one ``x``: below
+``DEQUANT_MATMUL_MIN_M`` rows one launch per ``MAX_MEMBERS`` members of one kind (bias, correction,
+group size), from there a dequantize + cuBLAS per member. ``launch_projection`` computes
+``R = x B^T``. Both take checked inputs (``glowq_fx.ops`` checks them) and work on CPU tensors
+under ``TRITON_INTERPRET=1``. The Triton modules are imported on first launch, so importing this
+one needs no GPU and compiles nothing.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.library import wrap_triton
+
+from glowq_fx.kernels.fastest_path import FASTEST
+from glowq_fx.kernels.layout import group_size_of
+
+
+def launch_w4a16(x: Tensor, qweights: Sequence[Tensor], scales: Sequence[Tensor], zeros: Sequence[Tensor],
+                 biases: Sequence[Optional[Tensor]], As: Sequence[Optional[Tensor]], R: Optional[Tensor],
+                 outs: Optional[Sequence[Tensor]] = None, split_k: Optional[bool] = None,
+                 rows_gemv: Optional[bool] = None) -> list[Tensor]:
+    """Run the Triton kernels for members that read ``x`` (checked by the caller): below
+    ``DEQUANT_MATMUL_MIN_M`` rows one launch per ``MAX_MEMBERS`` members of one kind (bias and
+    correction present or not, group size), from there a dequantize + cuBLAS per member. Returns each member's output
+    ``x.shape[:-1] + (N_i,)``, written into ``outs[i]`` (contiguous, (rows, N_i)) when given.
+    Works on CPU tensors under ``TRITON_INTERPRET=1``.
+
+    ``split_k`` (one row only): True / False force the split-K / plain GEMV; None times both once
+    per shape on the GPU and keeps the faster (the plain one under the interpreter). ``rows_gemv``
+    (2 to ``SMALL_M`` rows): the same choice between the several-row GEMV and the small-M
+    tensor-core GEMM (the GEMM under the interpreter)."""
+    from glowq_fx.kernels import w4a16 as kernels
+
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    R2 = None if R is None else R.reshape(-1, R.shape[-1])
+    if R2 is not None and R2.stride(-1) != 1:
+        R2 = R2.contiguous()
+    # the kernels index the weights as dense row-major: a strided view (a transposed A, a column
+    # slice of scales) would be read as the wrong elements, so such a tensor is copied once here
+    qweights, scales, zeros, biases, As = ([_dense(t) for t in ts] for ts in (qweights, scales, zeros, biases, As))
+    results: list[Optional[Tensor]] = [None] * len(qweights)
+    shape = lambda i: (*x.shape[:-1], qweights[i].shape[1])
+    if M == 0:  # nothing to launch (and no shape to time)
+        return [(x2.new_empty(0, q.shape[1]) if outs is None else outs[i]).view(shape(i)) for i, q in enumerate(qweights)]
+    if M >= kernels.DEQUANT_MATMUL_MIN_M:  # one dequantize + cuBLAS per member, no fused launch
+        for i in range(len(qweights)):
+            y = x2.new_empty(M, qweights[i].shape[1]) if outs is None else outs[i]
+            _dequantized_matmul(x2, qweights[i], scales[i], zeros[i], biases[i], As[i], R2, y)
+            results[i] = y.view(shape(i))
+        return results  # type: ignore[return-value]
+    kinds: dict[tuple[bool, bool, int], list[int]] = {}  # one kernel specialisation per kind
+    for i in range(len(qweights)):
+        kinds.setdefault((biases[i] is not None, As[i] is not None, group_size_of(qweights[i], scales[i])), []).append(i)
+    for (has_bias, has_a, gs), idx in kinds.items():
+        for c in range(0, len(idx), kernels.MAX_MEMBERS):
+            chunk = idx[c:c + kernels.MAX_MEMBERS]
+            ys = [x2.new_empty(M, qweights[i].shape[1]) if outs is None else outs[i] for i in chunk]
+            slots = []
+            for j in range(kernels.MAX_MEMBERS):
+                i = chunk[min(j, len(chunk) - 1)]  # unused slots repeat the last member
+                y = ys[min(j, len(chunk) - 1)]
+                dummy = scales[i]  # a pointer of the activation dtype for absent bias / A
+                slots += [qweights[i], scales[i], zeros[i], As[i] if has_a else dummy,
+                          biases[i] if has_bias else dummy, y, qweights[i].shape[1]]
+            rank = 0 if R2 is None or not has_a else R2.shape[1]
+            common = dict(NUM_MEMBERS=len(chunk), GROUP_SIZE=gs, HAS_A=has_a, HAS_BIAS=has_bias)
+            # every kernel argument is passed explicitly: Inductor's analysis of user kernels does
+            # not see Python defaults
+            tile_group = kernels.tile_group(gs, scales[chunk[0]].shape[0])  # the GEMVs' scale slab
+            gemm_only = dict(UPCAST_DOT=kernels.interpreting() and x.dtype == torch.bfloat16)
+            Ns = [qweights[i].shape[1] for i in chunk]
+            blocks = lambda meta: sum(_cdiv(n, meta["BLOCK_N"]) for n in Ns)
+            head = (x2, R2 if has_a else x2, x2.stride(0), R2.stride(0) if has_a else 0, M, K, rank)
+            if M == 1:
+                grid = lambda meta: (blocks(meta), M, meta["SPLIT_K"])
+
+                def plain():
+                    wrap_triton(kernels.gemv_kernel)[grid](*head, x2, x2, 0, *slots, **common, TILE_GROUP=tile_group)
+                    return ys
+
+                def split():
+                    ws, arrivals, ws_stride = split_k_scratch(x2, Ns)
+                    wrap_triton(kernels.gemv_split_k_kernel)[grid](*head, ws, arrivals, ws_stride, *slots, **common,
+                                                                   TILE_GROUP=tile_group)
+                    return ys
+
+                use_split = split_k  # decided per launch: each has its own shape and agreement check
+                if use_split is None:
+                    key = ("gemv", x2.device, x2.dtype, K, tuple(Ns), rank, gs, has_a, has_bias)
+                    use_split = FASTEST.choose(key, {"split": split, "plain": plain}, fallback="plain") == "split"
+                (split if use_split else plain)()
+            else:
+                kernel = kernels.small_m_kernel if M <= kernels.SMALL_M else kernels.gemm_kernel
+
+                def gemm():
+                    wrap_triton(kernel)[lambda meta: (_cdiv(M, meta["BLOCK_M"]), blocks(meta))](
+                        *head, *slots, **common, **gemm_only)
+                    return ys
+
+                def rows():
+                    block_m = min(kernels.ROWS_GEMV_MAX_BLOCK_M, 1 << (M - 1).bit_length())
+                    wrap_triton(kernels.rows_gemv_kernel)[lambda meta: (blocks(meta), _cdiv(M, block_m))](
+                        *head, *slots, **common, BLOCK_M=block_m, TILE_GROUP=tile_group)
+                    return ys
+
+                use_rows = False if M > kernels.SMALL_M else rows_gemv  # decided per launch, as above
+                if use_rows is None:
+                    key = ("small_m", x2.device, x2.dtype, M, K, tuple(Ns), rank, gs, has_a, has_bias)
+                    use_rows = FASTEST.choose(key, {"rows": rows, "gemm": gemm}, fallback="gemm") == "rows"
+                (rows if use_rows else gemm)()
+            for i, y in zip(chunk, ys):
+                results[i] = y.view(shape(i))
+    return results  # type: ignore[return-value]
+
+
+def _dense(t: Optional[Tensor]) -> Optional[Tensor]:
+    return t if t is None or t.is_contiguous() else t.contiguous()
+
+
+def split_k_scratch(x2: Tensor, Ns: Sequence[int]) -> tuple[Tensor, Tensor, int]:
+    """Fresh (float32 partials, zeroed arrival counters, partial row stride) for one split-K
+    launch: per launch, not cached, so concurrent launches never share counters."""
+    from glowq_fx.kernels import w4a16 as kernels
+
+    ws_stride, counters, most = kernels.split_k_buffers(tuple(Ns))
+    M = x2.shape[0]
+    ws = x2.new_empty(most * M * ws_stride, dtype=torch.float32)
+    return ws, torch.zeros(M * counters, dtype=torch.int32, device=x2.device), ws_stride
+
+
+def launch_projection(x: Tensor, B: Tensor, kernel: Optional[bool] = None, out: Optional[Tensor] = None) -> Tensor:
+    """``R = x B^T`` on the GPU (or under ``TRITON_INTERPRET=1``): up to
+    ``kernels.projection.MAX_ROWS`` rows the Triton GEMV or cuBLAS, whichever ran faster on this
+    shape (``kernel`` True / False forces one), beyond that cuBLAS. Written into ``out``
+    (contiguous, (rows, rank)) when given."""
+    from glowq_fx.kernels import projection
+
+    K, rank = x.shape[-1], B.shape[0]
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if B.stride(-1) != 1:
+        B = B.contiguous()
+    M = x2.shape[0]
+    R = x2.new_empty(M, rank) if out is None else out
+    if M == 0:
+        return R.view(*x.shape[:-1], rank)
+
+    def triton_gemv():
+        grid = lambda meta: (_cdiv(rank, meta["BLOCK_R"]), M)
+        wrap_triton(projection.projection_gemv_kernel)[grid](x2, B, R, K, rank, x2.stride(0), B.stride(0),
+                                                              R.stride(0))
+        return R
+
+    def cublas():
+        return torch.mm(x2, B.t(), out=R)
+
+    if M > projection.MAX_ROWS:
+        kernel = False
+    elif kernel is None:
+        key = ("projection", x2.device, x2.dtype, M, K, rank)
+        kernel = FASTEST.choose(key, {"triton": triton_gemv, "cublas": cublas}, fallback="cublas") == "triton"
+    (triton_gemv if kernel else cublas)()
+    return R.view(*x.shape[:-1], rank)
+
+
+def _dequantized_matmul(x2: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Optional[Tensor],
+                        A: Optional[Tensor], R2: Optional[Tensor], y: Tensor) -> None:
+    """Prefill: ``W_q^T`` (K, N) into a buffer by one Triton kernel, then cuBLAS; the correction
+    is one more thin GEMM accumulated into ``y``. From ``DEQUANT_MATMUL_MIN_M`` rows this beat
+    our fused dequant-GEMM on the H100 (which dequantizes in registers and reached a third of
+    cuBLAS): the dequantization (a read of 0.5 and a write of 2 bytes per weight) is amortized."""
+    from glowq_fx.kernels import w4a16 as kernels
+
+    K, N = x2.shape[1], qweight.shape[1]
+    Wt = x2.new_empty(K, N)
+    wrap_triton(kernels.dequantize_kernel)[(_cdiv(K, 64), _cdiv(N, 128))](
+        qweight, scales, zeros, Wt, N, K, GROUP_SIZE=group_size_of(qweight, scales), BLOCK_N=128, BLOCK_K=64)
+    if bias is None:
+        torch.mm(x2, Wt, out=y)
+    else:
+        torch.addmm(bias, x2, Wt, out=y)
+    if A is not None:
+        y.addmm_(R2, A.t())
+
+
+def _cdiv(a, b):
+    return (a + b - 1) // b

@@ -1,0 +1,100 @@
+"""What ``quantize_`` did, per group and in total: ``QuantizationReport``."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from glowq_fx._console import format_table
+from glowq_fx.config import GlowQConfig
+
+
+@dataclass
+class GroupReport:
+    """One group's outcome.
+
+    ``error_before`` / ``error_after`` are the whitened errors ``tr(E S E^T)`` (raw ``S``,
+    i.e. the mean squared output error per token) summed over members, before and after the
+    correction. Bytes are those stored: packed 4-bit codes, scales plus zeros, and the
+    correction factors (every ``A_i`` and the group's ``B``, or each member's ``B_i``).
+    """
+
+    name: str
+    members: tuple[str, ...]
+    in_features: int
+    out_features: tuple[int, ...]
+    rank: int
+    error_before: float
+    error_after: float
+    code_bytes: int
+    scale_bytes: int
+    factor_bytes: int
+    dense_bytes: int
+    solve_time_s: float
+    weight_error: float = 0.0  # ||E||_F / ||W||_F over the members (the quantization alone)
+    restore_gain: float = 0.0  # whitened error the solved correction removes (GlowQ-S score)
+    candidate_factor_bytes: int = 0  # bytes of the solved factors, stored or not
+    restored: bool = True  # False: GlowQ-S left this group uncorrected
+    member_gains: tuple[float, ...] = ()  # whitened error each member's correction removes
+
+    @property
+    def relative_error(self) -> float:
+        return self.error_after / self.error_before if self.error_before else 0.0
+
+
+@dataclass
+class QuantizationReport:
+    """What ``quantize_`` did: per-group rows, skipped modules with reasons, totals."""
+
+    config: GlowQConfig
+    groups: list[GroupReport]
+    skipped: dict[str, str] = field(default_factory=dict)
+    graph_breaks: list[str] = field(default_factory=list)
+    n_batches: int = 0
+    n_tokens: int = 0
+    time_s: float = 0.0
+    selection: dict | None = None  # selective="auto": the measured loss curve and the knee
+
+    def total(self, key: str) -> int:
+        return sum(getattr(g, key) for g in self.groups)
+
+    @property
+    def quantized_bytes(self) -> int:
+        return self.total("code_bytes") + self.total("scale_bytes") + self.total("factor_bytes")
+
+    def to_dict(self) -> dict:
+        return {"config": self.config.to_dict(), "groups": [asdict(g) for g in self.groups],
+                "skipped": dict(self.skipped), "graph_breaks": list(self.graph_breaks),
+                "n_batches": self.n_batches, "n_tokens": self.n_tokens, "time_s": self.time_s,
+                "selection": self.selection}
+
+    def table(self) -> str:
+        rows = [[g.name, str(len(g.members)), str(g.in_features), str(sum(g.out_features)), str(g.rank),
+                 f"{g.error_before:.4g}", f"{g.error_after:.4g}", f"{g.relative_error:.3f}",
+                 f"{g.code_bytes + g.scale_bytes:,}", f"{g.factor_bytes:,}"] for g in self.groups]
+        before, after = self.total("error_before"), self.total("error_after")
+        rows.append(["total", str(sum(len(g.members) for g in self.groups)),
+                     "", "", "", f"{before:.4g}", f"{after:.4g}", f"{after / before if before else 0:.3f}",
+                     f"{self.total('code_bytes') + self.total('scale_bytes'):,}", f"{self.total('factor_bytes'):,}"])
+        headers = ["group", "k", "d_in", "sum d_out", "rank", "err before", "err after", "after/before",
+                   "W4 bytes", "factor bytes"]
+        return format_table(headers, rows)
+
+    def __str__(self) -> str:
+        dense = self.total("dense_bytes")
+        lines = [f"glowq-fx: {sum(len(g.members) for g in self.groups)} linears in {len(self.groups)} groups, "
+                 f"method {self.config.method}, rank {self.config.rank}, {self.config.quantizer.upper()} "
+                 f"W{self.config.bits} g{self.config.group_size}; {self.n_batches} batches, {self.n_tokens} tokens, "
+                 f"{self.time_s:.1f} s",
+                 f"bytes: {dense:,} dense -> {self.quantized_bytes:,} quantized "
+                 f"({self.quantized_bytes / dense if dense else 0:.3f}x)", self.table()]
+        if self.config.selective is not None:
+            kept = [g for g in self.groups if g.restored]
+            lines.append(f"GlowQ-S ({self.config.selective!r}): corrections kept for {len(kept)} of {len(self.groups)} "
+                         f"groups, {self.total('factor_bytes'):,} of {self.total('candidate_factor_bytes'):,} factor bytes")
+            if self.selection is not None:
+                curve = self.selection["curve"]
+                lines.append(f"  knee of the calibration loss ({self.selection['curve_tokens']} tokens): "
+                             f"{curve[0]['loss']:.4f} with none, {curve[-1]['loss']:.4f} with all corrections, "
+                             f"kept the best {self.selection['kept']}")
+        if self.skipped:
+            lines.append("not quantized: " + "; ".join(f"{k}: {v}" for k, v in self.skipped.items()))
+        return "\n".join(lines)

@@ -1,0 +1,56 @@
+"""The private Dynamo detail glowq-fx reads, behind one small wrapper.
+
+Dynamo reports *why* a graph broke only through its internal counters (``explain`` resets the
+whole compile cache, a process-wide side effect we refuse). torch 2.11 counts breaks under
+``"graph_break"``, 2.13 under ``"unimplemented"``; both are read. ``tests/passes/test_dynamo.py``
+fails loudly if a known break stops showing up here.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+_BREAK_COUNTERS = ("graph_break", "unimplemented")
+
+
+def break_counters() -> Counter:
+    """A snapshot of Dynamo's graph-break counters (reason -> count)."""
+    from torch._dynamo.utils import counters
+
+    snapshot: Counter = Counter()
+    for key in _BREAK_COUNTERS:
+        snapshot.update(dict(counters.get(key, {})))
+    return snapshot
+
+
+def new_break_reasons(before: Counter) -> list[str]:
+    """Graph-break reasons counted since ``before``, each shortened to its first line and the
+    user-code location Dynamo quotes (``File ..., line N, in f, code: ...``)."""
+    reasons = []
+    for reason, count in (break_counters() - before).items():
+        lines = [line.strip() for line in str(reason).splitlines() if line.strip()]
+        where = next((line for line in lines if line.startswith("# File") or line.startswith("File ")), "")
+        text = lines[0] if lines else str(reason)
+        reasons.append(f"{text} ({where.lstrip('# ')})" if where else text)
+    return reasons
+
+
+_SOURCE_PART = re.compile(r"_(?:modules|parameters|buffers)\['([^']+)'\]|\[(\d+)\]")
+
+
+def placeholder_fqn(node) -> str | None:
+    """The model attribute a Dynamo graph placeholder stands for, as a dotted name
+    (``model.layers.0.self_attn.q_proj.qweight``), or None for a user input.
+
+    Dynamo keeps the source of each graph input in ``node.meta["grapharg"].source``, printed
+    like ``L['self']._modules['model']._modules['layers']._modules['0']._buffers['qweight']``.
+    """
+    grapharg = node.meta.get("grapharg")
+    source = getattr(grapharg, "source", None)
+    if source is None:
+        return None
+    name = source.name() if callable(source.name) else source.name
+    parts = [a or b for a, b in _SOURCE_PART.findall(str(name))]
+    if not parts or "._parameters[" not in name and "._buffers[" not in name:
+        return None
+    return ".".join(parts)

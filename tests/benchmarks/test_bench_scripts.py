@@ -1,0 +1,79 @@
+"""The GPU benchmark scripts' code paths, run small on the CPU (their numbers come from the GPU)."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_selective_decode_benchmark_runs_every_variant_on_a_tiny_model(capsys):
+    bench = _load("bench_selective_decode")
+    assert bench.main(["--tiny", "--layers", "1", "--new-tokens", "4", "--repeats", "1"]) == 0
+    printed = capsys.readouterr().out
+    for variant in ("float32", "W4A16", "independent (QERA)", "GlowQ", "GlowQ-S (keep 0.5)",
+                    "GlowQ rank 16 (every group)"):
+        assert f"{variant}: " in printed
+
+
+def test_selective_decode_benchmark_refuses_a_cpu_only_full_run(monkeypatch):
+    bench = _load("bench_selective_decode")
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="CUDA machine"):
+        bench.main([])
+    with pytest.raises(SystemExit, match="compare-rank must lie"):
+        bench.main(["--compare-rank", "64"])
+
+
+def test_first_token_weighting_counts_the_first_position_c_times():
+    """c = 1 gives calibrate's S; S(c) = S(0) + c (S(1) - S(0)) for any c (the first position's
+    share scales linearly), and S(0) differs from S(1) (the first position was really there)."""
+    import torch
+
+    from glowq_fx import GlowQConfig, calibrate
+    from tests_helpers import random_llama
+
+    probe = _load("probe_gptq_sink")
+    model = random_llama().eval()
+    gen = torch.Generator().manual_seed(torch.initial_seed() % 2**31)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=gen)
+    batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
+    calibrated = calibrate(model, batches, GlowQConfig(rank=4), progress=False)
+    S = {c: probe.first_token_weighted(model, calibrated, batches, c) for c in (0.0, 1.0, 7.0)}
+    for g in calibrated.groups:
+        s0, s1, s7 = (S[c][g.name].value() * S[c][g.name].n_tokens for c in (0.0, 1.0, 7.0))
+        assert torch.allclose(S[1.0][g.name].value(), calibrated.statistics[g.name].value(), rtol=1e-5, atol=1e-6)
+        assert torch.allclose(s7, s0 + 7 * (s1 - s0), rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(s0, s1)
+
+
+def test_w4a16_benchmark_table_and_chosen_paths(tmp_path):
+    """The GPU table's writer on the stored H100 results: every cell's ratio is recomputed from
+    the JSON, and the ops' per-shape kernel choices are counted per kind and row count."""
+    import json
+
+    bench = _load("bench_w4a16")
+    results = json.loads((ROOT / "benchmarks" / "results" / "w4a16_gpu.json").read_text())
+    chosen = {("gemv", "cuda", "bf16", 4096, (4096,), 64, 128, True, False): "split",
+                                          ("gemv", "cuda", "bf16", 14336, (4096,), 64, 128, True, False): "plain",
+                                          ("small_m", "cuda", "bf16", 4, 4096, (4096,), 64, 128, True, False): "rows",
+                                          ("small_m", "cuda", "bf16", 4, 4096, (14336, 14336), 0, 128, False, False):
+                                              "rows"}
+    results["chosen_paths"] = bench.chosen_paths(chosen)
+    assert results["chosen_paths"] == {"gemv": {"split": 1, "plain": 1}, "small_m M=4": {"rows": 2}}
+    bench.write(results, tmp_path)
+    table = (tmp_path / "w4a16_gpu.md").read_text()
+    assert "gemv: plain 1, split 1; small_m M=4: rows 2." in table
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    bf16_m1 = results["rows"]["bf16 cuBLAS"]["1"]["us_per_layer"]
+    glowq_m1 = results["rows"]["GlowQ fused"]["1"]["us_per_layer"]
+    assert f"{bf16_m1 / glowq_m1:.2f}x bf16" in rows["GlowQ fused"].split(" | ")[1]
+    assert json.loads((tmp_path / "w4a16_gpu.json").read_text())["chosen_paths"] == results["chosen_paths"]

@@ -1,0 +1,88 @@
+"""Perplexity protocol and calibration windows."""
+import math
+
+import pytest
+import torch
+import transformers as T
+from torch import nn
+
+from glowq_fx.evaluation.perplexity import perplexity, window_nll, windows
+from tests_helpers import tiny_llama_config
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return T.LlamaForCausalLM(tiny_llama_config()).double().eval()
+
+
+def _stream(n, vocab=128, seed=None):
+    gen = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    return torch.randint(0, vocab, (n,), generator=gen)
+
+
+def test_windows_cover_the_stream_in_order_with_the_partial_tail():
+    tokens = _stream(1000)
+    pieces = windows(tokens, 128)
+    assert [p.numel() for p in pieces] == [128] * 7 + [104]
+    assert torch.equal(torch.cat(pieces), tokens)
+    assert [p.numel() for p in windows(tokens, 333)] == [333, 333, 333]  # a 1-token tail predicts nothing
+    assert torch.equal(torch.cat(windows(tokens, 100, max_tokens=250)), tokens[:250])
+
+
+@pytest.mark.parametrize("bad", [dict(seq_len=1), dict(seq_len=16, max_tokens=1)])
+def test_windows_refuse_bad_sizes(bad):
+    with pytest.raises(ValueError, match="at least 2"):
+        windows(_stream(10), **bad)
+
+
+def test_perplexity_is_the_token_weighted_mean_over_windows(model):
+    tokens = _stream(300)
+    seq = 64
+    # by hand: each window alone, every predicted token weighted once
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for w in tokens.split(seq):
+            logits = model(input_ids=w[None]).logits[0]
+            logp = torch.log_softmax(logits, -1)
+            total -= logp[torch.arange(w.numel() - 1), w[1:]].sum().item()
+            count += w.numel() - 1
+    expected = math.exp(total / count)
+    for batch_size in (1, 3):  # batching the full windows changes nothing
+        r = perplexity(model, tokens, seq, batch_size=batch_size, progress=False)
+        assert r.n_tokens == count == 300 - 5 and r.n_windows == 5
+        assert r.perplexity == pytest.approx(expected, rel=1e-9)
+
+
+class _Uniform(nn.Module):
+    """A causal LM that knows nothing: equal logits for every token."""
+
+    def __init__(self, vocab):
+        super().__init__()
+        self.vocab = vocab
+        self.scale = nn.Parameter(torch.zeros(()))
+
+    def forward(self, input_ids):
+        return T.modeling_outputs.CausalLMOutput(logits=self.scale * torch.ones(*input_ids.shape, self.vocab))
+
+
+def test_uniform_model_has_perplexity_equal_to_the_vocabulary():
+    vocab = 97
+    r = perplexity(_Uniform(vocab), _stream(500, vocab), 100, batch_size=2, progress=False)
+    assert r.perplexity == pytest.approx(vocab, rel=1e-6)
+
+
+def test_window_nll_checks_the_model_output(model):
+    class Wrong(nn.Module):
+        def forward(self, input_ids):
+            return T.modeling_outputs.CausalLMOutput(logits=torch.zeros(1, 3, 5))
+
+    with pytest.raises(ValueError, match="logits of shape"):
+        window_nll(Wrong(), torch.zeros(2, 4, dtype=torch.long))
+
+
+def test_perplexity_refuses_empty_streams_and_batches(model):
+    with pytest.raises(ValueError, match="shorter than 2"):
+        perplexity(model, _stream(1), 16, progress=False)
+    with pytest.raises(ValueError, match="batch_size"):
+        perplexity(model, _stream(50), 16, batch_size=0, progress=False)

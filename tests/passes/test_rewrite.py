@@ -1,0 +1,112 @@
+"""passes.rewrite on ops it has never heard of: the pass knows the quantized ops only through the
+``QuantizedOps`` its caller names, so ops defined here (plain dense weights standing in for packed
+ones) are rewritten as the backend's ``glowq::`` ops are: one projection per group, one group node."""
+import operator
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from torch.library import custom_op
+
+from passes.rewrite import QuantizedOps, fuse_shared_projections
+
+
+@custom_op("rewrite_test::linear", mutates_args=())
+def _linear(x: Tensor, weight: Tensor, scales: Tensor, zeros: Tensor, bias: Optional[Tensor], A: Optional[Tensor],
+            R: Optional[Tensor]) -> Tensor:
+    y = x @ weight * scales - zeros  # weight (K, N): the packed weight's last dimension is N
+    y = y if bias is None else y + bias
+    return y if A is None else y + R @ A.T
+
+
+@_linear.register_fake
+def _(x, weight, scales, zeros, bias, A, R):
+    return x.new_empty(*x.shape[:-1], weight.shape[-1])
+
+
+@custom_op("rewrite_test::projection", mutates_args=())
+def _projection(x: Tensor, B: Tensor) -> Tensor:
+    return x @ B.T
+
+
+@_projection.register_fake
+def _(x, B):
+    return x.new_empty(*x.shape[:-1], B.shape[0])
+
+
+@custom_op("rewrite_test::group", mutates_args=())
+def _group(x: Tensor, weights: list[Tensor], scales: list[Tensor], zeros: list[Tensor], biases: list[Optional[Tensor]],
+           As: list[Optional[Tensor]], R: Optional[Tensor]) -> list[Tensor]:
+    return [_linear(x, *args, R) for args in zip(weights, scales, zeros, biases, As)]
+
+
+@_group.register_fake
+def _(x, weights, scales, zeros, biases, As, R):
+    return [x.new_empty(*x.shape[:-1], w.shape[-1]) for w in weights]
+
+
+OPS = QuantizedOps(linear=torch.ops.rewrite_test.linear.default, projection=torch.ops.rewrite_test.projection.default,
+                   group=torch.ops.rewrite_test.group.default)
+
+
+class Member(nn.Module):
+    def __init__(self, K, N, B, gen, corrected=True):
+        super().__init__()
+        self.register_buffer("weight", torch.randn(K, N, generator=gen))
+        self.register_buffer("scales", torch.rand(N, generator=gen) + 0.5)
+        self.register_buffer("zeros", torch.randn(N, generator=gen))
+        self.register_buffer("A", torch.randn(N, B.shape[0], generator=gen) if corrected else None)
+        self.B = B  # the group's, shared by reference
+
+    def forward(self, x):
+        R = None if self.A is None else _projection(x, self.B)
+        return _linear(x, self.weight, self.scales, self.zeros, None, self.A, R)
+
+
+class Block(nn.Module):
+    """Three members read one input through a norm; a fourth reads the output of the first."""
+
+    def __init__(self, gen):
+        super().__init__()
+        self.register_buffer("B", torch.randn(4, 16, generator=gen))
+        self.q, self.k, self.v = (Member(16, n, self.B, gen) for n in (16, 8, 8))
+        self.o = Member(16, 16, torch.randn(4, 16, generator=gen), gen, corrected=False)
+
+    def forward(self, x):
+        h = torch.nn.functional.layer_norm(x, (16,))
+        return self.o(self.q(h) + torch.cat([self.k(h), self.v(h)], -1))
+
+
+def test_the_rewrite_runs_on_ops_its_caller_names(gen):
+    block = Block(gen)
+    x = torch.randn(3, 5, 16, generator=gen)
+    reports = []
+
+    def backend(gm, example_inputs):
+        reports.append((fuse_shared_projections(gm, example_inputs, ops=OPS), gm))
+        return gm.forward
+
+    compiled = torch.compile(block, backend=backend, fullgraph=True)
+    torch.testing.assert_close(compiled(x), block(x), rtol=1e-5, atol=1e-5)
+    (report, gm), = reports
+    nodes = list(gm.graph.nodes)
+    assert report.projections_before == 3 and report.projections_after == 1
+    assert sum(n.target is OPS.projection for n in nodes) == 1
+    (group,) = [n for n in nodes if n.target is OPS.group]
+    assert len(group.args[1]) == 3 and report.linears_fused == 3
+    assert sum(n.target is operator.getitem and n.args[0] is group for n in nodes) == 3
+    assert sum(n.target is OPS.linear for n in nodes) == 1  # o reads another input: left as it was
+
+
+def test_a_graph_without_the_named_ops_comes_out_unchanged(gen):
+    lin = nn.Linear(8, 8)
+    seen = []
+
+    def backend(gm, example_inputs):
+        before = str(gm.graph)
+        report = fuse_shared_projections(gm, example_inputs, ops=OPS)
+        seen.append((before == str(gm.graph), report.groups))
+        return gm.forward
+
+    torch.compile(lin, backend=backend)(torch.randn(2, 8, generator=gen))
+    assert seen == [(True, [])]
