@@ -18,6 +18,9 @@ GROUP_SIZES = (32, 64, 128, 256, -1)  # -1: one group per output channel (per-ch
 QUANTIZERS = ("rtn", "gptq")
 METHODS = ("glowq", "qera", "lqer", "svd", "none")
 SVD_MODES = ("randomized", "exact")
+CALIBRATIONS = ("auto", "blocks", "model")
+BLOCK_INPUTS = ("float", "quantized")
+ACTIVATION_PLACES = ("auto", "device", "cpu", "disk")
 
 
 @dataclass
@@ -60,6 +63,25 @@ class GlowQConfig:
             saves is whole units (launches, latency); to save bytes, a lower ``rank`` on every
             group measured better on SmolLM2 (``benchmarks/results/selective.md``).
 
+    The calibration pass (``glowq_fx.calibration``):
+        calibration: ``"blocks"`` runs the model one repeated block (decoder layer) at a time:
+            the inputs of the first block are cached for every batch, then each block collects
+            its groups' ``S``, is quantized, and produces the next block's inputs, so only one
+            block's ``S`` (and, with weights elsewhere, one block's weights) is on the compute
+            device at a time. ``"model"`` runs whole-model forward passes and holds every
+            group's ``S`` at once. ``"auto"``: blocks when the model has repeated blocks
+            (``capture.blocks.find_blocks``), else the whole model.
+        block_inputs: what feeds block ``i + 1`` with ``calibration="blocks"``: ``"float"`` the
+            outputs of the unquantized block ``i`` (every group sees the float model's
+            statistics, exactly as the whole-model pass), ``"quantized"`` the outputs of the
+            quantized and corrected block ``i`` (GPTQ's "true sequential" at block level: later
+            blocks are calibrated on the inputs they will really see; inside a block, its groups
+            are calibrated on the float block).
+        activations: where the cached block inputs live: ``"device"`` (the compute device),
+            ``"cpu"``, ``"disk"`` (``offload_dir``, else a temporary directory, removed after),
+            or ``"auto"``: the first that holds them in half of its measured free memory.
+        offload_dir: the directory for ``activations="disk"`` (and the fallback of ``"auto"``).
+
     Which linears are quantized (``passes.grouping.GroupFilter``):
         include: regular expressions (``re.search`` on the qualified module name); when
             non-empty only matching modules are quantized.
@@ -93,6 +115,10 @@ class GlowQConfig:
     quantize_output_head: bool = False
     min_out_features: int = 32
     selective: str | float | int | None = None
+    calibration: str = "auto"
+    block_inputs: str = "float"
+    activations: str = "auto"
+    offload_dir: str | None = None
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -102,6 +128,9 @@ class GlowQConfig:
         _check_choice("method", self.method, METHODS)
         _check_choice("svd", self.svd, SVD_MODES)
         _check_choice("stats_dtype", self.stats_dtype, ("float32", "float64"))
+        _check_choice("calibration", self.calibration, CALIBRATIONS)
+        _check_choice("block_inputs", self.block_inputs, BLOCK_INPUTS)
+        _check_choice("activations", self.activations, ACTIVATION_PLACES)
         if not isinstance(self.rank, int) or self.rank < 0:
             raise ValueError(f"rank must be a non-negative int, got {self.rank!r}")
         if not 0.0 <= self.shrinkage <= 1.0:

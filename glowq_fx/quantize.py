@@ -28,16 +28,21 @@ import torch
 from torch import nn
 
 from glowq_fx._console import progress_bar
-from glowq_fx.calibration.calibrate import Calibration, calibrate
-from glowq_fx.capture.run import Run, run_batch
+from glowq_fx.calibration.blockwise import BlockwiseCalibration, BlockwiseUnsupported
+from glowq_fx.calibration.calibrate import Calibration, discover_groups
+from glowq_fx.calibration.collect import collect_statistics
+from glowq_fx.calibration.moments import GroupStatistics
+from glowq_fx.capture.blocks import Blocks, assign_groups, find_blocks
+from glowq_fx.capture.run import Run, check_calibration, check_model, model_device, run_batch
 from glowq_fx.config import GlowQConfig, as_config
 from glowq_fx.correction.decompose import solve
+from glowq_fx.errors import warn
 from glowq_fx.kernels.layout import pack
 from glowq_fx.modules.install import replace_module
 from glowq_fx.modules.linear import QuantizedLinear, linear_weight
 from glowq_fx.quant import quantization_error, quantize_gptq, quantize_rtn
 from glowq_fx.report import GroupReport, QuantizationReport
-from glowq_fx.selective.policy import apply_selection, check_auto_batches
+from glowq_fx.selective.policy import apply_selection, attach_group, check_auto_batches, detach_group
 from passes.groups import InputGroup
 
 
@@ -48,6 +53,7 @@ def _quantize_group(model: nn.Module, modules: dict[str, nn.Module], g: InputGro
     Ws = [linear_weight(modules[n]).detach() for n in g.members]
     dtype, device = Ws[0].dtype, Ws[0].device
     S = S.to(device)
+    t_quant = time.perf_counter()
     if config.quantizer == "gptq":
         qws = [quantize_gptq(W, S, config.group_size, bits=config.bits, symmetric=config.symmetric,
                              damp=config.gptq_damp, block_size=config.gptq_block_size,
@@ -55,6 +61,7 @@ def _quantize_group(model: nn.Module, modules: dict[str, nn.Module], g: InputGro
     else:
         qws = [quantize_rtn(W, config.group_size, bits=config.bits, symmetric=config.symmetric) for W in Ws]
     errors = [quantization_error(W, qw) for W, qw in zip(Ws, qws)]
+    quantize_time_s = time.perf_counter() - t_quant
     kw = dict(shrinkage=config.shrinkage, mode=config.svd, oversample=config.oversample,
               power_iters=config.power_iters, seed=config.seed,
               dtype=torch.float64 if dtype == torch.float64 else torch.float32)
@@ -85,9 +92,51 @@ def _quantize_group(model: nn.Module, modules: dict[str, nn.Module], g: InputGro
         restore_gain=before - after,
         member_gains=tuple(b - a for b, a in zip(solved.member_errors_before, solved.member_errors_after)),
         candidate_factor_bytes=sum(B.nbytes + sum(A.nbytes for A in As) for _, B, As in pending),
-        restored=False,
+        restored=False, quantize_time_s=quantize_time_s, whitening_time_s=solved.whitening_time_s,
     )
     return report, pending
+
+
+def _quantize_groups(model: nn.Module, modules: dict[str, nn.Module], groups: Sequence[InputGroup],
+                     stats: GroupStatistics, config: GlowQConfig, rows: dict, factors: dict, *,
+                     keep: bool = False) -> None:
+    """Quantize each group from its ``S`` in ``stats`` (released unless ``keep``), filling ``rows``
+    and ``factors`` by group name."""
+    for g in groups:
+        S = stats[g.name].value() if keep else stats.pop(g.name)
+        rows[g.name], factors[g.name] = _quantize_group(model, modules, g, S, config)
+
+
+def _block_label(blocks: Blocks, i: int, groups: Sequence[InputGroup]) -> str:
+    prefix = blocks.names[i] + "."
+    return " ".join(g.name.removeprefix(prefix) for g in groups)
+
+
+def _quantize_blockwise(model: nn.Module, blockwise: BlockwiseCalibration, groups_of: list[list[InputGroup]],
+                        config: GlowQConfig, progress: bool, rows: dict, factors: dict) -> int:
+    """Every group, block by block (``calibration.blockwise``); returns the tokens each ``S`` saw."""
+    modules = dict(model.named_modules())
+    n_tokens = max((blockwise.head_stats[g.name].n_tokens for g in blockwise.head_groups), default=0)
+    _quantize_groups(model, modules, blockwise.head_groups, blockwise.head_stats, config, rows, factors)
+    bar = progress_bar(progress, f"blocks of {blockwise.blocks.container}", len(groups_of))(range(len(groups_of)))
+    for i in bar:
+        if hasattr(bar, "set_postfix_str"):
+            bar.set_postfix_str(_block_label(blockwise.blocks, i, groups_of[i]))
+        stats = blockwise.block_statistics(i, groups_of[i])
+        n_tokens = max([n_tokens, *(stats[g.name].n_tokens for g in groups_of[i])])
+        _quantize_groups(model, modules, groups_of[i], stats, config, rows, factors)
+        if config.block_inputs == "quantized":  # the next block sees this one quantized and corrected
+            for g in groups_of[i]:
+                attach_group(model, rows[g.name], factors[g.name])
+            blockwise.advance(i)
+            for g in groups_of[i]:
+                detach_group(model, rows[g.name], factors[g.name])
+        else:
+            blockwise.advance(i)
+    tail = blockwise.tail_statistics()
+    n_tokens = max([n_tokens, *(tail[g.name].n_tokens for g in blockwise.tail_groups)])
+    _quantize_groups(model, modules, blockwise.tail_groups, tail, config, rows, factors)
+    return n_tokens
 
 
 def quantize_(
@@ -98,44 +147,104 @@ def quantize_(
     groups: Sequence[InputGroup] | None = None,
     run: Run = run_batch,
     progress: bool = True,
+    device: str | torch.device | None = None,
 ) -> QuantizationReport:
     """Quantize ``model`` in place: 4-bit weights plus a low-rank correction per ``config``.
 
     Args:
-        model: a floating-point model on any device (one dtype per group).
+        model: a floating-point model on any device (one dtype per group); its weights may stay
+            on the CPU while blocks compute on ``device``.
         calibration: batches of model inputs on the model's device: mappings of keyword
             arguments (``{"input_ids": (B, T) int64, "attention_mask": (B, T)}``; the mask
             excludes padding from ``S``), tuples of positional arguments, or tensors. Or a
             ``Calibration`` from ``calibrate`` (of this model's weights), reused without running
             the model again.
-        config: ``GlowQConfig`` (default: GlowQ, rank 64, RTN W4 g128).
+        config: ``GlowQConfig`` (default: GlowQ, rank 64, RTN W4 g128, block by block when the
+            model has repeated blocks: ``GlowQConfig.calibration``).
         groups: precomputed groups (``find_groups(model, batch, config).groups``) to skip the
             graph capture.
         run: ``run(model, batch)`` does one forward pass (default ``capture.run.run_batch``).
-        progress: show tqdm bars over calibration batches and over groups.
+        progress: show tqdm bars over calibration batches, blocks and groups.
+        device: where the blocks compute, block by block (default: where the model is); each
+            block moves there, is calibrated and quantized, and moves back.
 
     Returns:
         ``QuantizationReport``; ``print(report)`` shows the per-group table.
     """
     t0 = time.perf_counter()
     config = as_config(config)
+    rows: dict[str, GroupReport] = {}
+    factors: dict[str, list] = {}
     if isinstance(calibration, Calibration):
         if groups is not None:
             raise ValueError("pass groups to calibrate(), not to quantize_() with a Calibration")
         calibration.check_belongs_to(model)
-        calibrated, reused = calibration, True
+        if config.selective == "auto":
+            check_auto_batches(calibration.batches)
+        batches, order, skipped, breaks = calibration.batches, calibration.groups, calibration.skipped, \
+            calibration.graph_breaks
+        n_tokens, how = calibration.n_tokens, {"mode": "model", "reused": True}
+        with torch.no_grad():
+            _quantize_groups(model, dict(model.named_modules()), order, calibration.statistics, config, rows,
+                             factors, keep=True)
     else:
-        calibrated, reused = calibrate(model, calibration, config, groups=groups, run=run, progress=progress), False
-    if config.selective == "auto":
-        check_auto_batches(calibrated.batches)
-    modules = dict(model.named_modules())
-    rows, factors = [], []
+        check_model(model)
+        batches = check_calibration(model, calibration)
+        if config.selective == "auto":
+            check_auto_batches(batches)  # before any work
+        blocks = None if config.calibration == "model" else find_blocks(model)
+        if config.calibration == "blocks" and blocks is None:
+            raise ValueError(f"calibration='blocks', but {type(model).__name__} has no list of repeated blocks holding "
+                             "linears; use calibration='model' (or 'auto')")
+        home = model_device(model)
+        device = home if device is None else torch.device(device)
+        if blocks is None and device != home:
+            raise ValueError(f"device={device} computes blocks away from the model ({home}), but the model is calibrated "
+                             "whole; move the model there, or use calibration='blocks'")
+        was_training = model.training
+        model.eval()  # calibration statistics without dropout
+        try:
+            order, skipped, breaks = discover_groups(model, batches, config, groups, run)
+            blockwise = None
+            if blocks is not None:
+                groups_of, outside, split = assign_groups(order, blocks)
+                try:
+                    blockwise = BlockwiseCalibration(
+                        model, blocks, batches, run, device, outside, stats_dtype=config.stats_dtype,
+                        block_inputs=config.block_inputs, activations=config.activations,
+                        offload_dir=config.offload_dir)
+                except BlockwiseUnsupported as exc:
+                    if config.calibration == "blocks":
+                        raise ValueError(f"calibration='blocks' is not possible for {type(model).__name__}: {exc}; "
+                                         "use calibration='model'") from None
+                    warn(f"calibrating {type(model).__name__} whole, not block by block: {exc}")
+            if blockwise is not None:
+                if split:
+                    warn(f"{len(split)} input-sharing groups span several blocks of {blocks.container} "
+                         f"({', '.join(split[:3])}{' ...' if len(split) > 3 else ''}); each is split into one group per "
+                         "block, sharing B within the block only (GlowQConfig(calibration='model') keeps them whole)")
+                order = [g for part in ([blockwise.head_groups], groups_of, [blockwise.tail_groups]) for gs in part
+                         for g in gs]
+                with blockwise, torch.no_grad():
+                    n_tokens = _quantize_blockwise(model, blockwise, groups_of, config, progress, rows, factors)
+                how = {"mode": "blocks", "blocks": blocks.container, "n_blocks": len(blocks.names),
+                       "block_inputs": config.block_inputs, "activations": blockwise.place,
+                       "activation_bytes": blockwise.needed_bytes, "device": str(device),
+                       "times": {**blockwise.times, "quantize_s": [sum(rows[g.name].quantize_time_s for g in gs)
+                                                                   for gs in groups_of],
+                                 "solve_s": [sum(rows[g.name].solve_time_s for g in gs) for gs in groups_of]}}
+            else:
+                stats = collect_statistics(model, order, batches, run, dtype=config.stats_dtype,
+                                           progress=progress_bar(progress, "calibration", len(batches)))
+                n_tokens = max((stats[g.name].n_tokens for g in order), default=0)
+                with torch.no_grad():
+                    _quantize_groups(model, dict(model.named_modules()), order, stats, config, rows, factors)
+                how = {"mode": "model"}
+        finally:
+            model.train(was_training)
+    report_rows = [rows[g.name] for g in order]
     with torch.no_grad():
-        for g in progress_bar(progress, "groups", len(calibrated.groups))(calibrated.groups):
-            S = calibrated.statistics[g.name].value() if reused else calibrated.statistics.pop(g.name)
-            row, solved = _quantize_group(model, modules, g, S, config)
-            rows.append(row)
-            factors.append(solved)
-        selection = apply_selection(model, rows, factors, config.selective, calibrated.batches, progress)
-    return QuantizationReport(config, rows, dict(calibrated.skipped), list(calibrated.graph_breaks),
-                              calibrated.n_batches, calibrated.n_tokens, time.perf_counter() - t0, selection)
+        selection = apply_selection(model, report_rows, [factors[g.name] for g in order], config.selective,
+                                    batches, progress)
+    return QuantizationReport(config, report_rows, dict(skipped), list(breaks), len(batches), n_tokens,
+                              time.perf_counter() - t0, selection, how)

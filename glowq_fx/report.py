@@ -28,12 +28,14 @@ class GroupReport:
     scale_bytes: int
     factor_bytes: int
     dense_bytes: int
-    solve_time_s: float
+    solve_time_s: float  # the correction's solve, whitening included
     weight_error: float = 0.0  # ||E||_F / ||W||_F over the members (the quantization alone)
     restore_gain: float = 0.0  # whitened error the solved correction removes (GlowQ-S score)
     candidate_factor_bytes: int = 0  # bytes of the solved factors, stored or not
     restored: bool = True  # False: GlowQ-S left this group uncorrected
     member_gains: tuple[float, ...] = ()  # whitened error each member's correction removes
+    quantize_time_s: float = 0.0  # the base quantizer (RTN or GPTQ) over the members
+    whitening_time_s: float = 0.0  # the eigendecomposition of S, part of solve_time_s
 
     @property
     def relative_error(self) -> float:
@@ -52,6 +54,7 @@ class QuantizationReport:
     n_tokens: int = 0
     time_s: float = 0.0
     selection: dict | None = None  # selective="auto": the measured loss curve and the knee
+    calibration: dict | None = None  # how S was collected: {"mode": "blocks" | "model", ...}
 
     def total(self, key: str) -> int:
         return sum(getattr(g, key) for g in self.groups)
@@ -64,7 +67,7 @@ class QuantizationReport:
         return {"config": self.config.to_dict(), "groups": [asdict(g) for g in self.groups],
                 "skipped": dict(self.skipped), "graph_breaks": list(self.graph_breaks),
                 "n_batches": self.n_batches, "n_tokens": self.n_tokens, "time_s": self.time_s,
-                "selection": self.selection}
+                "selection": self.selection, "calibration": self.calibration}
 
     def table(self) -> str:
         rows = [[g.name, str(len(g.members)), str(g.in_features), str(sum(g.out_features)), str(g.rank),
@@ -86,6 +89,11 @@ class QuantizationReport:
                  f"{self.time_s:.1f} s",
                  f"bytes: {dense:,} dense -> {self.quantized_bytes:,} quantized "
                  f"({self.quantized_bytes / dense if dense else 0:.3f}x)", self.table()]
+        c = self.calibration or {}
+        if c.get("mode") == "blocks":
+            lines.insert(1, f"calibrated block by block over {c['n_blocks']} blocks of {c['blocks']} on {c['device']}, "
+                            f"next block fed the {c['block_inputs']} outputs, cached inputs on {c['activations']} "
+                            f"({c['activation_bytes'] / 2**20:.1f} MB)")
         if self.config.selective is not None:
             kept = [g for g in self.groups if g.restored]
             lines.append(f"GlowQ-S ({self.config.selective!r}): corrections kept for {len(kept)} of {len(self.groups)} "

@@ -6,7 +6,8 @@ import torch
 import transformers as T
 
 from glowq_fx import GlowQConfig, quantize_
-from glowq_fx.checkpoint import META_FILE, TENSOR_FILE, CheckpointError, load_quantized, read_metadata, save_quantized
+from glowq_fx.checkpoint import META_FILE, CheckpointError, load_quantized, read_metadata, save_quantized
+from glowq_fx.checkpoint.shards import SINGLE_FILE as TENSOR_FILE
 from glowq_fx.modules.linear import QuantizedLinear
 from tests_helpers import tiny_llama_config
 
@@ -181,3 +182,117 @@ def test_refusals_when_saving_or_loading_the_wrong_model(tmp_path):
     save_quantized(model, tmp_path)
     with pytest.raises(CheckpointError, match="already has QuantizedLinear"):
         load_quantized(tmp_path, model)
+
+
+# --- shards -----------------------------------------------------------------------------------------
+
+
+def _sharded(tmp_path, max_shard_size="40KB"):
+    model, report = _quantized(_llama)
+    save_quantized(model, tmp_path, report=report, max_shard_size=max_shard_size)
+    return model, read_metadata(tmp_path)["tensors"]["shards"]
+
+
+def test_sharded_round_trip_is_bit_exact_and_the_index_is_transformers(tmp_path):
+    from safetensors import safe_open
+
+    model, shards = _sharded(tmp_path)
+    n = len(shards)
+    assert n >= 3 and [s["file"] for s in shards] == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    assert not (tmp_path / TENSOR_FILE).exists()
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    keys = {}
+    for s in shards:
+        with safe_open(str(tmp_path / s["file"]), framework="pt") as f:
+            keys.update({k: s["file"] for k in f.keys()})
+            data = sum(f.get_tensor(k).nbytes for k in f.keys())
+            alone = len(f.keys()) == 1
+        assert data <= 40_000 or alone  # each shard within the cap (a bigger tensor goes alone)
+    assert index["weight_map"] == keys
+    assert index["metadata"]["total_size"] == sum(t.nbytes for t in _dedupe_state(model).values())
+    _assert_same(model, load_quantized(tmp_path))
+
+
+def _dedupe_state(model):
+    from glowq_fx.checkpoint.quantized import _dedupe
+
+    return _dedupe(model.state_dict())[0]
+
+
+@pytest.mark.parametrize("damage, match", [
+    ("missing", r"model-00002-of-000\d\d.safetensors is missing: \d+ shard\(s\) are listed"),
+    ("truncated", "truncated"),
+    ("corrupted", "SHA-256"),
+])
+def test_a_damaged_shard_is_named_and_nothing_loads(tmp_path, damage, match):
+    _sharded(tmp_path)
+    path = tmp_path / read_metadata(tmp_path)["tensors"]["shards"][1]["file"]
+    if damage == "missing":
+        path.unlink()
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[:-100])
+    else:
+        data = bytearray(path.read_bytes())
+        data[-3] ^= 0x10
+        path.write_bytes(bytes(data))
+    target = _llama()
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(CheckpointError, match=match):
+        load_quantized(tmp_path, target)
+    assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
+
+
+def test_a_key_in_two_shards_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from glowq_fx.data.cache import sha256_file
+
+    _sharded(tmp_path)
+    meta_path = tmp_path / META_FILE
+    meta = json.loads(meta_path.read_text())
+    first, second = (tmp_path / s["file"] for s in meta["tensors"]["shards"][:2])
+    tensors = load_file(str(second))
+    tensors.update(dict(list(load_file(str(first)).items())[:1]))
+    save_file(tensors, str(second))
+    meta["tensors"]["shards"][1].update(bytes=second.stat().st_size, sha256=sha256_file(second))
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="is in both model-00001-of-.* and model-00002-of-"):
+        load_quantized(tmp_path)
+
+
+def test_saving_again_removes_the_shards_of_the_earlier_save(tmp_path):
+    model, shards = _sharded(tmp_path, "30KB")
+    save_quantized(model, tmp_path)  # one file now
+    assert sorted(p.name for p in tmp_path.glob("model*")) == [TENSOR_FILE]
+    assert len(read_metadata(tmp_path)["tensors"]["shards"]) == 1 < len(shards)
+    _assert_same(model, load_quantized(tmp_path))
+
+
+def test_format_version_1_still_loads(tmp_path):
+    model, _ = _quantized(_llama)
+    save_quantized(model, tmp_path)
+    meta_path = tmp_path / META_FILE
+    meta = json.loads(meta_path.read_text())
+    (shard,) = meta["tensors"]["shards"]
+    meta.update(format_version=1, tensors=shard)  # as version 1 wrote it: {"file", "bytes", "sha256"}
+    meta_path.write_text(json.dumps(meta))
+    _assert_same(model, load_quantized(tmp_path))
+    meta["tensors"] = {}
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="lists no tensor files"):
+        load_quantized(tmp_path)
+
+
+@pytest.mark.parametrize("size, expected", [(1000, 1000), ("5GB", 5 * 10**9), ("500MiB", 500 * 2**20),
+                                            ("1.5kb", 1500), (" 2 GiB ", 2 * 2**30)])
+def test_shard_sizes_read_like_transformers(size, expected):
+    from glowq_fx.checkpoint.shards import parse_size
+
+    assert parse_size(size) == expected
+
+
+@pytest.mark.parametrize("bad", ["5 gigs", "", 0, -1, "GB"])
+def test_bad_shard_sizes_are_named(bad, tmp_path):
+    model, _ = _quantized(_llama)
+    with pytest.raises(ValueError, match="max_shard_size"):
+        save_quantized(model, tmp_path, max_shard_size=bad)

@@ -93,6 +93,16 @@ def _fingerprint(modules: dict[str, nn.Module], g: InputGroup) -> float:
     return total
 
 
+def discover_groups(model: nn.Module, batches: list, config: GlowQConfig, groups: Sequence[InputGroup] | None,
+                    run: Run) -> tuple[list[InputGroup], dict[str, str], list[str]]:
+    """(groups, skipped modules with reasons, graph breaks): found from the captured graph on the
+    first batch, or ``groups`` as given, checked."""
+    if groups is None:
+        discovery = find_groups(model, batches[0], config, run=run)
+        return discovery.groups, discovery.skipped, discovery.graph_breaks
+    return check_given_groups(model, groups), {}, []
+
+
 def calibrate(
     model: nn.Module,
     calibration: Iterable[object],
@@ -102,7 +112,8 @@ def calibrate(
     run: Run = run_batch,
     progress: bool = True,
 ) -> Calibration:
-    """Find ``model``'s groups (unless given) and collect one ``S`` per group; the model is unchanged.
+    """Find ``model``'s groups (unless given) and collect one ``S`` per group in whole-model
+    forward passes (every group's ``S`` at once, to serve several methods); the model is unchanged.
 
     Arguments as for ``quantize_``.
     """
@@ -113,11 +124,7 @@ def calibrate(
     was_training = model.training
     model.eval()  # calibration statistics without dropout
     try:
-        if groups is None:
-            discovery = find_groups(model, batches[0], config, run=run)
-            groups, skipped, breaks = discovery.groups, discovery.skipped, discovery.graph_breaks
-        else:
-            groups, skipped, breaks = check_given_groups(model, groups), {}, []
+        groups, skipped, breaks = discover_groups(model, batches, config, groups, run)
         stats = collect_statistics(model, groups, batches, run, dtype=config.stats_dtype,
                                    progress=progress_bar(progress, "calibration", len(batches)))
     finally:

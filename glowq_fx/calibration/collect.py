@@ -1,11 +1,15 @@
-"""Collect one ``S`` per group over the calibration batches, through forward pre-hooks.
+"""Collect one ``S`` per group through forward pre-hooks, whoever runs the forward passes.
 
-Calibration attaches one pre-hook per group, on its first member, so each group's ``S`` is fed
-exactly once per batch however many members it has.
+One pre-hook per group, on its first member, so each group's ``S`` is fed exactly once per batch
+however many members it has. ``feeding`` attaches the hooks for a caller that runs the model (or
+one block of it) itself; ``collect_statistics`` runs whole-model forward passes over the batches.
+Padding is excluded when the batch has an ``attention_mask``; a group input flattened to
+(tokens, d) gets the mask flattened the same way.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -14,22 +18,18 @@ from glowq_fx.calibration.moments import GroupStatistics
 from passes.groups import InputGroup
 
 
-def collect_statistics(
-    model: nn.Module,
-    groups: list[InputGroup],
-    batches: Iterable[object],
-    run: Callable[[nn.Module, object], object],
-    *,
-    dtype: str = "float32",
-    progress: Callable[[Iterable], Iterable] = lambda it: it,
-) -> GroupStatistics:
-    """One ``S`` per group over ``batches``; ``run(model, batch)`` does one forward pass.
+def batch_mask(batch: object) -> Tensor | None:
+    """The batch's ``attention_mask`` (padding excluded from ``S``), or None."""
+    return batch.get("attention_mask") if isinstance(batch, dict) else None
 
-    The pre-hook sits on each group's first member, so every group is fed once per batch.
-    Padding is excluded when ``batch`` is a mapping with an ``attention_mask``; a group input
-    flattened to (tokens, d) gets the mask flattened the same way.
+
+@contextlib.contextmanager
+def feeding(model: nn.Module, groups: Iterable[InputGroup],
+            stats: GroupStatistics) -> Iterator[Callable[[Tensor | None], None]]:
+    """Pre-hooks feeding ``stats[g.name]`` with each group's input while the body runs forwards.
+
+    Yields ``set_mask(mask)``: the attention mask of the batch about to run (None: no padding).
     """
-    stats = GroupStatistics(((g.name, g.in_features) for g in groups), dtype=dtype)
     modules = dict(model.named_modules())
     current_mask: list[Tensor | None] = [None]
 
@@ -48,11 +48,25 @@ def collect_statistics(
 
     handles = [modules[g.members[0]].register_forward_pre_hook(hook(g)) for g in groups]
     try:
-        with torch.no_grad():
-            for batch in progress(batches):
-                current_mask[0] = batch.get("attention_mask") if isinstance(batch, dict) else None
-                run(model, batch)
+        yield lambda mask: current_mask.__setitem__(0, mask)
     finally:
         for h in handles:
             h.remove()
+
+
+def collect_statistics(
+    model: nn.Module,
+    groups: list[InputGroup],
+    batches: Iterable[object],
+    run: Callable[[nn.Module, object], object],
+    *,
+    dtype: str = "float32",
+    progress: Callable[[Iterable], Iterable] = lambda it: it,
+) -> GroupStatistics:
+    """One ``S`` per group over ``batches``; ``run(model, batch)`` does one forward pass."""
+    stats = GroupStatistics(((g.name, g.in_features) for g in groups), dtype=dtype)
+    with feeding(model, groups, stats) as set_mask, torch.no_grad():
+        for batch in progress(batches):
+            set_mask(batch_mask(batch))
+            run(model, batch)
     return stats

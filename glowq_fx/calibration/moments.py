@@ -7,6 +7,7 @@ stored, memory is O(d_in^2) per group.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -97,11 +98,14 @@ class GroupStatistics(Mapping[str, SecondMoment]):
         if dtype not in _STATS_DTYPES:
             raise ValueError(f"stats dtype must be one of {list(_STATS_DTYPES)}, got {dtype!r}")
         self._stats = {name: SecondMoment(d, name, _STATS_DTYPES[dtype]) for name, d in groups}
+        self.time_s = 0.0  # spent accumulating (wall clock; on CUDA the launches, not their completion)
 
     def add_batch(self, group: str, x: Tensor, attention_mask: Tensor | None = None) -> None:
         if group not in self._stats:
             raise KeyError(f"unknown group {group!r}; known groups: {sorted(self._stats)}")
+        t0 = time.perf_counter()
         self._stats[group].add_batch(x, attention_mask)
+        self.time_s += time.perf_counter() - t0
 
     def pop(self, group: str) -> Tensor:
         """``S`` of ``group``, releasing its accumulator (quantize_ frees each S once used)."""

@@ -3,9 +3,9 @@
 ``capture_graphs`` runs the model once under ``torch.compile`` with a recording backend and
 returns the captured pieces with the run-time aliases between them: a tensor that one piece
 returns and the next one receives is the same producer, so groups are stitched across graph
-breaks. The recording backend compiles a function with a fresh code object, so the compile
-cache entries it creates die with it: capture leaves nothing behind in Dynamo's cache of the
-user's own functions, and changes no global setting.
+breaks. The recording backend compiles a function with a fresh code object and fresh globals,
+so the compile cache entries and the compiled graphs it creates die with it: capture leaves
+nothing behind (no reference to the model), and changes no global setting.
 """
 from __future__ import annotations
 
@@ -26,39 +26,49 @@ def _call(model: nn.Module, batch: object, run: Run) -> object:
 
 def capture_graphs(model: nn.Module, batch: object, run: Run = run_batch) -> tuple[list[CapturedGraph], list[str]]:
     """Run ``run(model, batch)`` once under ``torch.compile`` and return the captured pieces
-    (with run-time aliases across graph breaks) and the graph-break reasons."""
+    (with run-time aliases across graph breaks) and the graph-break reasons.
+
+    Dynamo keeps every backend it was given, and the functions a backend returned, for the life of
+    the process (its backend registry, the compiled code's globals): the ones made here reach the
+    captured graphs (and through them the model's parameters) only through ``live``, which is
+    emptied before returning, so nothing of the model outlives the caller's references.
+    """
     pieces: list[CapturedGraph] = []
-    produced: dict[int, tuple[int, str]] = {}  # tensor key -> (piece, node) that first held it
-    keys = TensorKeys()  # identity without keeping the activations alive
+    live = {"pieces": pieces, "produced": {}, "keys": TensorKeys()}  # produced: tensor key -> (piece, node)
 
     def record(gm: fx.GraphModule, example_inputs, **_kwargs):
-        index = len(pieces)
-        piece = CapturedGraph(gm, list(example_inputs))
-        pieces.append(piece)
-        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        index = len(live["pieces"])
+        live["pieces"].append(CapturedGraph(gm, list(example_inputs)))
+        placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
         outputs = next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0]
-        outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+        outputs = [n.name if isinstance(n, fx.Node) else None
+                   for n in (outputs if isinstance(outputs, (tuple, list)) else (outputs,))]
 
         def run_piece(*args):
-            for node, value in zip(placeholders, args):
+            piece, produced, keys = live["pieces"][index], live["produced"], live["keys"]
+            for name, value in zip(placeholders, args):
                 if isinstance(value, Tensor):
                     earlier = produced.get(keys.get(value))
                     if earlier is not None and earlier[0] != index:
-                        piece.aliases[node.name] = earlier
+                        piece.aliases[name] = earlier
                     else:
-                        produced.setdefault(keys.key(value), (index, node.name))
-            result = gm(*args)
+                        produced.setdefault(keys.key(value), (index, name))
+            result = piece.gm(*args)
             values = result if isinstance(result, (tuple, list)) else (result,)
-            for node, value in zip(outputs, values):
-                if isinstance(value, Tensor) and isinstance(node, fx.Node):
-                    produced.setdefault(keys.key(value), (index, node.name))
+            for name, value in zip(outputs, values):
+                if isinstance(value, Tensor) and name is not None:
+                    produced.setdefault(keys.key(value), (index, name))
             return result
 
         return run_piece
 
-    # a fresh code object per capture: Dynamo caches per code object, so the entries die with it
-    entry = types.FunctionType(_call.__code__.replace(), _call.__globals__, "glowq_capture")
+    # a fresh code object per capture (Dynamo caches per code object) and fresh globals (Dynamo
+    # stores each compiled graph as a global of the captured function)
+    entry = types.FunctionType(_call.__code__.replace(), dict(_call.__globals__), "glowq_capture")
     before = _dynamo.break_counters()
-    with torch.no_grad():
-        torch.compile(entry, backend=record, dynamic=False)(model, batch, run)
+    try:
+        with torch.no_grad():
+            torch.compile(entry, backend=record, dynamic=False)(model, batch, run)
+    finally:
+        live.clear()
     return pieces, _dynamo.new_break_reasons(before)

@@ -138,7 +138,8 @@ def _latency_lines(latency, full) -> list[str]:
 def _config_from_args(args: argparse.Namespace) -> GlowQConfig:
     return GlowQConfig(bits=args.bits, group_size=args.group_size, symmetric=args.symmetric, quantizer=args.quantizer,
                        method=args.method, rank=args.rank, svd=args.svd, seed=args.seed, exclude=tuple(args.exclude),
-                       quantize_output_head=args.quantize_output_head)
+                       quantize_output_head=args.quantize_output_head, calibration=args.calibration,
+                       block_inputs=args.block_inputs, activations=args.activations, offload_dir=args.offload_dir)
 
 
 def _quantize(args: argparse.Namespace) -> int:
@@ -150,9 +151,9 @@ def _quantize(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model, dtype=_torch_dtype(args.dtype), device=args.device)
     batches = text_calibration_batches(tokenizer, args.calib, args.calib_samples, args.calib_len, seed=args.seed,
                                        device=args.device)
-    report = quantize_(model, batches, config)
+    report = quantize_(model, batches, config, device=args.compute_device)
     print(report)
-    out = save_quantized(model, args.out, report=report, tokenizer=tokenizer)
+    out = save_quantized(model, args.out, report=report, tokenizer=tokenizer, max_shard_size=args.max_shard_size)
     print(f"saved to {out}")
     return 0
 
@@ -292,6 +293,15 @@ def _quantization_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib", default="news", help="calibration text: news, wikipedia or a text file")
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-len", type=int, default=512)
+    p.add_argument("--calibration", default=d.calibration, choices=["auto", "blocks", "model"],
+                   help="block by block (auto: when the model has repeated blocks) or the whole model at once")
+    p.add_argument("--block-inputs", default=d.block_inputs, choices=["float", "quantized"],
+                   help="what feeds the next block: the float or the quantized block's outputs")
+    p.add_argument("--activations", default=d.activations, choices=["auto", "device", "cpu", "disk"],
+                   help="where the cached block inputs live")
+    p.add_argument("--offload-dir", default=None, help="directory for --activations disk")
+    p.add_argument("--compute-device", default=None,
+                   help="where blocks compute, one at a time (default: --device); the weights stay on --device")
 
 
 def _device_args(p: argparse.ArgumentParser) -> None:
@@ -316,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     quantize = sub.add_parser("quantize", help="quantize a model and save the checkpoint")
     quantize.add_argument("model", help="smollm2 (built in), a local model directory or a hub name")
     quantize.add_argument("--out", type=Path, required=True)
+    quantize.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (bytes, 5GB, 500MiB)")
     _quantization_args(quantize)
     _device_args(quantize)
     quantize.set_defaults(func=_quantize)

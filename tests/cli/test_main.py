@@ -92,6 +92,21 @@ def test_quantize_eval_bench_on_a_local_model(tmp_path, capsys):
     assert "not a quantized checkpoint" in capsys.readouterr().err
 
 
+def test_quantize_block_by_block_into_shards(tmp_path, capsys):
+    model_dir, text = _tiny_model_and_text(tmp_path)
+    out, scratch = tmp_path / "q", tmp_path / "scratch"
+    assert main(["quantize", str(model_dir), "--out", str(out), "--group-size", "32", "--rank", "8", "--calib", str(text),
+                 "--calib-samples", "4", "--calib-len", "64", "--calibration", "blocks", "--block-inputs", "quantized",
+                 "--activations", "disk", "--offload-dir", str(scratch), "--max-shard-size", "20KB"]) == 0
+    printed = capsys.readouterr().out
+    assert "calibrated block by block over 2 blocks of model.layers on cpu, next block fed the quantized outputs, " \
+           "cached inputs on disk" in printed
+    assert len(list(out.glob("model-*-of-*.safetensors"))) > 1 and (out / "model.safetensors.index.json").is_file()
+    assert scratch.is_dir() and not any(scratch.iterdir())
+    assert main(["eval", str(out), "--text", str(text), "--seq-len", "128", "--max-tokens", "500"]) == 0
+    assert "quantized" in capsys.readouterr().out
+
+
 def test_eval_of_a_missing_model_is_a_clear_error(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "nothing-here"), "--text", __file__]) == 2
     assert "cannot load model" in capsys.readouterr().err

@@ -2,21 +2,25 @@
 
 A checkpoint directory holds:
 
-- ``model.safetensors``: the whole state dict (packed codes, scales, zeros, ``A_i``, each group's
-  ``B``, and every tensor left in floating point), one copy of tensors that share storage (tied
+- ``model.safetensors``, or shards ``model-0000i-of-0000N.safetensors`` and their
+  ``model.safetensors.index.json`` (``shards``: transformers' layout, ``max_shard_size`` 5 GB by
+  default): the whole state dict (packed codes, scales, zeros, ``A_i``, each group's ``B``, and
+  every tensor left in floating point), one copy of tensors that share storage (tied
   embeddings); the aliases are listed in ``glowq.json``.
 - ``glowq.json``: format version, the glowq-fx / torch / transformers versions, the
   ``GlowQConfig``, each quantized linear (shape, group size, rank, bias, the projection it reads),
-  each projection (its members and state-dict key), the model class, the safetensors file's size
-  and SHA-256, and the quantization report when one is given.
+  each projection (its members and state-dict key), the model class, each shard's size and
+  SHA-256, and the quantization report when one is given.
 - ``config.json`` (and the tokenizer's files when one is given) for transformers models, so
   ``load_quantized(dir)`` can rebuild the model alone; other models are rebuilt by the caller
   and passed as ``load_quantized(dir, model)``.
 
-Loading checks everything before touching the model: the file's checksum (truncated or
-corrupted files), that every quantized linear exists in the model with the recorded shape, that
-the file holds exactly the tensors the quantized model needs with the right shapes and dtypes.
-Any mismatch raises ``CheckpointError`` naming it, and the model is left as it was.
+Loading checks everything before touching the model: every shard's size and checksum (missing,
+truncated or corrupted shards), that every quantized linear exists in the model with the recorded
+shape, that the shards hold exactly the tensors the quantized model needs with the right shapes
+and dtypes. Any mismatch raises ``CheckpointError`` naming it, and the model is left as it was.
+Then the quantized modules are installed empty and the shards are read one at a time into the
+model. Format version 1 (one ``model.safetensors``, written before shards) still loads.
 """
 from __future__ import annotations
 
@@ -27,21 +31,16 @@ import torch
 from torch import nn
 
 from glowq_fx._version import __version__
+from glowq_fx.checkpoint.shards import CheckpointError, check_shards, iter_shards, read_headers, write_shards
 from glowq_fx.config import GlowQConfig
-from glowq_fx.data.cache import sha256_file
 from glowq_fx.kernels.layout import PackedW4, packed_shapes
 from glowq_fx.modules.install import register_projection, replace_module
 from glowq_fx.modules.linear import QuantizedLinear, SharedProjection, linear_weight
 
 FORMAT = "glowq-fx"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: sharded tensors (tensors.shards); 1: one model.safetensors (tensors.file)
 META_FILE = "glowq.json"
-TENSOR_FILE = "model.safetensors"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory that cannot be loaded (into this model); the message says why."""
-
+DEFAULT_MAX_SHARD_SIZE = "5GB"  # transformers' default
 
 def _versions() -> dict[str, str]:
     versions = {"glowq_fx": __version__, "torch": torch.__version__}
@@ -77,13 +76,12 @@ def _projection_key(model: nn.Module, projection: SharedProjection) -> str:
 
 
 def save_quantized(model: nn.Module, directory: str | Path, *, config: GlowQConfig | None = None,
-                   report=None, tokenizer=None) -> Path:
+                   report=None, tokenizer=None, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
     """Write the quantized ``model`` (from ``quantize_``) to ``directory``; returns the directory.
 
-    ``config`` defaults to ``report.config`` when a ``QuantizationReport`` is given.
+    ``config`` defaults to ``report.config`` when a ``QuantizationReport`` is given;
+    ``max_shard_size`` (bytes, or ``"5GB"``, ``"500MiB"``) caps each safetensors shard.
     """
-    from safetensors.torch import save_file
-
     linears = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
     if not linears:
         raise CheckpointError("the model has no QuantizedLinear modules: quantize it with glowq_fx.quantize_ "
@@ -105,8 +103,7 @@ def save_quantized(model: nn.Module, directory: str | Path, *, config: GlowQConf
         records[name] = {"in_features": m.in_features, "out_features": m.out_features, "group_size": m.group_size,
                          "rank": m.rank, "bias": m.bias is not None, "projection": key}
     tensors, aliases = _dedupe(model.state_dict())
-    path = directory / TENSOR_FILE
-    save_file({k: v.cpu() for k, v in tensors.items()}, str(path), metadata={"format": FORMAT})
+    shards = write_shards(tensors, directory, max_shard_size, metadata={"format": FORMAT})
     model_config = getattr(model, "config", None)
     if model_config is not None and hasattr(model_config, "save_pretrained"):
         model_config.save_pretrained(directory)
@@ -117,7 +114,7 @@ def save_quantized(model: nn.Module, directory: str | Path, *, config: GlowQConf
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
         "config": None if config is None else config.to_dict(),
         "linears": records, "projections": list(projections.values()), "aliases": aliases,
-        "tensors": {"file": TENSOR_FILE, "bytes": path.stat().st_size, "sha256": sha256_file(path)},
+        "tensors": {"shards": shards},
         "report": None if report is None else report.to_dict(),
     }
     (directory / META_FILE).write_text(json.dumps(meta, indent=1))
@@ -144,20 +141,11 @@ def read_metadata(directory: str | Path) -> dict:
     for field in ("linears", "projections", "aliases", "tensors"):
         if field not in meta:
             raise CheckpointError(f"{path} is incomplete: field {field!r} is missing")
+    tensors = meta["tensors"]
+    if not isinstance(tensors, dict) or not (isinstance(tensors.get("shards"), list) and tensors["shards"]
+                                             or {"file", "bytes", "sha256"} <= set(tensors)):
+        raise CheckpointError(f"{path} is incomplete: it lists no tensor files")
     return meta
-
-
-def _check_tensor_file(directory: Path, meta: dict) -> Path:
-    path = directory / meta["tensors"]["file"]
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing: the checkpoint's tensors are gone")
-    size = path.stat().st_size
-    if size != meta["tensors"]["bytes"]:
-        raise CheckpointError(f"{path} is {size} bytes but was written with {meta['tensors']['bytes']}: "
-                              "the file is truncated or was replaced")
-    if sha256_file(path) != meta["tensors"]["sha256"]:
-        raise CheckpointError(f"{path} does not match its SHA-256 in {META_FILE}: the file is corrupted")
-    return path
 
 
 def _build_model(directory: Path, meta: dict, dtype: torch.dtype, device) -> nn.Module:
@@ -257,24 +245,25 @@ def _plan(model: nn.Module, meta: dict, header: dict) -> None:
                                   f"build the model in {file_dtype} (loading would round)")
 
 
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
+def _shards(meta: dict) -> list[dict]:
+    """The shard records of any format version (version 1: one file)."""
+    tensors = meta["tensors"]
+    if "shards" in tensors:
+        return tensors["shards"]
+    return [{"file": tensors["file"], "bytes": tensors["bytes"], "sha256": tensors["sha256"]}]
 
 
-def _read_header(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Names, shapes and dtypes of the file's tensors (its JSON header; no tensor is read)."""
-    from safetensors import SafetensorError, safe_open
+def _empty_quantized(name: str, rec: dict, header: dict, projection: SharedProjection | None,
+                     device) -> QuantizedLinear:
+    """A ``QuantizedLinear`` of the recorded shapes and dtypes, its tensors still to be read."""
+    def empty(key: str) -> torch.Tensor:
+        shape, dtype = header[key]
+        return torch.empty(shape, dtype=dtype, device=device)
 
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            out = {}
-            for key in f.keys():
-                sl = f.get_slice(key)
-                out[key] = (tuple(sl.get_shape()), _DTYPES[sl.get_dtype()])
-            return out
-    except (SafetensorError, OSError, KeyError) as exc:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from None
+    packed = PackedW4(empty(f"{name}.qweight"), empty(f"{name}.scales"), empty(f"{name}.zeros"), rec["group_size"],
+                      rec["in_features"])
+    return QuantizedLinear(packed, empty(f"{name}.bias") if rec["bias"] else None,
+                           empty(f"{name}.A") if rec["projection"] else None, projection)
 
 
 def load_quantized(directory: str | Path, model: nn.Module | None = None, *,
@@ -287,42 +276,34 @@ def load_quantized(directory: str | Path, model: nn.Module | None = None, *,
             the checkpoint's dtype). Default: rebuilt from ``config.json`` (transformers models).
         device: where the tensors go.
     """
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     meta = read_metadata(directory)
-    path = _check_tensor_file(directory, meta)
-    header = _read_header(path)
+    shards = _shards(meta)
+    check_shards(directory, shards, META_FILE)
+    header = read_headers(directory, shards)
     if not meta["linears"] or f"{next(iter(meta['linears']))}.scales" not in header:
-        raise CheckpointError(f"{path} does not hold the quantized linears that {META_FILE} lists")
+        raise CheckpointError(f"the shards in {directory} do not hold the quantized linears that {META_FILE} lists")
     if model is None:
         model = _build_model(directory, meta, _file_dtype(header, meta), device)
     elif any(isinstance(m, QuantizedLinear) for m in model.modules()):
         raise CheckpointError("pass the unquantized model to load into; this one already has QuantizedLinear modules")
     _plan(model, meta, header)
-    tensors = load_file(str(path), device=str(device))
-    for alias, target in meta["aliases"].items():
-        tensors[alias] = tensors[target]
     # Everything is checked: from here on the model changes.
     model.to(device)
     projections = {}
     for p in meta["projections"]:
-        projection = SharedProjection(tensors[p["key"]], tuple(p["members"]))
+        shape, dtype = header[p["key"]]
+        projection = SharedProjection(torch.empty(shape, dtype=dtype, device=device), tuple(p["members"]))
         register_projection(model, projection)
         projections[p["key"]] = projection
     for name, rec in meta["linears"].items():
-        packed = PackedW4(tensors[f"{name}.qweight"], tensors[f"{name}.scales"], tensors[f"{name}.zeros"],
-                          rec["group_size"], rec["in_features"])
         projection = projections.get(rec["projection"]) if rec["projection"] else None
-        qlinear = QuantizedLinear(packed, tensors.get(f"{name}.bias") if rec["bias"] else None,
-                                  tensors.get(f"{name}.A"), projection)
-        replace_module(model, name, qlinear)
-    model.load_state_dict(tensors, strict=True)
+        replace_module(model, name, _empty_quantized(name, rec, header, projection, device))
+    for tensors in iter_shards(directory, shards, device):  # one shard's tensors at a time
+        tensors.update({alias: tensors[target] for alias, target in meta["aliases"].items() if target in tensors})
+        model.load_state_dict(tensors, strict=False)  # _plan checked that the shards cover the state exactly
     return model.eval()
 
 
 def is_checkpoint(path: str | Path) -> bool:
     return (Path(path) / META_FILE).is_file()
-
-
-__all__ = ["CheckpointError", "is_checkpoint", "load_quantized", "read_metadata", "save_quantized"]

@@ -1,0 +1,130 @@
+"""Tensors on disk in transformers-style safetensors shards, each with its size and SHA-256.
+
+One shard is ``model.safetensors``; more are ``model-0000i-of-0000N.safetensors`` with a
+``model.safetensors.index.json`` (``{"metadata": {"total_size": ...}, "weight_map": {key: file}}``),
+as transformers writes them, so its loaders find every tensor. Shards are cut in state-dict order,
+each at most ``max_shard_size`` bytes of tensor data (a tensor larger than that gets a shard of its
+own). Reading checks every shard before any tensor is used: present, of the recorded size and
+SHA-256, no key in two shards; then ``iter_shards`` hands them out one at a time, so loading holds
+one shard's tensors at once.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from glowq_fx.data.cache import sha256_file
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
+          "TIB": 2**40}
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded (into this model); the message says why."""
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string like ``"5GB"`` (10^9) or ``"500MiB"`` (2^20), as transformers."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)\s*", str(size).upper())
+        if match is None:
+            raise ValueError(f"max_shard_size must be a number of bytes or a size like '5GB' or '500MiB', got {size!r}")
+        value = int(float(match.group(1)) * _UNITS[match.group(2)])
+    if value < 1:
+        raise ValueError(f"max_shard_size must be positive, got {size!r}")
+    return value
+
+
+def _cut(tensors: Mapping[str, Tensor], limit: int) -> list[dict[str, Tensor]]:
+    shards: list[dict[str, Tensor]] = [{}]
+    size = 0
+    for key, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > limit:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t
+        size += n
+    return shards
+
+
+def write_shards(tensors: Mapping[str, Tensor], directory: Path, max_shard_size: int | str,
+                 metadata: dict[str, str] | None = None) -> list[dict]:
+    """Write ``tensors`` (contiguous, distinct storages) as shards of ``directory``, removing
+    shards and an index left there by an earlier save; returns ``[{"file", "bytes", "sha256"}]``."""
+    from safetensors.torch import save_file
+
+    shards = _cut(tensors, parse_size(max_shard_size))
+    names = ([SINGLE_FILE] if len(shards) == 1
+             else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for stale in directory.iterdir():
+        if (_SHARD.fullmatch(stale.name) or stale.name in (SINGLE_FILE, INDEX_FILE)) and stale.name not in names:
+            stale.unlink()
+    records = []
+    for name, shard in zip(names, shards):
+        path = directory / name
+        save_file({k: v.cpu() for k, v in shard.items()}, str(path), metadata=metadata)
+        records.append({"file": name, "bytes": path.stat().st_size, "sha256": sha256_file(path)})
+    if len(shards) > 1:
+        weight_map = {key: name for name, shard in zip(names, shards) for key in shard}
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        (directory / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                       indent=1))
+    return records
+
+
+def check_shards(directory: Path, shards: list[dict], description: str) -> None:
+    """Every shard present, of its recorded size and SHA-256 (recorded in ``description``)."""
+    for shard in shards:
+        path = directory / shard["file"]
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing: {len(shards)} shard(s) are listed in {description}, nothing "
+                                  "was loaded")
+        size = path.stat().st_size
+        if size != shard["bytes"]:
+            raise CheckpointError(f"{path} is {size} bytes but was written with {shard['bytes']}: the file is "
+                                  "truncated or was replaced")
+        if sha256_file(path) != shard["sha256"]:
+            raise CheckpointError(f"{path} does not match its SHA-256 in {description}: the file is corrupted")
+
+
+def read_headers(directory: Path, shards: list[dict]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Every tensor's shape and dtype from the shards' headers (no tensor is read); a key in two
+    shards is an error."""
+    from safetensors import SafetensorError, safe_open
+
+    out: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    owner: dict[str, str] = {}
+    for shard in shards:
+        path = directory / shard["file"]
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    if key in owner:
+                        raise CheckpointError(f"{key} is in both {owner[key]} and {shard['file']}")
+                    sl = f.get_slice(key)
+                    out[key], owner[key] = (tuple(sl.get_shape()), _DTYPES[sl.get_dtype()]), shard["file"]
+        except (SafetensorError, OSError, KeyError) as exc:
+            raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from None
+    return out
+
+
+def iter_shards(directory: Path, shards: list[dict], device: str | torch.device) -> Iterator[dict[str, Tensor]]:
+    """The tensors of each shard in turn, on ``device``."""
+    from safetensors.torch import load_file
+
+    for shard in shards:
+        yield load_file(str(directory / shard["file"]), device=str(device))

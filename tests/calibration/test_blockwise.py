@@ -1,0 +1,196 @@
+"""calibration.blockwise through quantize_: block by block equals the whole-model pass bit for bit
+when the float outputs feed the next block; with the quantized outputs, each block is calibrated
+on what its quantized predecessors really give it; unsupported models fall back, named."""
+import copy
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from glowq_fx import GlowQConfig, GlowQWarning, quantize_
+from test_quantize_architectures import ARCHS, V
+from tests_helpers import tiny_llama, token_batches
+
+
+def _both(model, batches, **config):
+    """(the model quantized whole, its report, the model quantized block by block, its report)."""
+    whole, blocks = copy.deepcopy(model), copy.deepcopy(model)
+    cfg = dict(group_size=32, rank=8, **config)
+    r_whole = quantize_(whole, batches, GlowQConfig(calibration="model", **cfg), progress=False)
+    r_blocks = quantize_(blocks, batches, GlowQConfig(calibration="blocks", **cfg), progress=False)
+    return whole, r_whole, blocks, r_blocks
+
+
+def _assert_same_model(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sorted(sa) == sorted(sb)
+    different = [k for k in sa if not torch.equal(sa[k], sb[k])]
+    assert not different, f"tensors that differ: {different[:5]}"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "falcon", "gptj", "novel"])
+def test_float_fed_blocks_equal_the_whole_model_pass_bit_for_bit(arch, gen):
+    torch.manual_seed(0)
+    model = ARCHS[arch][0]().eval()
+    ids = [torch.randint(0, V, (2, 12), generator=gen) for _ in range(3)]
+    batches = ids if arch == "novel" else [{"input_ids": i} for i in ids]
+    extra = {"quantize_output_head": True} if arch == "novel" else {}  # an untied head: the tail pass
+    whole, r_whole, blocks, r_blocks = _both(model, batches, **extra)
+    assert r_blocks.calibration["mode"] == "blocks" and r_whole.calibration["mode"] == "model"
+    assert [g.name for g in r_blocks.groups] == [g.name for g in r_whole.groups]
+    assert [(g.error_before, g.error_after) for g in r_blocks.groups] == [(g.error_before, g.error_after)
+                                                                          for g in r_whole.groups]
+    assert r_blocks.n_tokens == r_whole.n_tokens == 3 * 2 * 12
+    if arch == "novel":
+        assert "lm_head" in {g.name for g in r_blocks.groups}
+    _assert_same_model(whole, blocks)
+
+
+def test_padding_is_excluded_block_by_block_as_in_the_whole_model_pass(gen):
+    batches = token_batches(2, seed=3)
+    for b in batches:
+        b["attention_mask"] = torch.ones_like(b["input_ids"])
+    batches[1]["attention_mask"][0, 15:] = 0
+    whole, r_whole, blocks, r_blocks = _both(tiny_llama(), batches)
+    assert r_blocks.n_tokens == r_whole.n_tokens == 2 * 24 * 2 - 9
+    _assert_same_model(whole, blocks)
+
+
+def test_quantized_fed_block_sees_what_its_quantized_predecessor_gives(monkeypatch):
+    """With block_inputs="quantized", each group's S is the one a whole-model pass over the final
+    model collects: its inputs come from the quantized, corrected blocks before it."""
+    import glowq_fx.quantize as quantize_module
+    from glowq_fx.calibration.collect import collect_statistics
+    from glowq_fx.capture.run import run_batch
+
+    model, batches = tiny_llama(), token_batches(3)
+    used = {}
+    solve_group = quantize_module._quantize_group
+
+    def spy(model, modules, g, S, config):
+        used[g.name] = S.clone()
+        return solve_group(model, modules, g, S, config)
+
+    monkeypatch.setattr(quantize_module, "_quantize_group", spy)
+    fed = copy.deepcopy(model)
+    report = quantize_(fed, batches, GlowQConfig(group_size=32, rank=8, block_inputs="quantized"), progress=False)
+    assert report.calibration["block_inputs"] == "quantized"
+    # the first group of each block reads the block's input: the final model's, for every block
+    # (inside a block the later groups are calibrated on the float block, as in the float-fed pass)
+    firsts = [g for g in report.groups if g.name.endswith("self_attn.{q_proj,k_proj,v_proj}")]
+    seen = collect_statistics(fed, firsts, batches, run_batch)  # the final model's block inputs
+    assert len(firsts) == 2
+    for g in firsts:
+        assert torch.equal(used[g.name], seen[g.name].value()), g.name
+    float_fed = copy.deepcopy(model)
+    quantize_(float_fed, batches, GlowQConfig(group_size=32, rank=8), progress=False)
+    first, second = "model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"
+    assert torch.equal(float_fed.get_submodule(first).A, fed.get_submodule(first).A)  # float inputs either way
+    assert not torch.equal(float_fed.get_submodule(second).A, fed.get_submodule(second).A)  # other inputs
+
+
+@pytest.mark.parametrize("place", ["device", "cpu", "disk"])
+def test_every_place_for_the_cached_inputs_gives_the_same_model(place, tmp_path):
+    model, batches = tiny_llama(), token_batches(2)
+    reference = copy.deepcopy(model)
+    quantize_(reference, batches, GlowQConfig(group_size=32, rank=8, calibration="model"), progress=False)
+    offload = tmp_path / "activations"
+    report = quantize_(model, batches, GlowQConfig(group_size=32, rank=8, activations=place, offload_dir=str(offload)),
+                       progress=False)
+    assert report.calibration["activations"] == place and report.calibration["activation_bytes"] > 0
+    _assert_same_model(reference, model)
+    if place == "disk":
+        assert offload.is_dir() and not os.listdir(offload)  # the files are removed after
+
+
+class Rescaled(nn.Module):
+    """Its forward changes the hidden states between its blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(V, 32)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32)) for _ in range(2))
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for block in self.blocks:
+            x = block(x) * 0.5
+        return x
+
+
+class Between(Rescaled):
+    """A linear outside the blocks runs between them, on a side branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.bridge = nn.Linear(32, 32)
+
+    def forward(self, ids):
+        x = self.blocks[0](self.embed(ids))
+        side = self.bridge(x)
+        return self.blocks[1](x) + side
+
+
+@pytest.mark.parametrize("cls, why", [(Rescaled, "changes the hidden states between blocks.0 and blocks.1"),
+                                      (Between, r"linears outside the blocks run between two blocks \(bridge\)")])
+def test_models_that_cannot_go_block_by_block_are_calibrated_whole_and_say_why(cls, why, gen):
+    torch.manual_seed(0)
+    batches = [torch.randint(0, V, (2, 8), generator=gen) for _ in range(2)]
+    model = cls().eval()
+    reference = copy.deepcopy(model)
+    with pytest.warns(GlowQWarning, match=f"calibrating {cls.__name__} whole, not block by block: .*{why}"):
+        report = quantize_(model, batches, GlowQConfig(group_size=32, rank=4), progress=False)
+    assert report.calibration == {"mode": "model"}
+    quantize_(reference, batches, GlowQConfig(group_size=32, rank=4, calibration="model"), progress=False)
+    _assert_same_model(reference, model)
+    with pytest.raises(ValueError, match=f"calibration='blocks' is not possible for {cls.__name__}: .*{why}"):
+        quantize_(cls().eval(), batches, GlowQConfig(group_size=32, rank=4, calibration="blocks"), progress=False)
+
+
+def test_a_linear_before_the_blocks_is_calibrated_in_the_recording_pass(gen):
+    class WithInput(Rescaled):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(32, 32)
+
+        def forward(self, ids):
+            x = self.proj(self.embed(ids))
+            for block in self.blocks:
+                x = block(x)
+            return x
+
+    torch.manual_seed(0)
+    model = WithInput().eval()
+    batches = [torch.randint(0, V, (2, 8), generator=gen) for _ in range(2)]
+    whole, r_whole, blocks, r_blocks = _both(model, batches)
+    assert r_blocks.calibration["mode"] == "blocks" and "proj" in {g.name for g in r_blocks.groups}
+    _assert_same_model(whole, blocks)
+
+
+def test_bad_calibration_choices_are_named():
+    with pytest.raises(ValueError, match="has no list of repeated blocks"):
+        quantize_(nn.Sequential(nn.Linear(8, 8)), [torch.randn(2, 8)], GlowQConfig(calibration="blocks"),
+                  progress=False)
+    with pytest.raises(ValueError, match="computes blocks away from the model"):
+        quantize_(tiny_llama(), token_batches(1), GlowQConfig(calibration="model"), progress=False, device="meta")
+    for field, bad in (("calibration", "layers"), ("block_inputs", "fp8"), ("activations", "gpu")):
+        with pytest.raises(ValueError, match=f"unsupported {field}="):
+            GlowQConfig(**{field: bad})
+
+
+def test_a_block_with_a_forward_of_its_own_gets_it_back():
+    """accelerate's offload hooks set a module's forward as an instance attribute: the stubs of
+    the recording pass must put it back."""
+    model = tiny_llama()
+    layer = model.model.layers[1]
+    calls = []
+    original = layer.forward
+
+    def own_forward(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    layer.forward = own_forward
+    quantize_(model, token_batches(1), GlowQConfig(group_size=32, rank=4), progress=False)
+    assert layer.forward is own_forward and calls  # the block ran through it, block by block
