@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from glowq_fx.correction.decompose import scaled_lowrank, default_oversample, shrink, solve, whitening
+from glowq_fx.correction.decompose import default_oversample, factor_whitening, scaled_lowrank, shrink, solve, whitening
 from glowq_fx.quant import quantization_error, quantize_rtn
 
 GROUPS = {"q/k/v": (4096, [4096, 1024, 1024]), "gate/up": (4096, [14336, 14336])}
@@ -72,7 +72,7 @@ def timed(fn, device: str, repeats: int) -> tuple[float, object]:
 def run(device: str, rank: int, repeats: int, shrinkage: float, scale: int = 1) -> dict:
     """``scale`` divides every dimension (a quick smoke run); 1 gives the real 8B shapes."""
     gen = torch.Generator().manual_seed(0)
-    rows = []
+    rows, whitenings = [], []
     variants = {"exact": dict(mode="exact"), "randomized (ours)": dict(mode="randomized"),
                 "randomized (paper: oversample 10)": dict(mode="randomized", oversample=10)}
     for name, (d_in, outs) in GROUPS.items():
@@ -80,12 +80,16 @@ def run(device: str, rank: int, repeats: int, shrinkage: float, scale: int = 1) 
         S = synthetic_second_moment(d_in, gen, device)
         errors = synthetic_errors(d_in, outs, gen, device)
         E_cat = torch.cat(errors)
-        half, inv_half = (t.float() for t in whitening(shrink(S, shrinkage)))
+        S_a = shrink(S, shrinkage)
+        whitened = factor_whitening(S_a, torch.float32)
+        eigh_s, _ = timed(lambda: whitening(S_a), device, repeats)  # S^{1/2} and S^{-1/2}, as before
+        factor_s, _ = timed(lambda: factor_whitening(S_a, torch.float32), device, repeats)
+        whitenings.append(dict(group=name, d_in=d_in, eigh_s=eigh_s, factor_s=factor_s, kind=whitened.kind))
         results = {}
         for label, kw in variants.items():
             over = kw.get("oversample", default_oversample(rank))
             core_s, _ = timed(lambda: scaled_lowrank(
-                E_cat, half, inv_half, rank, mode=kw["mode"], oversample=over, power_iters=2,
+                E_cat, whitened, rank, mode=kw["mode"], oversample=over, power_iters=2,
                 generator=torch.Generator(device=device).manual_seed(0)), device, repeats)
             solve_s, corr = timed(lambda: solve("glowq", errors, S, rank, shrinkage=shrinkage, **kw), device, repeats)
             results[label] = dict(core_s=core_s, solve_s=solve_s,
@@ -99,7 +103,7 @@ def run(device: str, rank: int, repeats: int, shrinkage: float, scale: int = 1) 
                              objective_ratio=r["objective_after"] / exact["objective_after"],
                              raw_ratio=r["error_after"] / exact["error_after"]))
         print(f"{name}: done", file=sys.stderr)
-    return dict(rows=rows, rank=rank, shrinkage=shrinkage, repeats=repeats, device=device_name(device),
+    return dict(rows=rows, whitenings=whitenings, rank=rank, shrinkage=shrinkage, repeats=repeats, device=device_name(device),
                 torch=torch.__version__, triton=_triton_version(), python=platform.python_version(),
                 command="python " + " ".join(sys.argv))
 
@@ -130,8 +134,12 @@ def to_markdown(res: dict) -> str:
     for r in res["rows"]:
         lines.append(f"| {r['group']} | {r['shape']} | {r['variant']} | {r['core_s']:.3f} | {r['core_speedup']:.1f}x "
                      f"| {r['solve_s']:.3f} | {r['solve_speedup']:.1f}x | {r['objective_ratio']:.4f} | {r['raw_ratio']:.4f} |")
-    lines += ["", "core: the factorization given S^{1/2}; solve: decompose.solve end to end "
-              "(float64 eigh of S included, the same for every variant).",
+    lines += ["", "| group | d_in | S^{1/2} by float64 eigh (s) | the solver's factor (s) | factor | speedup |",
+              "|---|---:|---:|---:|---|---:|"]
+    lines += [f"| {w['group']} | {w['d_in']} | {w['eigh_s']:.3f} | {w['factor_s']:.3f} | {w['kind']} | "
+              f"{w['eigh_s'] / w['factor_s']:.1f}x |" for w in res.get("whitenings", [])]
+    lines += ["", "core: the factorization given the whitening factor; solve: decompose.solve end to end "
+              "(the float64 factorization of S included, the same for every variant).",
               "objective: tr(D S_a D^T) with the shrunk S_a that the solver minimizes (exact SVD is "
               "optimal here); raw-S error: tr(D S D^T), what the output sees."]
     return "\n".join(lines) + "\n"

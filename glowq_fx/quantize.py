@@ -22,7 +22,7 @@ the report gives the rank each group got.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -112,9 +112,13 @@ def _block_label(blocks: Blocks, i: int, groups: Sequence[InputGroup]) -> str:
     return " ".join(g.name.removeprefix(prefix) for g in groups)
 
 
-def _quantize_blockwise(model: nn.Module, blockwise: BlockwiseCalibration, groups_of: list[list[InputGroup]],
-                        config: GlowQConfig, progress: bool, rows: dict, factors: dict) -> int:
-    """Every group, block by block (``calibration.blockwise``); returns the tokens each ``S`` saw."""
+def quantize_blockwise(model: nn.Module, blockwise: BlockwiseCalibration, groups_of: list[list[InputGroup]],
+                       config: GlowQConfig, progress: bool, rows: dict, factors: dict, *,
+                       before_block: Callable[[int], None] | None = None,
+                       after_block: Callable[[int], None] | None = None) -> int:
+    """Every group, block by block (``calibration.blockwise``), filling ``rows`` and ``factors`` by
+    group name; ``before_block(i)`` / ``after_block(i)`` run around block ``i`` (load it, write it).
+    Returns the tokens each ``S`` saw."""
     modules = dict(model.named_modules())
     n_tokens = max((blockwise.head_stats[g.name].n_tokens for g in blockwise.head_groups), default=0)
     _quantize_groups(model, modules, blockwise.head_groups, blockwise.head_stats, config, rows, factors)
@@ -122,6 +126,8 @@ def _quantize_blockwise(model: nn.Module, blockwise: BlockwiseCalibration, group
     for i in bar:
         if hasattr(bar, "set_postfix_str"):
             bar.set_postfix_str(_block_label(blockwise.blocks, i, groups_of[i]))
+        if before_block is not None:
+            before_block(i)
         stats = blockwise.block_statistics(i, groups_of[i])
         n_tokens = max([n_tokens, *(stats[g.name].n_tokens for g in groups_of[i])])
         _quantize_groups(model, modules, groups_of[i], stats, config, rows, factors)
@@ -133,10 +139,22 @@ def _quantize_blockwise(model: nn.Module, blockwise: BlockwiseCalibration, group
                 detach_group(model, rows[g.name], factors[g.name])
         else:
             blockwise.advance(i)
+        if after_block is not None:
+            after_block(i)
     tail = blockwise.tail_statistics()
     n_tokens = max([n_tokens, *(tail[g.name].n_tokens for g in blockwise.tail_groups)])
     _quantize_groups(model, modules, blockwise.tail_groups, tail, config, rows, factors)
     return n_tokens
+
+
+def blockwise_summary(blockwise: BlockwiseCalibration, groups_of: list[list[InputGroup]], rows: dict,
+                      config: GlowQConfig, device: torch.device) -> dict:
+    """The report's ``calibration`` entry of a block-by-block run, with the time per block."""
+    return {"mode": "blocks", "blocks": blockwise.blocks.container, "n_blocks": len(blockwise.blocks.names),
+            "block_inputs": config.block_inputs, "activations": blockwise.place,
+            "activation_bytes": blockwise.needed_bytes, "device": str(device),
+            "times": {**blockwise.times, "quantize_s": [sum(rows[g.name].quantize_time_s for g in gs) for gs in groups_of],
+                      "solve_s": [sum(rows[g.name].solve_time_s for g in gs) for gs in groups_of]}}
 
 
 def quantize_(
@@ -226,13 +244,8 @@ def quantize_(
                 order = [g for part in ([blockwise.head_groups], groups_of, [blockwise.tail_groups]) for gs in part
                          for g in gs]
                 with blockwise, torch.no_grad():
-                    n_tokens = _quantize_blockwise(model, blockwise, groups_of, config, progress, rows, factors)
-                how = {"mode": "blocks", "blocks": blocks.container, "n_blocks": len(blocks.names),
-                       "block_inputs": config.block_inputs, "activations": blockwise.place,
-                       "activation_bytes": blockwise.needed_bytes, "device": str(device),
-                       "times": {**blockwise.times, "quantize_s": [sum(rows[g.name].quantize_time_s for g in gs)
-                                                                   for gs in groups_of],
-                                 "solve_s": [sum(rows[g.name].solve_time_s for g in gs) for gs in groups_of]}}
+                    n_tokens = quantize_blockwise(model, blockwise, groups_of, config, progress, rows, factors)
+                how = blockwise_summary(blockwise, groups_of, rows, config, device)
             else:
                 stats = collect_statistics(model, order, batches, run, dtype=config.stats_dtype,
                                            progress=progress_bar(progress, "calibration", len(batches)))

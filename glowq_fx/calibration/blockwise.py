@@ -120,7 +120,9 @@ class BlockwiseCalibration:
         self.model, self.blocks, self.batches, self.run = model, blocks, list(batches), run
         self.device = torch.device(device)
         self.modules = [model.get_submodule(name) for name in blocks.names]
-        self.homes = [_device_of(m) for m in self.modules]
+        # where each block goes back after its turn: where it was, or, for a block not loaded yet
+        # (on meta: its owner reads it from disk when its turn comes), the compute device
+        self.homes = [self.device if _device_of(m).type == "meta" else _device_of(m) for m in self.modules]
         self.stats_dtype, self.block_inputs = stats_dtype, block_inputs
         self._activations, self._offload_dir = activations, offload_dir
         self.place: str | None = None
@@ -300,7 +302,8 @@ class BlockwiseCalibration:
         for store in (*self._stores, *([self._outputs] if self._outputs is not None else [])):
             store.close()
         for module, home in zip(self.modules, self.homes):
-            module.to(home)
+            if _device_of(module).type != "meta":  # a released block stays released
+                module.to(home)
 
     def __enter__(self) -> "BlockwiseCalibration":
         return self

@@ -31,8 +31,9 @@ import torch
 from torch import nn
 
 from glowq_fx._version import __version__
-from glowq_fx.checkpoint.shards import CheckpointError, check_shards, iter_shards, read_headers, write_shards
+from glowq_fx.checkpoint.shards import CheckpointError, ShardWriter, check_shards, iter_shards, read_headers
 from glowq_fx.config import GlowQConfig
+from glowq_fx.data.lazy_model import empty_model, materialize
 from glowq_fx.kernels.layout import PackedW4, packed_shapes
 from glowq_fx.modules.install import register_projection, replace_module
 from glowq_fx.modules.linear import QuantizedLinear, SharedProjection, linear_weight
@@ -75,6 +76,74 @@ def _projection_key(model: nn.Module, projection: SharedProjection) -> str:
                           "was the model quantized with glowq_fx.quantize_?")
 
 
+def _under(key: str, prefix: str | None) -> bool:
+    return prefix is None or key == prefix or key.startswith(prefix + ".")
+
+
+class CheckpointWriter:
+    """A quantized checkpoint written part by part: ``add`` writes a finished part of a model (a
+    quantized block, whose weights may then be released), ``close`` the rest of the model and the
+    description. ``save_quantized`` is one ``add`` of everything.
+
+    Args:
+        directory: the checkpoint directory (created if needed).
+        max_shard_size: bytes per safetensors shard at most (int, or ``"5GB"``, ``"500MiB"``).
+    """
+
+    def __init__(self, directory: str | Path, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE):
+        self.directory = Path(directory)
+        self._shards = ShardWriter(self.directory, max_shard_size, metadata={"format": FORMAT})
+        self.records: dict[str, dict] = {}
+        self._projections: dict[str, dict] = {}
+        self.aliases: dict[str, str] = {}
+        self._written: set[str] = set()
+
+    def add(self, model: nn.Module, prefix: str | None = None) -> None:
+        """The quantized linears' records and the tensors of ``model`` under the module ``prefix``
+        (None: everything not written yet)."""
+        for name, m in model.named_modules():
+            if not isinstance(m, QuantizedLinear) or not _under(name, prefix) or name in self.records:
+                continue
+            key = None
+            if m.projection is not None:
+                key = _projection_key(model, m.projection)
+                self._projections.setdefault(key, {"key": key, "members": list(m.projection.members),
+                                                   "rank": m.projection.rank, "in_features": m.projection.in_features})
+            self.records[name] = {"in_features": m.in_features, "out_features": m.out_features,
+                                  "group_size": m.group_size, "rank": m.rank, "bias": m.bias is not None,
+                                  "projection": key}
+        state = {k: v for k, v in model.state_dict().items() if _under(k, prefix) and k not in self._written}
+        tensors, aliases = _dedupe(state)
+        self._shards.add(tensors)
+        self.aliases.update(aliases)
+        self._written.update(state)
+
+    def close(self, model: nn.Module, *, config: GlowQConfig | None = None, report=None, tokenizer=None) -> Path:
+        """Write what is left of ``model``, its config (and tokenizer), and ``glowq.json``."""
+        self.add(model)
+        if not self.records:
+            raise CheckpointError("the model has no QuantizedLinear modules: quantize it with glowq_fx.quantize_ "
+                                  "first (a floating-point model is saved with save_pretrained)")
+        shards = self._shards.close()
+        model_config = getattr(model, "config", None)
+        if model_config is not None and hasattr(model_config, "save_pretrained"):
+            model_config.save_pretrained(self.directory)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(self.directory)
+        if config is None and report is not None:
+            config = report.config
+        meta = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "versions": _versions(),
+            "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+            "config": None if config is None else config.to_dict(),
+            "linears": self.records, "projections": list(self._projections.values()), "aliases": self.aliases,
+            "tensors": {"shards": shards},
+            "report": None if report is None else report.to_dict(),
+        }
+        (self.directory / META_FILE).write_text(json.dumps(meta, indent=1))
+        return self.directory
+
+
 def save_quantized(model: nn.Module, directory: str | Path, *, config: GlowQConfig | None = None,
                    report=None, tokenizer=None, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
     """Write the quantized ``model`` (from ``quantize_``) to ``directory``; returns the directory.
@@ -82,43 +151,10 @@ def save_quantized(model: nn.Module, directory: str | Path, *, config: GlowQConf
     ``config`` defaults to ``report.config`` when a ``QuantizationReport`` is given;
     ``max_shard_size`` (bytes, or ``"5GB"``, ``"500MiB"``) caps each safetensors shard.
     """
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
-    if not linears:
+    if not any(isinstance(m, QuantizedLinear) for m in model.modules()):
         raise CheckpointError("the model has no QuantizedLinear modules: quantize it with glowq_fx.quantize_ "
                               "first (a floating-point model is saved with save_pretrained)")
-    if config is None and report is not None:
-        config = report.config
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    projections: dict[int, dict] = {}
-    records = {}
-    for name, m in linears.items():
-        key = None
-        if m.projection is not None:
-            p = m.projection
-            if id(p) not in projections:
-                projections[id(p)] = {"key": _projection_key(model, p), "members": list(p.members),
-                                      "rank": p.rank, "in_features": p.in_features}
-            key = projections[id(p)]["key"]
-        records[name] = {"in_features": m.in_features, "out_features": m.out_features, "group_size": m.group_size,
-                         "rank": m.rank, "bias": m.bias is not None, "projection": key}
-    tensors, aliases = _dedupe(model.state_dict())
-    shards = write_shards(tensors, directory, max_shard_size, metadata={"format": FORMAT})
-    model_config = getattr(model, "config", None)
-    if model_config is not None and hasattr(model_config, "save_pretrained"):
-        model_config.save_pretrained(directory)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
-    meta = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "versions": _versions(),
-        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
-        "config": None if config is None else config.to_dict(),
-        "linears": records, "projections": list(projections.values()), "aliases": aliases,
-        "tensors": {"shards": shards},
-        "report": None if report is None else report.to_dict(),
-    }
-    (directory / META_FILE).write_text(json.dumps(meta, indent=1))
-    return directory
+    return CheckpointWriter(directory, max_shard_size).close(model, config=config, report=report, tokenizer=tokenizer)
 
 
 def read_metadata(directory: str | Path) -> dict:
@@ -148,7 +184,9 @@ def read_metadata(directory: str | Path) -> dict:
     return meta
 
 
-def _build_model(directory: Path, meta: dict, dtype: torch.dtype, device) -> nn.Module:
+def _build_model(directory: Path, meta: dict, dtype: torch.dtype) -> nn.Module:
+    """The unquantized architecture without its weights (on meta: the float linears the quantized
+    ones replace never take memory)."""
     if not (directory / "config.json").is_file():
         raise CheckpointError(f"{directory} has no config.json to rebuild the model from (the model was not a "
                               "transformers model): build the unquantized model yourself and call "
@@ -156,17 +194,11 @@ def _build_model(directory: Path, meta: dict, dtype: torch.dtype, device) -> nn.
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(directory)
-    class_name = meta["model_class"].rsplit(".", 1)[-1]
-    with torch.device(device):
-        for auto in (transformers.AutoModelForCausalLM, transformers.AutoModel):
-            try:
-                model = auto.from_config(config, dtype=dtype)
-            except ValueError:
-                continue
-            if type(model).__name__ == class_name:
-                return model.eval()
-    raise CheckpointError(f"cannot rebuild a {class_name} from {directory}/config.json with transformers' auto "
-                          "classes; build the unquantized model yourself and call load_quantized(directory, model)")
+    try:
+        return empty_model(config, dtype, meta["model_class"].rsplit(".", 1)[-1])
+    except ValueError as exc:
+        raise CheckpointError(f"cannot rebuild the model from {directory}/config.json: {exc}; build the unquantized "
+                              "model yourself and call load_quantized(directory, model)") from None
 
 
 def _file_dtype(header: dict[str, tuple[tuple[int, ...], torch.dtype]], meta: dict) -> torch.dtype:
@@ -284,12 +316,11 @@ def load_quantized(directory: str | Path, model: nn.Module | None = None, *,
     if not meta["linears"] or f"{next(iter(meta['linears']))}.scales" not in header:
         raise CheckpointError(f"the shards in {directory} do not hold the quantized linears that {META_FILE} lists")
     if model is None:
-        model = _build_model(directory, meta, _file_dtype(header, meta), device)
+        model = _build_model(directory, meta, _file_dtype(header, meta))
     elif any(isinstance(m, QuantizedLinear) for m in model.modules()):
         raise CheckpointError("pass the unquantized model to load into; this one already has QuantizedLinear modules")
     _plan(model, meta, header)
     # Everything is checked: from here on the model changes.
-    model.to(device)
     projections = {}
     for p in meta["projections"]:
         shape, dtype = header[p["key"]]
@@ -299,6 +330,8 @@ def load_quantized(directory: str | Path, model: nn.Module | None = None, *,
     for name, rec in meta["linears"].items():
         projection = projections.get(rec["projection"]) if rec["projection"] else None
         replace_module(model, name, _empty_quantized(name, rec, header, projection, device))
+    materialize(model, device)  # what is left on meta (a rebuilt model's float tensors), empty
+    model.to(device)
     for tensors in iter_shards(directory, shards, device):  # one shard's tensors at a time
         tensors.update({alias: tensors[target] for alias, target in meta["aliases"].items() if target in tensors})
         model.load_state_dict(tensors, strict=False)  # _plan checked that the shards cover the state exactly

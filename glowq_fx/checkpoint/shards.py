@@ -48,42 +48,69 @@ def parse_size(size: int | str) -> int:
     return value
 
 
-def _cut(tensors: Mapping[str, Tensor], limit: int) -> list[dict[str, Tensor]]:
-    shards: list[dict[str, Tensor]] = [{}]
-    size = 0
-    for key, t in tensors.items():
-        n = t.numel() * t.element_size()
-        if shards[-1] and size + n > limit:
-            shards.append({})
-            size = 0
-        shards[-1][key] = t
-        size += n
-    return shards
+class ShardWriter:
+    """Shards written as tensors arrive (``add``), so a model quantized block by block never holds
+    more than one shard of its result; ``close`` gives the shards their final names, writes the
+    index, removes what an earlier save left, and returns ``[{"file", "bytes", "sha256"}]``.
+
+    Args:
+        directory: where the shards go (created if needed).
+        max_shard_size: bytes of tensor data per shard at most (int, or ``"5GB"``, ``"500MiB"``);
+            a tensor larger than that gets a shard of its own.
+        metadata: the safetensors header's metadata of every shard.
+    """
+
+    def __init__(self, directory: Path, max_shard_size: int | str, metadata: dict[str, str] | None = None):
+        self.directory, self.limit, self.metadata = Path(directory), parse_size(max_shard_size), metadata
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._pending: dict[str, Tensor] = {}
+        self._size = 0
+        self._parts: list[tuple[Path, list[str], int]] = []  # (temporary file, its keys, tensor bytes)
+
+    def add(self, tensors: Mapping[str, Tensor]) -> None:
+        for key, t in tensors.items():
+            if key in self._pending or any(key in keys for _, keys, _ in self._parts):
+                raise ValueError(f"tensor {key} was written twice")
+            n = t.numel() * t.element_size()
+            if self._pending and self._size + n > self.limit:
+                self._flush()
+            self._pending[key] = t.detach().contiguous().cpu()
+            self._size += n
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        path = self.directory / f".glowq-part-{len(self._parts):05d}.safetensors"
+        save_file(self._pending, str(path), metadata=self.metadata)
+        self._parts.append((path, list(self._pending), self._size))
+        self._pending, self._size = {}, 0
+
+    def close(self) -> list[dict]:
+        if self._pending or not self._parts:
+            self._flush()
+        n = len(self._parts)
+        names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        for stale in self.directory.iterdir():
+            if (_SHARD.fullmatch(stale.name) or stale.name in (SINGLE_FILE, INDEX_FILE)) and stale.name not in names:
+                stale.unlink()
+        records = []
+        for name, (part, _, _) in zip(names, self._parts):
+            path = part.replace(self.directory / name)
+            records.append({"file": name, "bytes": path.stat().st_size, "sha256": sha256_file(path)})
+        if n > 1:
+            weight_map = {key: name for name, (_, keys, _) in zip(names, self._parts) for key in keys}
+            total = sum(size for _, _, size in self._parts)
+            (self.directory / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total},
+                                                                 "weight_map": weight_map}, indent=1))
+        return records
 
 
 def write_shards(tensors: Mapping[str, Tensor], directory: Path, max_shard_size: int | str,
                  metadata: dict[str, str] | None = None) -> list[dict]:
-    """Write ``tensors`` (contiguous, distinct storages) as shards of ``directory``, removing
-    shards and an index left there by an earlier save; returns ``[{"file", "bytes", "sha256"}]``."""
-    from safetensors.torch import save_file
-
-    shards = _cut(tensors, parse_size(max_shard_size))
-    names = ([SINGLE_FILE] if len(shards) == 1
-             else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    for stale in directory.iterdir():
-        if (_SHARD.fullmatch(stale.name) or stale.name in (SINGLE_FILE, INDEX_FILE)) and stale.name not in names:
-            stale.unlink()
-    records = []
-    for name, shard in zip(names, shards):
-        path = directory / name
-        save_file({k: v.cpu() for k, v in shard.items()}, str(path), metadata=metadata)
-        records.append({"file": name, "bytes": path.stat().st_size, "sha256": sha256_file(path)})
-    if len(shards) > 1:
-        weight_map = {key: name for name, shard in zip(names, shards) for key in shard}
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        (directory / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                       indent=1))
-    return records
+    """Write ``tensors`` (distinct storages) as the shards of ``directory`` (``ShardWriter``)."""
+    writer = ShardWriter(directory, max_shard_size, metadata)
+    writer.add(tensors)
+    return writer.close()
 
 
 def check_shards(directory: Path, shards: list[dict], description: str) -> None:

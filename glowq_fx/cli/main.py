@@ -148,6 +148,8 @@ def _quantize(args: argparse.Namespace) -> int:
     from glowq_fx.data.models import load_model
 
     config = _config_from_args(args)
+    if args.from_disk:
+        return _quantize_from_disk(args, config)
     model, tokenizer = load_model(args.model, dtype=_torch_dtype(args.dtype), device=args.device)
     batches = text_calibration_batches(tokenizer, args.calib, args.calib_samples, args.calib_len, seed=args.seed,
                                        device=args.device)
@@ -155,6 +157,25 @@ def _quantize(args: argparse.Namespace) -> int:
     print(report)
     out = save_quantized(model, args.out, report=report, tokenizer=tokenizer, max_shard_size=args.max_shard_size)
     print(f"saved to {out}")
+    return 0
+
+
+def _quantize_from_disk(args: argparse.Namespace, config: GlowQConfig) -> int:
+    """The float weights stay in MODEL's safetensors; one block at a time is read, quantized and written."""
+    from transformers import AutoTokenizer
+
+    from glowq_fx.data.batches import text_calibration_batches
+    from glowq_fx.out_of_core import quantize_checkpoint
+
+    if not Path(args.model).is_dir():
+        raise ValueError(f"--from-disk reads a checkpoint directory; {args.model!r} is not one")
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    batches = text_calibration_batches(tokenizer, args.calib, args.calib_samples, args.calib_len, seed=args.seed)
+    report = quantize_checkpoint(args.model, args.out, batches, config, device=args.compute_device or args.device,
+                                 dtype=_torch_dtype(args.dtype), tokenizer=tokenizer,
+                                 max_shard_size=args.max_shard_size)
+    print(report)
+    print(f"saved to {args.out}")
     return 0
 
 
@@ -327,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
     quantize.add_argument("model", help="smollm2 (built in), a local model directory or a hub name")
     quantize.add_argument("--out", type=Path, required=True)
     quantize.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (bytes, 5GB, 500MiB)")
+    quantize.add_argument("--from-disk", action="store_true",
+                          help="leave the float weights in MODEL's safetensors and read one block at a time (for a "
+                               "model larger than memory); the checkpoint is written as it goes")
     _quantization_args(quantize)
     _device_args(quantize)
     quantize.set_defaults(func=_quantize)

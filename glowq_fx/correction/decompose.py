@@ -11,6 +11,13 @@ same for every member, this shared ``B`` is the exact optimum of the stacked obj
 k = 1 it is QERA's exact solution. ``tr(D S D^T) = E ||D x||^2``, so every reported
 "whitened error" is the expected squared output error per token.
 
+Any factor ``H`` with ``H H^T = S`` gives the same objective, ``||X H||_F^2 = tr(X S X^T)``, so
+the same optimum ``A B``: the solver takes the Cholesky factor ``L`` of the shrunk ``S`` (positive
+definite whenever ``shrinkage > 0``) and undoes it on ``B`` by a triangular solve, ``B L^{-1}``.
+That costs a fraction of the float64 eigendecomposition ``S^{1/2}`` needs (which dominated the
+solve: ``benchmarks/results/blockwise_memory.md``) and a quarter of its memory. Without shrinkage
+(or for an ``S`` that is not positive definite) the clamped symmetric square root is used.
+
 The QR-reduced randomized SVD: ``E_cat = Q_e R_e`` (thin QR, only when m > d_in), the
 randomized SVD runs on ``M' = R_e S^{1/2}`` (d_in x d_in) and ``U = Q_e U'`` lifts it back.
 Exact SVD of the full ``M`` remains available (``mode="exact"``) for checking.
@@ -37,6 +44,46 @@ def shrink(S: Tensor, alpha: float) -> Tensor:
     d = S.shape[0]
     eye = torch.eye(d, dtype=S.dtype, device=S.device)
     return (1 - alpha) * S + alpha * (torch.trace(S) / d) * eye
+
+
+@dataclass
+class Whitening:
+    """A factor ``H`` of ``S`` (``H H^T = S``, or ``S`` clamped) and its inverse applied to ``B``.
+
+    ``kind`` is ``"cholesky"`` (``H = L`` lower triangular, ``B H^{-1}`` by a triangular solve),
+    ``"symmetric"`` (``H = S^{1/2}`` from a clamped eigendecomposition, ``H^{-1}`` a matrix),
+    ``"diagonal"`` (``H`` a (d,) vector) or ``"identity"``.
+    """
+
+    kind: str
+    H: Tensor | None = None
+    H_inv: Tensor | None = None
+
+    def scale(self, X: Tensor) -> Tensor:
+        """``X H``."""
+        if self.kind == "identity":
+            return X
+        return X * self.H if self.kind == "diagonal" else X @ self.H
+
+    def unscale(self, B: Tensor) -> Tensor:
+        """``B H^{-1}``."""
+        if self.kind == "identity":
+            return B
+        if self.kind == "diagonal":
+            return B * self.H_inv
+        if self.kind == "cholesky":
+            return torch.linalg.solve_triangular(self.H, B, upper=False, left=False)
+        return B @ self.H_inv
+
+
+def factor_whitening(S: Tensor, dtype: torch.dtype) -> Whitening:
+    """The Cholesky factor of ``S`` (float64, cast to ``dtype``) when ``S`` is positive definite,
+    else the clamped symmetric square root (``whitening``)."""
+    L, info = torch.linalg.cholesky_ex(S.to(torch.float64))
+    if int(info) == 0 and torch.isfinite(L).all():
+        return Whitening("cholesky", L.to(dtype))
+    half, inv_half = whitening(S)
+    return Whitening("symmetric", half.to(dtype), inv_half.to(dtype))
 
 
 def whitening(S: Tensor) -> tuple[Tensor, Tensor]:
@@ -98,7 +145,7 @@ class SolveReport:
     captured_energy: float  # sum of kept s^2 of the (shrunk, scaled) objective
     singular_values: list[Tensor] = field(repr=False)  # kept s, one tensor per factorization
     time_s: float = 0.0  # the whole solve, whitening included
-    whitening_time_s: float = 0.0  # the float64 eigendecomposition of S
+    whitening_time_s: float = 0.0  # the float64 factorization of S (Cholesky, or eigendecomposition)
     member_errors_before: list[float] = field(default_factory=list)  # tr(E_i S E_i^T) per member
     member_errors_after: list[float] = field(default_factory=list)
 
@@ -155,12 +202,11 @@ def _check_group(errors: Sequence[Tensor], S: Tensor, rank: int) -> int:
 
 
 def scaled_lowrank(
-    E: Tensor, half: Tensor | None, inv_half: Tensor | None, rank: int, *, mode: str,
+    E: Tensor, whitened: Whitening, rank: int, *, mode: str,
     oversample: int, power_iters: int, generator: torch.Generator | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Best rank-``rank`` ``A B`` for ``|| (E - A B) H ||_F`` with ``H`` = ``half``.
+    """Best rank-``rank`` ``A B`` for ``|| (E - A B) H ||_F`` with ``H`` the ``whitened`` factor.
 
-    ``half`` is a (d, d) matrix, a (d,) diagonal, or None (identity); ``inv_half`` its inverse.
     Returns ``(A, B, s)`` with the kept singular values ``s``.
     """
     m, d = E.shape
@@ -169,30 +215,22 @@ def scaled_lowrank(
         raise ValueError(
             f"rank {rank} exceeds the largest rank a ({m} x {d}) error allows ({limit}); lower the rank"
         )
-
-    def scale(X: Tensor) -> Tensor:
-        if half is None:
-            return X
-        return X @ half if half.dim() == 2 else X * half
-
     if mode == "exact":
-        U, s, Vh = torch.linalg.svd(scale(E), full_matrices=False)
+        U, s, Vh = torch.linalg.svd(whitened.scale(E), full_matrices=False)
         U, s, Vh = U[:, :rank], s[:rank], Vh[:rank]
     elif mode == "randomized":
         if m > d:  # QR-reduce the tall stacked error to a d x d core
             Q_e, R_e = torch.linalg.qr(E)
-            U, s, Vh = randomized_svd(scale(R_e), rank, oversample=oversample, power_iters=power_iters, generator=generator)
+            U, s, Vh = randomized_svd(whitened.scale(R_e), rank, oversample=oversample, power_iters=power_iters,
+                                      generator=generator)
             U = Q_e @ U
         else:
-            U, s, Vh = randomized_svd(scale(E), rank, oversample=oversample, power_iters=power_iters, generator=generator)
+            U, s, Vh = randomized_svd(whitened.scale(E), rank, oversample=oversample, power_iters=power_iters,
+                                      generator=generator)
     else:
         raise ValueError(f"unknown SVD mode {mode!r}: use 'randomized' or 'exact'")
     root = s.sqrt()
-    A = U * root
-    B = root.unsqueeze(1) * Vh
-    if inv_half is not None:
-        B = B @ inv_half if inv_half.dim() == 2 else B * inv_half
-    return A, B, s
+    return U * root, whitened.unscale(root.unsqueeze(1) * Vh), s
 
 
 def solve(
@@ -254,26 +292,26 @@ def solve(
     else:
         if method in ("glowq", "qera"):
             t_white = time.perf_counter()
-            half, inv_half = (t.to(dtype) for t in whitening(shrink(S_raw, shrinkage)))
+            whitened = factor_whitening(shrink(S_raw, shrinkage), dtype)
             whitening_s = time.perf_counter() - t_white
         elif method == "lqer":
             rms = torch.diagonal(S_raw).clamp_min(0).sqrt()
             rms = rms.clamp_min(max(float(rms.max()) * EIG_FLOOR**0.5, torch.finfo(torch.float64).tiny))
-            half, inv_half = rms.to(dtype), (1 / rms).to(dtype)
+            whitened = Whitening("diagonal", rms.to(dtype), (1 / rms).to(dtype))
         else:  # svd
-            half = inv_half = None
+            whitened = Whitening("identity")
         if oversample is None:
             oversample = default_oversample(rank)
         kw = dict(mode=mode, oversample=oversample, power_iters=power_iters, generator=generator)
         if method == "glowq":
-            A_cat, B_shared, s = scaled_lowrank(torch.cat(Es), half, inv_half, rank, **kw)
+            A_cat, B_shared, s = scaled_lowrank(torch.cat(Es), whitened, rank, **kw)
             A = list(A_cat.split([E.shape[0] for E in Es]))
             B, s_kept = [B_shared], [s]
         else:
             solved = []
             for E in Es:  # each member's sketch from the seed: its factors do not depend on member order
                 generator.manual_seed(seed)
-                solved.append(scaled_lowrank(E, half, inv_half, min(rank, *E.shape) if cap_rank else rank, **kw))
+                solved.append(scaled_lowrank(E, whitened, min(rank, *E.shape) if cap_rank else rank, **kw))
             A, B, s_kept = (list(x) for x in zip(*solved))
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -70,11 +70,16 @@ def equal_memory_rank(groups: Sequence[InputGroup], budget_bytes: int) -> int:
     return rank
 
 
-def compare_methods(model: nn.Module, tokens: Tensor, calibrated: Calibration, methods: Sequence[Method], *,
+def compare_methods(model: nn.Module, tokens: Tensor, calibrated: Calibration | Sequence[object],
+                    methods: Sequence[Method], *,
                     seq_len: int = 2048, max_tokens: int | None = None, batch_size: int = 1,
                     progress: bool = True, on_row: Callable[[AccuracyRow], None] | None = None,
                     on_model: Callable[[Method, nn.Module], None] | None = None) -> list[AccuracyRow]:
     """One row per method: quantize a copy of ``model`` with ``calibrated`` and measure perplexity.
+
+    ``calibrated`` is a ``Calibration`` (one whole-model calibration shared by every row) or the
+    calibration batches (each row calibrates itself, as its config says: block by block, and fed
+    the quantized blocks' outputs with ``block_inputs="quantized"``).
 
     ``on_row(row)`` sees each row when it is done; ``on_model(method, model)`` each quantized copy
     (keep a reference to use it after the call; otherwise it is freed).

@@ -77,3 +77,16 @@ def test_w4a16_benchmark_table_and_chosen_paths(tmp_path):
     glowq_m1 = results["rows"]["GlowQ fused"]["1"]["us_per_layer"]
     assert f"{bf16_m1 / glowq_m1:.2f}x bf16" in rows["GlowQ fused"].split(" | ")[1]
     assert json.loads((tmp_path / "w4a16_gpu.json").read_text())["chosen_paths"] == results["chosen_paths"]
+
+
+def test_blockwise_memory_benchmark_measures_both_modes_in_child_processes(tmp_path):
+    bench = _load("bench_blockwise")
+    assert bench.main(["--layers", "2", "--tiny", "--tokens", "32", "--batches", "2", "--out",
+                       str(tmp_path / "mem")]) == 0
+    results = __import__("json").loads((tmp_path / "mem.json").read_text())
+    modes = {r["mode"]: r for r in results["rows"]}
+    assert modes["blocks"]["calibration"]["mode"] == "blocks" and modes["model"]["calibration"]["mode"] == "model"
+    assert all(r["quantized"] == "QuantizedLinear" and r["added_mib"] > 0 for r in results["rows"])
+    table = (tmp_path / "mem.md").read_text()
+    assert "| 2 |" in table and "correction solve" in table
+

@@ -107,6 +107,18 @@ def test_quantize_block_by_block_into_shards(tmp_path, capsys):
     assert "quantized" in capsys.readouterr().out
 
 
+def test_quantize_from_disk_loads_one_block_at_a_time(tmp_path, capsys):
+    model_dir, text = _tiny_model_and_text(tmp_path)
+    out = tmp_path / "q"
+    assert main(["quantize", str(model_dir), "--out", str(out), "--group-size", "32", "--rank", "8", "--calib", str(text),
+                 "--calib-samples", "4", "--calib-len", "64", "--from-disk"]) == 0
+    assert "calibrated block by block" in capsys.readouterr().out
+    assert (out / "tokenizer.json").is_file()
+    assert main(["eval", str(out), "--text", str(text), "--seq-len", "128", "--max-tokens", "500"]) == 0
+    assert main(["quantize", str(text), "--out", str(out), "--from-disk"]) == 2
+    assert "--from-disk reads a checkpoint directory" in capsys.readouterr().err
+
+
 def test_eval_of_a_missing_model_is_a_clear_error(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "nothing-here"), "--text", __file__]) == 2
     assert "cannot load model" in capsys.readouterr().err

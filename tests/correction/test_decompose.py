@@ -212,3 +212,34 @@ def test_bad_inputs_raise_clearly(gen):
         solve("glowq", errors, S, 2, mode="lanczos")
     with pytest.raises(ValueError, match="shrinkage"):
         solve("glowq", errors, S, 2, shrinkage=2.0)
+
+
+def test_the_cholesky_factor_whitens_like_the_symmetric_root(gen):
+    """Any H with H H^T = S gives the same objective and so the same optimum: the solver's
+    Cholesky factor and the symmetric square root agree on the solved correction."""
+    from glowq_fx.correction import decompose
+    from glowq_fx.correction.decompose import Whitening, factor_whitening
+
+    d = 48
+    S = shrink(anisotropic_second_moment(d, gen), 0.05)
+    whitened = factor_whitening(S, torch.float64)
+    assert whitened.kind == "cholesky"
+    torch.testing.assert_close(whitened.H @ whitened.H.T, S, rtol=1e-10, atol=1e-12)
+    B = torch.randn(5, d, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(whitened.unscale(B) @ whitened.H, B, rtol=1e-9, atol=1e-10)
+    errors = [torch.randn(m, d, generator=gen, dtype=torch.float64) for m in (40, 24)]
+    by_cholesky = solve("glowq", errors, S, 8, shrinkage=0.0, mode="exact", dtype=torch.float64)
+    half, inv_half = whitening(S)
+    symmetric = Whitening("symmetric", half, inv_half)
+    A, Bs, s = decompose.scaled_lowrank(torch.cat(errors), symmetric, 8, mode="exact", oversample=0, power_iters=0,
+                                        generator=None)
+    torch.testing.assert_close(torch.cat(by_cholesky.A) @ by_cholesky.B[0], A @ Bs, rtol=1e-8, atol=1e-9)
+    torch.testing.assert_close(by_cholesky.report.singular_values[0].double(), s, rtol=1e-6, atol=1e-9)
+
+
+def test_a_singular_second_moment_falls_back_to_the_clamped_root(gen):
+    from glowq_fx.correction.decompose import factor_whitening
+
+    X = torch.randn(10, 32, generator=gen, dtype=torch.float64)  # 10 tokens: S of rank 10 < 32
+    assert factor_whitening(X.T @ X / 10, torch.float32).kind == "symmetric"
+    assert factor_whitening(torch.zeros(8, 8, dtype=torch.float64), torch.float32).kind == "symmetric"

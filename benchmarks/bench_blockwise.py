@@ -1,0 +1,143 @@
+"""Peak memory of quantize_ beyond the model's own weights, whole-model vs block by block, by depth.
+
+A random Llama-shaped model of fixed width (hidden 1024, MLP 2816, 16 heads / 4 kv heads, vocab
+8192, float32) with 4, 8, 16 and 32 layers is quantized (GlowQ rank 32, W4 g128) on 8 x 512 random
+tokens, once with ``calibration="model"`` (every group's S at once) and once with
+``calibration="blocks"``. Each run is a fresh child process: its peak resident memory (VmHWM,
+reset by ``/proc/self/clear_refs`` once the model and batches are built) minus its resident
+memory at that point is the memory quantize_ added. Beside it, the bound block by block should
+stay under: one block's weights, one block's S (float32) and the cached block inputs (two copies
+with float inputs). The 32-layer block-by-block run also gives the time per block and where it goes.
+
+    python benchmarks/bench_blockwise.py                 # writes benchmarks/results/blockwise_memory.{json,md}
+    python benchmarks/bench_blockwise.py --layers 2 --tiny   # the code path, small (tests)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+SHAPES = {"full": dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=16, num_key_value_heads=4,
+                       vocab_size=8192),
+          "tiny": dict(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2,
+                       vocab_size=256)}
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def run_one(layers: int, mode: str, shape: str, tokens: int, batches: int) -> None:
+    """In a child process: build, reset the peak, quantize, print the result as JSON (MiB, s)."""
+    import torch
+    import transformers as T
+
+    from glowq_fx import GlowQConfig, quantize_
+
+    torch.manual_seed(0)
+    config = T.LlamaConfig(num_hidden_layers=layers, max_position_embeddings=tokens, **SHAPES[shape])
+    model = T.LlamaForCausalLM(config).eval()
+    gen = torch.Generator().manual_seed(1)
+    calibration = [{"input_ids": torch.randint(0, config.vocab_size, (1, tokens), generator=gen)}
+                   for _ in range(batches)]
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident size
+    before = _rss_kib("VmRSS")
+    t0 = time.perf_counter()
+    report = quantize_(model, calibration, GlowQConfig(group_size=128, rank=32, calibration=mode), progress=False)
+    elapsed = time.perf_counter() - t0
+    peak = _rss_kib("VmHWM")
+    layer = model.model.layers[0]
+    H, I = config.hidden_size, config.intermediate_size
+    s_bytes = 4 * (3 * H * H + I * I)  # one block's S: q/k/v, o and gate/up read H, down reads I
+    block_weight_bytes = 4 * (2 * H * H + 2 * H * config.num_key_value_heads * config.head_dim + 3 * H * I)
+    print(json.dumps({"layers": layers, "mode": mode, "added_mib": (peak - before) / 1024, "time_s": elapsed,
+               "block_s_mib": s_bytes / 2**20, "block_weights_mib": block_weight_bytes / 2**20,
+               "activation_mib": (report.calibration or {}).get("activation_bytes", 0) / 2**20,
+               "calibration": report.calibration, "quantized": type(layer.self_attn.q_proj).__name__,
+               "whitening_s": sum(g.whitening_time_s for g in report.groups)}))
+
+
+def measure(layers: int, mode: str, shape: str, tokens: int, batches: int) -> dict:
+    """One run in a fresh child process (its own peak): this script with ``--child``."""
+    done = subprocess.run([sys.executable, __file__, "--child", str(layers), mode, shape, str(tokens), str(batches)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"the run with {layers} layers ({mode}) failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def write(results: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    rows = results["rows"]
+    depths = sorted({r["layers"] for r in rows})
+    by = {(r["layers"], r["mode"]): r for r in rows}
+    bound = {d: by[d, "blocks"]["block_s_mib"] + by[d, "blocks"]["block_weights_mib"] + by[d, "blocks"]["activation_mib"]
+             for d in depths}
+    lines = [f"# quantize_ memory beyond the model's weights, by depth ({results['shape']})", "",
+             f"`{results['command']}`", "", f"{results['machine']}, torch {results['torch']}, {results['date']}. "
+             f"{results['calibration']}. MiB of peak resident memory added by quantize_ (child process per run).", "",
+             "| layers | whole model | block by block | bound: one block's S + weights + cached inputs | "
+             "whole-model s | block s |", "|---:|---:|---:|---:|---:|---:|"]
+    for d in depths:
+        w, b = by[d, "model"], by[d, "blocks"]
+        lines.append(f"| {d} | {w['added_mib']:.0f} | {b['added_mib']:.0f} | {bound[d]:.0f} | {w['time_s']:.0f} | "
+                     f"{b['time_s']:.0f} |")
+    blocks = [by[d, "blocks"]["added_mib"] for d in depths]
+    lines += ["", f"Block by block, {depths[0]} to {depths[-1]} layers: {min(blocks):.0f} to {max(blocks):.0f} MiB "
+              f"(largest / smallest {max(blocks) / min(blocks):.2f}).", ""]
+    times = by[depths[-1], "blocks"]["calibration"]["times"]
+    n = len(times["forward_s"])
+    parts = {"block forwards (S included)": sum(times["forward_s"]), "of which S accumulation": sum(times["statistics_s"]),
+             "next block's inputs": sum(times["next_inputs_s"]), "quantizer (RTN)": sum(times["quantize_s"]),
+             "correction solve": sum(times["solve_s"]), "recording pass": times["record_s"]}
+    lines += [f"Where the {depths[-1]}-layer block-by-block run's time goes (s, all {n} blocks; per block: /{n}):", "",
+              "| part | s | per block |", "|---|---:|---:|"]
+    lines += [f"| {k} | {v:.1f} | {v / n:.2f} |" for k, v in parts.items()]
+    lines += ["", f"Of the solve, the float64 eigendecomposition of S: {by[depths[-1], 'blocks']['whitening_s']:.1f} s."]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--child"]:
+        layers, mode, shape, tokens, batches = argv[1:]
+        run_one(int(layers), mode, shape, int(tokens), int(batches))
+        return 0
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, action="append", help="depths (repeatable; default 4 8 16 32)")
+    ap.add_argument("--tokens", type=int, default=512)
+    ap.add_argument("--batches", type=int, default=8)
+    ap.add_argument("--tiny", action="store_true", help="a tiny width: the code path, not a measurement")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "blockwise_memory")
+    args = ap.parse_args(argv)
+    shape = "tiny" if args.tiny else "full"
+    rows = []
+    for layers in args.layers or [4, 8, 16, 32]:
+        for mode in ("model", "blocks"):
+            rows.append(measure(layers, mode, shape, args.tokens, args.batches))
+            print(f"{layers} layers, {mode}: +{rows[-1]['added_mib']:.0f} MiB, {rows[-1]['time_s']:.0f} s", flush=True)
+    results = {"command": "python " + " ".join([sys.argv[0], *argv]),
+               "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads (CPU)",
+               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "shape": f"{shape}: {SHAPES[shape]}",
+               "calibration": f"{args.batches} x {args.tokens} random tokens, GlowQ rank 32, W4 g128, float32",
+               "rows": rows}
+    write(results, args.out)
+    print(args.out.with_suffix(".md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

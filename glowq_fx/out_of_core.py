@@ -1,0 +1,130 @@
+"""``quantize_checkpoint``: quantize a model larger than memory, from its checkpoint directory to a
+quantized checkpoint, one block in memory at a time.
+
+The float model is built without its weights (``data.lazy_model``); what lies outside the blocks
+(embeddings, final norm, head) is read onto the CPU; the groups are found on a one-block view
+of the model (every block is of one class, so its groups repeat); then block by block
+(``calibration.blockwise``) each block is read from the safetensors onto the compute device,
+calibrated, quantized and corrected, written into the output shards (``checkpoint.CheckpointWriter``)
+and released. At any time memory holds the outside weights, one block, its ``S`` and the cached
+block inputs. The result loads with ``load_quantized`` and equals ``quantize_`` of the same model
+block by block, bit for bit.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from glowq_fx.calibration.blockwise import BlockwiseCalibration, BlockwiseUnsupported
+from glowq_fx.calibration.calibrate import discover_groups
+from glowq_fx.capture.blocks import Blocks, assign_groups, find_blocks
+from glowq_fx.capture.run import Run, check_calibration, check_model, run_batch
+from glowq_fx.checkpoint.quantized import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter
+from glowq_fx.config import GlowQConfig, as_config
+from glowq_fx.data.lazy_model import LazyCheckpoint, release
+from glowq_fx.quantize import blockwise_summary, quantize_blockwise
+from glowq_fx.report import GroupReport, QuantizationReport
+from glowq_fx.selective.policy import attach_group
+from passes.groups import InputGroup, group_name
+
+
+def _one_block_groups(model: nn.Module, blocks: Blocks, batches: list, config: GlowQConfig, run: Run):
+    """Groups found on the model with its first block only, repeated for every block."""
+    parent_name, _, attr = blocks.container.rpartition(".")
+    parent, container = model.get_submodule(parent_name), model.get_submodule(blocks.container)
+    setattr(parent, attr, type(container)([container[0]]))
+    try:
+        found, skipped, breaks = discover_groups(model, batches, config, None, run)
+    finally:
+        setattr(parent, attr, container)
+    first = blocks.names[0] + "."
+    groups: list[InputGroup] = []
+    for g in found:
+        if not all(m.startswith(first) for m in g.members):
+            groups.append(g)  # outside the blocks
+            continue
+        for name in blocks.names:
+            members = tuple(name + "." + m[len(first):] for m in g.members)
+            groups.append(InputGroup(group_name(members), members, g.in_features, g.out_features))
+    every_block = {}
+    for k, why in skipped.items():
+        for name in (blocks.names if k.startswith(first) else [None]):
+            every_block[k if name is None else name + "." + k[len(first):]] = why
+    return groups, every_block, breaks
+
+
+def quantize_checkpoint(directory: str | Path, out: str | Path, calibration: Iterable[object],
+                        config: GlowQConfig | None = None, *, device: str | torch.device = "cpu",
+                        dtype: torch.dtype | None = None, tokenizer=None,
+                        max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, run: Run = run_batch,
+                        progress: bool = True) -> QuantizationReport:
+    """Quantize the transformers checkpoint in ``directory`` into ``out``, one block in memory.
+
+    Args:
+        directory: a float checkpoint (``config.json`` and safetensors, shards or one file).
+        out: where the quantized checkpoint goes (``load_quantized(out)`` reads it).
+        calibration: batches of model inputs on the CPU (``quantize_``'s batches).
+        config: ``GlowQConfig``; every group keeps its correction (``selective`` must be None:
+            each block is written as soon as it is done).
+        device: where each block is computed and quantized.
+        dtype: the model's dtype (default: the checkpoint config's).
+        tokenizer: saved with the checkpoint when given.
+        max_shard_size: bytes per output shard at most.
+    """
+    t0 = time.perf_counter()
+    config = as_config(config)
+    if config.selective is not None:
+        raise ValueError("quantize_checkpoint writes each block as soon as it is quantized, so GlowQ-S cannot choose "
+                         "among all groups afterwards: use selective=None (or load the model and call quantize_)")
+    if config.calibration == "model":
+        raise ValueError("quantize_checkpoint calibrates block by block; calibration='model' needs the whole model in "
+                         "memory (load it and call quantize_)")
+    device = torch.device(device)
+    lazy = LazyCheckpoint(directory, dtype)
+    model = lazy.model
+    blocks = find_blocks(model)
+    if blocks is None:
+        raise ValueError(f"{type(model).__name__} has no list of repeated blocks to read one at a time; load it with "
+                         "from_pretrained and call quantize_")
+    home = torch.device("cpu")
+    lazy.load(home, exclude=blocks.names)  # embeddings, final norm, head
+    lazy.load(home, [blocks.names[0]])  # for the groups and the shape of a block's output
+    check_model(model)
+    batches = check_calibration(model, calibration)
+    groups, skipped, breaks = _one_block_groups(model, blocks, batches, config, run)
+    groups_of, outside, _ = assign_groups(groups, blocks)
+    try:
+        blockwise = BlockwiseCalibration(model, blocks, batches, run, device, outside, stats_dtype=config.stats_dtype,
+                                         block_inputs=config.block_inputs, activations=config.activations,
+                                         offload_dir=config.offload_dir)
+    except BlockwiseUnsupported as exc:
+        raise ValueError(f"{type(model).__name__} cannot be quantized from disk block by block: {exc}") from None
+    writer = CheckpointWriter(out, max_shard_size)
+    rows: dict[str, GroupReport] = {}
+    factors: dict[str, list] = {}
+
+    def load(i: int) -> None:
+        if i > 0:
+            lazy.load(device, [blocks.names[i]])
+
+    def write(i: int) -> None:
+        for g in groups_of[i]:
+            attach_group(model, rows[g.name], factors[g.name])
+        writer.add(model, blocks.names[i])
+        release(model.get_submodule(blocks.names[i]))
+
+    with blockwise, torch.no_grad():
+        n_tokens = quantize_blockwise(model, blockwise, groups_of, config, progress, rows, factors,
+                                      before_block=load, after_block=write)
+        for g in (*blockwise.head_groups, *blockwise.tail_groups):
+            attach_group(model, rows[g.name], factors[g.name])
+    order = [*blockwise.head_groups, *(g for gs in groups_of for g in gs), *blockwise.tail_groups]
+    how = {**blockwise_summary(blockwise, groups_of, rows, config, device), "read_from": str(directory)}
+    report = QuantizationReport(config, [rows[g.name] for g in order], skipped, breaks, len(batches), n_tokens,
+                                time.perf_counter() - t0, None, how)
+    writer.close(model, config=config, report=report, tokenizer=tokenizer)
+    return report

@@ -1,0 +1,95 @@
+"""out_of_core.quantize_checkpoint: a float checkpoint quantized from disk one block in memory at a
+time equals quantize_ on the loaded model, bit for bit; bad inputs are named."""
+import copy
+import json
+
+import pytest
+import torch
+import transformers as T
+
+from glowq_fx import GlowQConfig, load_quantized, quantize_
+from glowq_fx.out_of_core import quantize_checkpoint
+from tests_helpers import tiny_llama_config, token_batches
+
+
+@pytest.fixture(scope="module")
+def float_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    model = T.LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=True, num_hidden_layers=3)).eval()
+    path = tmp_path_factory.mktemp("float")
+    model.save_pretrained(path, max_shard_size="60KB")  # several float shards
+    return model, path
+
+
+def _assert_same(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sorted(sa) == sorted(sb)
+    assert not [k for k in sa if not torch.equal(sa[k], sb[k])]
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(a(input_ids=ids).logits, b(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("feed", ["float", "quantized"])
+def test_from_disk_equals_quantize_on_the_loaded_model(float_dir, tmp_path, feed):
+    model, path = float_dir
+    batches = token_batches(2)
+    config = GlowQConfig(group_size=32, rank=8, block_inputs=feed, quantize_output_head=False)
+    report = quantize_checkpoint(path, tmp_path / "q", batches, config, progress=False, max_shard_size="50KB")
+    assert report.calibration["read_from"] == str(path) and report.calibration["block_inputs"] == feed
+    assert len(list((tmp_path / "q").glob("model-*-of-*.safetensors"))) > 1
+    reference = copy.deepcopy(model)
+    expected = quantize_(reference, batches, config, progress=False)
+    assert [g.name for g in report.groups] == [g.name for g in expected.groups]
+    loaded = load_quantized(tmp_path / "q")
+    _assert_same(reference, loaded)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+
+
+def test_one_block_in_memory_at_a_time(float_dir, tmp_path, monkeypatch):
+    import glowq_fx.out_of_core as ooc
+
+    _, path = float_dir
+    seen = []
+    load, release = ooc.LazyCheckpoint.load, ooc.release
+
+    def loaded_blocks(model):
+        return [i for i, layer in enumerate(model.model.layers) if not next(layer.parameters()).is_meta]
+
+    def spy_load(self, device, prefixes=None, **kw):
+        count = load(self, device, prefixes, **kw)
+        seen.append(("load", loaded_blocks(self.model)))
+        return count
+
+    def spy_release(module):
+        release(module)
+        seen.append(("release", None))
+
+    monkeypatch.setattr(ooc.LazyCheckpoint, "load", spy_load)
+    monkeypatch.setattr(ooc, "release", spy_release)
+    quantize_checkpoint(path, tmp_path / "q", token_batches(1), GlowQConfig(group_size=32, rank=4), progress=False)
+    assert [s for s in seen if s[0] == "load"] == [("load", []), ("load", [0]), ("load", [1]), ("load", [2])]
+    assert [s[0] for s in seen[2:]] == ["release", "load", "release", "load", "release"]
+
+
+def test_bad_inputs_are_named(float_dir, tmp_path):
+    model, path = float_dir
+    batches = token_batches(1)
+    with pytest.raises(ValueError, match="GlowQ-S cannot choose among all groups afterwards"):
+        quantize_checkpoint(path, tmp_path / "q", batches, GlowQConfig(selective=0.5))
+    with pytest.raises(ValueError, match="calibration='model' needs the whole model in memory"):
+        quantize_checkpoint(path, tmp_path / "q", batches, GlowQConfig(calibration="model"))
+    with pytest.raises(ValueError, match="config.json is missing"):
+        quantize_checkpoint(tmp_path, tmp_path / "q", batches)
+    bin_dir = tmp_path / "bin"
+    model.save_pretrained(bin_dir)
+    (bin_dir / "model.safetensors").unlink()
+    torch.save(model.state_dict(), bin_dir / "pytorch_model.bin")  # what older transformers wrote
+    with pytest.raises(ValueError, match="only safetensors checkpoints are read from disk"):
+        quantize_checkpoint(bin_dir, tmp_path / "q", batches)
+    renamed = tmp_path / "renamed"
+    model.save_pretrained(renamed)
+    index = {"metadata": {}, "weight_map": {"transformer.wte.weight": "model.safetensors"}}
+    (renamed / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="its keys are not the model's parameter names"):
+        quantize_checkpoint(renamed, tmp_path / "q", batches)
