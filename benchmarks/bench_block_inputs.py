@@ -27,7 +27,8 @@ from glowq_fx import GlowQConfig  # noqa: E402
 from glowq_fx.data.batches import text_calibration_batches, tokenize  # noqa: E402
 from glowq_fx.data.corpus import load_text  # noqa: E402
 from glowq_fx.data.models import load_model  # noqa: E402
-from glowq_fx.evaluation.accuracy import Method, accuracy_table, compare_methods  # noqa: E402
+from glowq_fx.evaluation.accuracy import (AccuracyRow, Method, accuracy_table, compare_methods,  # noqa: E402
+                                          fill_gap_closed)
 
 
 def methods(group_size: int, rank: int) -> list[Method]:
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "block_inputs")
+    ap.add_argument("--resume", action="store_true", help="keep the rows the JSON already has, run the others")
     args = ap.parse_args(argv)
 
     torch.manual_seed(0)
@@ -76,13 +78,20 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r.quantize_time_s:.1f} |" for r in rows]
         args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
-    done = []
-    rows = compare_methods(model, tokens, batches, methods(args.group_size, args.rank), seq_len=args.seq_len,
-                           max_tokens=args.max_tokens, batch_size=args.batch_size,
-                           on_row=lambda r: (done.append(r), write(done), print(f"{r.label}: {r.perplexity:.3f}",
-                                                                                  flush=True)))
-    write(rows)
-    print(accuracy_table(rows))
+    done: list[AccuracyRow] = []
+    if args.resume and args.out.with_suffix(".json").is_file():
+        done = [AccuracyRow(**r) for r in json.loads(args.out.with_suffix(".json").read_text())["rows"]]
+    kept = {r.label for r in done}
+
+    def finished(row: AccuracyRow) -> None:
+        done.append(row)
+        fill_gap_closed(done)
+        write(done)
+        print(f"{row.label}: {row.perplexity:.3f}", flush=True)
+
+    compare_methods(model, tokens, batches, [m for m in methods(args.group_size, args.rank) if m.label not in kept],
+                    seq_len=args.seq_len, max_tokens=args.max_tokens, batch_size=args.batch_size, on_row=finished)
+    print(accuracy_table(done))
     return 0
 
 

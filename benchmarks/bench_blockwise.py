@@ -104,7 +104,7 @@ def write(results: dict, out: Path) -> None:
     lines += [f"Where the {depths[-1]}-layer block-by-block run's time goes (s, all {n} blocks; per block: /{n}):", "",
               "| part | s | per block |", "|---|---:|---:|"]
     lines += [f"| {k} | {v:.1f} | {v / n:.2f} |" for k, v in parts.items()]
-    lines += ["", f"Of the solve, the float64 eigendecomposition of S: {by[depths[-1], 'blocks']['whitening_s']:.1f} s."]
+    lines += ["", f"Of the solve, the float64 factorization of S (Cholesky): {by[depths[-1], 'blocks']['whitening_s']:.1f} s."]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 

@@ -46,11 +46,13 @@ from glowq_fx.selective.policy import apply_selection, attach_group, check_auto_
 from passes.groups import InputGroup
 
 
-def _quantize_group(model: nn.Module, modules: dict[str, nn.Module], g: InputGroup, S: torch.Tensor,
+def _quantize_group(model: nn.Module, g: InputGroup, S: torch.Tensor,
                     config: GlowQConfig) -> tuple[GroupReport, list]:
     """Quantize the group's members in place (uncorrected) and solve its correction; the factors
     come back pending, to be attached once GlowQ-S has chosen (``selective.policy``)."""
-    Ws = [linear_weight(modules[n]).detach() for n in g.members]
+    # the float linears are looked up here, not kept in a table: once swapped they are freed
+    floats = {n: model.get_submodule(n) for n in g.members}
+    Ws = [linear_weight(floats[n]).detach() for n in g.members]
     dtype, device = Ws[0].dtype, Ws[0].device
     S = S.to(device)
     t_quant = time.perf_counter()
@@ -76,7 +78,7 @@ def _quantize_group(model: nn.Module, modules: dict[str, nn.Module], g: InputGro
                for members, B, As in units if B.shape[0] > 0]  # rank 0: nothing to store
     code_bytes = scale_bytes = dense_bytes = 0
     for name, W, qw in zip(g.members, Ws, qws):
-        qlinear = QuantizedLinear(pack(qw), getattr(modules[name], "bias", None))  # correction attached later
+        qlinear = QuantizedLinear(pack(qw), getattr(floats[name], "bias", None))  # correction attached later
         replace_module(model, name, qlinear)
         code_bytes += qlinear.qweight.nbytes
         scale_bytes += qlinear.scales.nbytes + qlinear.zeros.nbytes
@@ -97,14 +99,14 @@ def _quantize_group(model: nn.Module, modules: dict[str, nn.Module], g: InputGro
     return report, pending
 
 
-def _quantize_groups(model: nn.Module, modules: dict[str, nn.Module], groups: Sequence[InputGroup],
+def _quantize_groups(model: nn.Module, groups: Sequence[InputGroup],
                      stats: GroupStatistics, config: GlowQConfig, rows: dict, factors: dict, *,
                      keep: bool = False) -> None:
     """Quantize each group from its ``S`` in ``stats`` (released unless ``keep``), filling ``rows``
     and ``factors`` by group name."""
     for g in groups:
         S = stats[g.name].value() if keep else stats.pop(g.name)
-        rows[g.name], factors[g.name] = _quantize_group(model, modules, g, S, config)
+        rows[g.name], factors[g.name] = _quantize_group(model, g, S, config)
 
 
 def _block_label(blocks: Blocks, i: int, groups: Sequence[InputGroup]) -> str:
@@ -119,9 +121,8 @@ def quantize_blockwise(model: nn.Module, blockwise: BlockwiseCalibration, groups
     """Every group, block by block (``calibration.blockwise``), filling ``rows`` and ``factors`` by
     group name; ``before_block(i)`` / ``after_block(i)`` run around block ``i`` (load it, write it).
     Returns the tokens each ``S`` saw."""
-    modules = dict(model.named_modules())
     n_tokens = max((blockwise.head_stats[g.name].n_tokens for g in blockwise.head_groups), default=0)
-    _quantize_groups(model, modules, blockwise.head_groups, blockwise.head_stats, config, rows, factors)
+    _quantize_groups(model, blockwise.head_groups, blockwise.head_stats, config, rows, factors)
     bar = progress_bar(progress, f"blocks of {blockwise.blocks.container}", len(groups_of))(range(len(groups_of)))
     for i in bar:
         if hasattr(bar, "set_postfix_str"):
@@ -130,7 +131,7 @@ def quantize_blockwise(model: nn.Module, blockwise: BlockwiseCalibration, groups
             before_block(i)
         stats = blockwise.block_statistics(i, groups_of[i])
         n_tokens = max([n_tokens, *(stats[g.name].n_tokens for g in groups_of[i])])
-        _quantize_groups(model, modules, groups_of[i], stats, config, rows, factors)
+        _quantize_groups(model, groups_of[i], stats, config, rows, factors)
         if config.block_inputs == "quantized":  # the next block sees this one quantized and corrected
             for g in groups_of[i]:
                 attach_group(model, rows[g.name], factors[g.name])
@@ -143,7 +144,7 @@ def quantize_blockwise(model: nn.Module, blockwise: BlockwiseCalibration, groups
             after_block(i)
     tail = blockwise.tail_statistics()
     n_tokens = max([n_tokens, *(tail[g.name].n_tokens for g in blockwise.tail_groups)])
-    _quantize_groups(model, modules, blockwise.tail_groups, tail, config, rows, factors)
+    _quantize_groups(model, blockwise.tail_groups, tail, config, rows, factors)
     return n_tokens
 
 
@@ -203,7 +204,7 @@ def quantize_(
             calibration.graph_breaks
         n_tokens, how = calibration.n_tokens, {"mode": "model", "reused": True}
         with torch.no_grad():
-            _quantize_groups(model, dict(model.named_modules()), order, calibration.statistics, config, rows,
+            _quantize_groups(model, order, calibration.statistics, config, rows,
                              factors, keep=True)
     else:
         check_model(model)
@@ -251,7 +252,7 @@ def quantize_(
                                            progress=progress_bar(progress, "calibration", len(batches)))
                 n_tokens = max((stats[g.name].n_tokens for g in order), default=0)
                 with torch.no_grad():
-                    _quantize_groups(model, dict(model.named_modules()), order, stats, config, rows, factors)
+                    _quantize_groups(model, order, stats, config, rows, factors)
                 how = {"mode": "model"}
         finally:
             model.train(was_training)

@@ -1,7 +1,9 @@
 """out_of_core.quantize_checkpoint: a float checkpoint quantized from disk one block in memory at a
 time equals quantize_ on the loaded model, bit for bit; bad inputs are named."""
 import copy
+import gc
 import json
+import weakref
 
 import pytest
 import torch
@@ -56,9 +58,15 @@ def test_one_block_in_memory_at_a_time(float_dir, tmp_path, monkeypatch):
     def loaded_blocks(model):
         return [i for i, layer in enumerate(model.model.layers) if not next(layer.parameters()).is_meta]
 
+    floats = []  # weak references to the float weights read so far: freed once their block is done
+
     def spy_load(self, device, prefixes=None, **kw):
+        gc.collect()
+        assert all(ref() is None for ref in floats[:-1] if floats), "a finished block's float weights are alive"
         count = load(self, device, prefixes, **kw)
         seen.append(("load", loaded_blocks(self.model)))
+        floats.extend(weakref.ref(layer.self_attn.q_proj.weight) for i, layer in enumerate(self.model.model.layers)
+                      if i in loaded_blocks(self.model) and not hasattr(layer.self_attn.q_proj, "qweight"))
         return count
 
     def spy_release(module):

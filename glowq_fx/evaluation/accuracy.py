@@ -104,7 +104,7 @@ def compare_methods(model: nn.Module, tokens: Tensor, calibrated: Calibration | 
         rows.append(AccuracyRow(spec.label, "reference" if cfg is None else cfg.method,
                                 "" if cfg is None else cfg.quantizer, 0 if cfg is None else cfg.rank,
                                 result.perplexity, result.nll, None, fbytes, elapsed))
-        _fill_gap_closed(rows)
+        fill_gap_closed(rows)
         if on_row is not None:
             on_row(rows[-1])
         if on_model is not None and subject is not model:
@@ -113,7 +113,8 @@ def compare_methods(model: nn.Module, tokens: Tensor, calibrated: Calibration | 
     return rows
 
 
-def _fill_gap_closed(rows: list[AccuracyRow]) -> None:
+def fill_gap_closed(rows: list[AccuracyRow]) -> None:
+    """Set each row's ``gap_closed`` from the reference row and the plain RTN row, when both are there."""
     ref = next((r for r in rows if r.method == "reference"), None)
     rtn = next((r for r in rows if r.method == "none" and r.quantizer == "rtn"), None)
     if ref is None or rtn is None or rtn.perplexity == ref.perplexity:

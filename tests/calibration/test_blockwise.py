@@ -68,9 +68,9 @@ def test_quantized_fed_block_sees_what_its_quantized_predecessor_gives(monkeypat
     used = {}
     solve_group = quantize_module._quantize_group
 
-    def spy(model, modules, g, S, config):
+    def spy(model, g, S, config):
         used[g.name] = S.clone()
-        return solve_group(model, modules, g, S, config)
+        return solve_group(model, g, S, config)
 
     monkeypatch.setattr(quantize_module, "_quantize_group", spy)
     fed = copy.deepcopy(model)
