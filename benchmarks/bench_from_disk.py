@@ -1,14 +1,14 @@
 """A model whose float weights are larger than 1.5x the memory its process may use, quantized from
 disk to a sharded checkpoint that then loads and evaluates, all under that limit.
 
-A random Llama-shaped float32 model (hidden 1536, MLP 4096, 21 layers, vocab 8192: 2.3 GB of
-weights) is saved as safetensors shards; a child process, in a memory cgroup limited to 1.5 GB
-(v1 ``memory.limit_in_bytes``, no swap on these machines), runs ``quantize_checkpoint`` (one block
-in memory at a time), then ``load_quantized`` and a perplexity over random tokens. The cgroup's
-peak usage (``memory.max_usage_in_bytes``, page cache of the read shards included) is reported.
-Needs root and a writable memory cgroup; says so and stops otherwise.
+A random Llama-shaped float32 model (hidden 1536, MLP 4096, vocab 8192: about 100 MB per layer) is
+saved as safetensors shards; a child process, in a memory cgroup (v1 ``memory.limit_in_bytes``, no
+swap on these machines), runs ``quantize_checkpoint`` (one block in memory at a time), then
+``load_quantized`` and a perplexity over random tokens. The cgroup's peak usage
+(``memory.max_usage_in_bytes``, page cache of the read shards included) is reported. Needs root
+and a writable memory cgroup; says so and stops otherwise. Not yet passed: see the README.
 
-    python benchmarks/bench_from_disk.py           # writes benchmarks/results/from_disk.{json,md}
+    python benchmarks/bench_from_disk.py --layers 48 --limit-gb 3   # writes benchmarks/results/from_disk.{json,md}
 """
 from __future__ import annotations
 
@@ -62,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     import transformers as T
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=21)
-    ap.add_argument("--limit-gb", type=float, default=1.5)
+    ap.add_argument("--layers", type=int, default=48)
+    ap.add_argument("--limit-gb", type=float, default=3.0)
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "from_disk")
     args = ap.parse_args(argv)

@@ -36,9 +36,8 @@ from glowq_fx.calibration.activations import ActivationStore, choose_place, nbyt
 from glowq_fx.calibration.collect import batch_mask, feeding
 from glowq_fx.calibration.moments import GroupStatistics
 from glowq_fx.capture.blocks import Blocks
+from glowq_fx.capture.run import Run
 from passes.groups import InputGroup
-
-Run = Callable[[nn.Module, object], object]
 
 
 class BlockwiseUnsupported(Exception):
@@ -129,7 +128,11 @@ class BlockwiseCalibration:
         self._stores: list[ActivationStore] = []
         self._outputs: ActivationStore | None = None
         t0 = time.perf_counter()
-        self.head_stats, self.tail_groups, self.head_groups = self._record(outside)
+        try:
+            self.head_stats, self.tail_groups, self.head_groups = self._record(outside)
+        except BaseException:
+            self.close()  # the stores opened so far (temporary files on disk)
+            raise
         # seconds: the recording pass; per block its forwards (S accumulation included), of which S,
         # and the rerun that makes the next inputs (0 with float inputs: they are kept)
         self.times: dict = {"record_s": time.perf_counter() - t0, "forward_s": [], "statistics_s": [],

@@ -111,7 +111,6 @@ class LazyCheckpoint:
                              f"{' ...' if len(missing) > 3 else ''}: its keys are not the model's parameter names "
                              "(a checkpoint transformers converts on load); load the model with "
                              "from_pretrained(..., device_map='cpu') and quantize it with quantize_")
-        self._handles: dict[str, object] = {}
         with torch.no_grad():  # buffers are built real; the ones the checkpoint saved are read now (small)
             for name, buffer in self.model.named_buffers():
                 if name in self.files:
@@ -143,10 +142,10 @@ class LazyCheckpoint:
         key = next((n for n in names if n in self.files), None)
         if key is None:
             raise KeyError(f"the checkpoint holds none of {names}")
-        file = self.files[key]
-        if file not in self._handles:
-            self._handles[file] = safe_open(str(self.directory / file), framework="pt")
-        return self._handles[file].get_tensor(key)
+        # opened per read: a handle kept open keeps the whole shard mapped, and its pages count as
+        # the process's memory
+        with safe_open(str(self.directory / self.files[key]), framework="pt") as f:
+            return f.get_tensor(key)
 
     def load(self, device: torch.device | str, prefixes: Iterable[str] | None = None, *,
              exclude: Iterable[str] = ()) -> int:
