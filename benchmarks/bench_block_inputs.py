@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def write(rows) -> None:
         args.out.with_suffix(".json").write_text(json.dumps({**meta, "rows": [r.to_dict() for r in rows]}, indent=1))
-        lines = [f"# Block inputs: float or quantized (SmolLM2-135M, Wikipedia text)", "", f"`{meta['command']}`", "",
+        lines = ["# Block inputs: float or quantized (SmolLM2-135M, Wikipedia text)", "", f"`{meta['command']}`", "",
                  f"{meta['quantization']}, rank {args.rank}; calibration {meta['calibration']}; perplexity over "
                  f"{meta['evaluated_tokens']:,} tokens, windows of {args.seq_len}; {meta['machine']}, torch "
                  f"{meta['torch']}, {meta['date']}. Quantize s includes the calibration (each row runs its own).", "",

@@ -1,6 +1,4 @@
 """capture.groups: find_groups from the captured graph, its fallbacks, filters and warnings."""
-import warnings
-
 import pytest
 import torch
 import transformers as T

@@ -3,7 +3,7 @@ import bz2
 
 import pytest
 
-from glowq_fx.data import cache, corpus
+from glowq_fx.data import corpus
 from glowq_fx.data.cache import MissingResourceError
 from tests_helpers import or_skip
 
