@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from glowq_fx._console import progress_bar
+from glowq_fx._heap import trim_heap
 from glowq_fx.calibration.blockwise import BlockwiseCalibration, BlockwiseUnsupported
 from glowq_fx.calibration.calibrate import Calibration, discover_groups
 from glowq_fx.calibration.collect import collect_statistics
@@ -142,6 +143,7 @@ def quantize_blockwise(model: nn.Module, blockwise: BlockwiseCalibration, groups
             blockwise.advance(i)
         if after_block is not None:
             after_block(i)
+        trim_heap()  # what this block freed, back to the OS before the next one allocates
     tail = blockwise.tail_statistics()
     n_tokens = max([n_tokens, *(tail[g.name].n_tokens for g in blockwise.tail_groups)])
     _quantize_groups(model, blockwise.tail_groups, tail, config, rows, factors)
