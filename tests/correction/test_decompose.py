@@ -243,3 +243,30 @@ def test_a_singular_second_moment_falls_back_to_the_clamped_root(gen):
     X = torch.randn(10, 32, generator=gen, dtype=torch.float64)  # 10 tokens: S of rank 10 < 32
     assert factor_whitening(X.T @ X / 10, torch.float32).kind == "symmetric"
     assert factor_whitening(torch.zeros(8, 8, dtype=torch.float64), torch.float32).kind == "symmetric"
+
+
+def test_shrinkage_in_the_whitening_equals_whitening_the_shrunk_moment(gen):
+    """``factor_whitening(S, dtype, a)`` shrinks and factors in one buffer: the same factor as
+    factoring ``shrink(S, a)``, the formula ``(1 - a) S + a tr(S)/d I``, and ``S`` untouched."""
+    from glowq_fx.correction.decompose import factor_whitening
+
+    d, a = 40, 0.3
+    S = anisotropic_second_moment(d, gen).float()
+    kept = S.clone()
+    expected = (1 - a) * S.double() + a * torch.trace(S.double()) / d * torch.eye(d, dtype=torch.float64)
+    torch.testing.assert_close(shrink(S.double(), a), expected, rtol=1e-12, atol=1e-12)
+    fused = factor_whitening(S, torch.float64, a)
+    assert fused.kind == "cholesky" and torch.equal(S, kept)
+    torch.testing.assert_close(fused.H, torch.linalg.cholesky(expected), rtol=1e-10, atol=1e-12)
+    X = torch.randn(6, d, generator=gen)  # a singular S, shrunk: positive definite again
+    assert factor_whitening(X.T @ X, torch.float32, 0.0).kind == "symmetric"
+    assert factor_whitening(X.T @ X, torch.float32, 0.1).kind == "cholesky"
+
+
+def test_trim_heap_returns_freed_memory_where_the_c_library_can():
+    import platform
+
+    from glowq_fx._heap import trim_heap
+
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert trim_heap() is glibc  # elsewhere it says it could not, never raises
