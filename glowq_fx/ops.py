@@ -16,7 +16,9 @@ opaque form stays until that is debugged on a GPU. Each body branches on the dev
 half/bfloat16 inputs run the Triton kernels (launched by ``glowq_fx.kernels.launch``); everything else
 (CPU, float32) runs the pure-torch reference, the same arithmetic as the eager module always
 had (dequantize to the activation dtype, then ``F.linear``), which is what a compiled CPU graph
-lowers to. Every entry checks shapes and dtypes and raises a ``ValueError`` naming the problem:
+lowers to. The factors ``A`` and ``B`` may be stored in a narrower float dtype than the
+activations (``GlowQConfig.factor_dtype``: bfloat16 factors in a float32 model) and are widened
+where they are used. Every entry checks shapes and dtypes and raises a ``ValueError`` naming the problem:
 a wrong ``R`` or ``A`` is an error, never a silently uncorrected output.
 """
 from __future__ import annotations
@@ -60,8 +62,8 @@ def _check_member(i: int, x: Tensor, qweight: Tensor, scales: Tensor, zeros: Ten
         raise ValueError(f"{who}A and R go together: got A={'None' if A is None else 'a tensor'}, "
                          f"R={'None' if R is None else 'a tensor'} (a correction needs both)")
     if A is not None:
-        if A.dim() != 2 or A.shape[0] != N or A.shape[1] != R.shape[-1] or A.dtype != x.dtype:
-            raise ValueError(f"{who}A must be ({N}, rank={R.shape[-1]}) {x.dtype} to match R, got "
+        if A.dim() != 2 or A.shape[0] != N or A.shape[1] != R.shape[-1] or not A.is_floating_point():
+            raise ValueError(f"{who}A must be ({N}, rank={R.shape[-1]}) floating point to match R, got "
                              f"{tuple(A.shape)} {A.dtype}")
         if R.shape[:-1] != x.shape[:-1] or R.dtype != x.dtype:
             raise ValueError(f"{who}R must be {tuple(x.shape[:-1])} + (rank,) {x.dtype} like x, got "
@@ -76,8 +78,14 @@ def _check_device(who: str, name: str, t: Optional[Tensor], x: Tensor) -> None:
 
 def _check_projection(x: Tensor, B: Tensor) -> None:
     _check_device("", "B", B, x)
-    if B.dim() != 2 or B.shape[1] != x.shape[-1] or B.dtype != x.dtype:
-        raise ValueError(f"B must be (rank, {x.shape[-1]}) {x.dtype} to project x, got {tuple(B.shape)} {B.dtype}")
+    if B.dim() != 2 or B.shape[1] != x.shape[-1] or not B.is_floating_point():
+        raise ValueError(f"B must be (rank, {x.shape[-1]}) floating point to project x, got {tuple(B.shape)} {B.dtype}")
+
+
+def widen_factor(t: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
+    """A factor in ``x``'s dtype: factors may be stored narrower than the activations
+    (``GlowQConfig.factor_dtype``) and are widened here, where they are used."""
+    return t if t is None or t.dtype == x.dtype else t.to(x.dtype)
 
 
 def reference_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Optional[Tensor],
@@ -85,7 +93,7 @@ def reference_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, 
     """Pure-torch ``x W_q^T + bias + R A^T``: the eager module's arithmetic, term by term."""
     W = dequantize_packed(qweight, scales, zeros, group_size_of(qweight, scales), x.shape[-1], x.dtype)
     y = F.linear(x, W, bias)
-    return y if A is None else y + F.linear(R, A)
+    return y if A is None else y + F.linear(R, widen_factor(A, R))
 
 
 def _uses_kernels(x: Tensor) -> bool:
@@ -98,8 +106,8 @@ def shared_projection(x: Tensor, B: Tensor) -> Tensor:
     when it beats cuBLAS), elsewhere ``F.linear``."""
     _check_projection(x, B)
     if _uses_kernels(x):
-        return launch_projection(x, B)
-    return F.linear(x, B)
+        return launch_projection(x, widen_factor(B, x))
+    return F.linear(x, widen_factor(B, x))
 
 
 @custom_op("glowq::w4a16_linear", mutates_args=(), tags=(torch.Tag.flexible_layout,))
@@ -108,7 +116,7 @@ def w4a16_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias
     """One 4-bit linear with its low-rank epilogue (see the module docstring)."""
     _check_member(-1, x, qweight, scales, zeros, bias, A, R)
     if _uses_kernels(x):
-        return launch_w4a16(x, [qweight], [scales], [zeros], [bias], [A], R)[0]
+        return launch_w4a16(x, [qweight], [scales], [zeros], [bias], [widen_factor(A, x)], R)[0]
     return reference_linear(x, qweight, scales, zeros, bias, A, R)
 
 
@@ -125,7 +133,7 @@ def w4a16_group(x: Tensor, qweights: list[Tensor], scales: list[Tensor], zeros: 
     for i in range(n):
         _check_member(i, x, qweights[i], scales[i], zeros[i], biases[i], As[i], R)
     if _uses_kernels(x):
-        return launch_w4a16(x, qweights, scales, zeros, biases, As, R)
+        return launch_w4a16(x, qweights, scales, zeros, biases, [widen_factor(A, x) for A in As], R)
     return [reference_linear(x, qweights[i], scales[i], zeros[i], biases[i], As[i], R) for i in range(n)]
 
 

@@ -47,6 +47,13 @@ from glowq_fx.selective.policy import apply_selection, attach_group, check_auto_
 from passes.groups import InputGroup
 
 
+def factor_dtype(config: GlowQConfig, model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the factors are stored in (``GlowQConfig.factor_dtype``)."""
+    if config.factor_dtype == "model" or (config.factor_dtype == "auto" and model_dtype != torch.float32):
+        return model_dtype
+    return torch.bfloat16 if config.factor_dtype == "auto" else getattr(torch, config.factor_dtype)
+
+
 def _quantize_group(model: nn.Module, g: InputGroup, S: torch.Tensor,
                     config: GlowQConfig) -> tuple[GroupReport, list]:
     """Quantize the group's members in place (uncorrected) and solve its correction; the factors
@@ -75,7 +82,8 @@ def _quantize_group(model: nn.Module, g: InputGroup, S: torch.Tensor,
     solved = corr.report  # one solve for the whole group
     units = [(g.members, corr.B[0], corr.A)] if corr.shared else [
         ((name,), B, [A]) for name, A, B in zip(g.members, corr.A, corr.B)]
-    pending = [(members, B.to(dtype), [A.to(dtype) for A in As])
+    stored = factor_dtype(config, dtype)
+    pending = [(members, B.to(stored), [A.to(stored) for A in As])
                for members, B, As in units if B.shape[0] > 0]  # rank 0: nothing to store
     code_bytes = scale_bytes = dense_bytes = 0
     for name, W, qw in zip(g.members, Ws, qws):

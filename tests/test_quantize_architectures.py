@@ -143,7 +143,7 @@ def _max_error(a, b):
 def test_full_rank_reconstructs_the_model(arch):
     _, model, _, calibration, found = arch
     q = copy.deepcopy(model)
-    config = GlowQConfig(group_size=32, rank=10**6, shrinkage=0.0)
+    config = GlowQConfig(group_size=32, rank=10**6, shrinkage=0.0, factor_dtype="model")
     report = quantize_(q, calibration, config, groups=found.groups, progress=False)
     test = _batches(1, seed=7)[0]
     ref, out = _logits(model, test), _logits(q, test)

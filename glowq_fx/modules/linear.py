@@ -39,7 +39,7 @@ class SharedProjection(nn.Module):
     """``R = x B^T``: the right factor of one group's correction.
 
     Args:
-        B: (rank, in_features) in the model dtype.
+        B: (rank, in_features) in the factor dtype (``GlowQConfig.factor_dtype``).
         members: qualified names of the linears that read ``R`` (for display and checks).
     """
 
@@ -72,7 +72,7 @@ class QuantizedLinear(nn.Module):
         qweight: int32 (K_pad / 8, out_features).
         scales, zeros: model dtype (n_groups, out_features).
         bias: model dtype (out_features,) or None.
-        A: model dtype (out_features, rank) or None (no correction).
+        A: (out_features, rank) in the factor dtype (``GlowQConfig.factor_dtype``), or None.
 
     ``projection`` is the group's ``SharedProjection`` (not a registered child: it is registered
     once, on the group's common ancestor, so its ``B`` is stored once).
@@ -106,7 +106,9 @@ class QuantizedLinear(nn.Module):
                 raise ValueError(f"A must be ({N}, {projection.rank}) to match the projection, got {tuple(A.shape)}")
             if projection.in_features != self.in_features:
                 raise ValueError(f"projection reads {projection.in_features} features, the linear {self.in_features}")
-            A = A.to(self.scales.dtype).contiguous()
+            if not A.is_floating_point():
+                raise ValueError(f"A must be floating point, got {A.dtype}")
+            A = A.contiguous()  # kept in its dtype: factors may be stored narrower (GlowQConfig.factor_dtype)
         self.A = A
         object.__setattr__(self, "projection", projection)  # a reference, not a child (see above)
 

@@ -16,7 +16,8 @@ def test_quantized_linear_matches_its_formula(gen):
     assert isinstance(q, QuantizedLinear) and q.rank == 8
     B = q.projection.B
     x = torch.randn(5, 64, generator=gen)
-    expected = x @ (q.dequantized_weight() + q.A @ B).T
+    assert q.A.dtype == B.dtype == torch.bfloat16  # a float32 model's factors are stored in bfloat16
+    expected = x @ (q.dequantized_weight() + q.A.float() @ B.float()).T
     torch.testing.assert_close(q(x), expected, rtol=1e-5, atol=1e-6)
     # one B per group, shared by reference and registered once on the attention module
     attn = model.model.layers[0].self_attn
