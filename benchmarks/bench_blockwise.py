@@ -86,13 +86,15 @@ def write(results: dict, out: Path) -> None:
              for d in depths}
     lines = [f"# quantize_ memory beyond the model's weights, by depth ({results['shape']})", "",
              f"`{results['command']}`", "", f"{results['machine']}, torch {results['torch']}, {results['date']}. "
-             f"{results['calibration']}. MiB of peak resident memory added by quantize_ (child process per run).", "",
+             f"{results['calibration']}. MiB of peak resident memory added by quantize_ (child process per run; median "
+             f"of {len(rows[0]['added_mib_runs'])} runs, all runs in brackets).", "",
              "| layers | whole model | block by block | bound: one block's S + weights + cached inputs | "
              "whole-model s | block s |", "|---:|---:|---:|---:|---:|---:|"]
     for d in depths:
         w, b = by[d, "model"], by[d, "blocks"]
-        lines.append(f"| {d} | {w['added_mib']:.0f} | {b['added_mib']:.0f} | {bound[d]:.0f} | {w['time_s']:.0f} | "
-                     f"{b['time_s']:.0f} |")
+        spread = lambda r: "/".join(f"{m:.0f}" for m in r["added_mib_runs"])  # noqa: E731
+        lines.append(f"| {d} | {w['added_mib']:.0f} ({spread(w)}) | {b['added_mib']:.0f} ({spread(b)}) | {bound[d]:.0f} "
+                     f"| {w['time_s']:.0f} | {b['time_s']:.0f} |")
     blocks = [by[d, "blocks"]["added_mib"] for d in depths]
     lines += ["", f"Block by block, {depths[0]} to {depths[-1]} layers: {min(blocks):.0f} to {max(blocks):.0f} MiB "
               f"(largest / smallest {max(blocks) / min(blocks):.2f}).", ""]
@@ -121,14 +123,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--batches", type=int, default=8)
     ap.add_argument("--tiny", action="store_true", help="a tiny width: the code path, not a measurement")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="runs per depth and mode; the median is reported (the allocator's peak varies run to run)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "blockwise_memory")
     args = ap.parse_args(argv)
     shape = "tiny" if args.tiny else "full"
     rows = []
     for layers in args.layers or [4, 8, 16, 32]:
         for mode in ("model", "blocks"):
-            rows.append(measure(layers, mode, shape, args.tokens, args.batches))
-            print(f"{layers} layers, {mode}: +{rows[-1]['added_mib']:.0f} MiB, {rows[-1]['time_s']:.0f} s", flush=True)
+            runs = sorted((measure(layers, mode, shape, args.tokens, args.batches) for _ in range(args.repeats)),
+                          key=lambda r: r["added_mib"])
+            rows.append({**runs[len(runs) // 2], "added_mib_runs": [r["added_mib"] for r in runs]})
+            print(f"{layers} layers, {mode}: +{rows[-1]['added_mib']:.0f} MiB (runs: "
+                  f"{', '.join(f'{m:.0f}' for m in rows[-1]['added_mib_runs'])}), {rows[-1]['time_s']:.0f} s", flush=True)
     results = {"command": "python " + " ".join([sys.argv[0], *argv]),
                "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads (CPU)",
                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "shape": f"{shape}: {SHAPES[shape]}",

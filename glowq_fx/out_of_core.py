@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from glowq_fx._devices import check_device
 from glowq_fx.calibration.blockwise import BlockwiseCalibration, BlockwiseUnsupported
 from glowq_fx.calibration.calibrate import discover_groups
 from glowq_fx.capture.blocks import Blocks, assign_groups, find_blocks
@@ -26,7 +27,7 @@ from glowq_fx.capture.run import Run, check_calibration, check_model, run_batch
 from glowq_fx.checkpoint.quantized import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter
 from glowq_fx.config import GlowQConfig, as_config
 from glowq_fx.data.lazy_model import LazyCheckpoint, release
-from glowq_fx.quantize import blockwise_summary, quantize_blockwise
+from glowq_fx.quantize import blockwise_summary, model_bytes, plan_embeddings, quantize_blockwise, quantize_embeddings
 from glowq_fx.report import GroupReport, QuantizationReport
 from glowq_fx.selective.policy import attach_group
 from passes.groups import InputGroup, group_name
@@ -83,7 +84,7 @@ def quantize_checkpoint(directory: str | Path, out: str | Path, calibration: Ite
     if config.calibration == "model":
         raise ValueError("quantize_checkpoint calibrates block by block; calibration='model' needs the whole model in "
                          "memory (load it and call quantize_)")
-    device = torch.device(device)
+    device = check_device(device)
     lazy = LazyCheckpoint(directory, dtype)
     model = lazy.model
     blocks = find_blocks(model)
@@ -94,6 +95,8 @@ def quantize_checkpoint(directory: str | Path, out: str | Path, calibration: Ite
     lazy.load(home, exclude=blocks.names)  # embeddings, final norm, head
     lazy.load(home, [blocks.names[0]])  # for the groups and the shape of a block's output
     check_model(model)
+    tables = plan_embeddings(model, config)
+    bytes_before = model_bytes(model)
     batches = check_calibration(model, calibration)
     groups, skipped, breaks = _one_block_groups(model, blocks, batches, config, run)
     groups_of, outside, _ = assign_groups(groups, blocks)
@@ -122,9 +125,10 @@ def quantize_checkpoint(directory: str | Path, out: str | Path, calibration: Ite
                                       before_block=load, after_block=write)
         for g in (*blockwise.head_groups, *blockwise.tail_groups):
             attach_group(model, rows[g.name], factors[g.name])
+        embeddings = quantize_embeddings(model, tables, config, skipped)
     order = [*blockwise.head_groups, *(g for gs in groups_of for g in gs), *blockwise.tail_groups]
     how = {**blockwise_summary(blockwise, groups_of, rows, config, device), "read_from": str(directory)}
     report = QuantizationReport(config, [rows[g.name] for g in order], skipped, breaks, len(batches), n_tokens,
-                                time.perf_counter() - t0, None, how)
+                                time.perf_counter() - t0, None, how, embeddings, (bytes_before, model_bytes(model)))
     writer.close(model, config=config, report=report, tokenizer=tokenizer)
     return report

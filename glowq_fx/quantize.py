@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from glowq_fx._console import progress_bar
+from glowq_fx._devices import check_device
 from glowq_fx._heap import trim_heap
 from glowq_fx.calibration.blockwise import BlockwiseCalibration, BlockwiseUnsupported
 from glowq_fx.calibration.calibrate import Calibration, discover_groups
@@ -39,6 +40,8 @@ from glowq_fx.config import GlowQConfig, as_config
 from glowq_fx.correction.decompose import solve
 from glowq_fx.errors import warn
 from glowq_fx.kernels.layout import pack
+from glowq_fx.capture.groups import output_head, tied_embedding
+from glowq_fx.modules.embedding import quantize_embedding
 from glowq_fx.modules.install import replace_module
 from glowq_fx.modules.linear import QuantizedLinear, linear_weight
 from glowq_fx.quant import quantization_error, quantize_gptq, quantize_rtn
@@ -52,6 +55,73 @@ def factor_dtype(config: GlowQConfig, model_dtype: torch.dtype) -> torch.dtype:
     if config.factor_dtype == "model" or (config.factor_dtype == "auto" and model_dtype != torch.float32):
         return model_dtype
     return torch.bfloat16 if config.factor_dtype == "auto" else getattr(torch, config.factor_dtype)
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer, each storage once (tied tables count once)."""
+    storages = {}
+    for t in (*model.parameters(), *model.buffers()):
+        if t.device.type != "meta":
+            storages[(t.device, t.untyped_storage().data_ptr())] = t.untyped_storage().nbytes()
+        else:
+            storages[id(t)] = t.numel() * t.element_size()
+    return sum(storages.values())
+
+
+def _input_embeddings(model: nn.Module) -> dict[str, nn.Embedding]:
+    """The input embedding table (``get_input_embeddings()``), else every ``nn.Embedding``."""
+    table = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Embedding) and (table is None or m is table)}
+
+
+def plan_embeddings(model: nn.Module, config: GlowQConfig) -> dict[str, str | None]:
+    """For ``config.embedding_bits``: each table to quantize and the output head sharing it (tied),
+    or None; a ``ValueError`` before any work for a combination that cannot be stored."""
+    if config.embedding_bits is None:
+        return {}
+    tables = _input_embeddings(model)
+    if not tables:
+        raise ValueError(f"embedding_bits={config.embedding_bits}, but {type(model).__name__} has no nn.Embedding "
+                         "table; leave embedding_bits=None")
+    head = output_head(model)
+    shared = tied_embedding(model, head)
+    plan = {}
+    for name in tables:
+        if name != shared:
+            plan[name] = None
+            continue
+        if not config.quantize_output_head:
+            raise ValueError(f"{name} shares its table with the output head {head} (tied weights): quantize both "
+                             "(quantize_output_head=True, embedding_bits=4: one 4-bit table serves both) or neither")
+        if config.embedding_bits != 4:
+            raise ValueError(f"{name} shares its table with the output head {head} (tied weights), which is stored in "
+                             f"the head's 4-bit layout: use embedding_bits=4, not {config.embedding_bits}")
+        plan[name] = head
+    return plan
+
+
+def quantize_embeddings(model: nn.Module, plan: dict[str, str | None], config: GlowQConfig,
+                        skipped: dict[str, str]) -> dict[str, dict]:
+    """Swap each planned table for a ``QuantizedEmbedding`` (sharing a tied head's quantized
+    weight); the report's entry per table."""
+    done = {}
+    for name, head in plan.items():
+        table = model.get_submodule(name)
+        before = table.weight.numel() * table.weight.element_size()
+        if head is None:
+            new = quantize_embedding(table, config.embedding_bits, config.group_size)
+        else:
+            linear = model.get_submodule(head)
+            if not isinstance(linear, QuantizedLinear):
+                raise ValueError(f"{name} shares its table with the output head {head}, which was not quantized "
+                                 f"({skipped.get(head, 'not in any group')}); quantize the head too or leave "
+                                 "embedding_bits=None")
+            new = quantize_embedding(table, 4, config.group_size, packed=(linear.qweight, linear.scales, linear.zeros))
+        replace_module(model, name, new)
+        after = sum(t.nbytes for t in (new.qweight, new.scales, new.zeros))
+        done[name] = {"bits": new.bits, "group_size": new.group_size, "shape": [new.num_embeddings, new.embedding_dim],
+                      "dense_bytes": before, "bytes": 0 if head is not None else after, "tied_head": head}
+    return done
 
 
 def _quantize_group(model: nn.Module, g: InputGroup, S: torch.Tensor,
@@ -204,6 +274,10 @@ def quantize_(
     config = as_config(config)
     rows: dict[str, GroupReport] = {}
     factors: dict[str, list] = {}
+    if device is not None:
+        device = check_device(device, "device")
+    tables = plan_embeddings(model, config)  # before any work: a table that cannot be stored is refused
+    bytes_before = model_bytes(model)
     if isinstance(calibration, Calibration):
         if groups is not None:
             raise ValueError("pass groups to calibrate(), not to quantize_() with a Calibration")
@@ -270,5 +344,7 @@ def quantize_(
     with torch.no_grad():
         selection = apply_selection(model, report_rows, [factors[g.name] for g in order], config.selective,
                                     batches, progress)
+        embeddings = quantize_embeddings(model, tables, config, dict(skipped))
     return QuantizationReport(config, report_rows, dict(skipped), list(breaks), len(batches), n_tokens,
-                              time.perf_counter() - t0, selection, how)
+                              time.perf_counter() - t0, selection, how, embeddings,
+                              (bytes_before, model_bytes(model)))

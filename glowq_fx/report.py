@@ -55,6 +55,8 @@ class QuantizationReport:
     time_s: float = 0.0
     selection: dict | None = None  # selective="auto": the measured loss curve and the knee
     calibration: dict | None = None  # how S was collected: {"mode": "blocks" | "model", ...}
+    embeddings: dict = field(default_factory=dict)  # quantized tables: name -> bits, bytes, tied head
+    model_bytes: tuple[int, int] | None = None  # the whole model's bytes before and after, each storage once
 
     def total(self, key: str) -> int:
         return sum(getattr(g, key) for g in self.groups)
@@ -67,7 +69,8 @@ class QuantizationReport:
         return {"config": self.config.to_dict(), "groups": [asdict(g) for g in self.groups],
                 "skipped": dict(self.skipped), "graph_breaks": list(self.graph_breaks),
                 "n_batches": self.n_batches, "n_tokens": self.n_tokens, "time_s": self.time_s,
-                "selection": self.selection, "calibration": self.calibration}
+                "selection": self.selection, "calibration": self.calibration, "embeddings": self.embeddings,
+                "model_bytes": None if self.model_bytes is None else list(self.model_bytes)}
 
     def table(self) -> str:
         rows = [[g.name, str(len(g.members)), str(g.in_features), str(sum(g.out_features)), str(g.rank),
@@ -83,12 +86,23 @@ class QuantizationReport:
 
     def __str__(self) -> str:
         dense = self.total("dense_bytes")
+        correction = ("no correction" if self.config.method == "none" or self.config.rank == 0
+                      else f"method {self.config.method}, rank {self.config.rank}")
         lines = [f"glowq-fx: {sum(len(g.members) for g in self.groups)} linears in {len(self.groups)} groups, "
-                 f"method {self.config.method}, rank {self.config.rank}, {self.config.quantizer.upper()} "
+                 f"{correction}, {self.config.quantizer.upper()} "
                  f"W{self.config.bits} g{self.config.group_size}; {self.n_batches} batches, {self.n_tokens} tokens, "
                  f"{self.time_s:.1f} s",
-                 f"bytes: {dense:,} dense -> {self.quantized_bytes:,} quantized "
-                 f"({self.quantized_bytes / dense if dense else 0:.3f}x)", self.table()]
+                 f"linears: {dense:,} bytes dense -> {self.quantized_bytes:,} quantized "
+                 f"({self.quantized_bytes / dense if dense else 0:.3f}x)"]
+        if self.model_bytes is not None:
+            before, after = self.model_bytes
+            lines.append(f"whole model (embeddings and everything left in floating point included): {before:,} -> "
+                         f"{after:,} bytes ({after / before if before else 0:.3f}x)")
+        for name, e in self.embeddings.items():
+            shared = f", shared with the output head {e['tied_head']}" if e["tied_head"] else ""
+            lines.append(f"embedding {name} {e['shape'][0]} x {e['shape'][1]}: INT{e['bits']} g{e['group_size']}"
+                         f"{shared}")
+        lines.append(self.table())
         c = self.calibration or {}
         if c.get("mode") == "blocks":
             lines.insert(1, f"calibrated block by block over {c['n_blocks']} blocks of {c['blocks']} on {c['device']}, "

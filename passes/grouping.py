@@ -315,14 +315,18 @@ class _Resolver:
                 "linear layout (transpose/cast): left unquantized")
 
 
-def owner_of(names: list[str], modules: Mapping[str, nn.Module]) -> tuple[str, str | None]:
+def owner_of(names: list[str], modules: Mapping[str, nn.Module],
+             tied_to_embedding: Collection[str] = ()) -> tuple[str, str | None]:
     """(the module using a weight as a linear, None) or (that module, why it cannot be grouped).
 
-    ``names`` are all qualified names of one weight tensor (several when it is tied).
+    ``names`` are all qualified names of one weight tensor (several when it is tied);
+    ``tied_to_embedding``: linears allowed to share their weight with an embedding.
     """
     owners = list(dict.fromkeys(n.rpartition(".")[0] for n in names))
     embeddings = [o for o in owners if isinstance(modules.get(o), nn.Embedding)]
     users = [o for o in owners if o not in embeddings] or owners
+    if embeddings and len(users) == 1 and users[0] in tied_to_embedding:
+        return users[0], None
     if embeddings:
         return users[0], f"weight is tied to the embedding {embeddings[0]}: quantizing it would change the embedding"
     if len(users) > 1:
@@ -390,8 +394,9 @@ def find_input_sharing_groups(
                 if why is not None:
                     skipped[where] = why
                 continue  # otherwise a product of activations (attention scores), not a linear
-            module, why = owner_of(names, res.module_types)
+            module, why = owner_of(names, res.module_types, filter.tied_to_embedding)
             if why is not None:
+                why = filter.skip.get(module, why)  # the caller's reason names its own fix
                 skipped[module] = why
                 continue
             W = tensor if isinstance(tensor, torch.Tensor) else _value(src)

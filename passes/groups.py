@@ -53,12 +53,16 @@ class GroupFilter:
         min_out_features: members with fewer outputs are skipped. MoE routers (N = number of
             experts) and scalar gates (Qwen2-MoE's ``shared_expert_gate``, N = 1) are tiny
             and sensitive: they stay in full precision.
+        tied_to_embedding: linears whose weight is an embedding's table and may still be
+            grouped (the caller quantizes the one table for both); any other tied linear is
+            skipped, since quantizing it would change the embedding.
     """
 
     skip: Mapping[str, str] = field(default_factory=dict)
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     min_out_features: int = 1
+    tied_to_embedding: frozenset[str] = frozenset()
 
     def reason(self, module: str, out_features: int) -> str | None:
         if module in self.skip:

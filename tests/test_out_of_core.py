@@ -48,6 +48,19 @@ def test_from_disk_equals_quantize_on_the_loaded_model(float_dir, tmp_path, feed
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
 
 
+def test_from_disk_quantizes_a_tied_table_once_like_quantize_(float_dir, tmp_path):
+    model, path = float_dir
+    batches = token_batches(2)
+    config = GlowQConfig(group_size=32, rank=8, quantize_output_head=True, embedding_bits=4)
+    report = quantize_checkpoint(path, tmp_path / "q", batches, config, progress=False)
+    reference = copy.deepcopy(model)
+    expected = quantize_(reference, batches, config, progress=False)
+    assert report.model_bytes == expected.model_bytes and report.embeddings == expected.embeddings
+    loaded = load_quantized(tmp_path / "q")
+    _assert_same(reference, loaded)
+    assert loaded.lm_head.qweight is loaded.model.embed_tokens.qweight
+
+
 def test_one_block_in_memory_at_a_time(float_dir, tmp_path, monkeypatch):
     import glowq_fx.out_of_core as ooc
 

@@ -36,13 +36,32 @@ def output_head(model: nn.Module) -> str | None:
     return None
 
 
+def tied_embedding(model: nn.Module, linear: str | None) -> str | None:
+    """The name of the ``nn.Embedding`` whose table is the weight of the linear ``linear``."""
+    if linear is None:
+        return None
+    W = linear_weight(model.get_submodule(linear))
+    if W is None:
+        return None
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Embedding) and m.weight.shape == W.shape and m.weight.data_ptr() == W.data_ptr():
+            return name
+    return None
+
+
 def group_filter(model: nn.Module, config: GlowQConfig) -> GroupFilter:
-    skip = {}
+    skip, tied_ok = {}, set()
     head = output_head(model)
+    table = tied_embedding(model, head)
     if head is not None and not config.quantize_output_head:
         skip[head] = "the output head stays in full precision (set quantize_output_head=True to quantize it)"
+    elif table is not None and config.embedding_bits != 4:
+        skip[head] = (f"the output head's weight is the input embedding {table}'s table (tied): quantize the one "
+                      "table for both with embedding_bits=4")
+    elif table is not None:
+        tied_ok.add(head)
     return GroupFilter(skip=skip, include=config.include, exclude=config.exclude,
-                       min_out_features=config.min_out_features)
+                       min_out_features=config.min_out_features, tied_to_embedding=frozenset(tied_ok))
 
 
 @dataclass
@@ -110,7 +129,7 @@ def find_groups(model: nn.Module, example_batch: object, config: GlowQConfig | N
     missing = []
     for name in sorted(ran - grouped - set(discovery.skipped), key=position.__getitem__):
         module = modules[name]
-        _, why = owner_of(owners.get(id(module.weight), [f"{name}.weight"]), modules)
+        _, why = owner_of(owners.get(id(module.weight), [f"{name}.weight"]), modules, filter.tied_to_embedding)
         why = why or filter.reason(name, linear_weight(module).shape[0])
         if why is not None:
             discovery.skipped[name] = why

@@ -35,6 +35,7 @@ from glowq_fx.checkpoint.shards import CheckpointError, ShardWriter, check_shard
 from glowq_fx.config import GlowQConfig
 from glowq_fx.data.lazy_model import empty_model, materialize
 from glowq_fx.kernels.layout import PackedW4, packed_shapes
+from glowq_fx.modules.embedding import QuantizedEmbedding, empty_quantized_embedding
 from glowq_fx.modules.install import register_projection, replace_module
 from glowq_fx.modules.linear import QuantizedLinear, SharedProjection, linear_weight
 
@@ -96,6 +97,7 @@ class CheckpointWriter:
         self.records: dict[str, dict] = {}
         self._projections: dict[str, dict] = {}
         self.aliases: dict[str, str] = {}
+        self.embeddings: dict[str, dict] = {}
         self._written: set[str] = set()
 
     def add(self, model: nn.Module, prefix: str | None = None) -> None:
@@ -112,6 +114,11 @@ class CheckpointWriter:
             self.records[name] = {"in_features": m.in_features, "out_features": m.out_features,
                                   "group_size": m.group_size, "rank": m.rank, "bias": m.bias is not None,
                                   "projection": key}
+        for name, m in model.named_modules():
+            if isinstance(m, QuantizedEmbedding) and _under(name, prefix) and name not in self.embeddings:
+                heads = [n for n, h in model.named_modules() if isinstance(h, QuantizedLinear) and h.qweight is m.qweight]
+                self.embeddings[name] = {"bits": m.bits, "num_embeddings": m.num_embeddings,
+                                         "embedding_dim": m.embedding_dim, "tied_head": heads[0] if heads else None}
         state = {k: v for k, v in model.state_dict().items() if _under(k, prefix) and k not in self._written}
         tensors, aliases = _dedupe(state)
         self._shards.add(tensors)
@@ -137,6 +144,7 @@ class CheckpointWriter:
             "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
             "config": None if config is None else config.to_dict(),
             "linears": self.records, "projections": list(self._projections.values()), "aliases": self.aliases,
+            "embeddings": self.embeddings,
             "tensors": {"shards": shards},
             "report": None if report is None else report.to_dict(),
         }
@@ -227,6 +235,35 @@ def _check_packed(name: str, rec: dict, header: dict) -> None:
             raise CheckpointError(f"{key} is {dtype} {tuple(shape)}, expected a float {s_expected}")
 
 
+def _check_embedding(name: str, rec: dict, modules: dict, header: dict, linears: dict) -> None:
+    """A quantized table's record agrees with the model and its tensors (``modules.embedding``)."""
+    module = modules.get(name)
+    if not isinstance(module, nn.Embedding):
+        raise CheckpointError(f"the checkpoint quantized the embedding {name}, which this model "
+                              f"{'does not have' if module is None else f'has as a {type(module).__name__}'}")
+    V, D, bits = rec["num_embeddings"], rec["embedding_dim"], rec["bits"]
+    if (module.num_embeddings, module.embedding_dim) != (V, D):
+        raise CheckpointError(f"{name}: the model's table is {module.num_embeddings} x {module.embedding_dim}, the "
+                              f"checkpoint's {V} x {D}; other model size")
+    keys = [f"{name}.{s}" for s in ("qweight", "scales", "zeros")]
+    absent = [k for k in keys if k not in header]
+    if absent:
+        raise CheckpointError(f"the checkpoint does not match its description: missing tensors {absent}")
+    (qshape, qdtype), (sshape, _), (zshape, _) = (header[k] for k in keys)
+    rows = qshape[0] * (8 if bits == 4 else 1)  # K_pad
+    code_dtype = torch.int32 if bits == 4 else torch.uint8
+    if (bits not in (4, 8) or qdtype != code_dtype or qshape[1] != V or rows < D or tuple(sshape) != tuple(zshape)
+            or sshape[1] != V or rows % sshape[0]):
+        raise CheckpointError(f"{name}: codes {qdtype} {tuple(qshape)} and scales {tuple(sshape)} are not a {bits}-bit "
+                              f"{V} x {D} table (the checkpoint is corrupted)")
+    head = rec.get("tied_head")
+    if head is not None and (head not in linears or (linears[head]["out_features"], linears[head]["in_features"])
+                             != (V, D) or bits != 4):
+        raise CheckpointError(f"{name}: its table is recorded as shared with the output head {head}, which the "
+                              f"checkpoint does not hold as a 4-bit {V} x {D} quantized linear (the description is "
+                              "corrupted)")
+
+
 def _plan(model: nn.Module, meta: dict, header: dict) -> None:
     """Every check between the checkpoint and ``model``, before anything changes."""
     modules = dict(model.named_modules())
@@ -257,6 +294,10 @@ def _plan(model: nn.Module, meta: dict, header: dict) -> None:
             expected[f"{name}.A"] = (N, r)
     for p in meta["projections"]:
         expected[p["key"]] = (p["rank"], p["in_features"])
+    for name, rec in meta.get("embeddings", {}).items():
+        _check_embedding(name, rec, modules, header, meta["linears"])
+        replaced.add(f"{name}.weight")
+        expected.update({f"{name}.{suffix}": None for suffix in ("qweight", "scales", "zeros")})
     expected.update({key: tuple(t.shape) for key, t in state.items() if key not in replaced})
     present = set(header) | set(meta["aliases"])
     missing, unexpected = sorted(set(expected) - present), sorted(present - set(expected))
@@ -313,6 +354,8 @@ def load_quantized(directory: str | Path, model: nn.Module | None = None, *,
     shards = _shards(meta)
     check_shards(directory, shards, META_FILE)
     header = read_headers(directory, shards)
+    # a tensor stored once under one key (tied tables) is described under each of its keys
+    header.update({alias: header[target] for alias, target in meta["aliases"].items() if target in header})
     if not meta["linears"] or f"{next(iter(meta['linears']))}.scales" not in header:
         raise CheckpointError(f"the shards in {directory} do not hold the quantized linears that {META_FILE} lists")
     if model is None:
@@ -330,6 +373,13 @@ def load_quantized(directory: str | Path, model: nn.Module | None = None, *,
     for name, rec in meta["linears"].items():
         projection = projections.get(rec["projection"]) if rec["projection"] else None
         replace_module(model, name, _empty_quantized(name, rec, header, projection, device))
+    for name, rec in meta.get("embeddings", {}).items():
+        table = empty_quantized_embedding(model.get_submodule(name), rec["bits"],
+                                          {k: header[f"{name}.{k}"] for k in ("qweight", "scales", "zeros")}, device)
+        replace_module(model, name, table)
+        if rec["tied_head"] is not None:  # one table for both, as when quantized
+            head = model.get_submodule(rec["tied_head"])
+            head.qweight, head.scales, head.zeros = table.qweight, table.scales, table.zeros
     materialize(model, device)  # what is left on meta (a rebuilt model's float tensors), empty
     model.to(device)
     for tensors in iter_shards(directory, shards, device):  # one shard's tensors at a time

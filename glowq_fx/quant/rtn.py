@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from glowq_fx.config import BITS, GROUP_SIZES
+from glowq_fx.config import BITS, EMBEDDING_BITS, GROUP_SIZES
 
 
 @dataclass
@@ -86,8 +86,9 @@ def group_geometry(in_features: int, group_size: int) -> tuple[int, int]:
 
 
 def check_bits(bits: int) -> int:
-    if bits not in BITS:
-        raise ValueError(f"unsupported bits={bits}: glowq-fx stores INT4 codes, use bits=4")
+    """The largest code at ``bits``: 4 for the linears (``BITS``), 8 also for embedding tables."""
+    if bits not in (*BITS, *EMBEDDING_BITS[1:]):
+        raise ValueError(f"unsupported bits={bits}: glowq-fx stores INT4 codes (INT8 only for embedding tables)")
     return (1 << bits) - 1
 
 

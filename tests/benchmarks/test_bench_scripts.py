@@ -81,12 +81,13 @@ def test_w4a16_benchmark_table_and_chosen_paths(tmp_path):
 
 def test_blockwise_memory_benchmark_measures_both_modes_in_child_processes(tmp_path):
     bench = _load("bench_blockwise")
-    assert bench.main(["--layers", "2", "--tiny", "--tokens", "32", "--batches", "2", "--out",
+    assert bench.main(["--layers", "2", "--tiny", "--tokens", "32", "--batches", "2", "--repeats", "2", "--out",
                        str(tmp_path / "mem")]) == 0
     results = __import__("json").loads((tmp_path / "mem.json").read_text())
     modes = {r["mode"]: r for r in results["rows"]}
     assert modes["blocks"]["calibration"]["mode"] == "blocks" and modes["model"]["calibration"]["mode"] == "model"
     assert all(r["quantized"] == "QuantizedLinear" and r["added_mib"] > 0 for r in results["rows"])
+    assert all(len(r["added_mib_runs"]) == 2 and r["added_mib"] in r["added_mib_runs"] for r in results["rows"])
     table = (tmp_path / "mem.md").read_text()
     assert "| 2 |" in table and "correction solve" in table
 
