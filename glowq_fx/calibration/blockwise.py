@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from glowq_fx.calibration.activations import ActivationStore, choose_place, nbytes
-from glowq_fx.calibration.collect import batch_mask, feeding
+from glowq_fx.calibration.collect import StopForward, batch_mask, feeding, output_module
 from glowq_fx.calibration.moments import GroupStatistics
 from glowq_fx.capture.blocks import Blocks
 from glowq_fx.capture.run import Run
@@ -291,11 +291,15 @@ class BlockwiseCalibration:
                 return _with_stream(self.template, stream)
             return forward
 
-        with feeding(self.model, self.tail_groups, stats) as set_mask, torch.no_grad(), _stubbed(self.modules, stub):
+        with feeding(self.model, self.tail_groups, stats, stop_at=output_module(self.model)) as set_mask, \
+                torch.no_grad(), _stubbed(self.modules, stub):
             for b, batch in enumerate(self.batches):
                 batch_index[0] = b
                 set_mask(batch_mask(batch))
-                self.run(self.model, batch)
+                try:
+                    self.run(self.model, batch)
+                except StopForward:  # the head's input is recorded; its logits are not needed
+                    pass
         missing = [g.name for g in self.tail_groups if stats[g.name].n_batches != len(self.batches)]
         if missing:
             raise BlockwiseUnsupported(f"linears outside the blocks did not run on every batch ({', '.join(missing[:3])})")

@@ -4,7 +4,8 @@ One pre-hook per group, on its first member, so each group's ``S`` is fed exactl
 however many members it has. ``feeding`` attaches the hooks for a caller that runs the model (or
 one block of it) itself; ``collect_statistics`` runs whole-model forward passes over the batches.
 Padding is excluded when the batch has an ``attention_mask``; a group input flattened to
-(tokens, d) gets the mask flattened the same way.
+(tokens, d) gets the mask flattened the same way. A pass stops at the output head once every
+group has its input, so calibration never computes logits (``StopForward``).
 """
 from __future__ import annotations
 
@@ -23,18 +24,35 @@ def batch_mask(batch: object) -> Tensor | None:
     return batch.get("attention_mask") if isinstance(batch, dict) else None
 
 
+class StopForward(Exception):
+    """Raised at the output head once every group has its input: the rest of the forward pass
+    (the head's logits, vocabulary x tokens) is not computed."""
+
+
+def output_module(model: nn.Module) -> nn.Module | None:
+    """The model's output head (``get_output_embeddings()``), where a calibration pass may stop."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return head if isinstance(head, nn.Module) else None
+
+
 @contextlib.contextmanager
-def feeding(model: nn.Module, groups: Iterable[InputGroup],
-            stats: GroupStatistics) -> Iterator[Callable[[Tensor | None], None]]:
+def feeding(model: nn.Module, groups: Iterable[InputGroup], stats: GroupStatistics, *,
+            stop_at: nn.Module | None = None) -> Iterator[Callable[[Tensor | None], None]]:
     """Pre-hooks feeding ``stats[g.name]`` with each group's input while the body runs forwards.
 
-    Yields ``set_mask(mask)``: the attention mask of the batch about to run (None: no padding).
+    Yields ``set_mask(mask)``: the attention mask of the batch about to run (None: no padding),
+    called before each forward pass. With ``stop_at`` (the output head), a forward pass that
+    reaches it after every group was fed raises ``StopForward`` there (for the caller to catch):
+    no logits are computed. A group that has not run yet lets the pass go on.
     """
     modules = dict(model.named_modules())
+    groups = list(groups)
     current_mask: list[Tensor | None] = [None]
+    fed: set[str] = set()
 
     def hook(group: InputGroup):
         def feed(_module, args):
+            fed.add(group.name)
             x, mask = args[0], current_mask[0]
             if mask is not None and tuple(mask.shape) != tuple(x.shape[:-1]):
                 if mask.numel() != x.shape[:-1].numel():
@@ -46,9 +64,19 @@ def feeding(model: nn.Module, groups: Iterable[InputGroup],
             stats.add_batch(group.name, x.detach(), mask)
         return feed
 
+    def stop(_module, _args):
+        if len(fed) == len(groups):
+            raise StopForward
+
+    def set_mask(mask: Tensor | None) -> None:
+        current_mask[0] = mask
+        fed.clear()
+
     handles = [modules[g.members[0]].register_forward_pre_hook(hook(g)) for g in groups]
+    if stop_at is not None:  # registered last: the head's own statistics come first
+        handles.append(stop_at.register_forward_pre_hook(stop))
     try:
-        yield lambda mask: current_mask.__setitem__(0, mask)
+        yield set_mask
     finally:
         for h in handles:
             h.remove()
@@ -65,8 +93,11 @@ def collect_statistics(
 ) -> GroupStatistics:
     """One ``S`` per group over ``batches``; ``run(model, batch)`` does one forward pass."""
     stats = GroupStatistics(((g.name, g.in_features) for g in groups), dtype=dtype)
-    with feeding(model, groups, stats) as set_mask, torch.no_grad():
+    with feeding(model, groups, stats, stop_at=output_module(model)) as set_mask, torch.no_grad():
         for batch in progress(batches):
             set_mask(batch_mask(batch))
-            run(model, batch)
+            try:
+                run(model, batch)
+            except StopForward:  # every S is fed: the logits are not needed
+                pass
     return stats

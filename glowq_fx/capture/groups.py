@@ -18,7 +18,7 @@ from torch import nn
 
 from glowq_fx.capture.graphs import capture_graphs
 from glowq_fx.capture.hooks import input_sharing_groups
-from glowq_fx.capture.run import Run, check_model, run_batch
+from glowq_fx.capture.run import Run, check_model, run_batch, run_sparing_logits
 from glowq_fx.config import GlowQConfig
 from glowq_fx.errors import warn
 from glowq_fx.modules.linear import linear_weight
@@ -97,9 +97,12 @@ def find_groups(model: nn.Module, example_batch: object, config: GlowQConfig | N
         model: the floating-point model (any device, any ``nn.Module``).
         example_batch: one batch, as ``run`` takes it.
         config: filters (output head, include/exclude patterns, ``min_out_features``).
-        run: ``run(model, batch)`` does one forward pass (default ``run_batch``).
+        run: ``run(model, batch)`` does one forward pass (default ``run_batch``, here asking a
+            causal LM for no more logits than the last position's: the groups never read them).
     """
     config = config or GlowQConfig()
+    if run is run_batch:
+        run = run_sparing_logits
     check_model(model)
     filter = group_filter(model, config)
     modules = dict(model.named_modules())

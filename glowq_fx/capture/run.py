@@ -32,6 +32,15 @@ def run_batch(model: nn.Module, batch: object) -> object:
     return model(batch)
 
 
+def run_sparing_logits(model: nn.Module, batch: object) -> object:
+    """``run_batch``, asking a transformers causal LM for the last position's logits only
+    (``logits_to_keep=1``) when its forward takes that argument: for passes that never read the
+    logits (with a 262k vocabulary, 8 x 512 tokens of float32 logits are 4.3 GB)."""
+    if isinstance(batch, Mapping) and "logits_to_keep" not in batch and "logits_to_keep" in _forward_parameters(model):
+        batch = {**batch, "logits_to_keep": 1}
+    return run_batch(model, batch)
+
+
 def _forward_parameters(model: nn.Module) -> set[str]:
     try:
         return set(inspect.signature(model.forward).parameters)
