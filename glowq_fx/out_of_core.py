@@ -27,7 +27,8 @@ from glowq_fx.capture.run import Run, check_calibration, check_model, run_batch
 from glowq_fx.checkpoint.quantized import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter
 from glowq_fx.config import GlowQConfig, as_config
 from glowq_fx.data.lazy_model import LazyCheckpoint, release
-from glowq_fx.quantize import blockwise_summary, model_bytes, plan_embeddings, quantize_blockwise, quantize_embeddings
+from glowq_fx.quantize import (blockwise_summary, model_bytes, plan_embeddings, quantize_blockwise,
+                               check_rank, quantize_embeddings, starts_with_bos)
 from glowq_fx.report import GroupReport, QuantizationReport
 from glowq_fx.selective.policy import attach_group
 from passes.groups import InputGroup, group_name
@@ -99,6 +100,7 @@ def quantize_checkpoint(directory: str | Path, out: str | Path, calibration: Ite
     bytes_before = model_bytes(model)
     batches = check_calibration(model, calibration)
     groups, skipped, breaks = _one_block_groups(model, blocks, batches, config, run)
+    check_rank(groups, config)
     groups_of, outside, _ = assign_groups(groups, blocks)
     try:
         blockwise = BlockwiseCalibration(model, blocks, batches, run, device, outside, stats_dtype=config.stats_dtype,
@@ -127,7 +129,8 @@ def quantize_checkpoint(directory: str | Path, out: str | Path, calibration: Ite
             attach_group(model, rows[g.name], factors[g.name])
         embeddings = quantize_embeddings(model, tables, config, skipped)
     order = [*blockwise.head_groups, *(g for gs in groups_of for g in gs), *blockwise.tail_groups]
-    how = {**blockwise_summary(blockwise, groups_of, rows, config, device), "read_from": str(directory)}
+    how = {**blockwise_summary(blockwise, groups_of, rows, config, device), "read_from": str(directory),
+           "windows_start_with_bos": starts_with_bos(model, batches)}
     report = QuantizationReport(config, [rows[g.name] for g in order], skipped, breaks, len(batches), n_tokens,
                                 time.perf_counter() - t0, None, how, embeddings, (bytes_before, model_bytes(model)))
     writer.close(model, config=config, report=report, tokenizer=tokenizer)

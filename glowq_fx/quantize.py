@@ -57,6 +57,36 @@ def factor_dtype(config: GlowQConfig, model_dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if config.factor_dtype == "auto" else getattr(torch, config.factor_dtype)
 
 
+def check_rank(groups: Sequence[InputGroup], config: GlowQConfig) -> None:
+    """Warn when ``config.rank`` reaches a group's full rank: it is capped there, and a correction
+    of full rank stores more values than the weights it corrects."""
+    if config.method == "none" or config.rank == 0 or not groups:
+        return
+    over, shapes = [], []
+    for g in groups:
+        for m in ([sum(g.out_features)] if config.method == "glowq" else list(g.out_features)):
+            shapes.append((m, g.in_features))
+            if config.rank >= min(m, g.in_features):
+                over.append((g.name, m, g.in_features))
+    if over:
+        name, m, d = over[0]
+        useful = min(m_ * d_ // (m_ + d_) for m_, d_ in shapes)
+        warn(f"rank {config.rank} is at or above the full rank of {len(over)} of {len(groups)} groups (e.g. {name}: its "
+             f"{m} x {d} error holds rank {min(m, d)} at most): those are capped to full rank, and their correction "
+             f"stores more values than the weights it corrects; a rank below {useful} keeps every correction smaller "
+             "than its weights")
+
+
+def starts_with_bos(model: nn.Module, batches: Sequence[object]) -> bool | None:
+    """Whether every calibration window starts with the model's BOS token (``config.bos_token_id``;
+    recorded in the report and the checkpoint), None when that cannot be told."""
+    bos = getattr(getattr(model, "config", None), "bos_token_id", None)
+    ids = [b.get("input_ids") for b in batches if isinstance(b, dict)]
+    if not isinstance(bos, int) or not ids or len(ids) != len(batches) or any(t is None or t.dim() != 2 for t in ids):
+        return None
+    return all(bool((t[:, 0] == bos).all()) for t in ids)
+
+
 def model_bytes(model: nn.Module) -> int:
     """Bytes of every parameter and buffer, each storage once (tied tables count once)."""
     storages = {}
@@ -287,6 +317,7 @@ def quantize_(
         batches, order, skipped, breaks = calibration.batches, calibration.groups, calibration.skipped, \
             calibration.graph_breaks
         n_tokens, how = calibration.n_tokens, {"mode": "model", "reused": True}
+        check_rank(order, config)
         with torch.no_grad():
             _quantize_groups(model, order, calibration.statistics, config, rows,
                              factors, keep=True)
@@ -308,6 +339,7 @@ def quantize_(
         model.eval()  # calibration statistics without dropout
         try:
             order, skipped, breaks = discover_groups(model, batches, config, groups, run)
+            check_rank(order, config)
             blockwise = None
             if blocks is not None:
                 groups_of, outside, split = assign_groups(order, blocks)
@@ -345,6 +377,7 @@ def quantize_(
         selection = apply_selection(model, report_rows, [factors[g.name] for g in order], config.selective,
                                     batches, progress)
         embeddings = quantize_embeddings(model, tables, config, dict(skipped))
+    how = {**how, "windows_start_with_bos": starts_with_bos(model, batches)}
     return QuantizationReport(config, report_rows, dict(skipped), list(breaks), len(batches), n_tokens,
                               time.perf_counter() - t0, selection, how, embeddings,
                               (bytes_before, model_bytes(model)))

@@ -108,6 +108,9 @@ class QuantizationReport:
             lines.insert(1, f"calibrated block by block over {c['n_blocks']} blocks of {c['blocks']} on {c['device']}, "
                             f"next block fed the {c['block_inputs']} outputs, cached inputs on {c['activations']} "
                             f"({c['activation_bytes'] / 2**20:.1f} MB)")
+        if c.get("windows_start_with_bos") is not None:
+            lines.insert(1, "calibration windows " + ("start with the BOS token" if c["windows_start_with_bos"]
+                                                      else "do not all start with the BOS token"))
         if self.config.selective is not None:
             kept = [g for g in self.groups if g.restored]
             lines.append(f"GlowQ-S ({self.config.selective!r}): corrections kept for {len(kept)} of {len(self.groups)} "

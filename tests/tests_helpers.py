@@ -82,3 +82,62 @@ def or_skip(load):
     except MissingResourceError as exc:
         pytest.skip(f"packaged resource unavailable: {exc}")
 
+
+
+def write_qwen2_gguf(model, path, *, add_bos: bool = False, architecture: str = "qwen2") -> None:
+    """Write a ``Qwen2ForCausalLM`` as a float32 GGUF with the ``gguf`` package, as llama.cpp's
+    converter lays it out (tensor names, metadata keys), with a byte-level BPE tokenizer of
+    ``config.vocab_size`` tokens: 256 byte symbols, a few merges, ``<|endoftext|>`` last (BOS/EOS)."""
+    import gguf
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    c = model.config
+    w = gguf.GGUFWriter(str(path), architecture)
+    w.add_name("tiny-qwen2")
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    merges = ["Ġ t", "Ġ a", "h e", "i n", "Ġt he", "o n", "e r"][: c.vocab_size - 257]
+    tokens = list(bytes_to_unicode().values()) + [m.replace(" ", "") for m in merges] + ["<|endoftext|>"]
+    if len(tokens) != c.vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokens)} tokens, the model {c.vocab_size}")
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * (len(tokens) - 1) + [3])
+    w.add_token_merges(merges)
+    w.add_bos_token_id(len(tokens) - 1)
+    w.add_eos_token_id(len(tokens) - 1)
+    w.add_add_bos_token(add_bos)
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    parts = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    for i in range(c.num_hidden_layers):
+        for hf, gg in parts.items():
+            for kind in ("weight", "bias"):
+                names[f"model.layers.{i}.{hf}.{kind}"] = f"blk.{i}.{gg}.{kind}"
+    for key, t in model.state_dict().items():
+        if key == "lm_head.weight" and c.tie_word_embeddings:
+            continue
+        w.add_tensor(names[key], t.detach().float().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def tiny_qwen2(seed: int = 0, **overrides) -> torch.nn.Module:
+    """A 2-layer Qwen2 (hidden 64) with 264 tokens (``write_qwen2_gguf``'s tokenizer), tied embeddings."""
+    kw = dict(vocab_size=264, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
+    kw.update(overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return T.Qwen2ForCausalLM(T.Qwen2Config(**kw)).eval()

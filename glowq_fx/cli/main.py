@@ -18,6 +18,27 @@ def _torch_dtype(name: str):
     return getattr(torch, name)
 
 
+def _check_devices(args: argparse.Namespace) -> None:
+    """Each device named on the command line exists here (before any model loads)."""
+    from glowq_fx._devices import check_device
+
+    for option in ("device", "compute_device"):
+        if getattr(args, option, None) is not None:
+            check_device(getattr(args, option), "--" + option.replace("_", "-"))
+
+
+def _check_text(name: str, option: str) -> None:
+    """The text ``name`` (built in or a file) exists and holds text (before any model loads)."""
+    from glowq_fx.data.corpus import load_text
+
+    try:
+        text = load_text(name)
+    except ValueError as exc:
+        raise ValueError(f"{option} {name!r}: {exc}") from None
+    if not text.strip():
+        raise ValueError(f"{option} {name!r} is empty: give a text file with text in it (or news, wikipedia)")
+
+
 def _demo(args: argparse.Namespace) -> int:
     from glowq_fx.cli.demo import DemoSettings, run_demo
 
@@ -46,9 +67,13 @@ def _select(args: argparse.Namespace) -> int:
 
     t_start = time.perf_counter()
     config = GlowQConfig(group_size=args.group_size, rank=args.rank, method="glowq")
+    _check_devices(args)
+    _check_text(args.text, "--text")
+    _check_text(args.calib, "--calib")
     model, tokenizer = load_model(args.model, dtype=_torch_dtype(args.dtype), device=args.device)
     tokens = tokenize(tokenizer, load_text(args.text))
-    batches = text_calibration_batches(tokenizer, args.calib, args.calib_samples, args.calib_len, device=args.device)
+    batches = text_calibration_batches(tokenizer, args.calib, args.calib_samples, args.calib_len, device=args.device,
+                                       bos=args.bos)
     calibrated = calibrate(model, batches, config)
     # the equal-bytes baseline, every group at another rank; first, so a bad rank fails before the study
     ranks = rank_sweep(model, calibrated, config, args.compare_rank or [], tokens, seq_len=args.seq_len,
@@ -57,7 +82,7 @@ def _select(args: argparse.Namespace) -> int:
     quantized = copy.deepcopy(model)
     report = quantize_(quantized, calibrated, config)
     measure = text_calibration_batches(tokenizer, args.calib, args.measure_samples, args.measure_len, seed=1,
-                                       device=args.device)
+                                       device=args.device, bos=args.bos)
     corrections = Corrections(quantized)
     latency, unit_ms = (correction_latency(corrections, tokens=args.latency_tokens) if args.latency_tokens
                         else (None, None))
@@ -138,7 +163,8 @@ def _latency_lines(latency, full) -> list[str]:
 def _config_from_args(args: argparse.Namespace) -> GlowQConfig:
     return GlowQConfig(bits=args.bits, group_size=args.group_size, symmetric=args.symmetric, quantizer=args.quantizer,
                        method=args.method, rank=args.rank, svd=args.svd, seed=args.seed, exclude=tuple(args.exclude),
-                       quantize_output_head=args.quantize_output_head, calibration=args.calibration,
+                       quantize_output_head=args.quantize_output_head, embedding_bits=args.embedding_bits,
+                       factor_dtype=args.factor_dtype, calibration=args.calibration,
                        block_inputs=args.block_inputs, activations=args.activations, offload_dir=args.offload_dir)
 
 
@@ -148,11 +174,13 @@ def _quantize(args: argparse.Namespace) -> int:
     from glowq_fx.data.models import load_model
 
     config = _config_from_args(args)
+    _check_devices(args)
+    _check_text(args.calib, "--calib")
     if args.from_disk:
         return _quantize_from_disk(args, config)
     model, tokenizer = load_model(args.model, dtype=_torch_dtype(args.dtype), device=args.device)
     batches = text_calibration_batches(tokenizer, args.calib, args.calib_samples, args.calib_len, seed=args.seed,
-                                       device=args.device)
+                                       device=args.device, bos=args.bos)
     report = quantize_(model, batches, config, device=args.compute_device)
     print(report)
     out = save_quantized(model, args.out, report=report, tokenizer=tokenizer, max_shard_size=args.max_shard_size)
@@ -165,13 +193,16 @@ def _quantize_from_disk(args: argparse.Namespace, config: GlowQConfig) -> int:
     from transformers import AutoTokenizer
 
     from glowq_fx.data.batches import text_calibration_batches
+    from glowq_fx.data.models import resolve_model
     from glowq_fx.out_of_core import quantize_checkpoint
 
-    if not Path(args.model).is_dir():
-        raise ValueError(f"--from-disk reads a checkpoint directory; {args.model!r} is not one")
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    batches = text_calibration_batches(tokenizer, args.calib, args.calib_samples, args.calib_len, seed=args.seed)
-    report = quantize_checkpoint(args.model, args.out, batches, config, device=args.compute_device or args.device,
+    directory = resolve_model(args.model)  # a GGUF is converted to a checkpoint directory first
+    if not Path(directory).is_dir():
+        raise ValueError(f"--from-disk reads a local checkpoint directory (or a GGUF); {args.model!r} is neither")
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    batches = text_calibration_batches(tokenizer, args.calib, args.calib_samples, args.calib_len, seed=args.seed,
+                                       bos=args.bos)
+    report = quantize_checkpoint(directory, args.out, batches, config, device=args.compute_device or args.device,
                                  dtype=_torch_dtype(args.dtype), tokenizer=tokenizer,
                                  max_shard_size=args.max_shard_size)
     print(report)
@@ -193,16 +224,19 @@ def _load_any(name: str, dtype: str, device: str):
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from glowq_fx.data.batches import tokenize
+    from glowq_fx.data.batches import bos_token, tokenize
     from glowq_fx.data.corpus import load_text
     from glowq_fx.evaluation.perplexity import perplexity
 
+    _check_devices(args)
+    _check_text(args.text, "--text")
     model, tokenizer, kind = _load_any(args.model, args.dtype, args.device)
     tokens = tokenize(tokenizer, load_text(args.text))
-    r = perplexity(model, tokens, args.seq_len, batch_size=args.batch_size, max_tokens=args.max_tokens)
-    print(format_table(["model", "kind", "text", "perplexity", "nll", "tokens", "windows", "seq_len", "seconds"],
+    bos = bos_token(tokenizer, args.bos)
+    r = perplexity(model, tokens, args.seq_len, batch_size=args.batch_size, max_tokens=args.max_tokens, bos=bos)
+    print(format_table(["model", "kind", "text", "perplexity", "nll", "tokens", "windows", "seq_len", "BOS", "seconds"],
                        [[args.model, kind, args.text, f"{r.perplexity:.3f}", f"{r.nll:.4f}", f"{r.n_tokens:,}",
-                         str(r.n_windows), str(r.seq_len), f"{r.time_s:.0f}"]]))
+                         str(r.n_windows), str(r.seq_len), "-" if bos is None else str(bos), f"{r.time_s:.0f}"]]))
     return 0
 
 
@@ -240,17 +274,16 @@ def _build_from_config(model: str, layers: int | None):
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    from glowq_fx.data.models import BUILTIN_MODELS, resolve_model
+    from glowq_fx.data.models import resolve_model
 
-    if model in BUILTIN_MODELS:
-        model = resolve_model(model)
-    if os.path.isdir(model):
-        config = AutoConfig.from_pretrained(model)
-    elif model in CONFIG_MAPPING:
+    if model in CONFIG_MAPPING and not os.path.exists(model):
         config = AutoConfig.for_model(model)
     else:
-        raise ValueError(f"{model!r} is neither a local model directory nor a transformers model type "
-                         "(e.g. llama, gpt2, gptj, falcon); hub names need a download, which glowq does not do")
+        where = resolve_model(model)  # the built-in model, a GGUF (converted once) or a directory
+        if not os.path.isdir(where):
+            raise ValueError(f"{model!r} is neither a local model directory, a GGUF file nor a transformers model type "
+                             "(e.g. llama, gpt2, gptj, falcon); hub names need a download, which glowq does not do")
+        config = AutoConfig.from_pretrained(where)
     if layers is not None:
         if layers < 1:
             raise ValueError(f"--layers must be positive, got {layers}")
@@ -301,19 +334,26 @@ def _groups(args: argparse.Namespace) -> int:
 
 def _quantization_args(p: argparse.ArgumentParser) -> None:
     d = GlowQConfig()
-    p.add_argument("--method", default=d.method, choices=["glowq", "qera", "lqer", "svd", "none"])
-    p.add_argument("--rank", type=int, default=d.rank)
+    p.add_argument("--method", default=d.method, choices=["glowq", "qera", "lqer", "svd", "none"],
+                   help="correction: GlowQ's shared B, an independent baseline, or none")
+    p.add_argument("--rank", type=int, default=d.rank, help="correction rank")
     p.add_argument("--group-size", type=int, default=d.group_size, help="32..256, or -1 for per-channel")
-    p.add_argument("--bits", type=int, default=d.bits)
-    p.add_argument("--quantizer", default=d.quantizer, choices=["rtn", "gptq"])
-    p.add_argument("--symmetric", action="store_true")
-    p.add_argument("--svd", default=d.svd, choices=["randomized", "exact"])
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--bits", type=int, default=d.bits, help="weight bits")
+    p.add_argument("--quantizer", default=d.quantizer, choices=["rtn", "gptq"], help="base 4-bit quantizer")
+    p.add_argument("--symmetric", action="store_true", help="symmetric groups (no zero point)")
+    p.add_argument("--svd", default=d.svd, choices=["randomized", "exact"], help="SVD of the correction solve")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the calibration windows and the sketch")
     p.add_argument("--exclude", action="append", default=[], help="regex of modules to leave out (repeatable)")
-    p.add_argument("--quantize-output-head", action="store_true")
+    p.add_argument("--quantize-output-head", action="store_true",
+                   help="quantize the output head too (its own correction; a tied head needs --embedding-bits 4)")
+    p.add_argument("--embedding-bits", type=int, default=d.embedding_bits, choices=[4, 8],
+                   help="store the input embedding table in 4 or 8 bits (default: floating point)")
+    p.add_argument("--factor-dtype", default=d.factor_dtype, choices=["auto", "model", "float32", "bfloat16", "float16"],
+                   help="dtype of the correction factors (auto: bfloat16 for a float32 model, else the model's)")
     p.add_argument("--calib", default="news", help="calibration text: news, wikipedia or a text file")
-    p.add_argument("--calib-samples", type=int, default=32)
-    p.add_argument("--calib-len", type=int, default=512)
+    p.add_argument("--calib-samples", type=int, default=32, help="calibration windows")
+    p.add_argument("--calib-len", type=int, default=512, help="tokens per calibration window")
+    _bos_arg(p)
     p.add_argument("--calibration", default=d.calibration, choices=["auto", "blocks", "model"],
                    help="block by block (auto: when the model has repeated blocks) or the whole model at once")
     p.add_argument("--block-inputs", default=d.block_inputs, choices=["float", "quantized"],
@@ -325,28 +365,36 @@ def _quantization_args(p: argparse.ArgumentParser) -> None:
                    help="where blocks compute, one at a time (default: --device); the weights stay on --device")
 
 
+def _bos_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bos", default="auto", choices=["auto", "on", "off"],
+                   help="start every window with the BOS token: auto when the tokenizer adds one (as lm-eval), off "
+                        "for the GPTQ/GlowQ papers' protocol")
+
+
 def _device_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", default="float32", choices=_DTYPES)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=_DTYPES, help="dtype the model is loaded in")
+    p.add_argument("--device", default="cpu", help="where the model lives (cpu, cuda, cuda:N)")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="glowq", description="GlowQ: 4-bit LLMs with group-shared low-rank correction")
     sub = parser.add_subparsers(dest="command", required=True)
+    defaults = argparse.ArgumentDefaultsHelpFormatter  # --help shows every default
 
-    demo = sub.add_parser("demo", help="SmolLM2 on Wikipedia text: groups, perplexity of RTN / independent / GlowQ, "
+    demo = sub.add_parser("demo", formatter_class=defaults, help="SmolLM2 on Wikipedia text: groups, perplexity of RTN / independent / GlowQ, "
                                        "eager vs compiled, a PNG plot")
     demo.add_argument("--eval-tokens", type=int, default=8192, help="prefix of the text to score")
-    demo.add_argument("--rank", type=int, default=64)
-    demo.add_argument("--group-size", type=int, default=64)
-    demo.add_argument("--calib-samples", type=int, default=16)
+    demo.add_argument("--rank", type=int, default=64, help="correction rank")
+    demo.add_argument("--group-size", type=int, default=64, help="quantization group size")
+    demo.add_argument("--calib-samples", type=int, default=16, help="calibration windows of 512 news tokens")
     demo.add_argument("--no-compile", action="store_true", help="skip the eager vs compiled timing")
-    demo.add_argument("--out", type=Path, default=Path("glowq-demo"))
+    demo.add_argument("--out", type=Path, default=Path("glowq-demo"), help="where the table and the plot go")
     demo.set_defaults(func=_demo)
 
-    quantize = sub.add_parser("quantize", help="quantize a model and save the checkpoint")
-    quantize.add_argument("model", help="smollm2 (built in), a local model directory or a hub name")
-    quantize.add_argument("--out", type=Path, required=True)
+    quantize = sub.add_parser("quantize", formatter_class=defaults, help="quantize a model and save the checkpoint")
+    quantize.add_argument("model", help="smollm2 (built in), a local model directory, a .gguf file (or a directory "
+                                        "holding one) or a hub name")
+    quantize.add_argument("--out", type=Path, required=True, help="the checkpoint directory to write")
     quantize.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (bytes, 5GB, 500MiB)")
     quantize.add_argument("--from-disk", action="store_true",
                           help="leave the float weights in MODEL's safetensors and read one block at a time (for a "
@@ -355,58 +403,64 @@ def main(argv: list[str] | None = None) -> int:
     _device_args(quantize)
     quantize.set_defaults(func=_quantize)
 
-    evaluate = sub.add_parser("eval", help="perplexity of a model or a quantized checkpoint")
-    evaluate.add_argument("model", help="a quantized checkpoint directory, smollm2, a model directory or a hub name")
+    evaluate = sub.add_parser("eval", formatter_class=defaults, help="perplexity of a model or a quantized checkpoint")
+    evaluate.add_argument("model", help="a quantized checkpoint directory, smollm2, a model directory, a .gguf file or "
+                                        "a hub name")
     evaluate.add_argument("--text", default="wikipedia", help="wikipedia, news or a text file")
-    evaluate.add_argument("--seq-len", type=int, default=2048)
+    evaluate.add_argument("--seq-len", type=int, default=2048, help="tokens per scored window")
     evaluate.add_argument("--max-tokens", type=int, default=None, help="score a prefix of the text")
-    evaluate.add_argument("--batch-size", type=int, default=1)
+    evaluate.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    _bos_arg(evaluate)
     _device_args(evaluate)
     evaluate.set_defaults(func=_eval)
 
-    bench = sub.add_parser("bench", help="forward time of a quantized checkpoint, eager vs glowq_backend")
+    bench = sub.add_parser("bench", formatter_class=defaults, help="forward time of a quantized checkpoint, eager vs glowq_backend")
     bench.add_argument("model", help="a quantized checkpoint directory")
-    bench.add_argument("--tokens", type=int, default=128)
-    bench.add_argument("--batch", type=int, default=1)
-    bench.add_argument("--repeats", type=int, default=5)
-    bench.add_argument("--device", default="cpu")
+    bench.add_argument("--tokens", type=int, default=128, help="tokens per row of the timed input")
+    bench.add_argument("--batch", type=int, default=1, help="rows of the timed input")
+    bench.add_argument("--repeats", type=int, default=5, help="timed runs (the median is shown)")
+    bench.add_argument("--device", default="cpu", help="where the model runs")
     bench.set_defaults(func=_bench)
 
-    select = sub.add_parser("select", help="GlowQ-S: sweep top-k restored groups per score, find the elbows, "
+    select = sub.add_parser("select", formatter_class=defaults, help="GlowQ-S: sweep top-k restored groups per score, find the elbows, "
                                            "write a table and a PNG")
-    select.add_argument("model", nargs="?", default="smollm2")
+    select.add_argument("model", nargs="?", default="smollm2", help="as for quantize")
     select.add_argument("--score", action="append", choices=["gain", "weight_error", "measured"],
                         help="ranking score (repeatable; default gain)")
-    select.add_argument("--rank", type=int, default=64)
-    select.add_argument("--group-size", type=int, default=64)
+    select.add_argument("--rank", type=int, default=64, help="correction rank")
+    select.add_argument("--group-size", type=int, default=64, help="quantization group size")
     select.add_argument("--step", type=int, default=8, help="sweep k = 0, step, 2 step, ..., all")
     select.add_argument("--compare-rank", type=int, action="append",
                         help="also quantize every group at this rank (repeatable): the equal-bytes "
                              "baseline a selection has to beat")
-    select.add_argument("--text", default="wikipedia")
-    select.add_argument("--eval-tokens", type=int, default=8192)
-    select.add_argument("--seq-len", type=int, default=1024)
-    select.add_argument("--batch-size", type=int, default=1)
-    select.add_argument("--calib", default="news")
-    select.add_argument("--calib-samples", type=int, default=32)
-    select.add_argument("--calib-len", type=int, default=512)
+    select.add_argument("--text", default="wikipedia", help="evaluation text: wikipedia, news or a text file")
+    select.add_argument("--eval-tokens", type=int, default=8192, help="prefix of the text to score")
+    select.add_argument("--seq-len", type=int, default=1024, help="tokens per scored window")
+    select.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    select.add_argument("--calib", default="news", help="calibration text: news, wikipedia or a text file")
+    select.add_argument("--calib-samples", type=int, default=32, help="calibration windows")
+    select.add_argument("--calib-len", type=int, default=512, help="tokens per calibration window")
     select.add_argument("--measure-samples", type=int, default=2, help="batches of the measured score")
-    select.add_argument("--measure-len", type=int, default=256)
+    select.add_argument("--measure-len", type=int, default=256, help="tokens per batch of the measured score")
     select.add_argument("--latency-tokens", type=int, default=1,
                         help="rows of the timed input for the latency cost model (1 = decode); 0 skips timing")
+    _bos_arg(select)
     _device_args(select)
-    select.add_argument("--out", type=Path, default=Path("glowq-select") / "selective")
+    select.add_argument("--out", type=Path, default=Path("glowq-select") / "selective",
+                        help="path stem of the JSON, markdown and PNG written")
     select.set_defaults(func=_select)
 
-    groups = sub.add_parser("groups", help="print the input-sharing groups found in a model's graph")
-    groups.add_argument("model", help="smollm2, a transformers model type (llama, gpt2, ...) or a local model directory")
+    groups = sub.add_parser("groups", formatter_class=defaults, help="print the input-sharing groups found in a model's graph")
+    groups.add_argument("model", help="smollm2, a transformers model type (llama, gpt2, ...), a local model directory or "
+                                      "a .gguf file")
     groups.add_argument("--layers", type=int, default=2,
                         help="layers to build (default 2: the groups repeat per layer)")
     groups.add_argument("--all-layers", dest="layers", action="store_const", const=None,
                         help="build every layer of the config")
-    groups.add_argument("--min-out-features", type=int, default=GlowQConfig.min_out_features)
+    groups.add_argument("--min-out-features", type=int, default=GlowQConfig.min_out_features,
+                        help="linears with fewer outputs (routers, gates) stay in floating point")
     groups.add_argument("--exclude", action="append", default=[], help="regex of modules to leave out (repeatable)")
-    groups.add_argument("--quantize-output-head", action="store_true")
+    groups.add_argument("--quantize-output-head", action="store_true", help="count the output head as a group")
     groups.set_defaults(func=_groups)
     args = parser.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])  # for the command line written with results

@@ -170,6 +170,11 @@ def load_model(name_or_path: str = SMOLLM2, *, dtype: torch.dtype = torch.float3
     where = resolve_model(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(where)
+    except (ValueError, OSError) as exc:
+        raise ValueError(f"cannot load the tokenizer of {name_or_path!r} ({str(exc).splitlines()[0]}): the directory "
+                         "needs its tokenizer files (tokenizer.json, or the slow tokenizer's files); save them with "
+                         "tokenizer.save_pretrained") from None
+    try:
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
     except OSError as exc:
         raise ValueError(f"cannot load model {name_or_path!r}: {exc}\nUse {', '.join(BUILTIN_MODELS)!r}, a local "

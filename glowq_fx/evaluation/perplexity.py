@@ -8,6 +8,10 @@ tokens ``< t`` of its window. Perplexity is ``exp`` of the token-weighted mean n
 log-likelihood over every predicted token: a window of ``L`` tokens contributes ``L - 1``.
 The GPTQ reference drops the partial window and weights windows equally, which is the same thing
 when every window is full.
+
+With a ``bos`` token (``data.batches.bos_token``: by default when the tokenizer adds one, as
+lm-eval does) each window is that token followed by ``seq_len - 1`` text tokens, and every text
+token is predicted, the first one from the BOS; the papers' protocol is ``bos=None``.
 """
 from __future__ import annotations
 
@@ -20,8 +24,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 
-def windows(tokens: Tensor, seq_len: int, max_tokens: int | None = None) -> list[Tensor]:
-    """Non-overlapping windows of ``seq_len`` tokens, the last partial one included.
+def windows(tokens: Tensor, seq_len: int, max_tokens: int | None = None, bos: int | None = None) -> list[Tensor]:
+    """Non-overlapping windows of ``seq_len`` tokens, the last partial one included; with a
+    ``bos`` token id each is that token and ``seq_len - 1`` text tokens.
 
     ``max_tokens`` keeps a prefix of the stream first (a cheaper, still deterministic estimate).
     """
@@ -33,8 +38,11 @@ def windows(tokens: Tensor, seq_len: int, max_tokens: int | None = None) -> list
         if max_tokens < 2:
             raise ValueError(f"max_tokens must be at least 2, got {max_tokens}")
         tokens = tokens[:max_tokens]
-    pieces = list(tokens.split(seq_len))
-    return [w for w in pieces if w.numel() >= 2]  # a 1-token tail predicts nothing
+    if bos is None:
+        pieces = list(tokens.split(seq_len))
+        return [w for w in pieces if w.numel() >= 2]  # a 1-token tail predicts nothing
+    start = tokens.new_full((1,), bos)
+    return [torch.cat([start, w]) for w in tokens.split(seq_len - 1)]
 
 
 @dataclass
@@ -45,6 +53,7 @@ class PerplexityResult:
     n_windows: int
     seq_len: int
     time_s: float
+    bos: int | None = None  # the token each window started with (None: the papers' protocol)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -78,16 +87,18 @@ def window_nll(model: nn.Module, batch: Tensor) -> Tensor:
 
 
 def perplexity(model: nn.Module, tokens: Tensor, seq_len: int = 2048, *, batch_size: int = 1,
-               max_tokens: int | None = None, progress: bool = True, desc: str = "perplexity") -> PerplexityResult:
+               max_tokens: int | None = None, progress: bool = True, desc: str = "perplexity",
+               bos: int | None = None) -> PerplexityResult:
     """Perplexity of ``model`` (a causal LM returning ``.logits``) on the token stream ``tokens``.
 
-    Full windows are batched ``batch_size`` at a time; the partial last window runs alone.
+    Full windows are batched ``batch_size`` at a time; the partial last window runs alone. With
+    a ``bos`` token id every window starts with it (module docstring).
     """
     from tqdm.auto import tqdm
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    pieces = windows(tokens, seq_len, max_tokens)
+    pieces = windows(tokens, seq_len, max_tokens, bos)
     if not pieces:
         raise ValueError("the token stream is shorter than 2 tokens: nothing to score")
     device = _model_device(model)
@@ -109,4 +120,4 @@ def perplexity(model: nn.Module, tokens: Tensor, seq_len: int = 2048, *, batch_s
     mean = total / count
     if not math.isfinite(mean):
         raise ValueError(f"the model's loss is not finite ({mean}); check its dtype and weights")
-    return PerplexityResult(math.exp(mean), mean, count, len(pieces), seq_len, time.perf_counter() - t0)
+    return PerplexityResult(math.exp(mean), mean, count, len(pieces), seq_len, time.perf_counter() - t0, bos)

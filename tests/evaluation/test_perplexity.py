@@ -54,6 +54,23 @@ def test_perplexity_is_the_token_weighted_mean_over_windows(model):
         assert r.perplexity == pytest.approx(expected, rel=1e-9)
 
 
+def test_with_a_bos_every_window_starts_with_it_and_every_text_token_is_scored(model):
+    tokens = _stream(301)
+    seq, bos = 64, 127
+    pieces = windows(tokens, seq, bos=bos)
+    assert [p.numel() for p in pieces] == [64] * 4 + [50] and all(p[0] == bos for p in pieces)
+    assert torch.equal(torch.cat([p[1:] for p in pieces]), tokens)
+    assert windows(_stream(64), seq, bos=bos)[-1].tolist()[0] == bos and len(windows(_stream(64), seq, bos=bos)) == 2
+    total = 0.0
+    with torch.no_grad():
+        for w in pieces:
+            logp = torch.log_softmax(model(input_ids=w[None]).logits[0], -1)
+            total -= logp[torch.arange(w.numel() - 1), w[1:]].sum().item()
+    r = perplexity(model, tokens, seq, batch_size=2, progress=False, bos=bos)
+    assert r.n_tokens == 301 and r.bos == bos and r.n_windows == 5
+    assert r.perplexity == pytest.approx(math.exp(total / 301), rel=1e-9)
+
+
 class _Uniform(nn.Module):
     """A causal LM that knows nothing: equal logits for every token."""
 
