@@ -16,10 +16,13 @@ from glowq_fx.backend import glowq_backend
 from glowq_fx.calibration.calibrate import Calibration, calibrate
 from glowq_fx.capture.groups import GroupDiscovery, find_groups
 from glowq_fx.checkpoint import load_quantized, save_quantized
+from glowq_fx.checkpoint.transformers import register as _register_with_transformers
 from glowq_fx.config import GlowQConfig
 from glowq_fx.errors import GlowQWarning
 from glowq_fx.quantize import quantize_
 from glowq_fx.report import QuantizationReport
+
+_register_with_transformers()  # from_pretrained reads glowq checkpoints once the package is imported
 
 __all__ = ["Calibration", "GlowQConfig", "GlowQWarning", "GroupDiscovery", "QuantizationReport", "__version__",
            "calibrate", "find_groups", "glowq_backend", "load_quantized", "quantize_", "save_quantized"]

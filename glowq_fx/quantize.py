@@ -378,6 +378,9 @@ def quantize_(
                                     batches, progress)
         embeddings = quantize_embeddings(model, tables, config, dict(skipped))
     how = {**how, "windows_start_with_bos": starts_with_bos(model, batches)}
+    from glowq_fx.checkpoint.transformers import attach  # transformers' save_pretrained then writes our format
+
+    attach(model, config.to_dict())
     return QuantizationReport(config, report_rows, dict(skipped), list(breaks), len(batches), n_tokens,
                               time.perf_counter() - t0, selection, how, embeddings,
                               (bytes_before, model_bytes(model)))

@@ -57,16 +57,8 @@ def _versions() -> dict[str, str]:
 
 def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Keep one key per shared storage (safetensors stores no aliases); return the aliases."""
-    kept: dict[tuple, str] = {}
-    tensors, aliases = {}, {}
-    for key, t in state.items():
-        ident = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
-        if ident in kept:
-            aliases[key] = kept[ident]
-        else:
-            kept[ident] = key
-            tensors[key] = t.detach().contiguous()
-    return tensors, aliases
+    aliases = _dedupe_keys(state)
+    return {k: t.detach().contiguous() for k, t in state.items() if k not in aliases}, aliases
 
 
 def _projection_key(model: nn.Module, projection: SharedProjection) -> str:
@@ -79,6 +71,50 @@ def _projection_key(model: nn.Module, projection: SharedProjection) -> str:
 
 def _under(key: str, prefix: str | None) -> bool:
     return prefix is None or key == prefix or key.startswith(prefix + ".")
+
+
+def describe(model: nn.Module, prefix: str | None = None) -> dict:
+    """The quantized modules of ``model`` under the module ``prefix`` (None: all): each quantized
+    linear (shape, group size, rank, bias, the projection it reads), each projection (members,
+    state-dict key) and each quantized embedding table (bits, shape, the head sharing it)."""
+    linears, projections, embeddings = {}, {}, {}
+    for name, m in model.named_modules():
+        if not _under(name, prefix):
+            continue
+        if isinstance(m, QuantizedLinear):
+            key = None
+            if m.projection is not None:
+                key = _projection_key(model, m.projection)
+                projections.setdefault(key, {"key": key, "members": list(m.projection.members),
+                                             "rank": m.projection.rank, "in_features": m.projection.in_features})
+            linears[name] = {"in_features": m.in_features, "out_features": m.out_features, "group_size": m.group_size,
+                             "rank": m.rank, "bias": m.bias is not None, "projection": key}
+        elif isinstance(m, QuantizedEmbedding):
+            heads = [n for n, h in model.named_modules() if isinstance(h, QuantizedLinear) and h.qweight is m.qweight]
+            embeddings[name] = {"bits": m.bits, "num_embeddings": m.num_embeddings, "embedding_dim": m.embedding_dim,
+                                "tied_head": heads[0] if heads else None}
+    return {"linears": linears, "projections": list(projections.values()), "embeddings": embeddings}
+
+
+def hf_quantization_config(model: nn.Module, config: GlowQConfig | None) -> dict:
+    """The ``quantization_config`` entry of a glowq checkpoint's ``config.json``: the method, the
+    format version, the ``GlowQConfig`` and the model's quantized modules (``describe``) with the
+    state-dict keys that alias another (tied tables), so the checkpoint describes itself even when
+    transformers' ``save_pretrained`` wrote it (without ``glowq.json``)."""
+    return {"quant_method": "glowq", "format_version": FORMAT_VERSION,
+            "config": None if config is None else config.to_dict(), **describe(model),
+            "aliases": _dedupe_keys(model.state_dict())}
+
+
+def _dedupe_keys(state: dict[str, torch.Tensor]) -> dict[str, str]:
+    kept, aliases = {}, {}
+    for key, t in state.items():
+        ident = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if ident in kept:
+            aliases[key] = kept[ident]
+        else:
+            kept[ident] = key
+    return aliases
 
 
 class CheckpointWriter:
@@ -101,24 +137,15 @@ class CheckpointWriter:
         self._written: set[str] = set()
 
     def add(self, model: nn.Module, prefix: str | None = None) -> None:
-        """The quantized linears' records and the tensors of ``model`` under the module ``prefix``
+        """The quantized modules' records and the tensors of ``model`` under the module ``prefix``
         (None: everything not written yet)."""
-        for name, m in model.named_modules():
-            if not isinstance(m, QuantizedLinear) or not _under(name, prefix) or name in self.records:
-                continue
-            key = None
-            if m.projection is not None:
-                key = _projection_key(model, m.projection)
-                self._projections.setdefault(key, {"key": key, "members": list(m.projection.members),
-                                                   "rank": m.projection.rank, "in_features": m.projection.in_features})
-            self.records[name] = {"in_features": m.in_features, "out_features": m.out_features,
-                                  "group_size": m.group_size, "rank": m.rank, "bias": m.bias is not None,
-                                  "projection": key}
-        for name, m in model.named_modules():
-            if isinstance(m, QuantizedEmbedding) and _under(name, prefix) and name not in self.embeddings:
-                heads = [n for n, h in model.named_modules() if isinstance(h, QuantizedLinear) and h.qweight is m.qweight]
-                self.embeddings[name] = {"bits": m.bits, "num_embeddings": m.num_embeddings,
-                                         "embedding_dim": m.embedding_dim, "tied_head": heads[0] if heads else None}
+        found = describe(model, prefix)
+        for name, rec in found["linears"].items():
+            self.records.setdefault(name, rec)
+        for rec in found["projections"]:
+            self._projections.setdefault(rec["key"], rec)
+        for name, rec in found["embeddings"].items():
+            self.embeddings.setdefault(name, rec)
         state = {k: v for k, v in model.state_dict().items() if _under(k, prefix) and k not in self._written}
         tensors, aliases = _dedupe(state)
         self._shards.add(tensors)
@@ -132,9 +159,21 @@ class CheckpointWriter:
             raise CheckpointError("the model has no QuantizedLinear modules: quantize it with glowq_fx.quantize_ "
                                   "first (a floating-point model is saved with save_pretrained)")
         shards = self._shards.close()
+        if config is None and report is not None:
+            config = report.config
         model_config = getattr(model, "config", None)
         if model_config is not None and hasattr(model_config, "save_pretrained"):
-            model_config.save_pretrained(self.directory)
+            # transformers' from_pretrained finds the glowq loader by this entry (checkpoint.transformers)
+            qconfig = hf_quantization_config(model, config)
+            saved = getattr(model_config, "quantization_config", None)
+            model_config.quantization_config = qconfig
+            try:
+                model_config.save_pretrained(self.directory)
+            finally:
+                if saved is None:
+                    del model_config.quantization_config
+                else:
+                    model_config.quantization_config = saved
         if tokenizer is not None:
             tokenizer.save_pretrained(self.directory)
         if config is None and report is not None:
@@ -339,28 +378,66 @@ def _empty_quantized(name: str, rec: dict, header: dict, projection: SharedProje
                            empty(f"{name}.A") if rec["projection"] else None, projection)
 
 
-def load_quantized(directory: str | Path, model: nn.Module | None = None, *,
-                   device: str | torch.device = "cpu") -> nn.Module:
-    """The quantized model saved in ``directory``, in eval mode on ``device``.
-
-    Args:
-        directory: written by ``save_quantized``.
-        model: the unquantized architecture to load into (its weights are replaced; it must have
-            the checkpoint's dtype). Default: rebuilt from ``config.json`` (transformers models).
-        device: where the tensors go.
-    """
+def read_checked(directory: str | Path) -> tuple[dict, list[dict], dict]:
+    """``(glowq.json, its shard records, every tensor's (shape, dtype) by key)`` of a checkpoint,
+    after checking every shard's size and checksum (``CheckpointError`` naming what is wrong)."""
     directory = Path(directory)
-    meta = read_metadata(directory)
-    shards = _shards(meta)
-    check_shards(directory, shards, META_FILE)
+    if not (directory / META_FILE).is_file() and _config_description(directory) is not None:
+        meta, shards = _meta_from_config(directory)  # written by save_pretrained: no checksums to check
+    else:
+        meta = read_metadata(directory)
+        shards = _shards(meta)
+        check_shards(directory, shards, META_FILE)
     header = read_headers(directory, shards)
     # a tensor stored once under one key (tied tables) is described under each of its keys
     header.update({alias: header[target] for alias, target in meta["aliases"].items() if target in header})
     if not meta["linears"] or f"{next(iter(meta['linears']))}.scales" not in header:
         raise CheckpointError(f"the shards in {directory} do not hold the quantized linears that {META_FILE} lists")
-    if model is None:
-        model = _build_model(directory, meta, _file_dtype(header, meta))
-    elif any(isinstance(m, QuantizedLinear) for m in model.modules()):
+    return meta, shards, header
+
+
+def _config_description(directory: Path) -> dict | None:
+    """The glowq ``quantization_config`` of ``directory/config.json`` when it holds one."""
+    path = directory / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        entry = json.loads(path.read_text()).get("quantization_config")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None
+    return entry if isinstance(entry, dict) and entry.get("quant_method") == "glowq" and "linears" in entry else None
+
+
+def _meta_from_config(directory: Path) -> tuple[dict, list[dict]]:
+    """A checkpoint description from ``config.json`` alone, and its shards from the index (or the
+    one ``model.safetensors``): what transformers' ``save_pretrained`` writes."""
+    entry = _config_description(directory)
+    if entry.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{directory}/config.json has glowq format version {entry['format_version']}, newer "
+                              f"than this glowq-fx reads ({FORMAT_VERSION}); upgrade glowq-fx")
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (directory / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise CheckpointError(f"{directory} has neither model.safetensors nor model.safetensors.index.json")
+    missing = [f for f in files if not (directory / f).is_file()]
+    if missing:
+        raise CheckpointError(f"{directory / missing[0]} is missing: {len(files)} shard(s) are listed in the index, "
+                              "nothing was loaded")
+    meta = {"format": FORMAT, "format_version": entry.get("format_version", FORMAT_VERSION), "config": entry.get("config"),
+            "linears": entry["linears"], "projections": entry.get("projections", []),
+            "embeddings": entry.get("embeddings", {}), "aliases": entry.get("aliases", {}),
+            "model_class": (json.loads((directory / "config.json").read_text()).get("architectures") or ["?"])[0],
+            "tensors": {"shards": [{"file": f} for f in files]}}
+    return meta, meta["tensors"]["shards"]
+
+
+def install_quantized(model: nn.Module, meta: dict, header: dict, device: str | torch.device) -> None:
+    """Check ``model`` against the checkpoint (``_plan``), then swap in its quantized modules with
+    empty tensors of the recorded shapes and dtypes on ``device`` (the loader fills them)."""
+    if any(isinstance(m, QuantizedLinear) for m in model.modules()):
         raise CheckpointError("pass the unquantized model to load into; this one already has QuantizedLinear modules")
     _plan(model, meta, header)
     # Everything is checked: from here on the model changes.
@@ -377,14 +454,40 @@ def load_quantized(directory: str | Path, model: nn.Module | None = None, *,
         table = empty_quantized_embedding(model.get_submodule(name), rec["bits"],
                                           {k: header[f"{name}.{k}"] for k in ("qweight", "scales", "zeros")}, device)
         replace_module(model, name, table)
-        if rec["tied_head"] is not None:  # one table for both, as when quantized
-            head = model.get_submodule(rec["tied_head"])
+    tie_tables(model, meta)
+
+
+def tie_tables(model: nn.Module, meta: dict) -> None:
+    """A quantized table shared with the output head is one set of tensors, as when quantized."""
+    for name, rec in meta.get("embeddings", {}).items():
+        if rec["tied_head"] is not None:
+            table, head = model.get_submodule(name), model.get_submodule(rec["tied_head"])
             head.qweight, head.scales, head.zeros = table.qweight, table.scales, table.zeros
+
+
+def load_quantized(directory: str | Path, model: nn.Module | None = None, *,
+                   device: str | torch.device = "cpu") -> nn.Module:
+    """The quantized model saved in ``directory``, in eval mode on ``device``.
+
+    Args:
+        directory: written by ``save_quantized``.
+        model: the unquantized architecture to load into (its weights are replaced; it must have
+            the checkpoint's dtype). Default: rebuilt from ``config.json`` (transformers models).
+        device: where the tensors go.
+    """
+    directory = Path(directory)
+    meta, shards, header = read_checked(directory)
+    if model is None:
+        model = _build_model(directory, meta, _file_dtype(header, meta))
+    install_quantized(model, meta, header, device)
     materialize(model, device)  # what is left on meta (a rebuilt model's float tensors), empty
     model.to(device)
     for tensors in iter_shards(directory, shards, device):  # one shard's tensors at a time
         tensors.update({alias: tensors[target] for alias, target in meta["aliases"].items() if target in tensors})
         model.load_state_dict(tensors, strict=False)  # _plan checked that the shards cover the state exactly
+    from glowq_fx.checkpoint.transformers import attach
+
+    attach(model, meta.get("config"))
     return model.eval()
 
 

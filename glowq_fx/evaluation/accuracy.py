@@ -17,6 +17,7 @@ from glowq_fx._console import format_table
 from glowq_fx.config import GlowQConfig
 from glowq_fx.evaluation.perplexity import perplexity
 from glowq_fx.calibration.calibrate import Calibration
+from glowq_fx.modules.linear import QuantizedLinear
 from glowq_fx.quantize import quantize_
 from passes.groups import InputGroup
 
@@ -97,8 +98,9 @@ def compare_methods(model: nn.Module, tokens: Tensor, calibrated: Calibration | 
             t0 = time.perf_counter()
             report = quantize_(subject, calibrated, cfg, progress=False)
             elapsed = time.perf_counter() - t0
-            element = next(subject.parameters()).element_size()
-            fbytes = report.total("factor_bytes") * FP16_BYTES // element
+            factors = [m.A for m in subject.modules() if isinstance(m, QuantizedLinear) and m.A is not None]
+            element = factors[0].element_size() if factors else FP16_BYTES
+            fbytes = report.total("factor_bytes") * FP16_BYTES // element  # as fp16, whatever they are stored in
         result = perplexity(subject, tokens, seq_len, batch_size=batch_size, max_tokens=max_tokens,
                             progress=progress, desc=spec.label)
         rows.append(AccuracyRow(spec.label, "reference" if cfg is None else cfg.method,

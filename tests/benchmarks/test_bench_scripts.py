@@ -91,3 +91,13 @@ def test_blockwise_memory_benchmark_measures_both_modes_in_child_processes(tmp_p
     table = (tmp_path / "mem.md").read_text()
     assert "| 2 |" in table and "correction solve" in table
 
+
+
+def test_calibration_logits_benchmark_compares_computed_and_spared_logits(tmp_path):
+    bench = _load("bench_calibration_logits")
+    assert bench.main(["--tiny", "--layers", "2", "--samples", "8", "--tokens", "32", "--out", str(tmp_path / "l")]) == 0
+    results = __import__("json").loads((tmp_path / "l.json").read_text())
+    assert {(r["calibration"], r["spare_logits"]) for r in results["rows"]} == {
+        (c, s) for c in ("blocks", "model") for s in (False, True)}
+    assert all(r["added_mib"] > 0 for r in results["rows"])
+    assert "| model |" in (tmp_path / "l.md").read_text()

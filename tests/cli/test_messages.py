@@ -150,3 +150,16 @@ def test_help_shows_the_defaults(capsys):
             main([command, "--help"])
         out = capsys.readouterr().out
         assert all(d in out for d in defaults), (command, out)
+
+
+def test_the_smollm2_gguf_quantizes_end_to_end_from_its_file(tmp_path, capsys):
+    """The packaged SmolLM2 GGUF given as a file path: the generic GGUF path, not the built-in name."""
+    from glowq_fx.data.models import smollm2_gguf
+    from tests_helpers import or_skip
+
+    path = or_skip(smollm2_gguf)
+    assert main(["quantize", str(path), "--out", str(tmp_path / "q"), "--calib-samples", "1", "--calib-len", "32",
+                 "--group-size", "64", "--rank", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "210 linears in 120 groups" in out and "whole model" in out
+    assert (tmp_path / "q" / "glowq.json").is_file() and (tmp_path / "q" / "tokenizer.json").is_file()

@@ -1,0 +1,112 @@
+"""checkpoint.transformers: a glowq checkpoint is a transformers checkpoint. from_pretrained loads
+what save_quantized wrote, bit for bit as load_quantized; save_pretrained of a quantized model
+writes what both loaders read; bad checkpoints are refused with the problem named."""
+import json
+import shutil
+
+import pytest
+import torch
+import transformers as T
+
+import glowq_fx
+from glowq_fx import GlowQConfig, load_quantized, quantize_, save_quantized
+from glowq_fx.checkpoint.shards import CheckpointError
+from glowq_fx.modules import QuantizedLinear
+from tests_helpers import tiny_llama_config, token_batches
+
+
+def _quantized(tied=False, **config):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = T.LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=tied)).eval()
+    report = quantize_(model, token_batches(), GlowQConfig(group_size=32, rank=8, **config), progress=False)
+    return model, report
+
+
+def _same(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sorted(sa) == sorted(sb)
+    assert all(torch.equal(sa[k], sb[k]) and sa[k].dtype == sb[k].dtype for k in sa)
+    ids = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.equal(a(input_ids=ids).logits, b(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("config", [{}, {"quantize_output_head": True, "embedding_bits": 4}, {"method": "qera"}])
+def test_from_pretrained_loads_what_save_quantized_wrote(tmp_path, config):
+    tied = "embedding_bits" in config
+    model, report = _quantized(tied=tied, **config)
+    save_quantized(model, tmp_path, report=report, max_shard_size="60KB")
+    assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["quant_method"] == "glowq"
+    ours = load_quantized(tmp_path)
+    theirs = T.AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert isinstance(theirs.model.layers[1].mlp.down_proj, QuantizedLinear)
+    _same(ours, theirs)
+    _same(ours, model)
+    if tied:
+        assert theirs.lm_head.qweight is theirs.model.embed_tokens.qweight
+
+
+def test_save_pretrained_writes_what_both_loaders_read(tmp_path):
+    model, _ = _quantized()
+    model.save_pretrained(tmp_path / "a", max_shard_size="60KB")  # transformers' own sharded writer
+    assert not (tmp_path / "a" / "glowq.json").exists()
+    _same(load_quantized(tmp_path / "a"), model)
+    loaded = T.AutoModelForCausalLM.from_pretrained(tmp_path / "a")
+    _same(loaded, model)
+    loaded.save_pretrained(tmp_path / "b")  # and again, from the loaded model
+    _same(load_quantized(tmp_path / "b"), model)
+
+
+def test_the_loaded_model_compiles_with_the_glowq_backend(tmp_path):
+    model, report = _quantized()
+    save_quantized(model, tmp_path, report=report)
+    loaded = T.AutoModelForCausalLM.from_pretrained(tmp_path)
+    ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(1))
+    compiled = torch.compile(loaded, backend=glowq_fx.glowq_backend)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(input_ids=ids).logits, loaded(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_checkpoints_are_refused_by_from_pretrained(tmp_path):
+    model, report = _quantized()
+    save_quantized(model, tmp_path / "ok", report=report, max_shard_size="60KB")
+
+    def copy(name):
+        shutil.copytree(tmp_path / "ok", tmp_path / name)
+        return tmp_path / name
+
+    newer = copy("newer")
+    cfg = json.loads((newer / "config.json").read_text())
+    cfg["quantization_config"]["format_version"] = 99
+    (newer / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="newer than this glowq-fx reads"):
+        T.AutoModelForCausalLM.from_pretrained(newer)
+
+    edited = copy("edited")
+    cfg = json.loads((edited / "config.json").read_text())
+    cfg["quantization_config"]["linears"]["model.layers.0.mlp.down_proj"]["rank"] = 3
+    (edited / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="disagrees with its glowq.json on linears"):
+        T.AutoModelForCausalLM.from_pretrained(edited)
+
+    missing = copy("missing")
+    next(missing.glob("model-00002-of-*.safetensors")).unlink()
+    with pytest.raises((CheckpointError, OSError), match="missing|model-00002"):
+        T.AutoModelForCausalLM.from_pretrained(missing)
+
+
+def test_registration_is_idempotent_and_refuses_a_foreign_glowq():
+    from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
+
+    from glowq_fx.checkpoint.transformers import register
+
+    register()
+    register()
+    saved = AUTO_QUANTIZER_MAPPING["glowq"]
+    AUTO_QUANTIZER_MAPPING["glowq"] = type("Other", (), {})
+    try:
+        with pytest.raises(RuntimeError, match="already has a quantization method 'glowq'"):
+            register()
+    finally:
+        AUTO_QUANTIZER_MAPPING["glowq"] = saved
