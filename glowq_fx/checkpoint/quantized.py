@@ -248,7 +248,7 @@ def _build_model(directory: Path, meta: dict, dtype: torch.dtype) -> nn.Module:
                               "model yourself and call load_quantized(directory, model)") from None
 
 
-def _file_dtype(header: dict[str, tuple[tuple[int, ...], torch.dtype]], meta: dict) -> torch.dtype:
+def file_dtype(header: dict[str, tuple[tuple[int, ...], torch.dtype]], meta: dict) -> torch.dtype:
     """The dtype of the model's floating tensors: that of the first quantized linear's scales."""
     name = next(iter(meta["linears"]))
     return header[f"{name}.scales"][1]
@@ -478,7 +478,7 @@ def load_quantized(directory: str | Path, model: nn.Module | None = None, *,
     directory = Path(directory)
     meta, shards, header = read_checked(directory)
     if model is None:
-        model = _build_model(directory, meta, _file_dtype(header, meta))
+        model = _build_model(directory, meta, file_dtype(header, meta))
     install_quantized(model, meta, header, device)
     materialize(model, device)  # what is left on meta (a rebuilt model's float tensors), empty
     model.to(device)

@@ -22,8 +22,8 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from glowq_fx.checkpoint.quantized import (FORMAT_VERSION, META_FILE, hf_quantization_config, install_quantized,
-                                           read_checked, tie_tables)
+from glowq_fx.checkpoint.quantized import (FORMAT_VERSION, META_FILE, file_dtype, hf_quantization_config,
+                                           install_quantized, read_checked, tie_tables)
 from glowq_fx.checkpoint.shards import CheckpointError
 
 QUANT_METHOD = "glowq"
@@ -86,6 +86,12 @@ class GlowQHfQuantizer(HfQuantizer):
             raise CheckpointError(f"{directory}/config.json's quantization_config disagrees with its {META_FILE} on "
                                   f"{', '.join(disagree)} (one of them was edited or replaced); write the checkpoint "
                                   "again with save_quantized or save_pretrained")
+        stored = file_dtype(header, meta)
+        built = next((p.dtype for p in model.parameters() if p.is_floating_point()), stored)
+        if built != stored:
+            raise CheckpointError(f"{directory} was quantized in {stored} and is asked for in {built}: load it with "
+                                  f"from_pretrained(..., dtype={stored}) or dtype='auto' (casting its scales would "
+                                  "change the quantized weights)")
         install_quantized(model, meta, header, "meta")
         _untie_quantized(model, meta)
         self._meta = meta

@@ -90,6 +90,12 @@ def test_bad_checkpoints_are_refused_by_from_pretrained(tmp_path):
     with pytest.raises(CheckpointError, match="disagrees with its glowq.json on linears"):
         T.AutoModelForCausalLM.from_pretrained(edited)
 
+    with pytest.raises(CheckpointError, match=r"quantized in torch.float32 and is asked for in torch.bfloat16: load it "
+                                              r"with from_pretrained\(\.\.\., dtype=torch.float32\)"):
+        T.AutoModelForCausalLM.from_pretrained(tmp_path / "ok", dtype=torch.bfloat16)
+    loaded = T.AutoModelForCausalLM.from_pretrained(tmp_path / "ok", device_map="cpu")  # a device map is honoured
+    assert loaded.model.layers[0].mlp.up_proj.qweight.device.type == "cpu"
+
     missing = copy("missing")
     next(missing.glob("model-00002-of-*.safetensors")).unlink()
     with pytest.raises((CheckpointError, OSError), match="missing|model-00002"):
