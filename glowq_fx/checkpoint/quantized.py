@@ -492,4 +492,6 @@ def load_quantized(directory: str | Path, model: nn.Module | None = None, *,
 
 
 def is_checkpoint(path: str | Path) -> bool:
-    return (Path(path) / META_FILE).is_file()
+    """A glowq checkpoint: written by ``save_quantized`` (``glowq.json``) or by transformers'
+    ``save_pretrained`` of a quantized model (``config.json`` describes it)."""
+    return (Path(path) / META_FILE).is_file() or _config_description(Path(path)) is not None

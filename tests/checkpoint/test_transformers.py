@@ -116,3 +116,22 @@ def test_registration_is_idempotent_and_refuses_a_foreign_glowq():
             register()
     finally:
         AUTO_QUANTIZER_MAPPING["glowq"] = saved
+
+
+def test_the_cli_reads_a_checkpoint_saved_either_way(tmp_path, capsys):
+    from glowq_fx.cli.main import main
+    from tests.cli.test_main import _tiny_model_dir
+
+    words = [f"w{i}" for i in range(60)]
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(words[i % 60] for i in range(2000)))
+    _tiny_model_dir(tmp_path / "float", words)
+    model = T.AutoModelForCausalLM.from_pretrained(tmp_path / "float")
+    tokenizer = T.AutoTokenizer.from_pretrained(tmp_path / "float")
+    quantize_(model, token_batches(vocab=61), GlowQConfig(group_size=32, rank=8), progress=False)
+    model.save_pretrained(tmp_path / "hf")
+    tokenizer.save_pretrained(tmp_path / "hf")
+    assert main(["eval", str(tmp_path / "hf"), "--text", str(text), "--seq-len", "64", "--max-tokens", "300"]) == 0
+    assert "quantized checkpoint" in capsys.readouterr().out
+    assert main(["bench", str(tmp_path / "hf"), "--tokens", "8", "--repeats", "1"]) == 0
+    assert "glowq_backend" in capsys.readouterr().out
