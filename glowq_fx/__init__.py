@@ -22,7 +22,11 @@ from glowq_fx.errors import GlowQWarning
 from glowq_fx.quantize import quantize_
 from glowq_fx.report import QuantizationReport
 
-_register_with_transformers()  # from_pretrained reads glowq checkpoints once the package is imported
+from glowq_fx.pretrained import GlowQOnLoadQuantizer as _OnLoad
+from glowq_fx.pretrained import GlowQQuantizer
 
-__all__ = ["Calibration", "GlowQConfig", "GlowQWarning", "GroupDiscovery", "QuantizationReport", "__version__",
+_register_with_transformers(_OnLoad)  # from_pretrained reads (and quantizes to) glowq once the package is imported
+
+__all__ = ["Calibration", "GlowQConfig", "GlowQQuantizer", "GlowQWarning", "GroupDiscovery", "QuantizationReport",
+           "__version__",
            "calibrate", "find_groups", "glowq_backend", "load_quantized", "quantize_", "save_quantized"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 CONFIG_VERSION = 1
 
@@ -89,6 +89,14 @@ class GlowQConfig:
             or ``"auto"``: the first that holds them in half of its measured free memory.
         offload_dir: the directory for ``activations="disk"`` (and the fallback of ``"auto"``).
 
+    Calibration data, when the config quantizes on load (``from_pretrained(float_dir,
+    quantization_config=GlowQConfig(dataset="news", tokenizer=...))``, like transformers' GPTQ
+    integration; ``quantize_`` takes its batches directly and ignores these):
+        dataset: a built-in text (``"news"``, ``"wikipedia"``), a text file, or a list of texts.
+        tokenizer: a tokenizer or the name/path ``AutoTokenizer`` reads (default: the model's own
+            directory).
+        n_samples, seq_len: calibration windows and tokens per window.
+
     Which linears are quantized (``passes.grouping.GroupFilter``):
         include: regular expressions (``re.search`` on the qualified module name); when
             non-empty only matching modules are quantized.
@@ -133,7 +141,12 @@ class GlowQConfig:
     block_inputs: str = "float"
     activations: str = "auto"
     offload_dir: str | None = None
+    dataset: str | list[str] | None = None
+    tokenizer: Any = None
+    n_samples: int = 32
+    seq_len: int = 512
     version: int = CONFIG_VERSION
+    quant_method: ClassVar[str] = "glowq"  # transformers' registry key (not a field)
 
     def __post_init__(self) -> None:
         _check_choice("bits", self.bits, BITS, "glowq-fx stores INT4 codes")
@@ -171,6 +184,12 @@ class GlowQConfig:
                 except (re.error, TypeError) as exc:
                     raise ValueError(f"{name} pattern {p!r} is not a regular expression: {exc}") from None
             setattr(self, name, patterns)
+        if self.dataset is not None and not isinstance(self.dataset, str) and not (
+                isinstance(self.dataset, (list, tuple)) and self.dataset and all(isinstance(t, str) for t in self.dataset)):
+            raise ValueError(f"dataset must be a text name, a file path or a non-empty list of texts, got {self.dataset!r}")
+        if not isinstance(self.n_samples, int) or self.n_samples < 1 or not isinstance(self.seq_len, int) \
+                or self.seq_len < 2:
+            raise ValueError(f"n_samples must be >= 1 and seq_len >= 2, got {self.n_samples!r}, {self.seq_len!r}")
         if not isinstance(self.min_out_features, int) or self.min_out_features < 1:
             raise ValueError(f"min_out_features must be a positive int, got {self.min_out_features!r}")
         sel = self.selective
@@ -189,10 +208,22 @@ class GlowQConfig:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["include"], out["exclude"] = list(self.include), list(self.exclude)
+        if out["tokenizer"] is not None and not isinstance(out["tokenizer"], str):  # an object: its name
+            out["tokenizer"] = getattr(out["tokenizer"], "name_or_path", type(out["tokenizer"]).__name__)
+        if isinstance(out["dataset"], tuple):
+            out["dataset"] = list(out["dataset"])
+        return out
+
+    def to_json_string(self, use_diff: bool = True) -> str:  # transformers logs a quantization_config this way
+        import json
+
+        return json.dumps({"quant_method": self.quant_method, **self.to_dict()}, indent=2) + "\n"
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "GlowQConfig":
+        data = {k: v for k, v in data.items() if k != "quant_method"}  # as transformers writes it
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

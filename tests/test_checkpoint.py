@@ -131,7 +131,10 @@ def test_missing_files(tmp_path):
     (tmp_path / TENSOR_FILE).unlink()
     with pytest.raises(CheckpointError, match="is missing"):
         load_quantized(tmp_path)
-    (tmp_path / META_FILE).unlink()
+    (tmp_path / META_FILE).unlink()  # config.json still describes it (save_pretrained's form): no tensors
+    with pytest.raises(CheckpointError, match="has neither model.safetensors nor model.safetensors.index.json"):
+        load_quantized(tmp_path)
+    (tmp_path / "config.json").unlink()
     with pytest.raises(CheckpointError, match="not a glowq-fx checkpoint"):
         load_quantized(tmp_path)
     with pytest.raises(CheckpointError, match="not a directory"):

@@ -31,17 +31,13 @@ import torch
 from torch import nn
 
 from glowq_fx._version import __version__
-from glowq_fx.checkpoint.shards import CheckpointError, ShardWriter, check_shards, iter_shards, read_headers
+from glowq_fx.checkpoint.format import (FORMAT, FORMAT_VERSION, META_FILE, _dedupe_keys, _under, describe, file_dtype,
+                                        hf_quantization_config, install_quantized, read_checked)
+from glowq_fx.checkpoint.shards import CheckpointError, ShardWriter, iter_shards
 from glowq_fx.config import GlowQConfig
 from glowq_fx.data.lazy_model import empty_model, materialize
-from glowq_fx.kernels.layout import PackedW4, packed_shapes
-from glowq_fx.modules.embedding import QuantizedEmbedding, empty_quantized_embedding
-from glowq_fx.modules.install import register_projection, replace_module
-from glowq_fx.modules.linear import QuantizedLinear, SharedProjection, linear_weight
+from glowq_fx.modules.linear import QuantizedLinear
 
-FORMAT = "glowq-fx"
-FORMAT_VERSION = 2  # 2: sharded tensors (tensors.shards); 1: one model.safetensors (tensors.file)
-META_FILE = "glowq.json"
 DEFAULT_MAX_SHARD_SIZE = "5GB"  # transformers' default
 
 def _versions() -> dict[str, str]:
@@ -59,62 +55,6 @@ def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
     """Keep one key per shared storage (safetensors stores no aliases); return the aliases."""
     aliases = _dedupe_keys(state)
     return {k: t.detach().contiguous() for k, t in state.items() if k not in aliases}, aliases
-
-
-def _projection_key(model: nn.Module, projection: SharedProjection) -> str:
-    for name, m in model.named_modules():
-        if m is projection:
-            return f"{name}.B"
-    raise CheckpointError(f"the projection of {list(projection.members)} is not registered in the model; "
-                          "was the model quantized with glowq_fx.quantize_?")
-
-
-def _under(key: str, prefix: str | None) -> bool:
-    return prefix is None or key == prefix or key.startswith(prefix + ".")
-
-
-def describe(model: nn.Module, prefix: str | None = None) -> dict:
-    """The quantized modules of ``model`` under the module ``prefix`` (None: all): each quantized
-    linear (shape, group size, rank, bias, the projection it reads), each projection (members,
-    state-dict key) and each quantized embedding table (bits, shape, the head sharing it)."""
-    linears, projections, embeddings = {}, {}, {}
-    for name, m in model.named_modules():
-        if not _under(name, prefix):
-            continue
-        if isinstance(m, QuantizedLinear):
-            key = None
-            if m.projection is not None:
-                key = _projection_key(model, m.projection)
-                projections.setdefault(key, {"key": key, "members": list(m.projection.members),
-                                             "rank": m.projection.rank, "in_features": m.projection.in_features})
-            linears[name] = {"in_features": m.in_features, "out_features": m.out_features, "group_size": m.group_size,
-                             "rank": m.rank, "bias": m.bias is not None, "projection": key}
-        elif isinstance(m, QuantizedEmbedding):
-            heads = [n for n, h in model.named_modules() if isinstance(h, QuantizedLinear) and h.qweight is m.qweight]
-            embeddings[name] = {"bits": m.bits, "num_embeddings": m.num_embeddings, "embedding_dim": m.embedding_dim,
-                                "tied_head": heads[0] if heads else None}
-    return {"linears": linears, "projections": list(projections.values()), "embeddings": embeddings}
-
-
-def hf_quantization_config(model: nn.Module, config: GlowQConfig | None) -> dict:
-    """The ``quantization_config`` entry of a glowq checkpoint's ``config.json``: the method, the
-    format version, the ``GlowQConfig`` and the model's quantized modules (``describe``) with the
-    state-dict keys that alias another (tied tables), so the checkpoint describes itself even when
-    transformers' ``save_pretrained`` wrote it (without ``glowq.json``)."""
-    return {"quant_method": "glowq", "format_version": FORMAT_VERSION,
-            "config": None if config is None else config.to_dict(), **describe(model),
-            "aliases": _dedupe_keys(model.state_dict())}
-
-
-def _dedupe_keys(state: dict[str, torch.Tensor]) -> dict[str, str]:
-    kept, aliases = {}, {}
-    for key, t in state.items():
-        ident = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
-        if ident in kept:
-            aliases[key] = kept[ident]
-        else:
-            kept[ident] = key
-    return aliases
 
 
 class CheckpointWriter:
@@ -204,33 +144,6 @@ def save_quantized(model: nn.Module, directory: str | Path, *, config: GlowQConf
     return CheckpointWriter(directory, max_shard_size).close(model, config=config, report=report, tokenizer=tokenizer)
 
 
-def read_metadata(directory: str | Path) -> dict:
-    """``glowq.json`` of a checkpoint, after checking it is one this version can read."""
-    path = Path(directory) / META_FILE
-    if not Path(directory).is_dir():
-        raise CheckpointError(f"{directory} is not a directory")
-    if not path.is_file():
-        raise CheckpointError(f"{directory} is not a glowq-fx checkpoint: {META_FILE} is missing "
-                              "(write one with glowq_fx.save_quantized or `glowq quantize --out`)")
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path} is corrupted: not valid JSON ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a glowq-fx checkpoint description (no format {FORMAT!r})")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{path} has format version {meta['format_version']}, newer than this glowq-fx "
-                              f"reads ({FORMAT_VERSION}); upgrade glowq-fx")
-    for field in ("linears", "projections", "aliases", "tensors"):
-        if field not in meta:
-            raise CheckpointError(f"{path} is incomplete: field {field!r} is missing")
-    tensors = meta["tensors"]
-    if not isinstance(tensors, dict) or not (isinstance(tensors.get("shards"), list) and tensors["shards"]
-                                             or {"file", "bytes", "sha256"} <= set(tensors)):
-        raise CheckpointError(f"{path} is incomplete: it lists no tensor files")
-    return meta
-
-
 def _build_model(directory: Path, meta: dict, dtype: torch.dtype) -> nn.Module:
     """The unquantized architecture without its weights (on meta: the float linears the quantized
     ones replace never take memory)."""
@@ -246,223 +159,6 @@ def _build_model(directory: Path, meta: dict, dtype: torch.dtype) -> nn.Module:
     except ValueError as exc:
         raise CheckpointError(f"cannot rebuild the model from {directory}/config.json: {exc}; build the unquantized "
                               "model yourself and call load_quantized(directory, model)") from None
-
-
-def file_dtype(header: dict[str, tuple[tuple[int, ...], torch.dtype]], meta: dict) -> torch.dtype:
-    """The dtype of the model's floating tensors: that of the first quantized linear's scales."""
-    name = next(iter(meta["linears"]))
-    return header[f"{name}.scales"][1]
-
-
-def _check_packed(name: str, rec: dict, header: dict) -> None:
-    """The packed tensors' shapes and dtypes agree with each other and the record (layout.py)."""
-    keys = [f"{name}.{s}" for s in ("qweight", "scales", "zeros")]
-    absent = [k for k in keys if k not in header]
-    if absent:
-        raise CheckpointError(f"the checkpoint does not match its description: missing tensors {absent}")
-    (qshape, qdtype), (sshape, sdtype), (zshape, zdtype) = (header[k] for k in keys)
-    N, K, g = rec["out_features"], rec["in_features"], rec["group_size"]
-    try:
-        q_expected, s_expected = packed_shapes(K, N, g)
-    except ValueError as exc:
-        raise CheckpointError(f"{name}: {exc} (the record is corrupted)") from None
-    if qdtype != torch.int32 or tuple(qshape) != q_expected:
-        raise CheckpointError(f"{name}.qweight is {qdtype} {tuple(qshape)}, expected int32 {q_expected} for "
-                              f"in_features {K} in groups of {g}")
-    for key, shape, dtype in ((keys[1], sshape, sdtype), (keys[2], zshape, zdtype)):
-        if tuple(shape) != s_expected or not dtype.is_floating_point:
-            raise CheckpointError(f"{key} is {dtype} {tuple(shape)}, expected a float {s_expected}")
-
-
-def _check_embedding(name: str, rec: dict, modules: dict, header: dict, linears: dict) -> None:
-    """A quantized table's record agrees with the model and its tensors (``modules.embedding``)."""
-    module = modules.get(name)
-    if not isinstance(module, nn.Embedding):
-        raise CheckpointError(f"the checkpoint quantized the embedding {name}, which this model "
-                              f"{'does not have' if module is None else f'has as a {type(module).__name__}'}")
-    V, D, bits = rec["num_embeddings"], rec["embedding_dim"], rec["bits"]
-    if (module.num_embeddings, module.embedding_dim) != (V, D):
-        raise CheckpointError(f"{name}: the model's table is {module.num_embeddings} x {module.embedding_dim}, the "
-                              f"checkpoint's {V} x {D}; other model size")
-    keys = [f"{name}.{s}" for s in ("qweight", "scales", "zeros")]
-    absent = [k for k in keys if k not in header]
-    if absent:
-        raise CheckpointError(f"the checkpoint does not match its description: missing tensors {absent}")
-    (qshape, qdtype), (sshape, _), (zshape, _) = (header[k] for k in keys)
-    rows = qshape[0] * (8 if bits == 4 else 1)  # K_pad
-    code_dtype = torch.int32 if bits == 4 else torch.uint8
-    if (bits not in (4, 8) or qdtype != code_dtype or qshape[1] != V or rows < D or tuple(sshape) != tuple(zshape)
-            or sshape[1] != V or rows % sshape[0]):
-        raise CheckpointError(f"{name}: codes {qdtype} {tuple(qshape)} and scales {tuple(sshape)} are not a {bits}-bit "
-                              f"{V} x {D} table (the checkpoint is corrupted)")
-    head = rec.get("tied_head")
-    if head is not None and (head not in linears or (linears[head]["out_features"], linears[head]["in_features"])
-                             != (V, D) or bits != 4):
-        raise CheckpointError(f"{name}: its table is recorded as shared with the output head {head}, which the "
-                              f"checkpoint does not hold as a 4-bit {V} x {D} quantized linear (the description is "
-                              "corrupted)")
-
-
-def _plan(model: nn.Module, meta: dict, header: dict) -> None:
-    """Every check between the checkpoint and ``model``, before anything changes."""
-    modules = dict(model.named_modules())
-    state = model.state_dict()
-    expected: dict[str, tuple[int, ...] | None] = {}  # state key -> shape (None: checked by _check_packed)
-    replaced = set()  # the float linears' own tensors, which the quantized ones replace
-    for name, rec in meta["linears"].items():
-        module = modules.get(name)
-        if module is None:
-            raise CheckpointError(f"the checkpoint quantized {name}, which this model does not have: it was "
-                                  "written for another architecture")
-        W = linear_weight(module)
-        if W is None:
-            raise CheckpointError(f"{name} is a {type(module).__name__} in this model, the checkpoint holds a "
-                                  "quantized linear there")
-        N, K, r = rec["out_features"], rec["in_features"], rec["rank"]
-        if tuple(W.shape) != (N, K):
-            raise CheckpointError(f"{name}: the model's linear is {tuple(W.shape)} (out, in), the checkpoint's "
-                                  f"({N}, {K}); other model size")
-        if rec["bias"] != (getattr(module, "bias", None) is not None):
-            raise CheckpointError(f"{name}: bias {'missing in the model' if rec['bias'] else 'unexpected'}")
-        _check_packed(name, rec, header)
-        replaced.update((f"{name}.weight", f"{name}.bias"))
-        expected.update({f"{name}.{suffix}": None for suffix in ("qweight", "scales", "zeros")})
-        if rec["bias"]:
-            expected[f"{name}.bias"] = (N,)
-        if r:
-            expected[f"{name}.A"] = (N, r)
-    for p in meta["projections"]:
-        expected[p["key"]] = (p["rank"], p["in_features"])
-    for name, rec in meta.get("embeddings", {}).items():
-        _check_embedding(name, rec, modules, header, meta["linears"])
-        replaced.add(f"{name}.weight")
-        expected.update({f"{name}.{suffix}": None for suffix in ("qweight", "scales", "zeros")})
-    expected.update({key: tuple(t.shape) for key, t in state.items() if key not in replaced})
-    present = set(header) | set(meta["aliases"])
-    missing, unexpected = sorted(set(expected) - present), sorted(present - set(expected))
-    if missing or unexpected:
-        raise CheckpointError("the checkpoint does not match this model: "
-                              + (f"missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}; " if missing else "")
-                              + (f"unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}" if unexpected else ""))
-    for alias, target in meta["aliases"].items():
-        if target not in header:
-            raise CheckpointError(f"alias {alias} -> {target}, but the file has no {target}")
-    for key, shape in expected.items():
-        source = meta["aliases"].get(key, key)
-        file_shape, file_dtype = header[source]
-        if shape is not None and tuple(file_shape) != shape:
-            raise CheckpointError(f"{key}: the checkpoint holds shape {tuple(file_shape)}, the model needs {shape}")
-        if key in state and state[key].is_floating_point() and state[key].dtype != file_dtype:
-            raise CheckpointError(f"{key}: the checkpoint holds {file_dtype}, the model has {state[key].dtype}; "
-                                  f"build the model in {file_dtype} (loading would round)")
-
-
-def _shards(meta: dict) -> list[dict]:
-    """The shard records of any format version (version 1: one file)."""
-    tensors = meta["tensors"]
-    if "shards" in tensors:
-        return tensors["shards"]
-    return [{"file": tensors["file"], "bytes": tensors["bytes"], "sha256": tensors["sha256"]}]
-
-
-def _empty_quantized(name: str, rec: dict, header: dict, projection: SharedProjection | None,
-                     device) -> QuantizedLinear:
-    """A ``QuantizedLinear`` of the recorded shapes and dtypes, its tensors still to be read."""
-    def empty(key: str) -> torch.Tensor:
-        shape, dtype = header[key]
-        return torch.empty(shape, dtype=dtype, device=device)
-
-    packed = PackedW4(empty(f"{name}.qweight"), empty(f"{name}.scales"), empty(f"{name}.zeros"), rec["group_size"],
-                      rec["in_features"])
-    return QuantizedLinear(packed, empty(f"{name}.bias") if rec["bias"] else None,
-                           empty(f"{name}.A") if rec["projection"] else None, projection)
-
-
-def read_checked(directory: str | Path) -> tuple[dict, list[dict], dict]:
-    """``(glowq.json, its shard records, every tensor's (shape, dtype) by key)`` of a checkpoint,
-    after checking every shard's size and checksum (``CheckpointError`` naming what is wrong)."""
-    directory = Path(directory)
-    if not (directory / META_FILE).is_file() and _config_description(directory) is not None:
-        meta, shards = _meta_from_config(directory)  # written by save_pretrained: no checksums to check
-    else:
-        meta = read_metadata(directory)
-        shards = _shards(meta)
-        check_shards(directory, shards, META_FILE)
-    header = read_headers(directory, shards)
-    # a tensor stored once under one key (tied tables) is described under each of its keys
-    header.update({alias: header[target] for alias, target in meta["aliases"].items() if target in header})
-    if not meta["linears"] or f"{next(iter(meta['linears']))}.scales" not in header:
-        raise CheckpointError(f"the shards in {directory} do not hold the quantized linears that {META_FILE} lists")
-    return meta, shards, header
-
-
-def _config_description(directory: Path) -> dict | None:
-    """The glowq ``quantization_config`` of ``directory/config.json`` when it holds one."""
-    path = directory / "config.json"
-    if not path.is_file():
-        return None
-    try:
-        entry = json.loads(path.read_text()).get("quantization_config")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return None
-    return entry if isinstance(entry, dict) and entry.get("quant_method") == "glowq" and "linears" in entry else None
-
-
-def _meta_from_config(directory: Path) -> tuple[dict, list[dict]]:
-    """A checkpoint description from ``config.json`` alone, and its shards from the index (or the
-    one ``model.safetensors``): what transformers' ``save_pretrained`` writes."""
-    entry = _config_description(directory)
-    if entry.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{directory}/config.json has glowq format version {entry['format_version']}, newer "
-                              f"than this glowq-fx reads ({FORMAT_VERSION}); upgrade glowq-fx")
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (directory / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise CheckpointError(f"{directory} has neither model.safetensors nor model.safetensors.index.json")
-    missing = [f for f in files if not (directory / f).is_file()]
-    if missing:
-        raise CheckpointError(f"{directory / missing[0]} is missing: {len(files)} shard(s) are listed in the index, "
-                              "nothing was loaded")
-    meta = {"format": FORMAT, "format_version": entry.get("format_version", FORMAT_VERSION), "config": entry.get("config"),
-            "linears": entry["linears"], "projections": entry.get("projections", []),
-            "embeddings": entry.get("embeddings", {}), "aliases": entry.get("aliases", {}),
-            "model_class": (json.loads((directory / "config.json").read_text()).get("architectures") or ["?"])[0],
-            "tensors": {"shards": [{"file": f} for f in files]}}
-    return meta, meta["tensors"]["shards"]
-
-
-def install_quantized(model: nn.Module, meta: dict, header: dict, device: str | torch.device) -> None:
-    """Check ``model`` against the checkpoint (``_plan``), then swap in its quantized modules with
-    empty tensors of the recorded shapes and dtypes on ``device`` (the loader fills them)."""
-    if any(isinstance(m, QuantizedLinear) for m in model.modules()):
-        raise CheckpointError("pass the unquantized model to load into; this one already has QuantizedLinear modules")
-    _plan(model, meta, header)
-    # Everything is checked: from here on the model changes.
-    projections = {}
-    for p in meta["projections"]:
-        shape, dtype = header[p["key"]]
-        projection = SharedProjection(torch.empty(shape, dtype=dtype, device=device), tuple(p["members"]))
-        register_projection(model, projection)
-        projections[p["key"]] = projection
-    for name, rec in meta["linears"].items():
-        projection = projections.get(rec["projection"]) if rec["projection"] else None
-        replace_module(model, name, _empty_quantized(name, rec, header, projection, device))
-    for name, rec in meta.get("embeddings", {}).items():
-        table = empty_quantized_embedding(model.get_submodule(name), rec["bits"],
-                                          {k: header[f"{name}.{k}"] for k in ("qweight", "scales", "zeros")}, device)
-        replace_module(model, name, table)
-    tie_tables(model, meta)
-
-
-def tie_tables(model: nn.Module, meta: dict) -> None:
-    """A quantized table shared with the output head is one set of tensors, as when quantized."""
-    for name, rec in meta.get("embeddings", {}).items():
-        if rec["tied_head"] is not None:
-            table, head = model.get_submodule(name), model.get_submodule(rec["tied_head"])
-            head.qweight, head.scales, head.zeros = table.qweight, table.scales, table.zeros
 
 
 def load_quantized(directory: str | Path, model: nn.Module | None = None, *,
@@ -489,9 +185,3 @@ def load_quantized(directory: str | Path, model: nn.Module | None = None, *,
 
     attach(model, meta.get("config"))
     return model.eval()
-
-
-def is_checkpoint(path: str | Path) -> bool:
-    """A glowq checkpoint: written by ``save_quantized`` (``glowq.json``) or by transformers'
-    ``save_pretrained`` of a quantized model (``config.json`` describes it)."""
-    return (Path(path) / META_FILE).is_file() or _config_description(Path(path)) is not None

@@ -22,8 +22,8 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from glowq_fx.checkpoint.quantized import (FORMAT_VERSION, META_FILE, file_dtype, hf_quantization_config,
-                                           install_quantized, read_checked, tie_tables)
+from glowq_fx.checkpoint.format import (FORMAT_VERSION, META_FILE, file_dtype, hf_quantization_config,
+                                        install_quantized, read_checked, tie_tables)
 from glowq_fx.checkpoint.shards import CheckpointError
 
 QUANT_METHOD = "glowq"
@@ -64,7 +64,7 @@ class GlowQHfConfig(QuantizationConfigMixin):
 class GlowQHfQuantizer(HfQuantizer):
     """Loads a glowq-fx checkpoint inside ``from_pretrained`` (module docstring)."""
 
-    requires_calibration = True  # quantized by glowq_fx.quantize_, loaded here
+    requires_calibration = False  # loads a quantized checkpoint; glowq_fx.pretrained quantizes on load
 
     def __init__(self, quantization_config: GlowQHfConfig, **kwargs: Any):
         super().__init__(quantization_config, **kwargs)
@@ -102,7 +102,9 @@ class GlowQHfQuantizer(HfQuantizer):
         return model.eval()
 
     def get_state_dict_and_metadata(self, model):
-        self.quantization_config.refresh(model)  # save_pretrained writes config.json after this
+        described = getattr(model.config, "quantization_config", None)
+        if isinstance(described, GlowQHfConfig):
+            described.refresh(model)  # save_pretrained writes config.json after this
         return None, {}
 
     def get_new_dtype(self, converter, param, dtype: torch.dtype | None) -> torch.dtype | None:
@@ -149,10 +151,10 @@ def attach(model, config: dict | None = None) -> None:
     model.quantization_method = QUANT_METHOD
 
 
-def register() -> None:
+def register(quantizer: type = GlowQHfQuantizer) -> None:
     """Make ``quant_method: "glowq"`` known to transformers (idempotent: a second import is a no-op;
     a different class already registered under the name is an error)."""
-    for mapping, cls in ((AUTO_QUANTIZATION_CONFIG_MAPPING, GlowQHfConfig), (AUTO_QUANTIZER_MAPPING, GlowQHfQuantizer)):
+    for mapping, cls in ((AUTO_QUANTIZATION_CONFIG_MAPPING, GlowQHfConfig), (AUTO_QUANTIZER_MAPPING, quantizer)):
         present = mapping.get(QUANT_METHOD)
         if present is None:
             mapping[QUANT_METHOD] = cls

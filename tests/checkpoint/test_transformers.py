@@ -27,7 +27,8 @@ def _same(a, b):
     sa, sb = a.state_dict(), b.state_dict()
     assert sorted(sa) == sorted(sb)
     assert all(torch.equal(sa[k], sb[k]) and sa[k].dtype == sb[k].dtype for k in sa)
-    ids = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(5))
+    vocab = a.get_input_embeddings().num_embeddings
+    ids = torch.randint(0, vocab, (2, 11), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         assert torch.equal(a(input_ids=ids).logits, b(input_ids=ids).logits)
 
@@ -106,14 +107,15 @@ def test_registration_is_idempotent_and_refuses_a_foreign_glowq():
     from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
 
     from glowq_fx.checkpoint.transformers import register
+    from glowq_fx.pretrained import GlowQOnLoadQuantizer
 
-    register()
-    register()
+    register(GlowQOnLoadQuantizer)  # what import glowq_fx did: again, a no-op
+    assert AUTO_QUANTIZER_MAPPING["glowq"] is GlowQOnLoadQuantizer
     saved = AUTO_QUANTIZER_MAPPING["glowq"]
     AUTO_QUANTIZER_MAPPING["glowq"] = type("Other", (), {})
     try:
         with pytest.raises(RuntimeError, match="already has a quantization method 'glowq'"):
-            register()
+            register(GlowQOnLoadQuantizer)
     finally:
         AUTO_QUANTIZER_MAPPING["glowq"] = saved
 
@@ -135,3 +137,49 @@ def test_the_cli_reads_a_checkpoint_saved_either_way(tmp_path, capsys):
     assert "quantized checkpoint" in capsys.readouterr().out
     assert main(["bench", str(tmp_path / "hf"), "--tokens", "8", "--repeats", "1"]) == 0
     assert "glowq_backend" in capsys.readouterr().out
+
+
+def _float_dir(tmp_path):
+    from tests.cli.test_main import _tiny_model_dir
+
+    words = [f"w{i}" for i in range(60)]
+    text = " ".join(words[(i * 7) % 60] for i in range(3000))
+    return _tiny_model_dir(tmp_path / "float", words), text
+
+
+def test_from_pretrained_with_a_glowq_config_quantizes_on_load(tmp_path):
+    from glowq_fx.pretrained import calibration_data
+
+    directory, text = _float_dir(tmp_path)
+    config = GlowQConfig(group_size=32, rank=8, dataset=[text], n_samples=4, seq_len=64)
+    model = T.AutoModelForCausalLM.from_pretrained(directory, quantization_config=config)
+    assert isinstance(model.model.layers[0].mlp.up_proj, QuantizedLinear)
+    assert model.glowq_report.n_batches == 1 and model.glowq_report.n_tokens == 4 * 64
+    # the same as quantize_ on the same windows
+    reference = T.AutoModelForCausalLM.from_pretrained(directory)
+    tokenizer = T.AutoTokenizer.from_pretrained(directory)
+    quantize_(reference, calibration_data(config, tokenizer), config, progress=False)
+    _same(model, reference)
+    model.save_pretrained(tmp_path / "q")  # and it saves as a glowq checkpoint
+    _same(T.AutoModelForCausalLM.from_pretrained(tmp_path / "q"), reference)
+    with pytest.raises(ValueError, match="needs calibration data"):
+        T.AutoModelForCausalLM.from_pretrained(directory, quantization_config=GlowQConfig(group_size=32))
+
+
+def test_optimum_quantizer_interface(tmp_path):
+    from optimum.quantization_base import OptimumQuantizer
+
+    from glowq_fx import GlowQQuantizer
+
+    directory, text = _float_dir(tmp_path)
+    (tmp_path / "calib.txt").write_text(text)
+    quantizer = GlowQQuantizer.from_pretrained(str(directory), config=GlowQConfig(
+        group_size=32, rank=8, dataset=str(tmp_path / "calib.txt"), n_samples=4, seq_len=64))
+    assert isinstance(quantizer, OptimumQuantizer)
+    report = quantizer.quantize(tmp_path / "q")
+    assert report.n_tokens == 4 * 64
+    loaded = load_quantized(tmp_path / "q")
+    _same(loaded, quantizer.model)
+    assert (tmp_path / "q" / "tokenizer.json").is_file()
+    with pytest.raises(ValueError, match="drop file_prefix"):
+        quantizer.quantize(tmp_path / "r", file_prefix="x")
