@@ -183,3 +183,33 @@ def test_optimum_quantizer_interface(tmp_path):
     assert (tmp_path / "q" / "tokenizer.json").is_file()
     with pytest.raises(ValueError, match="drop file_prefix"):
         quantizer.quantize(tmp_path / "r", file_prefix="x")
+
+
+def test_generate_and_pipeline_run_the_loaded_model(tmp_path):
+    directory, text = _float_dir(tmp_path)
+    model = T.AutoModelForCausalLM.from_pretrained(directory, quantization_config=GlowQConfig(
+        group_size=32, rank=8, dataset=[text], n_samples=2, seq_len=32))
+    tokenizer = T.AutoTokenizer.from_pretrained(directory)
+    model.save_pretrained(tmp_path / "q")
+    tokenizer.save_pretrained(tmp_path / "q")
+    loaded = T.AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    ids = tokenizer("w1 w2 w3", return_tensors="pt").input_ids
+    out = loaded.generate(ids, max_new_tokens=5, do_sample=False)
+    assert torch.equal(out, model.generate(ids, max_new_tokens=5, do_sample=False)) and out.shape[1] == ids.shape[1] + 5
+    generated = T.pipeline("text-generation", model=loaded, tokenizer=tokenizer)("w1 w2", max_new_tokens=3,
+                                                                                   do_sample=False)
+    assert generated[0]["generated_text"].startswith("w1 w2")
+
+
+def test_without_glowq_imported_transformers_names_the_method(tmp_path):
+    """transformers only warns about a method it does not know; the warning names 'glowq' (the
+    README says: import glowq_fx first). Run in a fresh interpreter, where nothing imported it."""
+    import subprocess
+    import sys
+
+    model, report = _quantized()
+    save_quantized(model, tmp_path, report=report)
+    code = ("import transformers, warnings; transformers.logging.set_verbosity_warning(); "
+            f"transformers.AutoModelForCausalLM.from_pretrained({str(tmp_path)!r})")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert "glowq" in done.stderr + done.stdout
