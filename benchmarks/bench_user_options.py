@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                      "calibration_bos": calib_bos, "ppl_no_bos": ppl[None], "ppl_bos": ppl[bos],
                      "model_bytes": model_bytes(subject),
                      "factor_bytes": 0 if report is None else report.total("factor_bytes"), "quantize_s": elapsed,
-                     "windows_start_with_bos": None if report is None else report.calibration["windows_start_with_bos"]})
+                     "windows_start_with_bos": None if report is None else report.calibration.get("windows_start_with_bos")})
         write()
         print(f"{label}: {ppl[None]:.3f} / {ppl[bos]:.3f} (BOS)", flush=True)
         del subject

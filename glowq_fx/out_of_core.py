@@ -129,8 +129,9 @@ def quantize_checkpoint(directory: str | Path, out: str | Path, calibration: Ite
             attach_group(model, rows[g.name], factors[g.name])
         embeddings = quantize_embeddings(model, tables, config, skipped)
     order = [*blockwise.head_groups, *(g for gs in groups_of for g in gs), *blockwise.tail_groups]
-    how = {**blockwise_summary(blockwise, groups_of, rows, config, device), "read_from": str(directory),
-           "windows_start_with_bos": starts_with_bos(model, batches)}
+    how = {**blockwise_summary(blockwise, groups_of, rows, config, device), "read_from": str(directory)}
+    if (bos := starts_with_bos(model, batches)) is not None:
+        how["windows_start_with_bos"] = bos
     report = QuantizationReport(config, [rows[g.name] for g in order], skipped, breaks, len(batches), n_tokens,
                                 time.perf_counter() - t0, None, how, embeddings, (bytes_before, model_bytes(model)))
     writer.close(model, config=config, report=report, tokenizer=tokenizer)

@@ -377,7 +377,8 @@ def quantize_(
         selection = apply_selection(model, report_rows, [factors[g.name] for g in order], config.selective,
                                     batches, progress)
         embeddings = quantize_embeddings(model, tables, config, dict(skipped))
-    how = {**how, "windows_start_with_bos": starts_with_bos(model, batches)}
+    bos = starts_with_bos(model, batches)
+    how = how if bos is None else {**how, "windows_start_with_bos": bos}
     from glowq_fx.checkpoint.transformers import attach  # transformers' save_pretrained then writes our format
 
     attach(model, config.to_dict())
