@@ -48,7 +48,7 @@ def quantize_gptq(
         act_order: visit columns by decreasing ``diag(S)`` with static groups.
     """
     check_weight(W)
-    maxq = check_bits(bits)
+    maxq = check_bits(bits)  # 4: the packed layout of a linear
     N, K = W.shape
     if S.shape != (K, K):
         raise ValueError(f"S must be ({K}, {K}) for a weight with {K} input columns, got {tuple(S.shape)}")

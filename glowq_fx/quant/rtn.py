@@ -85,9 +85,9 @@ def group_geometry(in_features: int, group_size: int) -> tuple[int, int]:
     return group_size, math.ceil(in_features / group_size)
 
 
-def check_bits(bits: int) -> int:
-    """The largest code at ``bits``: 4 for the linears (``BITS``), 8 also for embedding tables."""
-    if bits not in (*BITS, *EMBEDDING_BITS[1:]):
+def check_bits(bits: int, widths: tuple[int, ...] = BITS) -> int:
+    """The largest code at ``bits``: 4 for the linears (``BITS``); embedding tables take 8 too."""
+    if bits not in widths:
         raise ValueError(f"unsupported bits={bits}: glowq-fx stores INT4 codes (INT8 only for embedding tables)")
     return (1 << bits) - 1
 
@@ -110,7 +110,7 @@ def group_params(
     Returns float32 tensors of shape ``w.shape[:-1]`` whose values are exactly representable
     in ``dtype`` (the caller stores them in ``dtype``).
     """
-    maxq = check_bits(bits)
+    maxq = check_bits(bits, (*BITS, *EMBEDDING_BITS[1:]))  # quantize_gptq checks its own bits first
     if symmetric:
         absmax = w.abs().amax(dim=-1)
         s = absmax / (maxq / 2)
