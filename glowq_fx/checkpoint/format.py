@@ -30,7 +30,7 @@ def _projection_key(model: nn.Module, projection: SharedProjection) -> str:
                           "was the model quantized with glowq_fx.quantize_?")
 
 
-def _under(key: str, prefix: str | None) -> bool:
+def under_module(key: str, prefix: str | None) -> bool:
     return prefix is None or key == prefix or key.startswith(prefix + ".")
 
 
@@ -40,7 +40,7 @@ def describe(model: nn.Module, prefix: str | None = None) -> dict:
     state-dict key) and each quantized embedding table (bits, shape, the head sharing it)."""
     linears, projections, embeddings = {}, {}, {}
     for name, m in model.named_modules():
-        if not _under(name, prefix):
+        if not under_module(name, prefix):
             continue
         if isinstance(m, QuantizedLinear):
             key = None
@@ -64,10 +64,12 @@ def hf_quantization_config(model: nn.Module, config: GlowQConfig | None) -> dict
     transformers' ``save_pretrained`` wrote it (without ``glowq.json``)."""
     return {"quant_method": "glowq", "format_version": FORMAT_VERSION,
             "config": None if config is None else config.to_dict(), **describe(model),
-            "aliases": _dedupe_keys(model.state_dict())}
+            "aliases": alias_keys(model.state_dict())}
 
 
-def _dedupe_keys(state: dict[str, torch.Tensor]) -> dict[str, str]:
+def alias_keys(state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Each key whose tensor is the same view of the same storage as an earlier key's (tied
+    tables), mapped to that earlier key: stored once, loaded under both."""
     kept, aliases = {}, {}
     for key, t in state.items():
         ident = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)

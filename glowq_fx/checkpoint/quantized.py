@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from glowq_fx._version import __version__
-from glowq_fx.checkpoint.format import (FORMAT, FORMAT_VERSION, META_FILE, _dedupe_keys, _under, describe, file_dtype,
-                                        hf_quantization_config, install_quantized, read_checked)
+from glowq_fx.checkpoint.format import (FORMAT, FORMAT_VERSION, META_FILE, alias_keys, describe, file_dtype,
+                                        hf_quantization_config, install_quantized, read_checked, under_module)
 from glowq_fx.checkpoint.shards import CheckpointError, ShardWriter, iter_shards
 from glowq_fx.config import GlowQConfig
 from glowq_fx.data.lazy_model import empty_model, materialize
@@ -53,7 +53,7 @@ def _versions() -> dict[str, str]:
 
 def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Keep one key per shared storage (safetensors stores no aliases); return the aliases."""
-    aliases = _dedupe_keys(state)
+    aliases = alias_keys(state)
     return {k: t.detach().contiguous() for k, t in state.items() if k not in aliases}, aliases
 
 
@@ -86,7 +86,7 @@ class CheckpointWriter:
             self._projections.setdefault(rec["key"], rec)
         for name, rec in found["embeddings"].items():
             self.embeddings.setdefault(name, rec)
-        state = {k: v for k, v in model.state_dict().items() if _under(k, prefix) and k not in self._written}
+        state = {k: v for k, v in model.state_dict().items() if under_module(k, prefix) and k not in self._written}
         tensors, aliases = _dedupe(state)
         self._shards.add(tensors)
         self.aliases.update(aliases)
