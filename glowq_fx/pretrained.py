@@ -19,6 +19,7 @@ from optimum.quantization_base import OptimumQuantizer
 from torch import nn
 
 from glowq_fx.checkpoint.quantized import DEFAULT_MAX_SHARD_SIZE, save_quantized
+from glowq_fx.checkpoint.tensor_parallel import tensor_parallel_size
 from glowq_fx.checkpoint.transformers import GlowQHfQuantizer
 from glowq_fx.config import GlowQConfig
 from glowq_fx.data.batches import bos_token, calibration_batches, text_calibration_batches, tokenize
@@ -68,6 +69,10 @@ class GlowQOnLoadQuantizer(GlowQHfQuantizer):
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         if self.pre_quantized:
             return super()._process_model_before_weight_loading(model, checkpoint_files=checkpoint_files, **kwargs)
+        if tensor_parallel_size(model) > 1:
+            raise ValueError("quantizing on load works on one process: quantize and save first (from_pretrained(..., "
+                             "quantization_config=GlowQConfig(...)) then save_pretrained, or `glowq quantize`), then "
+                             "load the quantized checkpoint with tensor parallelism")
         return model  # the float weights load as they are
 
     def _process_model_after_weight_loading(self, model, **kwargs):

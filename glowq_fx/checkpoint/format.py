@@ -72,6 +72,7 @@ def alias_keys(state: dict[str, torch.Tensor]) -> dict[str, str]:
     tables), mapped to that earlier key: stored once, loaded under both."""
     kept, aliases = {}, {}
     for key, t in state.items():
+        t = t.to_local() if hasattr(t, "to_local") else t  # a tensor-parallel shard: its storage is local
         ident = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
         if ident in kept:
             aliases[key] = kept[ident]
@@ -111,6 +112,21 @@ def file_dtype(header: dict[str, tuple[tuple[int, ...], torch.dtype]], meta: dic
     """The dtype of the model's floating tensors: that of the first quantized linear's scales."""
     name = next(iter(meta["linears"]))
     return header[f"{name}.scales"][1]
+
+
+def in_dtype(header: dict[str, tuple[tuple[int, ...], torch.dtype]], meta: dict,
+             dtype: torch.dtype | None) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """``header`` as a model loaded in ``dtype`` holds it: every tensor stored in the checkpoint's
+    model dtype (weights, scales, zero points, biases, factors kept in the model dtype) in
+    ``dtype``; the codes, and factors stored narrower (``GlowQConfig.factor_dtype``), as stored.
+    Loading casts the scales to ``dtype`` like any other weight: asked for bfloat16, a float32
+    checkpoint gives the model a user would get by quantizing in bfloat16 up to the scales' rounding."""
+    if dtype is None:
+        return header
+    if not dtype.is_floating_point:
+        raise CheckpointError(f"a model loads in a floating-point dtype, not {dtype}")
+    stored = file_dtype(header, meta)
+    return {k: (shape, dtype if d == stored else d) for k, (shape, d) in header.items()}
 
 
 def _check_packed(name: str, rec: dict, header: dict) -> None:

@@ -32,7 +32,7 @@ from torch import nn
 
 from glowq_fx._version import __version__
 from glowq_fx.checkpoint.format import (FORMAT, FORMAT_VERSION, META_FILE, alias_keys, describe, file_dtype,
-                                        hf_quantization_config, install_quantized, read_checked, under_module)
+                                        hf_quantization_config, in_dtype, install_quantized, read_checked, under_module)
 from glowq_fx.checkpoint.shards import CheckpointError, ShardWriter, iter_shards
 from glowq_fx.config import GlowQConfig
 from glowq_fx.data.lazy_model import empty_model, materialize
@@ -75,6 +75,7 @@ class CheckpointWriter:
         self.aliases: dict[str, str] = {}
         self.embeddings: dict[str, dict] = {}
         self._written: set[str] = set()
+        self.dtype: torch.dtype | None = None  # the model's (its quantized linears' scales')
 
     def add(self, model: nn.Module, prefix: str | None = None) -> None:
         """The quantized modules' records and the tensors of ``model`` under the module ``prefix``
@@ -82,6 +83,7 @@ class CheckpointWriter:
         found = describe(model, prefix)
         for name, rec in found["linears"].items():
             self.records.setdefault(name, rec)
+            self.dtype = self.dtype or model.get_submodule(name).scales.dtype
         for rec in found["projections"]:
             self._projections.setdefault(rec["key"], rec)
         for name, rec in found["embeddings"].items():
@@ -105,15 +107,19 @@ class CheckpointWriter:
         if model_config is not None and hasattr(model_config, "save_pretrained"):
             # transformers' from_pretrained finds the glowq loader by this entry (checkpoint.transformers)
             qconfig = hf_quantization_config(model, config)
-            saved = getattr(model_config, "quantization_config", None)
+            saved = getattr(model_config, "quantization_config", None), getattr(model_config, "dtype", None)
             model_config.quantization_config = qconfig
+            # the model's dtype, as save_pretrained writes it: without it, from_pretrained's dtype="auto" takes the
+            # first floating tensor of the file, which may be a factor stored narrower (GlowQConfig.factor_dtype)
+            model_config.dtype = str(self.dtype).removeprefix("torch.")
             try:
                 model_config.save_pretrained(self.directory)
             finally:
-                if saved is None:
+                if saved[0] is None:
                     del model_config.quantization_config
                 else:
-                    model_config.quantization_config = saved
+                    model_config.quantization_config = saved[0]
+                model_config.dtype = saved[1]
         if tokenizer is not None:
             tokenizer.save_pretrained(self.directory)
         if config is None and report is not None:
@@ -162,17 +168,20 @@ def _build_model(directory: Path, meta: dict, dtype: torch.dtype) -> nn.Module:
 
 
 def load_quantized(directory: str | Path, model: nn.Module | None = None, *,
-                   device: str | torch.device = "cpu") -> nn.Module:
+                   device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
     """The quantized model saved in ``directory``, in eval mode on ``device``.
 
     Args:
-        directory: written by ``save_quantized``.
+        directory: written by ``save_quantized`` or a quantized model's ``save_pretrained``.
         model: the unquantized architecture to load into (its weights are replaced; it must have
-            the checkpoint's dtype). Default: rebuilt from ``config.json`` (transformers models).
+            the dtype it is loaded in). Default: rebuilt from ``config.json`` (transformers models).
         device: where the tensors go.
+        dtype: the model's floating dtype; default the checkpoint's. Another one casts what the
+            checkpoint stores in its model dtype, scales included (``format.in_dtype``).
     """
     directory = Path(directory)
     meta, shards, header = read_checked(directory)
+    header = in_dtype(header, meta, dtype)
     if model is None:
         model = _build_model(directory, meta, file_dtype(header, meta))
     install_quantized(model, meta, header, device)

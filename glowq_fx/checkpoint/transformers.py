@@ -7,7 +7,8 @@ for loading. Before the weights load, on the model transformers built on the met
 quantizer makes every check ``load_quantized`` makes (``glowq.json``, each shard's size and
 SHA-256, the model against the recorded shapes, exactly the tensors needed) and swaps in the
 quantized modules, empty; transformers then reads the shards into them by name, each tensor in
-its stored dtype (factors may be narrower than the model). Without ``import glowq_fx``
+its stored dtype (factors may be narrower than the model) or, with ``dtype=``, cast as
+``format.in_dtype`` says. Without ``import glowq_fx``
 transformers only warns that it does not know ``glowq`` and loads the float architecture with
 its linears uninitialised: import the package first.
 """
@@ -22,9 +23,10 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from glowq_fx.checkpoint.format import (FORMAT_VERSION, META_FILE, file_dtype, hf_quantization_config,
+from glowq_fx.checkpoint.format import (FORMAT_VERSION, META_FILE, hf_quantization_config, in_dtype,
                                         install_quantized, read_checked, tie_tables)
 from glowq_fx.checkpoint.shards import CheckpointError
+from glowq_fx.checkpoint.tensor_parallel import shard_quantized, tensor_parallel_size
 
 QUANT_METHOD = "glowq"
 
@@ -86,14 +88,11 @@ class GlowQHfQuantizer(HfQuantizer):
             raise CheckpointError(f"{directory}/config.json's quantization_config disagrees with its {META_FILE} on "
                                   f"{', '.join(disagree)} (one of them was edited or replaced); write the checkpoint "
                                   "again with save_quantized or save_pretrained")
-        stored = file_dtype(header, meta)
-        built = next((p.dtype for p in model.parameters() if p.is_floating_point()), stored)
-        if built != stored:
-            raise CheckpointError(f"{directory} was quantized in {stored} and is asked for in {built}: load it with "
-                                  f"from_pretrained(..., dtype={stored}) or dtype='auto' (casting its scales would "
-                                  "change the quantized weights)")
-        install_quantized(model, meta, header, "meta")
+        built = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)  # dtype= honoured
+        install_quantized(model, meta, in_dtype(header, meta, built), "meta")
         _untie_quantized(model, meta)
+        if (world_size := tensor_parallel_size(model)) > 1:
+            shard_quantized(model, model.tp_plan, world_size)
         self._meta = meta
         return model
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from glowq_fx import ops
-from glowq_fx.kernels.layout import PackedW4, dequantize_packed, pack
+from glowq_fx.kernels.layout import PackedW4, dequantize_packed, group_size_of, pack
 from glowq_fx.quant.rtn import QuantizedWeight
 
 
@@ -122,9 +122,10 @@ class QuantizedLinear(nn.Module):
         return 0 if self.A is None else self.A.shape[1]
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> Tensor:
-        """``W_q`` (out_features, in_features), without the correction."""
-        return dequantize_packed(self.qweight, self.scales, self.zeros, self.group_size, self.in_features,
-                                 dtype or self.scales.dtype)
+        """``W_q`` (out_features, in_features), without the correction; under tensor parallelism,
+        this rank's shard of it."""
+        q, s, z = (t.to_local() if hasattr(t, "to_local") else t for t in (self.qweight, self.scales, self.zeros))
+        return dequantize_packed(q, s, z, group_size_of(q, s), self.in_features, dtype or s.dtype)
 
     @property
     def weight(self) -> Tensor:

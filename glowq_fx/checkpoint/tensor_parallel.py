@@ -1,0 +1,140 @@
+"""A glowq checkpoint under transformers' tensor parallelism (``from_pretrained(dir, tp_plan="auto")``
+under ``torchrun``): the shard plan of the quantized modules.
+
+GlowQ needs no communication of its own. A member that the model's plan splits by output
+(``colwise``: q/k/v, gate/up) keeps its rows of ``W_q`` and of ``A_i``, and its group's ``B`` whole
+(the input is replicated, so ``R = B x`` is too). A member split by input (``rowwise``: o, down)
+keeps its columns of ``W_q`` and of ``B`` and all of ``A``: each rank computes
+``deq(W_shard) x_shard + A (B_shard x_shard)``, a partial sum that the all-reduce the layer
+already does completes.
+
+transformers shards only parameters, by the stock styles' rules for an ``nn.Linear`` weight
+(out, in): ``colwise`` cuts dim ``ndim - 2``, ``rowwise`` cuts dim -1 (and keeps a bias whole),
+``replicate`` leaves it. The packed tensors are stored (in, out) (``kernels.layout``: ``qweight``
+(K_pad / 8, N), ``scales`` and ``zeros`` (n_groups, N)), so each tensor is given the stock style
+that cuts it where the linear is cut, and the modules that are split hold their tensors as
+parameters (frozen) rather than buffers. In the forward, transformers hands the modules their
+local shards (``_hf_quantized_needs_local_tp``) and adds a row-split member's bias once, after
+the all-reduce.
+
+Quantized embedding tables (and a head tied to one) are kept whole on every rank, with a
+warning: a vocab-split lookup of packed codes is not written yet.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from glowq_fx.checkpoint.shards import CheckpointError
+from glowq_fx.errors import warn
+from glowq_fx.kernels.layout import group_size_of
+from glowq_fx.modules.embedding import QuantizedEmbedding
+from glowq_fx.modules.linear import QuantizedLinear, SharedProjection
+
+BY_OUTPUT = frozenset({"colwise", "colwise_rep", "colwise_gather_output"})
+BY_INPUT = frozenset({"rowwise", "rowwise_split_input", "rowwise_rep"})
+
+# The stock style that cuts each stored tensor where a linear split by output / by input is cut.
+MEMBER_STYLES = {
+    "output": {"qweight": "rowwise", "scales": "rowwise", "zeros": "rowwise", "bias": "colwise", "A": "colwise"},
+    "input": {"qweight": "colwise", "scales": "colwise", "zeros": "colwise", "bias": "rowwise", "A": "replicate"},
+}
+PROJECTION_STYLE = "local_params"  # the projection's forward sees its local B
+B_STYLE = {"output": "replicate", "input": "rowwise"}
+
+
+def tensor_parallel_size(model: nn.Module) -> int:
+    """The tensor-parallel world size ``from_pretrained`` was asked for (1 without one)."""
+    distributed = getattr(getattr(model, "config", None), "distributed_config", None)
+    return int(getattr(distributed, "tp_size", None) or 1)
+
+
+def generic_name(name: str) -> str:
+    """A module name as the plans write it: layer numbers as ``*`` (``layers.*.mlp``)."""
+    from transformers.distributed.parallel_utils import replace_layer_number_by_wildcard
+
+    return replace_layer_number_by_wildcard(name)
+
+
+def _side(name: str, style: str | None) -> str | None:
+    if style is None or style == "replicate":
+        return None
+    if style in BY_OUTPUT:
+        return "output"
+    if style in BY_INPUT:
+        return "input"
+    raise CheckpointError(f"the tensor-parallel plan splits the quantized {name} with style {style!r}; glowq modules "
+                          f"take {sorted(BY_OUTPUT)} (split by output) or {sorted(BY_INPUT)} (split by input): give "
+                          f"{generic_name(name)} one of those in DistributedConfig(tp_plan=...)")
+
+
+def _check_divides(name: str, module: QuantizedLinear, side: str, world_size: int) -> None:
+    if side == "output" and module.out_features % world_size:
+        raise CheckpointError(f"tensor parallel over {world_size} ranks splits the {module.out_features} output rows of "
+                              f"{name}, which {world_size} does not divide: run on a number of ranks that divides "
+                              f"{module.out_features}")
+    if side == "input":
+        K, g = module.in_features, group_size_of(module.qweight, module.scales)
+        if K % world_size or (K // world_size) % g:
+            raise CheckpointError(f"tensor parallel over {world_size} ranks splits the {K} input columns of {name} in "
+                                  f"scale groups of {g}: each rank needs whole groups ({K} / {world_size} a multiple of "
+                                  f"{g}); run on a number of ranks that divides {K // g if K % g == 0 else K} groups, "
+                                  "or quantize with a group_size that divides "
+                                  f"{K // world_size if K % world_size == 0 else K}")
+
+
+def _as_parameters(module: nn.Module, names) -> None:
+    """Hold ``names`` as frozen parameters: transformers' tensor parallelism shards only those."""
+    for key in names:
+        tensor = module._buffers.get(key)
+        if tensor is not None:
+            del module._buffers[key]
+            module.register_parameter(key, nn.Parameter(tensor, requires_grad=False))
+
+
+def shard_quantized(model: nn.Module, plan: dict[str, str], world_size: int) -> None:
+    """Extend ``plan`` (``model.tp_plan``, rules by generic name) with the shard rules of the
+    quantized modules, as the module docstring says; the modules that are split turn their
+    buffers into frozen parameters. Every problem is a ``CheckpointError`` naming the module."""
+    from transformers.distributed.parallel_utils import ALL_PARALLEL_STYLES
+
+    missing = {PROJECTION_STYLE, "replicate", "colwise", "rowwise"} - set(ALL_PARALLEL_STYLES)
+    if missing:
+        raise CheckpointError(f"this transformers has no tensor-parallel styles {sorted(missing)}; glowq checkpoints "
+                              "under tensor parallelism need a transformers that has them (5.24 has); upgrade transformers")
+    whole: list[str] = []
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedEmbedding) and generic_name(name) in plan:
+            whole.append(name)
+            del plan[generic_name(name)]
+    tied = {id(t) for n, m in model.named_modules() if isinstance(m, QuantizedEmbedding) for t in m.buffers()}
+    sides: dict[str, str | None] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, QuantizedLinear):
+            continue
+        key = generic_name(name)
+        if any(id(t) in tied for t in module.buffers()) and key in plan:
+            whole.append(name)
+            del plan[key]
+        sides[name] = side = _side(name, plan.get(key))
+        if side is None:
+            continue
+        _check_divides(name, module, side, world_size)
+        module._hf_quantized_needs_local_tp = True  # transformers then runs the forward on local shards
+        _as_parameters(module, MEMBER_STYLES[side])
+        for tensor in MEMBER_STYLES[side]:
+            if getattr(module, tensor, None) is not None:
+                plan[f"{key}.{tensor}"] = MEMBER_STYLES[side][tensor]
+    for name, module in model.named_modules():
+        if isinstance(module, SharedProjection):
+            member_sides = {sides.get(m) for m in module.members}
+            if "input" in member_sides and len(member_sides) > 1:
+                raise CheckpointError(f"the members {list(module.members)} share one projection (their input), but the "
+                                      "tensor-parallel plan splits some by input and not others; give them one style "
+                                      "in DistributedConfig(tp_plan=...)")
+            if "input" in member_sides:
+                _as_parameters(module, ["B"])
+                plan[generic_name(name)] = PROJECTION_STYLE
+                plan[f"{generic_name(name)}.B"] = B_STYLE["input"]
+    if whole:
+        warn(f"tensor parallelism keeps the quantized tables {whole} whole on every rank (a split lookup of "
+                      "packed codes is not available); the rest of the model is split as planned")

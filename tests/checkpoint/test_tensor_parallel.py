@@ -1,0 +1,141 @@
+"""checkpoint.tensor_parallel: a glowq checkpoint loads under transformers' tensor parallelism.
+Two CPU processes (gloo) load quantized Llama and Qwen2 checkpoints with ``tp_plan``; their
+logits equal the single-process model's within float32 reordering of the all-reduce's sum,
+each rank holds its half of the split tensors, ``save_pretrained`` under tensor parallelism
+writes the same checkpoint, ``glowq_backend`` compiles it, and plans the quantized layout cannot follow are refused."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as T
+
+from glowq_fx import GlowQConfig, load_quantized, quantize_, save_quantized
+from tests_helpers import tiny_llama_config, tiny_qwen2, token_batches
+
+WORLD = 2
+WORKER = Path(__file__).with_name("tensor_parallel_worker.py")
+IDS = torch.randint(0, 128, (2, 13), generator=torch.Generator().manual_seed(7)).tolist()
+
+
+def _llama(**overrides):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return T.LlamaForCausalLM(tiny_llama_config(**overrides)).eval()
+
+
+def _checkpoints(root: Path) -> dict[str, Path]:
+    """name -> checkpoint directory, quantized in this process."""
+    made = {}
+
+    def save(name, model, **config):
+        quantize_(model, token_batches(), GlowQConfig(**{"group_size": 32, "rank": 8, **config}), progress=False)
+        save_quantized(model, root / name)
+        made[name] = root / name
+
+    # biases on the members split by input (o, down) and a quantized head split by output
+    save("llama", _llama(attention_bias=True, mlp_bias=True), quantize_output_head=True)
+    save("qwen2_tied", tiny_qwen2(vocab_size=128), embedding_bits=4, quantize_output_head=True)
+    save("llama_qera", _llama(), method="qera", rank=4)
+    save("groups_too_wide", _llama(), group_size=64)  # o_proj: 64 inputs, 32 per rank, groups of 64
+    save("per_channel", _llama(), group_size=-1)
+    save("odd_rows", _llama(intermediate_size=129))  # gate/up: 129 output rows
+    _llama().save_pretrained(root / "float")
+    made["quantize_on_load"] = root / "float"
+    return made
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """Each job's per-rank results from one 2-process run."""
+    root = tmp_path_factory.mktemp("tp")
+    made = _checkpoints(root)
+    jobs = [{"dir": str(d), "out": str(root / f"{name}.out"), "ids": IDS,
+             "how": "tp_plan" if name == "llama" else "distributed_config",
+             **({"resave": str(root / "llama_resaved"), "compile": True} if name == "llama" else {}),
+             **({"quantize_on_load": True} if name == "quantize_on_load" else {})} for name, d in made.items()]
+    (root / "jobs.json").write_text(json.dumps(jobs))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
+                          str(WORKER), str(root / "jobs.json")], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    results = {name: [torch.load(f"{root / name}.out.rank{r}.pt", weights_only=False) for r in range(WORLD)]
+               for name in made}
+    return made, results, root
+
+
+def _single_process_logits(directory):
+    with torch.no_grad():
+        return load_quantized(directory)(input_ids=torch.tensor(IDS)).logits
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2_tied", "llama_qera"])
+def test_tensor_parallel_logits_equal_the_single_process_model(ranks, name):
+    made, results, _ = ranks
+    reference = _single_process_logits(made[name])
+    for r in results[name]:
+        assert "error" not in r, r.get("error")
+        # float32: the all-reduce sums the ranks' partial products in another order
+        torch.testing.assert_close(r["logits"], reference, rtol=1e-5, atol=1e-5 * reference.abs().max().item())
+
+
+def test_tensor_parallel_compiles_with_the_glowq_backend_and_generates(ranks):
+    made, results, _ = ranks
+    with torch.no_grad():
+        greedy = load_quantized(made["llama"]).generate(input_ids=torch.tensor(IDS), max_new_tokens=6, do_sample=False)
+    for r in results["llama"]:
+        torch.testing.assert_close(r["compiled"], r["logits"], rtol=1e-5, atol=1e-5 * r["logits"].abs().max().item())
+        assert torch.equal(r["generated"], greedy)
+
+
+def test_each_rank_holds_its_half_of_the_split_tensors(ranks):
+    made, results, _ = ranks
+    full = {k: tuple(v.shape) for k, v in [*load_quantized(made["llama"]).named_parameters(),
+                                           *load_quantized(made["llama"]).named_buffers()]}
+    local = results["llama"][0]["local_shapes"]
+    attn, mlp = "model.layers.1.self_attn", "model.layers.1.mlp"
+    halves = {  # tensor -> the dimension split (None: whole on every rank)
+        f"{attn}.q_proj.qweight": 1, f"{attn}.q_proj.scales": 1, f"{attn}.q_proj.A": 0, f"{attn}.q_proj.bias": 0,
+        f"{mlp}.up_proj.qweight": 1, f"{mlp}.up_proj.A": 0,
+        f"{attn}.glowq_projections.{{q_proj,k_proj,v_proj}}.B": None,  # read by members split by output
+        f"{attn}.o_proj.qweight": 0, f"{attn}.o_proj.zeros": 0, f"{attn}.o_proj.A": None, f"{attn}.o_proj.bias": None,
+        f"{attn}.glowq_projections.o_proj.B": 1, f"{mlp}.down_proj.qweight": 0,
+        f"{mlp}.glowq_projections.down_proj.B": 1, "lm_head.qweight": 1,
+    }
+    for key, dim in halves.items():
+        expected = list(full[key])
+        if dim is not None:
+            expected[dim] //= WORLD
+        assert local[key] == tuple(expected), key
+
+
+def test_save_pretrained_under_tensor_parallel_writes_the_same_checkpoint(ranks):
+    made, _, root = ranks
+    a, b = load_quantized(made["llama"]).state_dict(), T.AutoModelForCausalLM.from_pretrained(root / "llama_resaved")
+    b = b.state_dict()
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+
+
+def test_quantized_tied_tables_stay_whole_with_a_warning(ranks):
+    made, results, _ = ranks
+    r = results["qwen2_tied"][0]
+    full = load_quantized(made["qwen2_tied"])
+    assert r["local_shapes"]["model.embed_tokens.qweight"] == tuple(full.model.embed_tokens.qweight.shape)
+    assert any("keeps the quantized tables" in w and "model.embed_tokens" in w for w in r["warnings"])
+
+
+@pytest.mark.parametrize("name, message", [
+    ("groups_too_wide", r"CheckpointError: .*o_proj in scale groups of 64: each rank needs whole groups \(64 / 2 a multiple of 64\)"),
+    ("per_channel", r"CheckpointError: .*o_proj in scale groups of 64"),
+    ("odd_rows", r"CheckpointError: .*splits the 129 output rows of model.layers.0.mlp.gate_proj, which 2 does not"),
+    ("quantize_on_load", r"ValueError: quantizing on load works on one process: quantize and save first"),
+])
+def test_what_tensor_parallel_cannot_do_is_refused(ranks, name, message):
+    import re
+
+    _, results, _ = ranks
+    for r in results[name]:
+        assert "error" in r and re.search(message, r["error"]), r
