@@ -23,6 +23,7 @@ BLOCK_INPUTS = ("float", "quantized")
 ACTIVATION_PLACES = ("auto", "device", "cpu", "disk")
 FACTOR_DTYPES = ("auto", "model", "float32", "bfloat16", "float16")
 EMBEDDING_BITS = (None, 4, 8)
+EXPERT_WEIGHTINGS = ("none", "usage")
 
 
 @dataclass
@@ -113,6 +114,20 @@ class GlowQConfig:
             (N = number of experts, 8-64 in Mixtral/Qwen-MoE) and scalar gates (Qwen2-MoE's
             ``shared_expert_gate``, N = 1) steer the whole block and cost almost no memory;
             the default 32 keeps the common ones out. Raise it for models with more experts.
+
+    MoE experts (``glowq_fx.quantize_experts``; transformers' fused experts modules):
+        experts: quantize the experts (their 3-D weights, every expert in 4 bits); False leaves
+            them in floating point.
+        The correction follows ``method``: ``"glowq"`` shares one ``B`` across the experts'
+        first projection (gate/up: they all read the block input), ``"qera"`` / ``"lqer"`` /
+        ``"svd"`` solve each expert alone (its own ``S_e`` for ``"qera"``), ``"none"`` none. Each
+        expert's second projection (down) reads its own intermediate and gets its own factors
+        (the method's, ``"glowq"`` being QERA for one member).
+        expert_weighting: ``"usage"`` scales each expert's error by the square root of its
+            routing frequency before the shared ``B`` is solved (and its ``A_e`` back after);
+            ``"none"``: every expert alike.
+        expert_refit: with the shared ``B`` fixed, refit each expert's ``A_e`` in closed form
+            against the second moment of the tokens routed to it.
     """
 
     bits: int = 4
@@ -136,6 +151,9 @@ class GlowQConfig:
     embedding_bits: int | None = None
     factor_dtype: str = "auto"
     min_out_features: int = 32
+    experts: bool = True
+    expert_weighting: str = "none"
+    expert_refit: bool = False
     selective: str | float | int | None = None
     calibration: str = "auto"
     block_inputs: str = "float"
@@ -160,6 +178,9 @@ class GlowQConfig:
         _check_choice("activations", self.activations, ACTIVATION_PLACES)
         _check_choice("factor_dtype", self.factor_dtype, FACTOR_DTYPES)
         _check_choice("embedding_bits", self.embedding_bits, EMBEDDING_BITS)
+        _check_choice("expert_weighting", self.expert_weighting, EXPERT_WEIGHTINGS)
+        if not isinstance(self.experts, bool) or not isinstance(self.expert_refit, bool):
+            raise ValueError(f"experts and expert_refit are booleans, got {self.experts!r}, {self.expert_refit!r}")
         if not isinstance(self.rank, int) or self.rank < 0:
             raise ValueError(f"rank must be a non-negative int, got {self.rank!r}")
         if not 0.0 <= self.shrinkage <= 1.0:

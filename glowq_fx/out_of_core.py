@@ -29,6 +29,7 @@ from glowq_fx.config import GlowQConfig, as_config
 from glowq_fx.data.lazy_model import LazyCheckpoint, release
 from glowq_fx.quantize import (blockwise_summary, model_bytes, plan_embeddings, quantize_blockwise,
                                check_rank, quantize_embeddings, starts_with_bos)
+from glowq_fx.quantize_experts import find_experts
 from glowq_fx.report import GroupReport, QuantizationReport
 from glowq_fx.selective.policy import attach_group
 from passes.groups import InputGroup, group_name
@@ -100,6 +101,12 @@ def quantize_checkpoint(directory: str | Path, out: str | Path, calibration: Ite
     bytes_before = model_bytes(model)
     batches = check_calibration(model, calibration)
     groups, skipped, breaks = _one_block_groups(model, blocks, batches, config, run)
+    experts, _ = find_experts(model, config)
+    if experts:
+        raise ValueError(f"{type(model).__name__} has MoE experts ({next(iter(experts))}, ...), which quantizing from "
+                         "disk does not handle yet: load the model and call quantize_ (calibration='blocks' keeps one "
+                         "block's statistics at a time), or pass GlowQConfig(experts=False) to keep them in floating "
+                         "point")
     check_rank(groups, config)
     groups_of, outside, _ = assign_groups(groups, blocks)
     try:

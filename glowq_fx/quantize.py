@@ -42,9 +42,11 @@ from glowq_fx.errors import warn
 from glowq_fx.kernels.layout import pack
 from glowq_fx.capture.groups import output_head, tied_embedding
 from glowq_fx.modules.embedding import quantize_embedding
+from glowq_fx.modules.experts import QuantizedExperts
 from glowq_fx.modules.install import replace_module
 from glowq_fx.modules.linear import QuantizedLinear, linear_weight
 from glowq_fx.quant import quantization_error, quantize_gptq, quantize_rtn
+from glowq_fx.quantize_experts import experts_statistics, find_experts, quantize_experts
 from glowq_fx.report import GroupReport, QuantizationReport
 from glowq_fx.selective.policy import apply_selection, attach_group, check_auto_batches, detach_group
 from passes.groups import InputGroup
@@ -218,6 +220,34 @@ def _quantize_groups(model: nn.Module, groups: Sequence[InputGroup],
         rows[g.name], factors[g.name] = _quantize_group(model, g, S, config)
 
 
+def _quantize_all_experts(model: nn.Module, stats: dict, config: GlowQConfig, expert_rows: list,
+                          skipped: dict) -> None:
+    """Quantize each experts module of ``stats`` (name -> its statistics), releasing them; a traced
+    module whose use of its weights could not be read stays in floating point, with the reason."""
+    for name in list(stats):
+        found = stats.pop(name)
+        layout = found.layout() if hasattr(found, "layout") else None
+        if isinstance(layout, str):
+            skipped[name] = f"3-D weights glowq-fx cannot run quantized: {layout}"
+            warn(f"leaving {name} in floating point: {skipped[name]}")
+            continue
+        dtype = next(p for p in model.get_submodule(name).parameters() if p.dim() == 3).dtype
+        expert_rows.extend(quantize_experts(model, name, found, config, factor_dtype(config, dtype)))
+
+
+def experts_by_block(experts: dict, blocks: Blocks) -> tuple[list[dict], list[str]]:
+    """Each block's experts modules (by name prefix), and those outside every block."""
+    of = [{} for _ in blocks.names]
+    outside = []
+    for name, protocol in experts.items():
+        i = next((i for i, b in enumerate(blocks.names) if name.startswith(b + ".")), None)
+        if i is None:
+            outside.append(name)
+        else:
+            of[i][name] = protocol
+    return of, outside
+
+
 def _block_label(blocks: Blocks, i: int, groups: Sequence[InputGroup]) -> str:
     prefix = blocks.names[i] + "."
     return " ".join(g.name.removeprefix(prefix) for g in groups)
@@ -226,10 +256,14 @@ def _block_label(blocks: Blocks, i: int, groups: Sequence[InputGroup]) -> str:
 def quantize_blockwise(model: nn.Module, blockwise: BlockwiseCalibration, groups_of: list[list[InputGroup]],
                        config: GlowQConfig, progress: bool, rows: dict, factors: dict, *,
                        before_block: Callable[[int], None] | None = None,
-                       after_block: Callable[[int], None] | None = None) -> int:
+                       after_block: Callable[[int], None] | None = None,
+                       experts_of: list[dict] | None = None, expert_rows: list | None = None,
+                       expert_skipped: dict | None = None) -> int:
     """Every group, block by block (``calibration.blockwise``), filling ``rows`` and ``factors`` by
     group name; ``before_block(i)`` / ``after_block(i)`` run around block ``i`` (load it, write it).
-    Returns the tokens each ``S`` saw."""
+    ``experts_of[i]``: block ``i``'s experts modules (name -> protocol), quantized with its groups,
+    their report rows appended to ``expert_rows`` (those left in float to ``expert_skipped``). Returns the
+    tokens each ``S`` saw."""
     n_tokens = max((blockwise.head_stats[g.name].n_tokens for g in blockwise.head_groups), default=0)
     _quantize_groups(model, blockwise.head_groups, blockwise.head_stats, config, rows, factors)
     bar = progress_bar(progress, f"blocks of {blockwise.blocks.container}", len(groups_of))(range(len(groups_of)))
@@ -238,9 +272,12 @@ def quantize_blockwise(model: nn.Module, blockwise: BlockwiseCalibration, groups
             bar.set_postfix_str(_block_label(blockwise.blocks, i, groups_of[i]))
         if before_block is not None:
             before_block(i)
-        stats = blockwise.block_statistics(i, groups_of[i])
-        n_tokens = max([n_tokens, *(stats[g.name].n_tokens for g in groups_of[i])])
+        block_experts = experts_of[i] if experts_of else {}
+        stats = blockwise.block_statistics(i, groups_of[i], experts_statistics(model, block_experts, config))
+        n_tokens = max([n_tokens, *(stats[g.name].n_tokens for g in groups_of[i]),
+                        *(getattr(e.S, "n_tokens", 0) for e in stats.experts.values())])
         _quantize_groups(model, groups_of[i], stats, config, rows, factors)
+        _quantize_all_experts(model, stats.experts, config, expert_rows, expert_skipped)
         if config.block_inputs == "quantized":  # the next block sees this one quantized and corrected
             for g in groups_of[i]:
                 attach_group(model, rows[g.name], factors[g.name])
@@ -304,6 +341,7 @@ def quantize_(
     config = as_config(config)
     rows: dict[str, GroupReport] = {}
     factors: dict[str, list] = {}
+    expert_rows: list[GroupReport] = []  # the experts' corrections are always kept (GlowQ-S ranks the groups)
     if device is not None:
         device = check_device(device, "device")
     tables = plan_embeddings(model, config)  # before any work: a table that cannot be stored is refused
@@ -317,6 +355,9 @@ def quantize_(
         batches, order, skipped, breaks = calibration.batches, calibration.groups, calibration.skipped, \
             calibration.graph_breaks
         n_tokens, how = calibration.n_tokens, {"mode": "model", "reused": True}
+        skipped = dict(skipped)
+        skipped.update({name: "MoE experts need the calibration batches (a Calibration holds no expert statistics); "
+                              "pass the batches to quantize_" for name in find_experts(model, config)[0]})
         check_rank(order, config)
         with torch.no_grad():
             _quantize_groups(model, order, calibration.statistics, config, rows,
@@ -339,9 +380,19 @@ def quantize_(
         model.eval()  # calibration statistics without dropout
         try:
             order, skipped, breaks = discover_groups(model, batches, config, groups, run)
+            experts, experts_skipped = find_experts(model, config)
+            skipped = {**dict(skipped), **experts_skipped}
+            unusual = {k: v for k, v in experts_skipped.items() if "cannot run" in v}
+            if unusual:
+                warn(f"leaving {len(unusual)} modules with 3-D weights in floating point: "
+                     + "; ".join(f"{k}: {v}" for k, v in list(unusual.items())[:2]))
             check_rank(order, config)
             blockwise = None
             if blocks is not None:
+                experts_of, experts_outside = experts_by_block(experts, blocks)
+                if experts_outside and config.calibration == "blocks":
+                    raise ValueError(f"the experts modules {experts_outside} lie outside the repeated blocks of "
+                                     f"{blocks.container}; use calibration='model'")
                 groups_of, outside, split = assign_groups(order, blocks)
                 try:
                     blockwise = BlockwiseCalibration(
@@ -353,6 +404,11 @@ def quantize_(
                         raise ValueError(f"calibration='blocks' is not possible for {type(model).__name__}: {exc}; "
                                          "use calibration='model'") from None
                     warn(f"calibrating {type(model).__name__} whole, not block by block: {exc}")
+                if blockwise is not None and experts_outside:
+                    warn(f"calibrating {type(model).__name__} whole, not block by block: the experts modules "
+                         f"{experts_outside} lie outside its repeated blocks")
+                    blockwise.close()
+                    blockwise = None
             if blockwise is not None:
                 if split:
                     warn(f"{len(split)} input-sharing groups span several blocks of {blocks.container} "
@@ -361,14 +417,19 @@ def quantize_(
                 order = [g for part in ([blockwise.head_groups], groups_of, [blockwise.tail_groups]) for gs in part
                          for g in gs]
                 with blockwise, torch.no_grad():
-                    n_tokens = quantize_blockwise(model, blockwise, groups_of, config, progress, rows, factors)
+                    n_tokens = quantize_blockwise(model, blockwise, groups_of, config, progress, rows, factors,
+                                                  experts_of=experts_of, expert_rows=expert_rows,
+                                                  expert_skipped=skipped)
                 how = blockwise_summary(blockwise, groups_of, rows, config, device)
             else:
                 stats = collect_statistics(model, order, batches, run, dtype=config.stats_dtype,
-                                           progress=progress_bar(progress, "calibration", len(batches)))
-                n_tokens = max((stats[g.name].n_tokens for g in order), default=0)
+                                           progress=progress_bar(progress, "calibration", len(batches)),
+                                           experts=experts_statistics(model, experts, config))
+                n_tokens = max([*(stats[g.name].n_tokens for g in order),
+                                *(getattr(e.S, "n_tokens", 0) for e in stats.experts.values())], default=0)
                 with torch.no_grad():
                     _quantize_groups(model, order, stats, config, rows, factors)
+                    _quantize_all_experts(model, stats.experts, config, expert_rows, skipped)
                 how = {"mode": "model"}
         finally:
             model.train(was_training)
@@ -377,11 +438,14 @@ def quantize_(
         selection = apply_selection(model, report_rows, [factors[g.name] for g in order], config.selective,
                                     batches, progress)
         embeddings = quantize_embeddings(model, tables, config, dict(skipped))
+    # the graph pass lists an experts module's 3-D weights as not linears; quantize_experts took them
+    done = [n for n, m in model.named_modules() if isinstance(m, QuantizedExperts)]
+    skipped = {k: v for k, v in dict(skipped).items() if not any(k.startswith(n + ".") for n in done)}
     bos = starts_with_bos(model, batches)
     how = how if bos is None else {**how, "windows_start_with_bos": bos}
     from glowq_fx.checkpoint.transformers import attach  # transformers' save_pretrained then writes our format
 
     attach(model, config.to_dict())
-    return QuantizationReport(config, report_rows, dict(skipped), list(breaks), len(batches), n_tokens,
+    return QuantizationReport(config, report_rows + expert_rows, dict(skipped), list(breaks), len(batches), n_tokens,
                               time.perf_counter() - t0, selection, how, embeddings,
                               (bytes_before, model_bytes(model)))

@@ -1,9 +1,14 @@
-"""The private Dynamo detail glowq-fx reads, behind one small wrapper.
+"""The private Dynamo details glowq-fx reads, behind one small wrapper.
 
 Dynamo reports *why* a graph broke only through its internal counters (``explain`` resets the
 whole compile cache, a process-wide side effect we refuse). torch 2.11 counts breaks under
 ``"graph_break"``, 2.13 under ``"unimplemented"``; both are read. ``tests/passes/test_dynamo.py``
 fails loudly if a known break stops showing up here.
+
+A compile that breaks the graph caches compiled code on the code objects of the frames it
+entered (a module class's ``forward``), for every later compile to find. Their guards check the
+backend by ``id``, and a backend that was freed can have its ``id`` reused: a capture's recording
+backend must not leave such entries behind (``compiling_code``, ``forget_code``).
 """
 from __future__ import annotations
 
@@ -54,3 +59,23 @@ def placeholder_fqn(node) -> str | None:
     if not parts or "._parameters[" not in name and "._buffers[" not in name:
         return None
     return ".".join(parts)
+
+
+def compiling_code():
+    """The code object of the frame Dynamo is compiling now (called from inside a backend), or None."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+    except (ImportError, AttributeError, AssertionError, IndexError):
+        return None
+    return getattr(tx, "f_code", None)
+
+
+def forget_code(code) -> None:
+    """Drop Dynamo's compiled entries for ``code`` (later compiles of it recompile)."""
+    try:
+        from torch._C._dynamo.eval_frame import reset_code
+    except ImportError:
+        return
+    reset_code(code)

@@ -245,12 +245,13 @@ class BlockwiseCalibration:
             out = self.modules[i](*rest, hidden_states=stream, **kwargs)
         return _output_stream(out)
 
-    def block_statistics(self, i: int, groups: Sequence[InputGroup]) -> GroupStatistics:
+    def block_statistics(self, i: int, groups: Sequence[InputGroup], experts: dict | None = None) -> GroupStatistics:
         """Move block ``i`` to the compute device and run it on every batch, collecting the ``S``
-        of ``groups`` (its groups); with float block inputs its outputs are kept for ``advance``."""
+        of ``groups`` (its groups) and the statistics of ``experts`` (its experts modules, by name);
+        with float block inputs its outputs are kept for ``advance``."""
         t0 = time.perf_counter()
         self.modules[i].to(self.device)
-        stats = GroupStatistics(((g.name, g.in_features) for g in groups), dtype=self.stats_dtype)
+        stats = GroupStatistics(((g.name, g.in_features) for g in groups), dtype=self.stats_dtype, experts=experts)
         with feeding(self.model, groups, stats) as set_mask, torch.no_grad():
             for b, batch in enumerate(self.batches):
                 set_mask(batch_mask(batch))

@@ -10,6 +10,7 @@ group has its input, so calibration never computes logits (``StopForward``).
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
@@ -38,7 +39,8 @@ def output_module(model: nn.Module) -> nn.Module | None:
 @contextlib.contextmanager
 def feeding(model: nn.Module, groups: Iterable[InputGroup], stats: GroupStatistics, *,
             stop_at: nn.Module | None = None) -> Iterator[Callable[[Tensor | None], None]]:
-    """Pre-hooks feeding ``stats[g.name]`` with each group's input while the body runs forwards.
+    """Pre-hooks feeding ``stats[g.name]`` with each group's input, and each experts module's
+    statistics (``stats.experts``), while the body runs forwards.
 
     Yields ``set_mask(mask)``: the attention mask of the batch about to run (None: no padding),
     called before each forward pass. With ``stop_at`` (the output head), a forward pass that
@@ -65,14 +67,25 @@ def feeding(model: nn.Module, groups: Iterable[InputGroup], stats: GroupStatisti
         return feed
 
     def stop(_module, _args):
-        if len(fed) == len(groups):
+        if len(fed) == len(groups) + len(stats.experts):
             raise StopForward
 
     def set_mask(mask: Tensor | None) -> None:
         current_mask[0] = mask
         fed.clear()
 
+    def expert_hook(name: str, experts):
+        def feed(module, args, kwargs):
+            fed.add(name)
+            t0 = time.perf_counter()
+            experts.before(module, args, kwargs, current_mask[0])
+            stats.time_s += time.perf_counter() - t0
+        return feed
+
     handles = [modules[g.members[0]].register_forward_pre_hook(hook(g)) for g in groups]
+    for name, es in stats.experts.items():
+        handles.append(modules[name].register_forward_pre_hook(expert_hook(name, es), with_kwargs=True))
+        handles.append(modules[name].register_forward_hook(lambda m, args, out, es=es: es.after(m), always_call=True))
     if stop_at is not None:  # registered last: the head's own statistics come first
         handles.append(stop_at.register_forward_pre_hook(stop))
     try:
@@ -90,9 +103,11 @@ def collect_statistics(
     *,
     dtype: str = "float32",
     progress: Callable[[Iterable], Iterable] = lambda it: it,
+    experts: dict | None = None,
 ) -> GroupStatistics:
-    """One ``S`` per group over ``batches``; ``run(model, batch)`` does one forward pass."""
-    stats = GroupStatistics(((g.name, g.in_features) for g in groups), dtype=dtype)
+    """One ``S`` per group over ``batches`` (and the statistics of ``experts``, by experts module
+    name: ``calibration.experts``); ``run(model, batch)`` does one forward pass."""
+    stats = GroupStatistics(((g.name, g.in_features) for g in groups), dtype=dtype, experts=experts)
     with feeding(model, groups, stats, stop_at=output_module(model)) as set_mask, torch.no_grad():
         for batch in progress(batches):
             set_mask(batch_mask(batch))

@@ -94,10 +94,12 @@ class GroupStatistics(Mapping[str, SecondMoment]):
         dtype: ``"float32"`` or ``"float64"`` (``GlowQConfig.stats_dtype``).
     """
 
-    def __init__(self, groups: Iterable[tuple[str, int]], dtype: str = "float32"):
+    def __init__(self, groups: Iterable[tuple[str, int]], dtype: str = "float32", experts: Mapping | None = None):
         if dtype not in _STATS_DTYPES:
             raise ValueError(f"stats dtype must be one of {list(_STATS_DTYPES)}, got {dtype!r}")
         self._stats = {name: SecondMoment(d, name, _STATS_DTYPES[dtype]) for name, d in groups}
+        # experts module name -> calibration.experts.ExpertsStatistics, fed beside the groups
+        self.experts = dict(experts or {})
         self.time_s = 0.0  # spent accumulating (wall clock; on CUDA the launches, not their completion)
 
     def add_batch(self, group: str, x: Tensor, attention_mask: Tensor | None = None) -> None:
@@ -121,4 +123,5 @@ class GroupStatistics(Mapping[str, SecondMoment]):
         return len(self._stats)
 
     def nbytes(self) -> int:
-        return sum(s.d_in**2 * s.dtype.itemsize for s in self._stats.values())
+        return (sum(s.d_in**2 * s.dtype.itemsize for s in self._stats.values())
+                + sum(e.nbytes() for e in self.experts.values()))

@@ -4,8 +4,9 @@
 returns the captured pieces with the run-time aliases between them: a tensor that one piece
 returns and the next one receives is the same producer, so groups are stitched across graph
 breaks. The recording backend compiles a function with a fresh code object and fresh globals,
-so the compile cache entries and the compiled graphs it creates die with it: capture leaves
-nothing behind (no reference to the model), and changes no global setting.
+so the compile cache entries and the compiled graphs it creates die with it, and the entries a
+graph break leaves on inner frames are dropped after the run: capture leaves nothing behind (no
+reference to the model), and changes no global setting.
 """
 from __future__ import annotations
 
@@ -35,8 +36,12 @@ def capture_graphs(model: nn.Module, batch: object, run: Run = run_batch) -> tup
     """
     pieces: list[CapturedGraph] = []
     live = {"pieces": pieces, "produced": {}, "keys": TensorKeys()}  # produced: tensor key -> (piece, node)
+    compiled_codes = []  # the frames compiled here: their cache entries are dropped after the run
 
     def record(gm: fx.GraphModule, example_inputs, **_kwargs):
+        code = _dynamo.compiling_code()
+        if code is not None:
+            compiled_codes.append(code)
         index = len(live["pieces"])
         live["pieces"].append(CapturedGraph(gm, list(example_inputs)))
         placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
@@ -71,4 +76,8 @@ def capture_graphs(model: nn.Module, batch: object, run: Run = run_batch) -> tup
             torch.compile(entry, backend=record, dynamic=False)(model, batch, run)
     finally:
         live.clear()
+        # a graph break leaves compiled entries on the inner frames' code (a module class's forward),
+        # which a later compile could take for its own once this backend's id is reused
+        for code in {id(c): c for c in compiled_codes}.values():
+            _dynamo.forget_code(code)
     return pieces, _dynamo.new_break_reasons(before)

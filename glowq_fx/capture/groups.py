@@ -181,17 +181,12 @@ def check_one_dtype(group: InputGroup, modules: Mapping[str, nn.Module]) -> None
 
 def _warn_skipped(model: nn.Module, discovery: GroupDiscovery) -> None:
     """One warning per kind of unusual skip (expected ones, like the output head, are logged)."""
-    unusual = {k: v for k, v in discovery.skipped.items()
-               if "output head" not in v and "tied to the embedding" not in v and "pattern" not in v}
+    unusual = {k: v for k, v in discovery.skipped.items()  # experts: quantize_experts takes them on their own
+               if "output head" not in v and "tied to the embedding" not in v and "pattern" not in v
+               and "fused MoE experts" not in v}
     for k, v in discovery.skipped.items():
         if k not in unusual:
             log.info("not quantized: %s: %s", k, v)
     if unusual:
         details = [f"{k} ({v})" for k, v in unusual.items()]
         warn(f"not quantized: {_names(details, limit=4)}; the report's skipped field lists them all")
-    experts = sorted({n for n, m in model.named_modules()
-                      if any(p.dim() >= 3 for p in m.parameters(recurse=False))
-                      and not isinstance(m, nn.modules.conv._ConvNd)})
-    if experts:
-        warn(f"leaving {len(experts)} MoE expert modules unquantized ({_names(experts)}): their fused 3-D "
-              "expert weights are not linears; glowq-fx quantizes the dense linears only")

@@ -16,6 +16,9 @@ from glowq_fx.checkpoint.shards import CheckpointError, check_shards, read_heade
 from glowq_fx.config import GlowQConfig
 from glowq_fx.kernels.layout import PackedW4, packed_shapes
 from glowq_fx.modules.embedding import QuantizedEmbedding, empty_quantized_embedding
+from glowq_fx.modules.expert_views import TracedExperts
+from glowq_fx.modules.experts import (QuantizedExperts, QuantizedExpertWeights, experts_protocol, layout_from_record,
+                                      layout_record, quantized_experts)
 from glowq_fx.modules.install import register_projection, replace_module
 from glowq_fx.modules.linear import QuantizedLinear, SharedProjection, linear_weight
 
@@ -37,24 +40,38 @@ def under_module(key: str, prefix: str | None) -> bool:
 def describe(model: nn.Module, prefix: str | None = None) -> dict:
     """The quantized modules of ``model`` under the module ``prefix`` (None: all): each quantized
     linear (shape, group size, rank, bias, the projection it reads), each projection (members,
-    state-dict key) and each quantized embedding table (bits, shape, the head sharing it)."""
-    linears, projections, embeddings = {}, {}, {}
+    state-dict key), each quantized embedding table (bits, shape, the head sharing it) and each
+    quantized experts module (its protocol, and per 3-D weight what a linear records)."""
+    linears, projections, embeddings, experts = {}, {}, {}, {}
+
+    def projection_key(projection: SharedProjection | None) -> str | None:
+        if projection is None:
+            return None
+        key = _projection_key(model, projection)
+        projections.setdefault(key, {"key": key, "members": list(projection.members), "rank": projection.rank,
+                                     "in_features": projection.in_features})
+        return key
+
     for name, m in model.named_modules():
         if not under_module(name, prefix):
             continue
         if isinstance(m, QuantizedLinear):
-            key = None
-            if m.projection is not None:
-                key = _projection_key(model, m.projection)
-                projections.setdefault(key, {"key": key, "members": list(m.projection.members),
-                                             "rank": m.projection.rank, "in_features": m.projection.in_features})
             linears[name] = {"in_features": m.in_features, "out_features": m.out_features, "group_size": m.group_size,
-                             "rank": m.rank, "bias": m.bias is not None, "projection": key}
+                             "rank": m.rank, "bias": m.bias is not None, "projection": projection_key(m.projection)}
+        elif isinstance(m, QuantizedExperts):
+            weights = {}
+            for w in m.glowq_protocol.weights:
+                q = m.quantized_weights(w)
+                weights[w] = {"in_features": q.in_features, "out_features": q.out_features,
+                              "group_size": q.group_size, "rank": q.rank, "bias": q.bias is not None,
+                              "projection": projection_key(q.projection)}
+            experts[name] = {"protocol": layout_record(m.glowq_protocol), "weights": weights}
         elif isinstance(m, QuantizedEmbedding):
             heads = [n for n, h in model.named_modules() if isinstance(h, QuantizedLinear) and h.qweight is m.qweight]
             embeddings[name] = {"bits": m.bits, "num_embeddings": m.num_embeddings, "embedding_dim": m.embedding_dim,
                                 "tied_head": heads[0] if heads else None}
-    return {"linears": linears, "projections": list(projections.values()), "embeddings": embeddings}
+    return {"linears": linears, "projections": list(projections.values()), "embeddings": embeddings,
+            "experts": experts}
 
 
 def hf_quantization_config(model: nn.Module, config: GlowQConfig | None) -> dict:
@@ -109,9 +126,12 @@ def read_metadata(directory: str | Path) -> dict:
 
 
 def file_dtype(header: dict[str, tuple[tuple[int, ...], torch.dtype]], meta: dict) -> torch.dtype:
-    """The dtype of the model's floating tensors: that of the first quantized linear's scales."""
-    name = next(iter(meta["linears"]))
-    return header[f"{name}.scales"][1]
+    """The dtype of the model's floating tensors: that of the first quantized linear's scales
+    (or experts weight's)."""
+    if meta["linears"]:
+        return header[f"{next(iter(meta['linears']))}.scales"][1]
+    name, rec = next(iter(meta["experts"].items()))
+    return header[f"{name}.{next(iter(rec['weights']))}.scales"][1]
 
 
 def in_dtype(header: dict[str, tuple[tuple[int, ...], torch.dtype]], meta: dict,
@@ -129,13 +149,19 @@ def in_dtype(header: dict[str, tuple[tuple[int, ...], torch.dtype]], meta: dict,
     return {k: (shape, dtype if d == stored else d) for k, (shape, d) in header.items()}
 
 
-def _check_packed(name: str, rec: dict, header: dict) -> None:
-    """The packed tensors' shapes and dtypes agree with each other and the record (layout.py)."""
+def _check_packed(name: str, rec: dict, header: dict, experts: int | None = None) -> None:
+    """The packed tensors' shapes and dtypes agree with each other and the record (layout.py);
+    with ``experts``, each is that many experts' stacked."""
     keys = [f"{name}.{s}" for s in ("qweight", "scales", "zeros")]
     absent = [k for k in keys if k not in header]
     if absent:
         raise CheckpointError(f"the checkpoint does not match its description: missing tensors {absent}")
     (qshape, qdtype), (sshape, sdtype), (zshape, zdtype) = (header[k] for k in keys)
+    if experts is not None:
+        if not (len(qshape) == len(sshape) == len(zshape) == 3 and qshape[0] == sshape[0] == zshape[0] == experts):
+            raise CheckpointError(f"{name}: {tuple(qshape)}, {tuple(sshape)}, {tuple(zshape)} are not {experts} "
+                                  "experts' packed weights (the checkpoint is corrupted)")
+        qshape, sshape, zshape = qshape[1:], sshape[1:], zshape[1:]
     N, K, g = rec["out_features"], rec["in_features"], rec["group_size"]
     try:
         q_expected, s_expected = packed_shapes(K, N, g)
@@ -178,6 +204,46 @@ def _check_embedding(name: str, rec: dict, modules: dict, header: dict, linears:
                               "corrupted)")
 
 
+def _plan_experts(name: str, rec: dict, module: nn.Module | None, header: dict, expected: dict) -> set[str]:
+    """Check an experts module against its record, adding its tensors to ``expected``; the keys of
+    the float tensors it replaces."""
+    recorded = layout_from_record(rec["protocol"])
+    if module is None:
+        raise CheckpointError(f"the checkpoint quantized the experts {name}, which this model does not have: it was "
+                              "written for another architecture")
+    if isinstance(recorded, TracedExperts):
+        found = {n: tuple(p.shape) for n, p in module.named_parameters(recurse=False) if p.dim() == 3}
+        if set(found) != set(recorded.weights) or any(s[0] != recorded.num_experts for s in found.values()):
+            raise CheckpointError(f"{name}: the model's 3-D weights {found} are not the checkpoint's "
+                                  f"({recorded.num_experts} experts of {list(recorded.weights)}); other model size or "
+                                  "architecture")
+        out_in = {t.name: t.stored_out_in for t in recorded.traced}
+    else:
+        found = experts_protocol(module)
+        if found != recorded:
+            raise CheckpointError(f"{name}: the model's experts ({found}) are not the checkpoint's ({recorded}); "
+                                  "other model size or architecture")
+        out_in = dict.fromkeys(recorded.weights, not recorded.is_transposed)
+    E, replaced = recorded.num_experts, set()
+    for w, wrec in rec["weights"].items():
+        N, K, r = wrec["out_features"], wrec["in_features"], wrec["rank"]
+        stored = getattr(module, w)[0]
+        shape = tuple(stored.shape if out_in[w] else stored.T.shape)
+        if shape != (N, K):
+            raise CheckpointError(f"{name}.{w}: the model's experts are (out, in) {shape}, the checkpoint's ({N}, {K})")
+        key = f"{name}.{w}"
+        _check_packed(key, wrec, header, experts=E)
+        replaced.update((key, f"{key}_bias"))
+        expected.update({f"{key}.{suffix}": None for suffix in ("qweight", "scales", "zeros")})
+        if wrec["bias"]:
+            expected[f"{key}.bias"] = (E, N)
+        if r:
+            expected[f"{key}.A"] = (E, N, r)
+            if wrec["projection"] is None:
+                expected[f"{key}.B"] = (E, r, K)
+    return replaced
+
+
 def _plan(model: nn.Module, meta: dict, header: dict) -> None:
     """Every check between the checkpoint and ``model``, before anything changes."""
     modules = dict(model.named_modules())
@@ -206,6 +272,8 @@ def _plan(model: nn.Module, meta: dict, header: dict) -> None:
             expected[f"{name}.bias"] = (N,)
         if r:
             expected[f"{name}.A"] = (N, r)
+    for name, rec in meta.get("experts", {}).items():
+        replaced.update(_plan_experts(name, rec, modules.get(name), header, expected))
     for p in meta["projections"]:
         expected[p["key"]] = (p["rank"], p["in_features"])
     for name, rec in meta.get("embeddings", {}).items():
@@ -253,6 +321,27 @@ def _empty_quantized(name: str, rec: dict, header: dict, projection: SharedProje
                            empty(f"{name}.A") if rec["projection"] else None, projection)
 
 
+def _empty_experts(module: nn.Module, name: str, rec: dict, header: dict, projections: dict,
+                   device: str | torch.device) -> QuantizedExperts:
+    """A ``QuantizedExperts`` of the recorded shapes and dtypes over ``module``, its tensors still to be read."""
+    def empty(key: str) -> torch.Tensor:
+        shape, dtype = header[key]
+        return torch.empty(shape, dtype=dtype, device=device)
+
+    weights = {}
+    for w, wrec in rec["weights"].items():
+        key = f"{name}.{w}"
+        q = QuantizedExpertWeights.stacked(empty(f"{key}.qweight"), empty(f"{key}.scales"), empty(f"{key}.zeros"),
+                                           wrec["in_features"], empty(f"{key}.bias") if wrec["bias"] else None)
+        if wrec["rank"]:
+            if wrec["projection"] is not None:
+                q.set_correction(empty(f"{key}.A"), projection=projections[wrec["projection"]])
+            else:
+                q.set_correction(empty(f"{key}.A"), B=empty(f"{key}.B"))
+        weights[w] = q
+    return quantized_experts(module, weights, layout_from_record(rec["protocol"]))
+
+
 def read_checked(directory: str | Path) -> tuple[dict, list[dict], dict]:
     """``(glowq.json, its shard records, every tensor's (shape, dtype) by key)`` of a checkpoint,
     after checking every shard's size and checksum (``CheckpointError`` naming what is wrong)."""
@@ -266,8 +355,10 @@ def read_checked(directory: str | Path) -> tuple[dict, list[dict], dict]:
     header = read_headers(directory, shards)
     # a tensor stored once under one key (tied tables) is described under each of its keys
     header.update({alias: header[target] for alias, target in meta["aliases"].items() if target in header})
-    if not meta["linears"] or f"{next(iter(meta['linears']))}.scales" not in header:
-        raise CheckpointError(f"the shards in {directory} do not hold the quantized linears that {META_FILE} lists")
+    try:
+        file_dtype(header, meta)
+    except (KeyError, StopIteration):
+        raise CheckpointError(f"the shards in {directory} do not hold the quantized linears that {META_FILE} lists") from None
     return meta, shards, header
 
 
@@ -303,7 +394,8 @@ def _meta_from_config(directory: Path) -> tuple[dict, list[dict]]:
                               "nothing was loaded")
     meta = {"format": FORMAT, "format_version": entry.get("format_version", FORMAT_VERSION), "config": entry.get("config"),
             "linears": entry["linears"], "projections": entry.get("projections", []),
-            "embeddings": entry.get("embeddings", {}), "aliases": entry.get("aliases", {}),
+            "embeddings": entry.get("embeddings", {}), "experts": entry.get("experts", {}),
+            "aliases": entry.get("aliases", {}),
             "model_class": (json.loads((directory / "config.json").read_text()).get("architectures") or ["?"])[0],
             "tensors": {"shards": [{"file": f} for f in files]}}
     return meta, meta["tensors"]["shards"]
@@ -325,6 +417,8 @@ def install_quantized(model: nn.Module, meta: dict, header: dict, device: str | 
     for name, rec in meta["linears"].items():
         projection = projections.get(rec["projection"]) if rec["projection"] else None
         replace_module(model, name, _empty_quantized(name, rec, header, projection, device))
+    for name, rec in meta.get("experts", {}).items():
+        replace_module(model, name, _empty_experts(model.get_submodule(name), name, rec, header, projections, device))
     for name, rec in meta.get("embeddings", {}).items():
         table = empty_quantized_embedding(model.get_submodule(name), rec["bits"],
                                           {k: header[f"{name}.{k}"] for k in ("qweight", "scales", "zeros")}, device)

@@ -74,6 +74,7 @@ class CheckpointWriter:
         self._projections: dict[str, dict] = {}
         self.aliases: dict[str, str] = {}
         self.embeddings: dict[str, dict] = {}
+        self.experts: dict[str, dict] = {}
         self._written: set[str] = set()
         self.dtype: torch.dtype | None = None  # the model's (its quantized linears' scales')
 
@@ -88,6 +89,10 @@ class CheckpointWriter:
             self._projections.setdefault(rec["key"], rec)
         for name, rec in found["embeddings"].items():
             self.embeddings.setdefault(name, rec)
+        for name, rec in found["experts"].items():
+            self.experts.setdefault(name, rec)
+            first = model.get_submodule(name)
+            self.dtype = self.dtype or first.quantized_weights(next(iter(rec["weights"]))).scales.dtype
         state = {k: v for k, v in model.state_dict().items() if under_module(k, prefix) and k not in self._written}
         tensors, aliases = _dedupe(state)
         self._shards.add(tensors)
@@ -97,7 +102,7 @@ class CheckpointWriter:
     def close(self, model: nn.Module, *, config: GlowQConfig | None = None, report=None, tokenizer=None) -> Path:
         """Write what is left of ``model``, its config (and tokenizer), and ``glowq.json``."""
         self.add(model)
-        if not self.records:
+        if not self.records and not self.experts:
             raise CheckpointError("the model has no QuantizedLinear modules: quantize it with glowq_fx.quantize_ "
                                   "first (a floating-point model is saved with save_pretrained)")
         shards = self._shards.close()
@@ -129,7 +134,7 @@ class CheckpointWriter:
             "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
             "config": None if config is None else config.to_dict(),
             "linears": self.records, "projections": list(self._projections.values()), "aliases": self.aliases,
-            "embeddings": self.embeddings,
+            "embeddings": self.embeddings, "experts": self.experts,
             "tensors": {"shards": shards},
             "report": None if report is None else report.to_dict(),
         }

@@ -36,11 +36,11 @@ class GlowQHfConfig(QuantizationConfigMixin):
     checkpoint format version and the ``GlowQConfig`` it was quantized with (``glowq.json``
     holds the full description)."""
 
-    FIELDS = ("linears", "projections", "embeddings", "aliases")
+    FIELDS = ("linears", "projections", "embeddings", "experts", "aliases")
 
     def __init__(self, format_version: int = FORMAT_VERSION, config: dict | None = None, quant_method: str = QUANT_METHOD,
                  linears: dict | None = None, projections: list | None = None, embeddings: dict | None = None,
-                 aliases: dict | None = None, **kwargs: Any):
+                 aliases: dict | None = None, experts: dict | None = None, **kwargs: Any):
         if quant_method != QUANT_METHOD:
             raise ValueError(f"GlowQHfConfig describes quant_method {QUANT_METHOD!r}, not {quant_method!r}")
         if kwargs:
@@ -51,6 +51,7 @@ class GlowQHfConfig(QuantizationConfigMixin):
         self.quant_method, self.format_version, self.config = QUANT_METHOD, format_version, config
         self.linears, self.projections = dict(linears or {}), list(projections or [])
         self.embeddings, self.aliases = dict(embeddings or {}), dict(aliases or {})
+        self.experts = dict(experts or {})
 
     def to_dict(self) -> dict[str, Any]:
         return {"quant_method": QUANT_METHOD, "format_version": self.format_version, "config": self.config,

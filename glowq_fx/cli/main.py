@@ -308,6 +308,8 @@ def _groups(args: argparse.Namespace) -> int:
     import torch
 
     from glowq_fx import GlowQWarning, find_groups
+    from glowq_fx.modules.experts import expert_weight
+    from glowq_fx.quantize_experts import find_experts
 
     net, config = _build_from_config(args.model, args.layers)
     batch = {"input_ids": torch.zeros(1, 8, dtype=torch.long)}
@@ -320,11 +322,19 @@ def _groups(args: argparse.Namespace) -> int:
           f"{found.pieces} captured graph(s)")
     rows = [[g.name, str(len(g.members)), str(g.in_features), "/".join(map(str, g.out_features))]
             for g in found.groups]
+    experts, experts_skipped = find_experts(net, glowq_config)
+    for name, p in experts.items():  # the experts' first weight is one group (one B); each second weight its own
+        module = net.get_submodule(name)
+        (n1, k1), (n2, k2) = (expert_weight(module, w, 0, p.is_transposed).shape for w in p.weights)
+        rows.append([f"{name}.{p.first}", f"{p.num_experts} experts", str(k1), f"{p.num_experts} x {n1}"])
+        rows.append([f"{name}.{p.second}", f"{p.num_experts} x 1", str(k2), str(n2)])
     print(format_table(["group", "k", "d_in", "d_out"], rows))
     shared = sum(len(g.members) > 1 for g in found.groups)
     print(f"{len(found.groups)} groups ({shared} shared by 2+ linears), "
-          f"{sum(len(g.members) for g in found.groups)} linears")
-    for name, why in found.skipped.items():
+          f"{sum(len(g.members) for g in found.groups)} linears"
+          + (f"; {len(experts)} experts modules (their first weight shares one B across the experts, each expert's "
+             "second weight reads its own input)" if experts else ""))
+    for name, why in {**found.skipped, **experts_skipped}.items():
         print(f"not quantized: {name}: {why}")
     for w in caught:
         if issubclass(w.category, GlowQWarning):

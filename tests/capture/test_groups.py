@@ -6,7 +6,7 @@ from torch import nn
 
 import glowq_fx.capture.groups as capture
 from glowq_fx import GlowQConfig, GlowQWarning, find_groups, quantize_
-from glowq_fx.modules import QuantizedLinear
+from glowq_fx.modules.experts import QuantizedExperts
 from tests_helpers import tiny_llama, token_batches
 
 
@@ -80,21 +80,21 @@ def test_linears_outside_the_graph_are_grouped_by_hooks_with_a_warning(gen):
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
-def test_moe_dense_linears_only_with_a_warning(arch):
+def test_moe_routers_stay_in_full_precision_and_the_experts_are_quantized(arch):
     if arch == "mixtral":
         model = T.MixtralForCausalLM(T.MixtralConfig(**MOE, num_local_experts=4)).eval()
     else:
         model = T.Qwen2MoeForCausalLM(T.Qwen2MoeConfig(**MOE, moe_intermediate_size=32, num_experts=4,
                                                        shared_expert_intermediate_size=64)).eval()
-    with pytest.warns(GlowQWarning, match=r"leaving 1 MoE expert modules unquantized \(model.layers.0.mlp.experts\)"):
-        report = quantize_(model, token_batches(2), GlowQConfig(group_size=32, rank=8), progress=False)
+    report = quantize_(model, token_batches(2), GlowQConfig(group_size=32, rank=8), progress=False)
     names = [g.name for g in report.groups]
     assert names[:2] == ["model.layers.0.self_attn.{q_proj,k_proj,v_proj}", "model.layers.0.self_attn.o_proj"]
     assert "model.layers.0.mlp.gate" in report.skipped  # the router (N = 4 experts)
     if arch == "qwen2_moe":
         assert "model.layers.0.mlp.shared_expert.{gate_proj,up_proj}" in names
         assert "min_out_features" in report.skipped["model.layers.0.mlp.shared_expert_gate"]  # N = 1
-    assert not isinstance(model.model.layers[0].mlp.experts, QuantizedLinear)
+    assert isinstance(model.model.layers[0].mlp.experts, QuantizedExperts)
+    assert "model.layers.0.mlp.experts.gate_up_proj" in names  # the experts' rows (quantize_experts)
     with torch.no_grad():
         assert torch.isfinite(model(**token_batches(1, seed=5)[0]).logits).all()
 

@@ -21,6 +21,7 @@ EXPECTED = {
     "falcon": "transformer.h.0.{self_attention.query_key_value,mlp.dense_h_to_4h}  2   4544  4672/18176",
     "gptj": "transformer.h.0.{attn.q_proj,attn.k_proj,attn.v_proj,mlp.fc_in}  4   4096  4096/4096/4096/16384",
     "gpt_neox": "gpt_neox.layers.0.attention.query_key_value",
+    "qwen3_moe": "model.layers.0.mlp.experts.gate_up_proj          128 experts  2048    128 x 1536",
 }
 
 

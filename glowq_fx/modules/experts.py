@@ -1,0 +1,256 @@
+"""The quantized experts of an MoE block: every expert's weights in 4 bits, one shared ``B``.
+
+transformers (5.x) keeps an MoE block's experts in one module with fused 3-D parameters,
+``gate_up_proj`` (E, 2I, H) (``up_proj`` when the experts have no gate) and ``down_proj``
+(E, H, I) (stored (E, in, out) when ``is_transposed``), and a forward
+``(hidden_states (T, H), top_k_index (T, k), top_k_weights (T, k)) -> (T, H)``; the class is
+marked by ``use_experts_implementation``, which sets ``has_gate``, ``has_bias``,
+``is_transposed`` and ``has_post_expert_norm``. ``experts_protocol`` reads those marks (no
+class names).
+
+``QuantizedExperts`` replaces such a module in place with the same forward signature. Each 3-D
+weight becomes a ``QuantizedExpertWeights`` child under the parameter's name: per-expert codes,
+scales and zero points stacked (E, ...) in the layout of ``kernels.layout``, and per-expert
+``A_e``. The first weight (it reads the block input) shares one ``B`` across the experts (and
+any dense linear reading the same input, e.g. a shared expert): ``R = B x`` is computed once for
+all tokens, before dispatch, and expert ``e``'s rows get ``deq(W_e) x_e + A_e R_e``. The second
+weight reads each expert's own intermediate, so each expert has its own ``B_e`` there.
+
+The quantized module takes the experts module's class (a dynamic subclass, as
+``QuantizedEmbedding`` does), so the class's own gating (``_apply_gate``: concatenated or
+interleaved gate/up, clamped activations), activation and post-expert norm keep working.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from glowq_fx import ops
+from glowq_fx.modules.expert_views import QuantizedWeightsView, TracedExperts, TracedWeight
+from glowq_fx.kernels.layout import PackedW4, dequantize_packed, group_size_of
+from glowq_fx.modules.linear import SharedProjection
+
+
+@dataclass(frozen=True)
+class ExpertsProtocol:
+    """How an experts module computes (read from transformers' ``use_experts_implementation`` marks)."""
+
+    first: str  # the 3-D weight that reads the block input: "gate_up_proj" or "up_proj"
+    second: str  # the one that reads each expert's intermediate: "down_proj"
+    has_gate: bool
+    has_bias: bool
+    is_transposed: bool
+    has_post_expert_norm: bool
+    num_experts: int
+
+    @property
+    def weights(self) -> tuple[str, str]:
+        return self.first, self.second
+
+
+def experts_protocol(module: nn.Module) -> ExpertsProtocol | str:
+    """The module's ``ExpertsProtocol``, or why it is not an experts module glowq-fx can run
+    (a string naming what is missing)."""
+    marks = ("has_gate", "has_bias", "is_transposed")
+    if not all(isinstance(getattr(module, m, None), bool) for m in marks):
+        return f"it lacks transformers' experts marks ({', '.join(marks)}: set by use_experts_implementation)"
+    first = "gate_up_proj" if module.has_gate else "up_proj"
+    weights = {n: p for n, p in module.named_parameters(recurse=False) if p.dim() == 3}
+    missing = [n for n in (first, "down_proj") if n not in weights]
+    if missing:
+        return f"it has no 3-D parameter {' or '.join(missing)} (its 3-D parameters: {sorted(weights) or 'none'})"
+    E = weights[first].shape[0]
+    if weights["down_proj"].shape[0] != E:
+        return f"{first} holds {E} experts but down_proj {weights['down_proj'].shape[0]}"
+    return ExpertsProtocol(first, "down_proj", module.has_gate, module.has_bias, module.is_transposed,
+                           bool(getattr(module, "has_post_expert_norm", False)), E)
+
+
+def expert_weight(module: nn.Module, name: str, e: int, transposed: bool) -> Tensor:
+    """Expert ``e``'s (out, in) weight of the 3-D parameter ``name``."""
+    W = getattr(module, name)[e]
+    return W.T if transposed else W
+
+
+class QuantizedExpertWeights(nn.Module):
+    """One 3-D expert weight, quantized: ``y_e = deq(W_e) x + A_e R + bias_e`` for expert ``e``.
+
+    Buffers:
+        qweight: int32 (E, K_pad / 8, N); scales, zeros: (E, n_groups, N) in the model dtype.
+        bias: (E, N) or None.
+        A: (E, N, r) in the factor dtype, or None.
+        B: (E, r, K): each expert's own right factor, or None when the experts share the group's
+            ``projection`` (a reference, registered once on the common ancestor as for linears).
+    """
+
+    def __init__(self, packed: list[PackedW4], bias: Tensor | None = None):
+        super().__init__()
+        if not packed:
+            raise ValueError("an experts weight needs at least one expert")
+        first = packed[0]
+        if any((p.qweight.shape, p.scales.shape, p.in_features) != (first.qweight.shape, first.scales.shape,
+                                                                    first.in_features) for p in packed):
+            raise ValueError("every expert of one weight must have the same shape and group size")
+        self._setup(torch.stack([p.qweight for p in packed]), torch.stack([p.scales for p in packed]),
+                    torch.stack([p.zeros for p in packed]), first.in_features, bias)
+
+    @classmethod
+    def stacked(cls, qweight: Tensor, scales: Tensor, zeros: Tensor, in_features: int,
+                bias: Tensor | None = None) -> "QuantizedExpertWeights":
+        """From tensors already stacked (E, ...) in the packed layout (a loader's empty tensors)."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new._setup(qweight, scales, zeros, in_features, bias)
+        return new
+
+    def _setup(self, qweight: Tensor, scales: Tensor, zeros: Tensor, in_features: int, bias: Tensor | None) -> None:
+        E, N = qweight.shape[0], qweight.shape[-1]
+        if qweight.dim() != 3 or scales.shape != zeros.shape or scales.shape[0] != E or scales.shape[-1] != N:
+            raise ValueError(f"stacked experts need qweight (E, K_pad/8, N), scales and zeros (E, G, N); got "
+                             f"{tuple(qweight.shape)}, {tuple(scales.shape)}, {tuple(zeros.shape)}")
+        self.num_experts, self.in_features, self.out_features = E, in_features, N
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+        self.register_buffer("zeros", zeros)
+        if bias is not None and tuple(bias.shape) != (E, N):
+            raise ValueError(f"bias must be ({E}, {N}), got {tuple(bias.shape)}")
+        self.register_buffer("bias", None if bias is None else bias.detach().to(scales.dtype).clone())
+        self.register_buffer("A", None)
+        self.register_buffer("B", None)
+        object.__setattr__(self, "projection", None)
+
+    @property
+    def group_size(self) -> int:
+        return group_size_of(self.qweight[0], self.scales[0])
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.A is None else self.A.shape[-1]
+
+    def set_correction(self, A: Tensor | None, *, projection: SharedProjection | None = None,
+                       B: Tensor | None = None) -> None:
+        """Attach ``A`` (E, N, r) with either the group's shared ``projection`` or the experts' own
+        ``B`` (E, r, K); ``(None)`` removes the correction."""
+        if A is None:
+            if projection is not None or B is not None:
+                raise ValueError("a projection or B without A")
+            self.A, self.B = None, None
+            object.__setattr__(self, "projection", None)
+            return
+        if (projection is None) == (B is None):
+            raise ValueError("give A either the shared projection or each expert's own B, not both or neither")
+        E, N, K = self.num_experts, self.out_features, self.in_features
+        r = projection.rank if projection is not None else B.shape[1]
+        if tuple(A.shape) != (E, N, r) or not A.is_floating_point():
+            raise ValueError(f"A must be floating point ({E}, {N}, {r}), got {A.dtype} {tuple(A.shape)}")
+        if projection is not None and projection.in_features != K:
+            raise ValueError(f"the projection reads {projection.in_features} features, the experts {K}")
+        if B is not None and (tuple(B.shape) != (E, r, K) or not B.is_floating_point()):
+            raise ValueError(f"B must be floating point ({E}, {r}, {K}), got {B.dtype} {tuple(B.shape)}")
+        self.A = A.contiguous()
+        self.B = None if B is None else B.contiguous()
+        object.__setattr__(self, "projection", projection)
+
+    def project(self, x: Tensor) -> Tensor | None:
+        """``R = B x`` for all tokens when the experts share ``B`` (else None: each expert's own)."""
+        return None if self.projection is None else self.projection(x)
+
+    def expert(self, e: int, x: Tensor, R: Tensor | None = None) -> Tensor:
+        """Expert ``e`` on its rows ``x`` (n, K); ``R`` the rows of the shared projection."""
+        A = None if self.A is None else self.A[e]
+        if A is not None and R is None:
+            R = ops.shared_projection(x, self.B[e])
+        bias = None if self.bias is None else self.bias[e]
+        return ops.w4a16_linear(x, self.qweight[e], self.scales[e], self.zeros[e], bias, A, R)
+
+    def dequantized_weight(self, e: int, dtype: torch.dtype | None = None) -> Tensor:
+        """``W_q`` of expert ``e`` (out, in), without the correction."""
+        q, s, z = self.qweight[e], self.scales[e], self.zeros[e]
+        return dequantize_packed(q, s, z, group_size_of(q, s), self.in_features, dtype or s.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"experts={self.num_experts}, in_features={self.in_features}, out_features={self.out_features}, "
+                f"group_size={self.group_size}, rank={self.rank}, shared_B={self.projection is not None}")
+
+
+class QuantizedExperts(nn.Module):
+    """An experts module whose 3-D weights are ``QuantizedExpertWeights`` (module docstring);
+    built by ``quantize_experts`` or ``empty_quantized_experts``, never directly."""
+
+    glowq_protocol: ExpertsProtocol
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError("build QuantizedExperts with glowq_fx.modules.experts.quantized_experts(module, weights)")
+
+    def quantized_weights(self, name: str) -> QuantizedExpertWeights:
+        """The quantized 3-D weight ``name`` (a traced module's code sees it through a view instead)."""
+        return self._modules[name]
+
+    def forward(self, *args, **kwargs) -> Tensor:
+        if isinstance(self.glowq_protocol, TracedExperts):
+            return super().forward(*args, **kwargs)  # the module's own code, its weights seen through views
+        return self._routed_forward(*args, **kwargs)
+
+    def _routed_forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        p = self.glowq_protocol
+        first, second = getattr(self, p.first), getattr(self, p.second)
+        R = first.project(hidden_states)  # once for every token, before dispatch
+        out = torch.zeros_like(hidden_states)
+        for e in torch.unique(top_k_index).tolist():  # the experts some token was routed to
+            if not 0 <= e < p.num_experts:
+                continue  # transformers' sentinel for a token no local expert serves
+            token, slot = torch.where(top_k_index == e)
+            h = first.expert(e, hidden_states[token], None if R is None else R[token])
+            h = self._apply_gate(h) if p.has_gate else self.act_fn(h)
+            y = second.expert(e, h)
+            if p.has_post_expert_norm:
+                y = self.post_expert_norm(y)
+            y = y * top_k_weights[token, slot, None]
+            out.index_add_(0, token, y.to(out.dtype))
+        return out
+
+
+def layout_record(layout: ExpertsProtocol | TracedExperts) -> dict:
+    """``layout`` as JSON (a checkpoint's description)."""
+    kind = "traced" if isinstance(layout, TracedExperts) else "transformers"
+    return {"kind": kind, **dataclasses.asdict(layout)}
+
+
+def layout_from_record(record: dict) -> ExpertsProtocol | TracedExperts:
+    """The inverse of ``layout_record``."""
+    fields = {k: v for k, v in record.items() if k != "kind"}
+    if record.get("kind") == "traced":
+        return TracedExperts(fields["num_experts"], tuple(TracedWeight(**t) for t in fields["traced"]))
+    return ExpertsProtocol(**fields)
+
+
+@functools.cache
+def _quantized_class(cls: type) -> type:
+    return type(f"Quantized{cls.__name__}", (QuantizedExperts, cls), {"__module__": __name__})
+
+
+def quantized_experts(module: nn.Module, weights: dict[str, QuantizedExpertWeights],
+                      protocol: ExpertsProtocol | TracedExperts) -> QuantizedExperts:
+    """``module`` (an experts module, left unchanged) with its 3-D weights replaced by ``weights``:
+    a new module of a subclass of ``module``'s class sharing its other parameters and children.
+    A traced module's code reads each weight through a ``QuantizedWeightsView`` under the
+    weight's name (``modules.expert_views``)."""
+    if set(weights) != set(protocol.weights):
+        raise ValueError(f"quantized weights for {sorted(weights)}, the experts have {sorted(protocol.weights)}")
+    cls = _quantized_class(type(module))
+    new = cls.__new__(cls)
+    new.__dict__.update(module.__dict__)
+    replaced = {*weights, *(f"{w}_bias" for w in weights)}  # the biases live on in the quantized weights
+    new._parameters = {k: v for k, v in module._parameters.items() if k not in replaced}
+    new._buffers = dict(module._buffers)
+    new._modules = {**module._modules, **weights}
+    new.glowq_protocol = protocol
+    if isinstance(protocol, TracedExperts):
+        for traced in protocol.traced:  # found before _modules by attribute lookup: the module's code sees the view
+            new.__dict__[traced.name] = QuantizedWeightsView(weights[traced.name], traced,
+                                                             weights[traced.name].scales.dtype)
+    return new

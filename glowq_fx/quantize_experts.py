@@ -1,0 +1,208 @@
+"""Quantizing the experts of MoE blocks, inside ``quantize_``.
+
+``find_experts`` finds the experts modules (``modules.experts.experts_protocol``: fused 3-D
+weights and transformers' experts marks, no class names); their statistics are collected in the
+same calibration passes as the groups' (``calibration.experts``, block by block or whole);
+``quantize_experts`` then quantizes every expert's weights (RTN, or GPTQ on the expert's own
+tokens), solves the correction (``correction.experts``: one ``B`` across the experts' first
+projection for GlowQ; each expert alone for the other methods; each expert's second projection
+alone, on its own intermediate), and swaps in a ``QuantizedExperts`` with the same forward.
+"""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from glowq_fx.calibration.experts import ExpertsStatistics, TracedStatistics
+from glowq_fx.config import GlowQConfig
+from glowq_fx.correction.decompose import solve
+from glowq_fx.correction.experts import experts_lowrank
+from glowq_fx.kernels.layout import pack
+from glowq_fx.modules.experts import (ExpertsProtocol, QuantizedExperts, QuantizedExpertWeights, expert_weight,
+                                      experts_protocol, quantized_experts)
+from glowq_fx.modules.install import register_projection, replace_module
+from glowq_fx.modules.linear import SharedProjection
+from glowq_fx.quant import quantization_error, quantize_gptq, quantize_rtn
+from glowq_fx.report import GroupReport
+
+
+def find_experts(model: nn.Module, config: GlowQConfig) -> tuple[dict[str, ExpertsProtocol | None], dict[str, str]]:
+    """``(experts modules to quantize by name, modules left in floating point -> why)``: every
+    module holding 3-D parameters is one or the other. A module with transformers' experts marks
+    maps to its ``ExpertsProtocol``; one without them to None: its 3-D weights (one leading
+    dimension, the experts) are traced during calibration (``calibration.experts.TracedStatistics``)."""
+    found, skipped = {}, {}
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedExperts) or not any(p.dim() == 3 for p in module.parameters(recurse=False)):
+            continue
+        if not config.experts:
+            skipped[name] = "MoE experts left in floating point (GlowQConfig(experts=False))"
+            continue
+        if config.include and not any(re.search(p, name) for p in config.include):
+            skipped[name] = "not matched by include"
+            continue
+        if any(re.search(p, name) for p in config.exclude):
+            skipped[name] = "matched an exclude pattern"
+            continue
+        protocol = experts_protocol(module)
+        if not isinstance(protocol, str):
+            found[name] = protocol
+            continue
+        leading = {p.shape[0] for p in module.parameters(recurse=False) if p.dim() == 3}
+        if len(leading) != 1 or min(leading) < 2:
+            skipped[name] = (f"3-D weights glowq-fx cannot run quantized: their leading dimensions {sorted(leading)} "
+                             "are not one number of experts")
+        else:
+            found[name] = None
+    return found, skipped
+
+
+def experts_statistics(model: nn.Module, experts: dict[str, ExpertsProtocol],
+                       config: GlowQConfig) -> dict[str, ExpertsStatistics | TracedStatistics]:
+    """Empty statistics for each experts module, to be fed by ``calibration.collect.feeding``."""
+    stats = {}
+    for name, p in experts.items():
+        module = model.get_submodule(name)
+        if p is None:
+            stats[name] = TracedStatistics(name, module, getattr(torch, config.stats_dtype))
+            continue
+        H = expert_weight(module, p.first, 0, p.is_transposed).shape[1]
+        I = expert_weight(module, p.second, 0, p.is_transposed).shape[1]
+        stats[name] = ExpertsStatistics(name, p, H, I, getattr(torch, config.stats_dtype))
+    return stats
+
+
+def _quantize(Ws: list[torch.Tensor], moments: list[torch.Tensor], config: GlowQConfig) -> list:
+    if config.quantizer == "gptq":
+        return [quantize_gptq(W, S, config.group_size, bits=config.bits, symmetric=config.symmetric,
+                              damp=config.gptq_damp, block_size=config.gptq_block_size,
+                              act_order=config.gptq_act_order) for W, S in zip(Ws, moments)]
+    return [quantize_rtn(W, config.group_size, bits=config.bits, symmetric=config.symmetric) for W in Ws]
+
+
+def _row(name: str, E: int, Ws: list[torch.Tensor], weights: QuantizedExpertWeights, corrections: list,
+         quantize_s: float, solve_s: float, factor_bytes: int) -> GroupReport:
+    before = sum(c.report.whitened_error_before for c in corrections)
+    after = sum(c.report.whitened_error_after for c in corrections)
+    err_sq = sum(float((W.double() - weights.dequantized_weight(e, torch.float64)).pow(2).sum()) for e, W in enumerate(Ws))
+    w_sq = sum(float(W.double().pow(2).sum()) for W in Ws)
+    return GroupReport(
+        name=name, members=tuple(f"{name}[{e}]" for e in range(E)), in_features=weights.in_features,
+        out_features=(weights.out_features,) * E, rank=weights.rank, error_before=before, error_after=after,
+        code_bytes=weights.qweight.nbytes, scale_bytes=weights.scales.nbytes + weights.zeros.nbytes,
+        factor_bytes=factor_bytes, dense_bytes=sum(W.numel() * W.element_size() for W in Ws), solve_time_s=solve_s,
+        weight_error=(err_sq / w_sq) ** 0.5 if w_sq else 0.0, restore_gain=before - after,
+        candidate_factor_bytes=factor_bytes, quantize_time_s=quantize_s)
+
+
+@dataclass
+class _WeightInputs:
+    """What one 3-D weight's quantization needs: each expert's (out, in) weight, and its statistics."""
+
+    name: str
+    Ws: list[torch.Tensor]
+    reads_input: bool  # every expert reads rows of the block input: one shared B for GlowQ
+    S: torch.Tensor | None  # the block input's (every token), when reads_input
+    S_experts: list[torch.Tensor | None]  # each expert's own rows' (None: no token reached it)
+    counts: list[int]
+    bias: torch.Tensor | None
+
+
+def _weight_inputs(module: nn.Module, stats) -> list[_WeightInputs]:
+    """Per 3-D weight of the experts module, from its statistics (protocol or traced)."""
+    out = []
+    if isinstance(stats, ExpertsStatistics):
+        p, E = stats.protocol, stats.protocol.num_experts
+        S = stats.S.value()
+        pooled = stats.pooled_second()
+        firsts = [stats.expert_moment(stats.first, e) for e in range(E)]
+        seconds = [stats.expert_moment(stats.second, e) for e in range(E)]
+        counts = [int(c) for c in stats.counts]
+        for w, reads, moments in ((p.first, True, firsts), (p.second, False, seconds)):
+            out.append(_WeightInputs(
+                w, [expert_weight(module, w, e, p.is_transposed).detach() for e in range(E)], reads,
+                S if reads else None, moments if reads else [pooled if m is None else m for m in moments], counts,
+                getattr(module, f"{w}_bias") if p.has_bias else None))
+        return out
+    layout = stats.layout()
+    for t in layout.traced:
+        param = stats.params[t.name]
+        moments = [m.value() if m.n_tokens else None for m in stats.moments[t.name]]
+        if not t.reads_input:  # an expert no row reached: the other experts' rows pooled
+            fed = [(m.value(), m.n_tokens) for m in stats.moments[t.name] if m.n_tokens]
+            total = sum(n for _, n in fed)
+            pooled = sum(v * (n / total) for v, n in fed)
+            moments = [pooled if m is None else m for m in moments]
+        out.append(_WeightInputs(
+            t.name, [(param[e] if t.stored_out_in else param[e].T).detach() for e in range(layout.num_experts)],
+            t.reads_input, stats.S.value() if t.reads_input else None, moments,
+            [int(c) for c in stats.counts[t.name]], None))
+    return out
+
+
+def _factor_bytes(w: QuantizedExpertWeights) -> int:
+    own = 0 if w.B is None else w.B.nbytes
+    shared = 0 if w.projection is None else w.projection.B.nbytes
+    return (0 if w.A is None else w.A.nbytes) + own + shared
+
+
+def quantize_experts(model: nn.Module, name: str, stats, config: GlowQConfig,
+                     factor_dtype: torch.dtype) -> list[GroupReport]:
+    """Quantize the experts module ``name`` in place from its calibration ``stats``
+    (``ExpertsStatistics`` or ``TracedStatistics``, module docstring); one report row per 3-D
+    weight (the experts as its members). A traced module whose layout could not be read raises
+    ``ValueError`` with the reason (``stats.layout()``; callers check it first)."""
+    module = model.get_submodule(name)
+    layout = stats.protocol if isinstance(stats, ExpertsStatistics) else stats.layout()
+    if isinstance(layout, str):
+        raise ValueError(f"{name}: {layout}")
+    rank = 0 if config.method == "none" else config.rank
+    weights, pending, rows = {}, [], []
+    for w in _weight_inputs(module, stats):
+        dtype, device = w.Ws[0].dtype, w.Ws[0].device
+        S = None if w.S is None else w.S.to(device)
+        S_experts = [None if m is None else m.to(device) for m in w.S_experts]
+        kw = dict(shrinkage=config.shrinkage, mode=config.svd, oversample=config.oversample,
+                  power_iters=config.power_iters, seed=config.seed,
+                  dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+        t0 = time.perf_counter()
+        qs = _quantize(w.Ws, [S if m is None else m for m in S_experts], config)
+        quantize_s = time.perf_counter() - t0
+        errors = [quantization_error(W, q) for W, q in zip(w.Ws, qs)]
+        weights[w.name] = QuantizedExpertWeights([pack(q) for q in qs], w.bias)
+        t0 = time.perf_counter()
+        projection = None
+        if rank == 0:
+            corrections = [solve("none", errors, S if S is not None else S_experts[0], 0, **kw)]
+        elif config.method == "glowq" and w.reads_input:
+            total = sum(w.counts)
+            corrections = [experts_lowrank(
+                errors, S, min(rank, S.shape[0], sum(e.shape[0] for e in errors)),
+                usage=[c / total for c in w.counts] if config.expert_weighting == "usage" and total else None,
+                refit=S_experts if config.expert_refit else None, **kw)]
+            projection = SharedProjection(corrections[0].B[0].to(factor_dtype), (f"{name}.{w.name}",))
+        else:  # each expert alone (GlowQ on an expert's own input is QERA: a group of one)
+            method = "qera" if config.method == "glowq" else config.method
+            corrections = [solve(method, [E_], S if S_e is None else S_e, min(rank, *E_.shape), **kw)
+                           for E_, S_e in zip(errors, S_experts)]
+        solve_s = time.perf_counter() - t0
+        pending.append((w, corrections, projection, quantize_s, solve_s))
+
+    new = quantized_experts(module, weights, layout)
+    replace_module(model, name, new)
+    for w, corrections, projection, quantize_s, solve_s in pending:
+        target = weights[w.name]
+        if rank:
+            if projection is not None:
+                register_projection(model, projection)
+                target.set_correction(torch.stack(corrections[0].A).to(factor_dtype), projection=projection)
+            else:
+                target.set_correction(torch.stack([c.A[0] for c in corrections]).to(factor_dtype),
+                                      B=torch.stack([c.B[0] for c in corrections]).to(factor_dtype))
+        rows.append(_row(f"{name}.{w.name}", len(w.Ws), w.Ws, target, corrections, quantize_s, solve_s,
+                         _factor_bytes(target)))
+    return rows
