@@ -5,6 +5,9 @@
   ``y = x deq(qweight)^T + R A^T (+ bias)``; ``A`` and ``R`` are both given or both None.
 - ``glowq::w4a16_group(x, qweights, scales, zeros, biases, As, R) -> [y_i]``: every member of a
   group that reads ``x`` in one launch (``glowq_backend`` inserts it; eager modules never do).
+- ``glowq::w4a16_experts(x, offsets, qweight, scales, zeros, bias, A, R) -> y`` and
+  ``glowq::experts_projection(x, offsets, B) -> R``: an MoE block's experts on rows sorted by
+  expert (``offsets``: each expert's end row), the 3-D weights stacked (E, ...).
 
 They are ``custom_op``s tagged ``flexible_layout`` (Inductor passes the shared input as it is,
 without a copy per consumer): Inductor calls them as opaque kernels from its generated code,
@@ -30,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.library import custom_op
 
-from glowq_fx.kernels.launch import launch_projection, launch_w4a16
+from glowq_fx.kernels.launch import launch_projection, launch_w4a16, launch_w4a16_experts
 from glowq_fx.kernels.layout import dequantize_packed, group_size_of, padded_in_features
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -154,3 +157,80 @@ def _(x, qweights, scales, zeros, biases, As, R):
     for i in range(len(qweights)):
         _check_member(i, x, qweights[i], scales[i], zeros[i], biases[i], As[i], R)
     return [x.new_empty(*x.shape[:-1], q.shape[1]) for q in qweights]
+
+
+# ---- the experts of an MoE block: rows sorted by expert --------------------------------------------------------
+
+
+def _check_experts(x: Tensor, offsets: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor,
+                   bias: Optional[Tensor], A: Optional[Tensor], R: Optional[Tensor]) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"the experts' rows must be (rows, features), got x of shape {tuple(x.shape)}")
+    if qweight.dim() != 3 or qweight.dtype != torch.int32:
+        raise ValueError(f"experts' qweight must be int32 (E, K_pad/8, N), got {qweight.dtype} {tuple(qweight.shape)}")
+    E = qweight.shape[0]
+    if offsets.dim() != 1 or offsets.shape[0] != E or offsets.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"offsets must be ({E},) integers (each expert's end row), got {offsets.dtype} "
+                         f"{tuple(offsets.shape)}")
+    _check_device("", "offsets", offsets, x)
+    for name, t in (("scales", scales), ("zeros", zeros), ("bias", bias), ("A", A)):
+        if t is not None and (t.dim() < 1 or t.shape[0] != E):
+            raise ValueError(f"experts' {name} must have one entry per expert ({E}), got {tuple(t.shape)}")
+    _check_member(-1, x, qweight[0], scales[0], zeros[0], None if bias is None else bias[0],
+                  None if A is None else A[0], R)
+
+
+def reference_experts(x: Tensor, offsets: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor,
+                      bias: Optional[Tensor], A: Optional[Tensor], R: Optional[Tensor]) -> Tensor:
+    """Pure torch: each expert's rows through ``reference_linear``; rows past the last offset are zero."""
+    out = x.new_zeros(x.shape[0], qweight.shape[-1])
+    ends = offsets.tolist()
+    if ends and (ends[-1] > x.shape[0] or any(b < a for a, b in zip([0, *ends], ends))):
+        raise ValueError(f"offsets {ends} are not nondecreasing row ends within the {x.shape[0]} rows")
+    for e, (lo, hi) in enumerate(zip([0, *ends], ends)):
+        if hi > lo:
+            out[lo:hi] = reference_linear(x[lo:hi], qweight[e], scales[e], zeros[e], None if bias is None else bias[e],
+                                          None if A is None else A[e], None if R is None else R[lo:hi])
+    return out
+
+
+@custom_op("glowq::w4a16_experts", mutates_args=(), tags=(torch.Tag.flexible_layout,))
+def w4a16_experts(x: Tensor, offsets: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor,
+                  bias: Optional[Tensor], A: Optional[Tensor], R: Optional[Tensor]) -> Tensor:
+    """The experts of one 3-D weight on rows sorted by expert: rows ``offsets[e-1]:offsets[e]`` of
+    ``x`` (M, K) get ``x deq(qweight[e])^T + R A[e]^T (+ bias[e])``; rows past ``offsets[-1]``
+    (tokens no expert here serves) are zero. ``R`` (M, r) is the rows' projection (the experts'
+    shared ``B`` applied once to every token, gathered), ``A`` (E, N, r)."""
+    _check_experts(x, offsets, qweight, scales, zeros, bias, A, R)
+    if _uses_kernels(x):
+        return launch_w4a16_experts(x, offsets, qweight, scales, zeros, bias, widen_factor(A, x), R)
+    return reference_experts(x, offsets, qweight, scales, zeros, bias, A, R)
+
+
+@w4a16_experts.register_fake
+def _(x, offsets, qweight, scales, zeros, bias, A, R):
+    _check_experts(x, offsets, qweight, scales, zeros, bias, A, R)
+    return x.new_empty(x.shape[0], qweight.shape[-1])
+
+
+@custom_op("glowq::experts_projection", mutates_args=(), tags=(torch.Tag.flexible_layout,))
+def experts_projection(x: Tensor, offsets: Tensor, B: Tensor) -> Tensor:
+    """Each expert's own right factor on its rows: rows ``offsets[e-1]:offsets[e]`` of ``x`` (M, K)
+    get ``x B[e]^T`` (B (E, r, K)); rows past ``offsets[-1]`` are zero."""
+    if B.dim() != 3 or B.shape[0] != offsets.shape[0]:
+        raise ValueError(f"B must be (E={offsets.shape[0]}, rank, K), got {tuple(B.shape)}")
+    _check_projection(x, B[0])
+    out = x.new_zeros(x.shape[0], B.shape[1])
+    ends = offsets.tolist()
+    for e, (lo, hi) in enumerate(zip([0, *ends], ends)):
+        if hi > lo:
+            out[lo:hi] = F.linear(x[lo:hi], widen_factor(B[e], x))
+    return out
+
+
+@experts_projection.register_fake
+def _(x, offsets, B):
+    if B.dim() != 3 or B.shape[0] != offsets.shape[0]:
+        raise ValueError(f"B must be (E={offsets.shape[0]}, rank, K), got {tuple(B.shape)}")
+    _check_projection(x, B[0])
+    return x.new_empty(x.shape[0], B.shape[1])

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -46,7 +47,7 @@ from glowq_fx.modules.experts import QuantizedExperts
 from glowq_fx.modules.install import replace_module
 from glowq_fx.modules.linear import QuantizedLinear, linear_weight
 from glowq_fx.quant import quantization_error, quantize_gptq, quantize_rtn
-from glowq_fx.quantize_experts import experts_statistics, find_experts, quantize_experts
+from glowq_fx.quantize_experts import experts_statistics, find_experts, joined_groups, quantize_experts
 from glowq_fx.report import GroupReport, QuantizationReport
 from glowq_fx.selective.policy import apply_selection, attach_group, check_auto_batches, detach_group
 from passes.groups import InputGroup
@@ -220,19 +221,39 @@ def _quantize_groups(model: nn.Module, groups: Sequence[InputGroup],
         rows[g.name], factors[g.name] = _quantize_group(model, g, S, config)
 
 
-def _quantize_all_experts(model: nn.Module, stats: dict, config: GlowQConfig, expert_rows: list,
-                          skipped: dict) -> None:
-    """Quantize each experts module of ``stats`` (name -> its statistics), releasing them; a traced
-    module whose use of its weights could not be read stays in floating point, with the reason."""
-    for name in list(stats):
-        found = stats.pop(name)
+@dataclass
+class ExpertsOutcome:
+    """What quantizing the experts gave: their report rows, the modules left in floating point (why),
+    and the dense groups solved with them (``quantize_experts.joined_groups``: GlowQ-S does not rank them)."""
+
+    rows: list = field(default_factory=list)
+    skipped: dict = field(default_factory=dict)
+    joined: set = field(default_factory=set)
+
+
+def _quantize_with_experts(model: nn.Module, groups: Sequence[InputGroup], stats: GroupStatistics,
+                           config: GlowQConfig, rows: dict, factors: dict, outcome: ExpertsOutcome) -> None:
+    """The groups of ``stats`` and its experts modules (released as they are done): the dense groups
+    that read the experts' very input are solved with them; a traced module whose use of its
+    weights could not be read stays in floating point, with the reason."""
+    joins = joined_groups(groups, stats, stats.experts, config)
+    joined = {g.name for gs in joins.values() for g in gs}
+    _quantize_groups(model, [g for g in groups if g.name not in joined], stats, config, rows, factors)
+    for name in list(stats.experts):
+        found = stats.experts.pop(name)
         layout = found.layout() if hasattr(found, "layout") else None
         if isinstance(layout, str):
-            skipped[name] = f"3-D weights glowq-fx cannot run quantized: {layout}"
-            warn(f"leaving {name} in floating point: {skipped[name]}")
+            outcome.skipped[name] = f"3-D weights glowq-fx cannot run quantized: {layout}"
+            warn(f"leaving {name} in floating point: {outcome.skipped[name]}")
             continue
         dtype = next(p for p in model.get_submodule(name).parameters() if p.dim() == 3).dtype
-        expert_rows.extend(quantize_experts(model, name, found, config, factor_dtype(config, dtype)))
+        with_it = joins.get(name, [])
+        expert_rows, joined_rows = quantize_experts(model, name, found, config, factor_dtype(config, dtype),
+                                                    [g for g in with_it if stats.pop(g.name) is not None])
+        outcome.rows.extend(expert_rows)
+        for g in with_it:
+            rows[g.name], factors[g.name] = joined_rows[g.name], []
+            outcome.joined.add(g.name)
 
 
 def experts_by_block(experts: dict, blocks: Blocks) -> tuple[list[dict], list[str]]:
@@ -257,13 +278,11 @@ def quantize_blockwise(model: nn.Module, blockwise: BlockwiseCalibration, groups
                        config: GlowQConfig, progress: bool, rows: dict, factors: dict, *,
                        before_block: Callable[[int], None] | None = None,
                        after_block: Callable[[int], None] | None = None,
-                       experts_of: list[dict] | None = None, expert_rows: list | None = None,
-                       expert_skipped: dict | None = None) -> int:
+                       experts_of: list[dict] | None = None, experts: ExpertsOutcome | None = None) -> int:
     """Every group, block by block (``calibration.blockwise``), filling ``rows`` and ``factors`` by
     group name; ``before_block(i)`` / ``after_block(i)`` run around block ``i`` (load it, write it).
-    ``experts_of[i]``: block ``i``'s experts modules (name -> protocol), quantized with its groups,
-    their report rows appended to ``expert_rows`` (those left in float to ``expert_skipped``). Returns the
-    tokens each ``S`` saw."""
+    ``experts_of[i]``: block ``i``'s experts modules (name -> protocol), quantized with its groups
+    into ``experts``. Returns the tokens each ``S`` saw."""
     n_tokens = max((blockwise.head_stats[g.name].n_tokens for g in blockwise.head_groups), default=0)
     _quantize_groups(model, blockwise.head_groups, blockwise.head_stats, config, rows, factors)
     bar = progress_bar(progress, f"blocks of {blockwise.blocks.container}", len(groups_of))(range(len(groups_of)))
@@ -276,13 +295,14 @@ def quantize_blockwise(model: nn.Module, blockwise: BlockwiseCalibration, groups
         stats = blockwise.block_statistics(i, groups_of[i], experts_statistics(model, block_experts, config))
         n_tokens = max([n_tokens, *(stats[g.name].n_tokens for g in groups_of[i]),
                         *(getattr(e.S, "n_tokens", 0) for e in stats.experts.values())])
-        _quantize_groups(model, groups_of[i], stats, config, rows, factors)
-        _quantize_all_experts(model, stats.experts, config, expert_rows, expert_skipped)
+        experts = experts if experts is not None else ExpertsOutcome()
+        _quantize_with_experts(model, groups_of[i], stats, config, rows, factors, experts)
         if config.block_inputs == "quantized":  # the next block sees this one quantized and corrected
-            for g in groups_of[i]:
+            pending = [g for g in groups_of[i] if g.name not in experts.joined]  # those are corrected already
+            for g in pending:
                 attach_group(model, rows[g.name], factors[g.name])
             blockwise.advance(i)
-            for g in groups_of[i]:
+            for g in pending:
                 detach_group(model, rows[g.name], factors[g.name])
         else:
             blockwise.advance(i)
@@ -341,7 +361,7 @@ def quantize_(
     config = as_config(config)
     rows: dict[str, GroupReport] = {}
     factors: dict[str, list] = {}
-    expert_rows: list[GroupReport] = []  # the experts' corrections are always kept (GlowQ-S ranks the groups)
+    outcome = ExpertsOutcome()  # the experts' corrections are always kept (GlowQ-S ranks the dense groups)
     if device is not None:
         device = check_device(device, "device")
     tables = plan_embeddings(model, config)  # before any work: a table that cannot be stored is refused
@@ -382,6 +402,9 @@ def quantize_(
             order, skipped, breaks = discover_groups(model, batches, config, groups, run)
             experts, experts_skipped = find_experts(model, config)
             skipped = {**dict(skipped), **experts_skipped}
+            if not order and not experts:
+                raise ValueError(f"nothing of {type(model).__name__} is left to quantize: "
+                                 + "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:4]))
             unusual = {k: v for k, v in experts_skipped.items() if "cannot run" in v}
             if unusual:
                 warn(f"leaving {len(unusual)} modules with 3-D weights in floating point: "
@@ -418,8 +441,7 @@ def quantize_(
                          for g in gs]
                 with blockwise, torch.no_grad():
                     n_tokens = quantize_blockwise(model, blockwise, groups_of, config, progress, rows, factors,
-                                                  experts_of=experts_of, expert_rows=expert_rows,
-                                                  expert_skipped=skipped)
+                                                  experts_of=experts_of, experts=outcome)
                 how = blockwise_summary(blockwise, groups_of, rows, config, device)
             else:
                 stats = collect_statistics(model, order, batches, run, dtype=config.stats_dtype,
@@ -428,16 +450,17 @@ def quantize_(
                 n_tokens = max([*(stats[g.name].n_tokens for g in order),
                                 *(getattr(e.S, "n_tokens", 0) for e in stats.experts.values())], default=0)
                 with torch.no_grad():
-                    _quantize_groups(model, order, stats, config, rows, factors)
-                    _quantize_all_experts(model, stats.experts, config, expert_rows, skipped)
+                    _quantize_with_experts(model, order, stats, config, rows, factors, outcome)
                 how = {"mode": "model"}
         finally:
             model.train(was_training)
-    report_rows = [rows[g.name] for g in order]
+    ranked = [g for g in order if g.name not in outcome.joined]
     with torch.no_grad():
-        selection = apply_selection(model, report_rows, [factors[g.name] for g in order], config.selective,
-                                    batches, progress)
+        selection = apply_selection(model, [rows[g.name] for g in ranked], [factors[g.name] for g in ranked],
+                                    config.selective, batches, progress)
         embeddings = quantize_embeddings(model, tables, config, dict(skipped))
+    report_rows = [rows[g.name] for g in order]
+    skipped = {**dict(skipped), **outcome.skipped}
     # the graph pass lists an experts module's 3-D weights as not linears; quantize_experts took them
     done = [n for n, m in model.named_modules() if isinstance(m, QuantizedExperts)]
     skipped = {k: v for k, v in dict(skipped).items() if not any(k.startswith(n + ".") for n in done)}
@@ -446,6 +469,6 @@ def quantize_(
     from glowq_fx.checkpoint.transformers import attach  # transformers' save_pretrained then writes our format
 
     attach(model, config.to_dict())
-    return QuantizationReport(config, report_rows + expert_rows, dict(skipped), list(breaks), len(batches), n_tokens,
+    return QuantizationReport(config, report_rows + outcome.rows, dict(skipped), list(breaks), len(batches), n_tokens,
                               time.perf_counter() - t0, selection, how, embeddings,
                               (bytes_before, model_bytes(model)))

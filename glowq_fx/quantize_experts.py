@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,9 +26,10 @@ from glowq_fx.kernels.layout import pack
 from glowq_fx.modules.experts import (ExpertsProtocol, QuantizedExperts, QuantizedExpertWeights, expert_weight,
                                       experts_protocol, quantized_experts)
 from glowq_fx.modules.install import register_projection, replace_module
-from glowq_fx.modules.linear import SharedProjection
+from glowq_fx.modules.linear import QuantizedLinear, SharedProjection, linear_weight
 from glowq_fx.quant import quantization_error, quantize_gptq, quantize_rtn
 from glowq_fx.report import GroupReport
+from passes.groups import InputGroup
 
 
 def find_experts(model: nn.Module, config: GlowQConfig) -> tuple[dict[str, ExpertsProtocol | None], dict[str, str]]:
@@ -150,18 +152,45 @@ def _factor_bytes(w: QuantizedExpertWeights) -> int:
     return (0 if w.A is None else w.A.nbytes) + own + shared
 
 
-def quantize_experts(model: nn.Module, name: str, stats, config: GlowQConfig,
-                     factor_dtype: torch.dtype) -> list[GroupReport]:
+def joined_groups(groups: Sequence[InputGroup], stats, experts: dict, config: GlowQConfig) -> dict[str, list]:
+    """Experts module name -> the dense groups that read the very same input tensor as its experts
+    (a shared expert's gate/up), which GlowQ solves with the experts' first weight: one ``B``."""
+    if config.method != "glowq" or config.rank == 0:
+        return {}
+    joins = {}
+    for name in experts:
+        seen = stats.inputs.get(name)
+        same = [g for g in groups if seen is not None and stats.inputs.get(g.name) == seen]
+        if same:
+            joins[name] = same
+    return joins
+
+
+def _dense_members(model: nn.Module, groups: Sequence[InputGroup], S: torch.Tensor, config: GlowQConfig):
+    """The joined groups' linears: (name, float weight, bias, quantized weight)."""
+    out = []
+    for g in groups:
+        for m in g.members:
+            linear = model.get_submodule(m)
+            W = linear_weight(linear).detach()
+            out.append((m, W, getattr(linear, "bias", None), _quantize([W], [S], config)[0]))
+    return out
+
+
+def quantize_experts(model: nn.Module, name: str, stats, config: GlowQConfig, factor_dtype: torch.dtype,
+                     joined: Sequence[InputGroup] = ()) -> tuple[list[GroupReport], dict[str, GroupReport]]:
     """Quantize the experts module ``name`` in place from its calibration ``stats``
-    (``ExpertsStatistics`` or ``TracedStatistics``, module docstring); one report row per 3-D
-    weight (the experts as its members). A traced module whose layout could not be read raises
-    ``ValueError`` with the reason (``stats.layout()``; callers check it first)."""
+    (``ExpertsStatistics`` or ``TracedStatistics``, module docstring), and with it the dense
+    groups ``joined`` (``joined_groups``: their linears share the experts' ``B``). Returns one
+    report row per 3-D weight (the experts as its members) and one per joined group. A traced
+    module whose layout could not be read raises ``ValueError`` with the reason
+    (``stats.layout()``; callers check it first)."""
     module = model.get_submodule(name)
     layout = stats.protocol if isinstance(stats, ExpertsStatistics) else stats.layout()
     if isinstance(layout, str):
         raise ValueError(f"{name}: {layout}")
     rank = 0 if config.method == "none" else config.rank
-    weights, pending, rows = {}, [], []
+    weights, pending, rows, dense = {}, [], [], []
     for w in _weight_inputs(module, stats):
         dtype, device = w.Ws[0].dtype, w.Ws[0].device
         S = None if w.S is None else w.S.to(device)
@@ -175,34 +204,74 @@ def quantize_experts(model: nn.Module, name: str, stats, config: GlowQConfig,
         errors = [quantization_error(W, q) for W, q in zip(w.Ws, qs)]
         weights[w.name] = QuantizedExpertWeights([pack(q) for q in qs], w.bias)
         t0 = time.perf_counter()
-        projection = None
+        projection, here = None, []
         if rank == 0:
             corrections = [solve("none", errors, S if S is not None else S_experts[0], 0, **kw)]
         elif config.method == "glowq" and w.reads_input:
-            total = sum(w.counts)
-            corrections = [experts_lowrank(
-                errors, S, min(rank, S.shape[0], sum(e.shape[0] for e in errors)),
-                usage=[c / total for c in w.counts] if config.expert_weighting == "usage" and total else None,
-                refit=S_experts if config.expert_refit else None, **kw)]
-            projection = SharedProjection(corrections[0].B[0].to(factor_dtype), (f"{name}.{w.name}",))
+            # the joined groups go with the first weight that reads the block input (one B per weight)
+            here = _dense_members(model, joined, S, config) if joined and not dense else []
+            dense = dense or here
+            d_errors = [quantization_error(W, q) for _, W, _, q in here]
+            n_tokens = stats.S.n_tokens
+            stacked = errors + d_errors
+            corrections = [experts_lowrank(  # usage: the share of tokens each expert sees; a dense member sees all
+                stacked, S, min(rank, S.shape[0], sum(e.shape[0] for e in stacked)),
+                usage=[c / n_tokens for c in w.counts] + [1.0] * len(here) if config.expert_weighting == "usage"
+                else None,
+                refit=S_experts + [None] * len(here) if config.expert_refit else None, **kw)]
+            projection = SharedProjection(corrections[0].B[0].to(factor_dtype),
+                                          (f"{name}.{w.name}", *(m for m, *_ in here)))
         else:  # each expert alone (GlowQ on an expert's own input is QERA: a group of one)
             method = "qera" if config.method == "glowq" else config.method
             corrections = [solve(method, [E_], S if S_e is None else S_e, min(rank, *E_.shape), **kw)
                            for E_, S_e in zip(errors, S_experts)]
         solve_s = time.perf_counter() - t0
-        pending.append((w, corrections, projection, quantize_s, solve_s))
+        pending.append((w, corrections, projection, quantize_s, solve_s, here))
 
     new = quantized_experts(module, weights, layout)
     replace_module(model, name, new)
-    for w, corrections, projection, quantize_s, solve_s in pending:
+    joined_rows = {}
+    for w, corrections, projection, quantize_s, solve_s, here in pending:
         target = weights[w.name]
+        E = len(w.Ws)
         if rank:
             if projection is not None:
                 register_projection(model, projection)
-                target.set_correction(torch.stack(corrections[0].A).to(factor_dtype), projection=projection)
+                As = corrections[0].A
+                target.set_correction(torch.stack(As[:E]).to(factor_dtype), projection=projection)
+                for (m, W, bias, q), A in zip(here, As[E:]):
+                    linear = QuantizedLinear(pack(q), bias)
+                    replace_module(model, m, linear)
+                    linear.set_correction(A.to(factor_dtype), projection)
             else:
                 target.set_correction(torch.stack([c.A[0] for c in corrections]).to(factor_dtype),
                                       B=torch.stack([c.B[0] for c in corrections]).to(factor_dtype))
-        rows.append(_row(f"{name}.{w.name}", len(w.Ws), w.Ws, target, corrections, quantize_s, solve_s,
+        rows.append(_row(f"{name}.{w.name}", E, w.Ws, target, corrections, quantize_s, solve_s,
                          _factor_bytes(target)))
+        if projection is not None and here:
+            joined_rows = _joined_rows(model, joined, corrections[0].report, E, here)
+    return rows, joined_rows
+
+
+def _joined_rows(model: nn.Module, joined: Sequence[InputGroup], report, E: int, dense: list) -> dict[str, GroupReport]:
+    """The joined groups' report rows (their errors from the joint solve; ``B`` counted in the experts' row)."""
+    before, after = report.member_errors_before[E:], report.member_errors_after[E:]
+    index = {m: i for i, (m, *_) in enumerate(dense)}
+    rows = {}
+    for g in joined:
+        linears = [model.get_submodule(m) for m in g.members]
+        Ws = [dense[index[m]][1] for m in g.members]
+        err_sq = sum(float((W.double() - q.dequantized_weight(torch.float64)).pow(2).sum()) for W, q in zip(Ws, linears))
+        w_sq = sum(float(W.double().pow(2).sum()) for W in Ws)
+        b = [before[index[m]] for m in g.members]
+        a = [after[index[m]] for m in g.members]
+        factor = sum(q.A.nbytes for q in linears if q.A is not None)
+        rows[g.name] = GroupReport(
+            name=g.name, members=g.members, in_features=g.in_features, out_features=g.out_features,
+            rank=max(q.rank for q in linears), error_before=sum(b), error_after=sum(a),
+            code_bytes=sum(q.qweight.nbytes for q in linears),
+            scale_bytes=sum(q.scales.nbytes + q.zeros.nbytes for q in linears), factor_bytes=factor,
+            dense_bytes=sum(W.numel() * W.element_size() for W in Ws), solve_time_s=0.0,
+            weight_error=(err_sq / w_sq) ** 0.5 if w_sq else 0.0, restore_gain=sum(b) - sum(a),
+            member_gains=tuple(x - y for x, y in zip(b, a)), candidate_factor_bytes=factor)
     return rows

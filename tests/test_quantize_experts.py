@@ -232,19 +232,40 @@ def test_experts_it_cannot_trace_stay_in_floating_point_with_the_reason():
     assert isinstance(model.model.layers[0].mlp.experts, GatheringExperts)
 
 
-def test_R_is_computed_once_per_block_and_the_backend_compiles_it():
+def test_R_is_computed_once_per_block_and_the_backend_compiles_it_into_one_graph():
     from glowq_fx import glowq_backend
 
-    _, model, _ = _quantized("mixtral", group_size=32, rank=8)
+    _, model, report = _quantized("mixtral", group_size=32, rank=8)
     calls = []
     for layer in model.model.layers:
         projection = layer.mlp.experts.glowq_projections["gate_up_proj"]
         projection.register_forward_hook(lambda m, args, out: calls.append(tuple(args[0].shape)))
     eager = _logits(model)
     assert calls == [(IDS.numel(), 64)] * len(model.model.layers)  # once, for every token, before dispatch
-    compiled = torch.compile(model, backend=glowq_backend)
+    graphs = []
+
+    def recording(gm, example_inputs, **kwargs):
+        graphs.append(gm)
+        return glowq_backend(gm, example_inputs, **kwargs)
+
     with torch.no_grad():
-        torch.testing.assert_close(compiled(input_ids=IDS).logits, eager, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.compile(model, backend=recording)(input_ids=IDS).logits, eager, rtol=1e-5,
+                                   atol=1e-5)
+    (gm,) = graphs  # the experts' sorted dispatch traces: no graph break
+    ops = torch.ops.glowq
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+    experts = [n for n in nodes if n.target is ops.w4a16_experts.default]
+    assert len(experts) == 2 * len(model.model.layers)
+    assert sum(n.target is ops.experts_projection.default for n in nodes) == len(model.model.layers)  # down: own B_e
+    dense = [g for g in report.groups if "experts" not in g.name]
+    assert sum(n.target is ops.shared_projection.default for n in nodes) == len(dense) + len(model.model.layers)
+
+    def projected(node, depth=3):  # R[token]: the gathered rows of one shared projection
+        return node is not None and (node.target is ops.shared_projection.default or depth > 0 and any(
+            projected(a, depth - 1) for a in node.args if isinstance(a, torch.fx.Node)))
+
+    first = experts[0::2]
+    assert all(projected(n.args[7]) for n in first)
 
 
 @pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
@@ -283,3 +304,29 @@ def test_quantizing_experts_from_disk_is_refused_with_the_way_out(tmp_path):
     _model("mixtral").save_pretrained(tmp_path / "float")
     with pytest.raises(ValueError, match=r"(has MoE experts|not the model's parameter names).* quantize_"):
         quantize_checkpoint(tmp_path / "float", tmp_path / "out", token_batches(2), GlowQConfig(group_size=32, rank=8))
+
+
+def test_the_experts_alone_can_be_quantized():
+    float_model, model, report = _quantized("mixtral", **FULL, exclude=[r"self_attn"])
+    assert {g.name.rsplit(".", 1)[-1] for g in report.groups} == {"gate_up_proj", "down_proj"}
+    reference = _logits(float_model)
+    torch.testing.assert_close(_logits(model), reference, rtol=0, atol=2e-5 * reference.abs().max().item())
+    with pytest.raises(ValueError, match="nothing of MixtralForCausalLM is left to quantize"):
+        quantize_(_model("mixtral"), token_batches(2), GlowQConfig(exclude=[r"self_attn"], experts=False),
+                  progress=False)
+
+
+def test_a_shared_expert_shares_the_experts_B():
+    float_model, model, report = _quantized("qwen2_moe", **FULL)
+    mlp = model.model.layers[0].mlp
+    projection = mlp.experts.quantized_weights("gate_up_proj").projection
+    assert projection.members == ("model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.shared_expert.gate_proj",
+                                  "model.layers.0.mlp.shared_expert.up_proj")
+    assert mlp.shared_expert.gate_proj.projection is projection and mlp.shared_expert.up_proj.projection is projection
+    row = {g.name: g for g in report.groups}["model.layers.0.mlp.shared_expert.{gate_proj,up_proj}"]
+    assert row.restored and row.error_after < 1e-9 * row.error_before and row.factor_bytes > 0
+    reference = _logits(float_model)
+    torch.testing.assert_close(_logits(model), reference, rtol=0, atol=2e-5 * reference.abs().max().item())
+    _, low, low_report = _quantized("qwen2_moe", group_size=32, rank=8, calibration="blocks", block_inputs="quantized")
+    row = {g.name: g for g in low_report.groups}["model.layers.0.mlp.shared_expert.{gate_proj,up_proj}"]
+    assert row.restored and row.rank == 8 and 0 < row.error_after < row.error_before

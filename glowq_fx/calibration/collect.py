@@ -63,6 +63,7 @@ def feeding(model: nn.Module, groups: Iterable[InputGroup], stats: GroupStatisti
                         f"{x.shape[:-1].numel()}; the mask must cover the tokens the linears see"
                     )
                 mask = mask.reshape(x.shape[:-1])  # input flattened to (tokens, d), same order
+            stats.note_input(group.name, x)
             stats.add_batch(group.name, x.detach(), mask)
         return feed
 
@@ -77,6 +78,9 @@ def feeding(model: nn.Module, groups: Iterable[InputGroup], stats: GroupStatisti
     def expert_hook(name: str, experts):
         def feed(module, args, kwargs):
             fed.add(name)
+            first = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), None)
+            if first is not None:
+                stats.note_input(name, first)
             t0 = time.perf_counter()
             experts.before(module, args, kwargs, current_mask[0])
             stats.time_s += time.perf_counter() - t0

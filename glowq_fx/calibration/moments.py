@@ -100,6 +100,8 @@ class GroupStatistics(Mapping[str, SecondMoment]):
         self._stats = {name: SecondMoment(d, name, _STATS_DTYPES[dtype]) for name, d in groups}
         # experts module name -> calibration.experts.ExpertsStatistics, fed beside the groups
         self.experts = dict(experts or {})
+        # group or experts module -> the identity of the tensor it read first (which read the very same input)
+        self.inputs: dict[str, tuple] = {}
         self.time_s = 0.0  # spent accumulating (wall clock; on CUDA the launches, not their completion)
 
     def add_batch(self, group: str, x: Tensor, attention_mask: Tensor | None = None) -> None:
@@ -108,6 +110,11 @@ class GroupStatistics(Mapping[str, SecondMoment]):
         t0 = time.perf_counter()
         self._stats[group].add_batch(x, attention_mask)
         self.time_s += time.perf_counter() - t0
+
+    def note_input(self, name: str, x: Tensor) -> None:
+        """Remember the first tensor ``name`` (a group or an experts module) read."""
+        if name not in self.inputs:
+            self.inputs[name] = (x.device, x.data_ptr(), tuple(x.shape), x.stride())
 
     def pop(self, group: str) -> Tensor:
         """``S`` of ``group``, releasing its accumulator (quantize_ frees each S once used)."""

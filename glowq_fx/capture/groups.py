@@ -146,7 +146,8 @@ def find_groups(model: nn.Module, example_batch: object, config: GlowQConfig | N
         discovery.from_hooks = missing
     _check_members(model, discovery)
     _warn_skipped(model, discovery)
-    if not discovery.groups:
+    experts = any(p.dim() == 3 for m in model.modules() for p in m.parameters(recurse=False))
+    if not discovery.groups and not experts:  # MoE experts alone are quantized by quantize_experts
         raise ValueError(f"no linear layer of {type(model).__name__} is left to quantize: "
                          f"{_names([f'{k} ({v})' for k, v in discovery.skipped.items()])}")
     return discovery

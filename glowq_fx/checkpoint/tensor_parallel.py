@@ -17,8 +17,9 @@ parameters (frozen) rather than buffers. In the forward, transformers hands the 
 local shards (``_hf_quantized_needs_local_tp``) and adds a row-split member's bias once, after
 the all-reduce.
 
-Quantized embedding tables (and a head tied to one) are kept whole on every rank, with a
-warning: a vocab-split lookup of packed codes is not written yet.
+Quantized embedding tables (and a head tied to one) and quantized MoE experts are kept whole on
+every rank, with a warning: a vocab-split lookup of packed codes and a split of the stacked
+experts are not written yet.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from glowq_fx.checkpoint.shards import CheckpointError
 from glowq_fx.errors import warn
 from glowq_fx.kernels.layout import group_size_of
 from glowq_fx.modules.embedding import QuantizedEmbedding
+from glowq_fx.modules.experts import QuantizedExperts
 from glowq_fx.modules.linear import QuantizedLinear, SharedProjection
 
 BY_OUTPUT = frozenset({"colwise", "colwise_rep", "colwise_gather_output"})
@@ -106,6 +108,13 @@ def shard_quantized(model: nn.Module, plan: dict[str, str], world_size: int) -> 
         if isinstance(module, QuantizedEmbedding) and generic_name(name) in plan:
             whole.append(name)
             del plan[generic_name(name)]
+        if isinstance(module, QuantizedExperts):  # the experts' own rules (and their all-reduce) do not apply
+            key = generic_name(name)
+            ruled = [k for k in plan if k == key or k.startswith(key + ".")]
+            if ruled:
+                whole.append(name)
+                for k in ruled:
+                    del plan[k]
     tied = {id(t) for n, m in model.named_modules() if isinstance(m, QuantizedEmbedding) for t in m.buffers()}
     sides: dict[str, str | None] = {}
     for name, module in model.named_modules():
@@ -136,5 +145,6 @@ def shard_quantized(model: nn.Module, plan: dict[str, str], world_size: int) -> 
                 plan[generic_name(name)] = PROJECTION_STYLE
                 plan[f"{generic_name(name)}.B"] = B_STYLE["input"]
     if whole:
-        warn(f"tensor parallelism keeps the quantized tables {whole} whole on every rank (a split lookup of "
-                      "packed codes is not available); the rest of the model is split as planned")
+        warn(f"tensor parallelism keeps the quantized tables and experts {whole} whole on every rank (a split "
+             "lookup of packed codes and split stacked experts are not available); the rest of the model is split "
+             "as planned")

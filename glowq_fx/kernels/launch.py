@@ -123,6 +123,37 @@ def launch_w4a16(x: Tensor, qweights: Sequence[Tensor], scales: Sequence[Tensor]
     return results  # type: ignore[return-value]
 
 
+def launch_w4a16_experts(x: Tensor, offsets: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor,
+                         bias: Optional[Tensor], A: Optional[Tensor], R: Optional[Tensor],
+                         out: Optional[Tensor] = None, block_m: Optional[int] = None) -> Tensor:
+    """The grouped experts kernel (``kernels.w4a16_experts``) on rows sorted by expert (checked by
+    the caller): one launch for every expert, the output zero-filled first (rows past the last
+    offset stay zero). ``block_m`` forces the rows per tile (default ``experts_block_m``).
+    Works on CPU tensors under ``TRITON_INTERPRET=1``."""
+    from glowq_fx.kernels import w4a16 as dense
+    from glowq_fx.kernels import w4a16_experts as kernels
+
+    M, K = x.shape
+    E, N = qweight.shape[0], qweight.shape[-1]
+    y = x.new_zeros(M, N) if out is None else out.zero_()
+    if M == 0:
+        return y
+    x, R = _dense(x), _dense(R)
+    qweight, scales, zeros, bias, A = (_dense(t) for t in (qweight, scales, zeros, bias, A))
+    block_m = block_m or kernels.experts_block_m(M, E)
+    counts = torch.diff(offsets, prepend=offsets.new_zeros(1))
+    tile_ends = torch.cumsum(torch.div(counts + block_m - 1, block_m, rounding_mode="floor"), 0).to(torch.int32)
+    has_a = A is not None
+    dummy = scales  # a pointer for absent bias / A
+    wrap_triton(kernels.experts_kernel)[lambda meta: (_cdiv(M, block_m) + E, _cdiv(N, meta["BLOCK_N"]))](
+        x, R if has_a else x, offsets.to(torch.int32), tile_ends, x.stride(0), R.stride(0) if has_a else 0, K, N,
+        R.shape[1] if has_a else 0, E, qweight, scales, zeros, A if has_a else dummy,
+        bias if bias is not None else dummy, y, qweight.stride(0), scales.stride(0), A.stride(0) if has_a else 0,
+        GROUP_SIZE=group_size_of(qweight[0], scales[0]), HAS_A=has_a, HAS_BIAS=bias is not None, BLOCK_M=block_m,
+        UPCAST_DOT=dense.interpreting() and x.dtype == torch.bfloat16)
+    return y
+
+
 def _dense(t: Optional[Tensor]) -> Optional[Tensor]:
     return t if t is None or t.is_contiguous() else t.contiguous()
 

@@ -401,9 +401,13 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _autotuned(kernel, configs):
+def _autotuned_key(kernel, configs, key):
     # the interpreter cannot time configurations: it runs the first one
-    return triton.autotune(configs=configs[:1] if interpreting() else configs, key=AUTOTUNE_KEY)(kernel)
+    return triton.autotune(configs=configs[:1] if interpreting() else configs, key=key)(kernel)
+
+
+def _autotuned(kernel, configs):
+    return _autotuned_key(kernel, configs, AUTOTUNE_KEY)
 
 
 @functools.lru_cache(maxsize=None)

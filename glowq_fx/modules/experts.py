@@ -167,6 +167,13 @@ class QuantizedExpertWeights(nn.Module):
         bias = None if self.bias is None else self.bias[e]
         return ops.w4a16_linear(x, self.qweight[e], self.scales[e], self.zeros[e], bias, A, R)
 
+    def experts(self, x: Tensor, offsets: Tensor, R: Tensor | None = None) -> Tensor:
+        """Every expert on rows sorted by expert (``offsets``: each expert's end row); ``R`` the
+        rows of the shared projection (each expert's own ``B`` is applied here)."""
+        if self.A is not None and R is None:
+            R = ops.experts_projection(x, offsets, self.B)
+        return ops.w4a16_experts(x, offsets, self.qweight, self.scales, self.zeros, self.bias, self.A, R)
+
     def dequantized_weight(self, e: int, dtype: torch.dtype | None = None) -> Tensor:
         """``W_q`` of expert ``e`` (out, in), without the correction."""
         q, s, z = self.qweight[e], self.scales[e], self.zeros[e]
@@ -198,20 +205,23 @@ class QuantizedExperts(nn.Module):
     def _routed_forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         p = self.glowq_protocol
         first, second = getattr(self, p.first), getattr(self, p.second)
+        T, k = top_k_index.shape
+        # (token, slot) pairs sorted by expert; transformers' sentinel for a token no local expert
+        # serves (index >= E) sorts last, past every expert's rows, and comes out zero
+        flat = top_k_index.reshape(-1).clamp(0, p.num_experts)
+        order = torch.argsort(flat, stable=True)
+        token = torch.div(order, k, rounding_mode="floor")
+        counts = torch.zeros(p.num_experts + 1, dtype=torch.int64, device=flat.device)
+        offsets = counts.scatter_add_(0, flat, torch.ones_like(flat))[:p.num_experts].cumsum(0)
         R = first.project(hidden_states)  # once for every token, before dispatch
-        out = torch.zeros_like(hidden_states)
-        for e in torch.unique(top_k_index).tolist():  # the experts some token was routed to
-            if not 0 <= e < p.num_experts:
-                continue  # transformers' sentinel for a token no local expert serves
-            token, slot = torch.where(top_k_index == e)
-            h = first.expert(e, hidden_states[token], None if R is None else R[token])
-            h = self._apply_gate(h) if p.has_gate else self.act_fn(h)
-            y = second.expert(e, h)
-            if p.has_post_expert_norm:
-                y = self.post_expert_norm(y)
-            y = y * top_k_weights[token, slot, None]
-            out.index_add_(0, token, y.to(out.dtype))
-        return out
+        h = first.experts(hidden_states[token], offsets, None if R is None else R[token])
+        h = self._apply_gate(h) if p.has_gate else self.act_fn(h)
+        y = second.experts(h, offsets)
+        if p.has_post_expert_norm:
+            y = self.post_expert_norm(y)
+        y = y * top_k_weights.reshape(-1)[order, None]
+        unsorted = torch.empty_like(y).index_copy_(0, order, y)
+        return unsorted.view(T, k, -1).sum(dim=1).to(hidden_states.dtype)
 
 
 def layout_record(layout: ExpertsProtocol | TracedExperts) -> dict:

@@ -43,6 +43,13 @@ def _checkpoints(root: Path) -> dict[str, Path]:
     save("groups_too_wide", _llama(), group_size=64)  # o_proj: 64 inputs, 32 per rank, groups of 64
     save("per_channel", _llama(), group_size=-1)
     save("odd_rows", _llama(intermediate_size=129))  # gate/up: 129 output rows
+    with torch.random.fork_rng(devices=[]):  # MoE: the experts whole on every rank
+        torch.manual_seed(0)
+        moe = T.Qwen2MoeForCausalLM(T.Qwen2MoeConfig(
+            vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=48,
+            shared_expert_intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            num_experts=4, num_experts_per_tok=2)).eval()
+    save("qwen2_moe", moe)
     _llama().save_pretrained(root / "float")
     made["quantize_on_load"] = root / "float"
     return made
@@ -72,7 +79,7 @@ def _single_process_logits(directory):
         return load_quantized(directory)(input_ids=torch.tensor(IDS)).logits
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2_tied", "llama_qera"])
+@pytest.mark.parametrize("name", ["llama", "qwen2_tied", "llama_qera", "qwen2_moe"])
 def test_tensor_parallel_logits_equal_the_single_process_model(ranks, name):
     made, results, _ = ranks
     reference = _single_process_logits(made[name])
@@ -119,12 +126,22 @@ def test_save_pretrained_under_tensor_parallel_writes_the_same_checkpoint(ranks)
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
 
 
+def test_quantized_experts_stay_whole_with_a_warning(ranks):
+    _, results, _ = ranks
+    r = results["qwen2_moe"][0]
+    assert r["local_shapes"]["model.layers.0.mlp.experts.gate_up_proj.qweight"][0] == 4  # every expert here
+    # Qwen2-MoE's plan has no rule for the shared expert: it stays whole, as in the float model
+    assert r["local_shapes"]["model.layers.0.mlp.shared_expert.gate_proj.qweight"][1] == 96
+    assert any("keeps the quantized tables and experts" in w and "model.layers.0.mlp.experts" in w
+               for w in r["warnings"])
+
+
 def test_quantized_tied_tables_stay_whole_with_a_warning(ranks):
     made, results, _ = ranks
     r = results["qwen2_tied"][0]
     full = load_quantized(made["qwen2_tied"])
     assert r["local_shapes"]["model.embed_tokens.qweight"] == tuple(full.model.embed_tokens.qweight.shape)
-    assert any("keeps the quantized tables" in w and "model.embed_tokens" in w for w in r["warnings"])
+    assert any("keeps the quantized tables and experts" in w and "model.embed_tokens" in w for w in r["warnings"])
 
 
 @pytest.mark.parametrize("name, message", [

@@ -1,0 +1,100 @@
+"""The grouped W4A16 Triton kernel of an MoE block's experts: rows sorted by expert, one launch.
+
+Rows ``offsets[e-1]:offsets[e]`` of ``x`` (M, K) belong to expert ``e``; its 4-bit weight is
+``qweight[e]`` (K_pad / 8, N) in the layout of ``kernels.layout`` (stacked (E, ...), as are the
+scales, zero points, biases and ``A``). Each program computes one ``BLOCK_M x BLOCK_N`` tile of
+one expert's rows: the launcher numbers every expert's row tiles one after another
+(``TILE_ENDS[e]``: the tiles of experts ``0..e``) and launches the most tiles any routing can
+need (``cdiv(M, BLOCK_M) + E``), so no count is read back to the host; a program past the last
+tile returns at once, and an expert with no rows has no tile. The epilogue adds the expert's
+correction ``R A_e^T`` (``R``: the rows of the shared projection) and bias, as the dense GEMM
+does; rows past ``offsets[-1]`` are never written (the launcher zero-fills the output).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from glowq_fx.kernels.w4a16 import _autotuned_key, _config
+
+
+@triton.jit
+def _w4a16_experts_kernel(
+    X, R, OFFSETS, TILE_ENDS, stride_xm, stride_rm, K, N, RANK, E,
+    W, S, Z, A, BIAS, Y, stride_we, stride_se, stride_ae,
+    GROUP_SIZE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    # this tile's expert: how many experts' tiles end at or before it
+    e = 0
+    for i in range(0, E):
+        e += (tl.load(TILE_ENDS + i) <= pid_t).to(tl.int32)
+    if e < E:
+        first_tile = tl.where(e > 0, tl.load(TILE_ENDS + e - 1, mask=e > 0, other=0), 0)
+        start = tl.where(e > 0, tl.load(OFFSETS + e - 1, mask=e > 0, other=0), 0)
+        end = tl.load(OFFSETS + e)
+        offs_m = start + (pid_t - first_tile) * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < end
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        We, Se, Ze = W + e * stride_we, S + e * stride_se, Z + e * stride_se
+        k_pad = tl.cdiv(K, GROUP_SIZE) * GROUP_SIZE
+        shifts = (tl.arange(0, BLOCK_K) % 8) * 4
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(X + offs_m[:, None] * stride_xm + kk[None, :], mask=mask_m[:, None] & (kk[None, :] < K),
+                        other=0.0)
+            wmask = (kk[:, None] < k_pad) & mask_n[None, :]
+            words = tl.load(We + (kk[:, None] // 8) * N + offs_n[None, :], mask=wmask, other=0)
+            q = ((words >> shifts[:, None]) & 0xF).to(tl.float32)  # (BLOCK_K, BLOCK_N)
+            if BLOCK_K <= GROUP_SIZE:
+                g = k0 // GROUP_SIZE
+                s = tl.load(Se + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+                z = tl.load(Ze + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            else:
+                g = kk // GROUP_SIZE
+                s = tl.load(Se + g[:, None] * N + offs_n[None, :], mask=wmask, other=0.0).to(tl.float32)
+                z = tl.load(Ze + g[:, None] * N + offs_n[None, :], mask=wmask, other=0.0).to(tl.float32)
+            w = ((q - z) * s).to(X.dtype.element_ty)
+            if UPCAST_DOT:
+                a = a.to(tl.float32)
+                w = w.to(tl.float32)
+            acc = tl.dot(a, w, acc)
+        if HAS_A:
+            Ae = A + e * stride_ae
+            for r0 in range(0, RANK, BLOCK_R):
+                offs_r = r0 + tl.arange(0, BLOCK_R)
+                mask_r = offs_r < RANK
+                rr = tl.load(R + offs_m[:, None] * stride_rm + offs_r[None, :],
+                             mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+                at = tl.load(Ae + offs_n[None, :] * RANK + offs_r[:, None], mask=mask_r[:, None] & mask_n[None, :],
+                             other=0.0)
+                if UPCAST_DOT:
+                    rr = rr.to(tl.float32)
+                    at = at.to(tl.float32)
+                acc = tl.dot(rr, at, acc)
+        if HAS_BIAS:
+            acc += tl.load(BIAS + e * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(Y + offs_m[:, None] * N + offs_n[None, :], acc.to(Y.dtype.element_ty),
+                 mask=mask_m[:, None] & mask_n[None, :])
+
+
+# BLOCK_M is the launcher's (it numbers the tiles); these tune the rest. The first entry, the one
+# the interpreter runs, has short K tiles so that the CPU tests cross several of them.
+EXPERTS_CONFIGS = [
+    _config(32, 64, 4, 3), _config(64, 64, 4, 3), _config(128, 64, 8, 3), _config(32, 128, 4, 3),
+    _config(64, 128, 8, 4),
+]
+EXPERTS_KEY = ["K", "N", "RANK", "E", "BLOCK_M"]
+experts_kernel = _autotuned_key(_w4a16_experts_kernel, EXPERTS_CONFIGS, EXPERTS_KEY)
+
+
+def experts_block_m(rows: int, experts: int) -> int:
+    """Rows per tile: the average rows per expert rounded up to a power of two, 16 to 64 (tensor
+    cores want 16 at least; decode gives each expert a row or two)."""
+    mean = max(1, rows // max(experts, 1))
+    return min(64, max(16, triton.next_power_of_2(mean)))
