@@ -275,25 +275,10 @@ def dequantize_kernel(W, S, Z, OUT, N, K, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.
 
 
 @triton.jit
-def _w4a16_gemm_kernel(
-    X, R, stride_xm, stride_rm, M, K, RANK,
-    W0, S0, Z0, A0, BIAS0, Y0, N0,
-    W1, S1, Z1, A1, BIAS1, Y1, N1,
-    W2, S2, Z2, A2, BIAS2, Y2, N2,
-    W3, S3, Z3, A3, BIAS3, Y3, N3,
-    NUM_MEMBERS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
-):
-    # row blocks vary fastest, so programs that run together dequantize the same weight tile
-    # and it stays in L2
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    member, offs_n, W, S, Z, Y, N = _member_block(pid_n, W0, S0, Z0, Y0, N0, W1, S1, Z1, Y1, N1, W2, S2, Z2, Y2, N2,
-                                                  W3, S3, Z3, Y3, N3, BLOCK_N, NUM_MEMBERS)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
+def w4a16_tile(X, W, S, Z, offs_m, mask_m, offs_n, mask_n, stride_xm, K, N, GROUP_SIZE: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """float32 ``x deq(W)^T`` of rows ``offs_m`` and columns ``offs_n``: the tensor-core K loop of the
+    GEMMs (dense and grouped experts), each (BLOCK_K, BLOCK_N) weight tile dequantized in registers."""
     k_pad = tl.cdiv(K, GROUP_SIZE) * GROUP_SIZE
     shifts = (tl.arange(0, BLOCK_K) % 8) * 4
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -317,20 +302,52 @@ def _w4a16_gemm_kernel(
             a = a.to(tl.float32)
             w = w.to(tl.float32)
         acc = tl.dot(a, w, acc)
+    return acc
 
+
+@triton.jit
+def low_rank_epilogue(acc, R, A, offs_m, mask_m, offs_n, mask_n, stride_rm, RANK, BLOCK_R: tl.constexpr,
+                      UPCAST_DOT: tl.constexpr):
+    """``acc + R A^T`` on the tile: the correction's rows of ``R`` times ``A`` (N, RANK)."""
+    for r0 in range(0, RANK, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < RANK
+        rr = tl.load(R + offs_m[:, None] * stride_rm + offs_r[None, :], mask=mask_m[:, None] & mask_r[None, :],
+                     other=0.0)
+        at = tl.load(A + offs_n[None, :] * RANK + offs_r[:, None], mask=mask_r[:, None] & mask_n[None, :],
+                     other=0.0)
+        if UPCAST_DOT:
+            rr = rr.to(tl.float32)
+            at = at.to(tl.float32)
+        acc = tl.dot(rr, at, acc)
+    return acc
+
+
+@triton.jit
+def _w4a16_gemm_kernel(
+    X, R, stride_xm, stride_rm, M, K, RANK,
+    W0, S0, Z0, A0, BIAS0, Y0, N0,
+    W1, S1, Z1, A1, BIAS1, Y1, N1,
+    W2, S2, Z2, A2, BIAS2, Y2, N2,
+    W3, S3, Z3, A3, BIAS3, Y3, N3,
+    NUM_MEMBERS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    # row blocks vary fastest, so programs that run together dequantize the same weight tile
+    # and it stays in L2
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    member, offs_n, W, S, Z, Y, N = _member_block(pid_n, W0, S0, Z0, Y0, N0, W1, S1, Z1, Y1, N1, W2, S2, Z2, Y2, N2,
+                                                  W3, S3, Z3, Y3, N3, BLOCK_N, NUM_MEMBERS)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    acc = w4a16_tile(X, W, S, Z, offs_m, mask_m, offs_n, mask_n, stride_xm, K, N, GROUP_SIZE, BLOCK_M, BLOCK_N,
+                     BLOCK_K, UPCAST_DOT)
     if HAS_A:
-        A = _pick(member, A0, A1, A2, A3)
-        for r0 in range(0, RANK, BLOCK_R):
-            offs_r = r0 + tl.arange(0, BLOCK_R)
-            mask_r = offs_r < RANK
-            rr = tl.load(R + offs_m[:, None] * stride_rm + offs_r[None, :], mask=mask_m[:, None] & mask_r[None, :],
-                         other=0.0)
-            at = tl.load(A + offs_n[None, :] * RANK + offs_r[:, None], mask=mask_r[:, None] & mask_n[None, :],
-                         other=0.0)
-            if UPCAST_DOT:
-                rr = rr.to(tl.float32)
-                at = at.to(tl.float32)
-            acc = tl.dot(rr, at, acc)
+        acc = low_rank_epilogue(acc, R, _pick(member, A0, A1, A2, A3), offs_m, mask_m, offs_n, mask_n, stride_rm, RANK,
+                                BLOCK_R, UPCAST_DOT)
     _store_rows(acc, offs_m, mask_m, offs_n, mask_n, member, BIAS0, BIAS1, BIAS2, BIAS3, Y, N, HAS_BIAS)
 
 

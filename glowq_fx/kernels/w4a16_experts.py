@@ -15,7 +15,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from glowq_fx.kernels.w4a16 import _autotuned_key, _config
+from glowq_fx.kernels.w4a16 import _autotuned_key, _config, low_rank_epilogue, w4a16_tile
 
 
 @triton.jit
@@ -29,7 +29,7 @@ def _w4a16_experts_kernel(
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
     # this tile's expert: how many experts' tiles end at or before it
-    e = 0
+    e = pid_t * 0  # an int32 scalar from the start: a loop-carried variable keeps its type when compiled
     for i in range(0, E):
         e += (tl.load(TILE_ENDS + i) <= pid_t).to(tl.int32)
     if e < E:
@@ -40,43 +40,11 @@ def _w4a16_experts_kernel(
         mask_m = offs_m < end
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        We, Se, Ze = W + e * stride_we, S + e * stride_se, Z + e * stride_se
-        k_pad = tl.cdiv(K, GROUP_SIZE) * GROUP_SIZE
-        shifts = (tl.arange(0, BLOCK_K) % 8) * 4
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            a = tl.load(X + offs_m[:, None] * stride_xm + kk[None, :], mask=mask_m[:, None] & (kk[None, :] < K),
-                        other=0.0)
-            wmask = (kk[:, None] < k_pad) & mask_n[None, :]
-            words = tl.load(We + (kk[:, None] // 8) * N + offs_n[None, :], mask=wmask, other=0)
-            q = ((words >> shifts[:, None]) & 0xF).to(tl.float32)  # (BLOCK_K, BLOCK_N)
-            if BLOCK_K <= GROUP_SIZE:
-                g = k0 // GROUP_SIZE
-                s = tl.load(Se + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-                z = tl.load(Ze + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-            else:
-                g = kk // GROUP_SIZE
-                s = tl.load(Se + g[:, None] * N + offs_n[None, :], mask=wmask, other=0.0).to(tl.float32)
-                z = tl.load(Ze + g[:, None] * N + offs_n[None, :], mask=wmask, other=0.0).to(tl.float32)
-            w = ((q - z) * s).to(X.dtype.element_ty)
-            if UPCAST_DOT:
-                a = a.to(tl.float32)
-                w = w.to(tl.float32)
-            acc = tl.dot(a, w, acc)
+        acc = w4a16_tile(X, W + e * stride_we, S + e * stride_se, Z + e * stride_se, offs_m, mask_m, offs_n, mask_n,
+                         stride_xm, K, N, GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST_DOT)
         if HAS_A:
-            Ae = A + e * stride_ae
-            for r0 in range(0, RANK, BLOCK_R):
-                offs_r = r0 + tl.arange(0, BLOCK_R)
-                mask_r = offs_r < RANK
-                rr = tl.load(R + offs_m[:, None] * stride_rm + offs_r[None, :],
-                             mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-                at = tl.load(Ae + offs_n[None, :] * RANK + offs_r[:, None], mask=mask_r[:, None] & mask_n[None, :],
-                             other=0.0)
-                if UPCAST_DOT:
-                    rr = rr.to(tl.float32)
-                    at = at.to(tl.float32)
-                acc = tl.dot(rr, at, acc)
+            acc = low_rank_epilogue(acc, R, A + e * stride_ae, offs_m, mask_m, offs_n, mask_n, stride_rm, RANK,
+                                    BLOCK_R, UPCAST_DOT)
         if HAS_BIAS:
             acc += tl.load(BIAS + e * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         tl.store(Y + offs_m[:, None] * N + offs_n[None, :], acc.to(Y.dtype.element_ty),
