@@ -1,8 +1,9 @@
 """MoE experts on real weights: SmolLM2-135M split into 8 experts per MLP (``smollm2_moe``).
 
-Two models: every expert active (computes exactly the dense SmolLM2: same perplexity, checked
-here) and top-2 of 8 with a router derived from data (its own float perplexity is its
-reference). On each, the experts quantized W4 (asymmetric, group 64, RTN), the attention left in
+Three models: every expert active (computes exactly the dense SmolLM2: same perplexity, checked
+here), and top-2 and top-6 of 8 with neurons grouped and a router derived from data (each one's
+own float perplexity is its reference; top-2 keeps a quarter of SmolLM2's neurons per token and
+no longer models text, top-6 still does). On each, the experts quantized W4 (asymmetric, group 64, RTN), the attention left in
 float so that only the experts differ between rows, calibrated block by block on 32 x 512 news
 tokens; perplexity on the Wikipedia text in windows of 1024. Rows:
 
@@ -41,7 +42,7 @@ from glowq_fx.data.corpus import load_text  # noqa: E402
 from glowq_fx.data.models import load_model  # noqa: E402
 from glowq_fx.evaluation.perplexity import perplexity  # noqa: E402
 from glowq_fx.quantize import model_bytes  # noqa: E402
-from smollm2_moe import cached_routers, dense_to_moe, router_key  # noqa: E402
+from smollm2_moe import dense_to_moe, router_key, sparse_moe  # noqa: E402
 
 
 def equal_bytes_rank(rank: int, n_experts: int, out_features: int, in_features: int) -> int:
@@ -71,7 +72,8 @@ def rows(rank: int, equal_rank: int) -> list[tuple[str, GlowQConfig | None]]:
             (f"GlowQ across experts r{rank}", GlowQConfig(**common, rank=rank)),
             (f"GlowQ across experts r{rank}, usage-weighted", GlowQConfig(**common, rank=rank, expert_weighting="usage")),
             (f"GlowQ across experts r{rank}, A_e refit", GlowQConfig(**common, rank=rank, expert_refit=True)),
-            (f"GlowQ across experts r{equal_rank} (equal bytes)", GlowQConfig(**common, rank=equal_rank))]
+            (f"GlowQ across experts r{equal_rank} (equal gate/up bytes)",
+             GlowQConfig(**common, rank=equal_rank, expert_own_input_rank=rank))]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=16384)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--experts", type=int, default=8)
-    ap.add_argument("--top-k", type=int, default=2, help="experts per token of the sparse model")
+    ap.add_argument("--top-k", type=int, nargs="+", default=[2, 6], help="experts per token of each sparse model")
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "moe")
     ap.add_argument("--resume", action="store_true", help="keep the rows the JSON already has, run the others")
@@ -97,10 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     router_text = [b["input_ids"] for b in text_calibration_batches(tokenizer, "news", args.router_samples,
                                                                      args.calib_len, seed=1)]
     E, I, H = args.experts, dense.config.intermediate_size, dense.config.hidden_size
-    routers = cached_routers(dense, router_text, E, router_key(dense, E, f"news:{args.router_samples}x{args.calib_len}:1"))
+    key = router_key(dense, E, f"grouped:news:{args.router_samples}x{args.calib_len}:1")
     equal_rank = equal_bytes_rank(args.rank, E, 2 * I // E, H)
     models = {f"all {E} experts active (= dense)": lambda: dense_to_moe(dense, E),
-              f"top-{args.top_k} of {E}, router from data": lambda: dense_to_moe(dense, E, args.top_k, routers)}
+              **{f"top-{k} of {E}, router from data": lambda k=k: sparse_moe(dense, router_text, E, k, key)
+                 for k in args.top_k}}
     meta = {"command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
             "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads (CPU)",
             "torch": torch.__version__, "model": "smollm2 split into MoE", "experts": E, "top_k": args.top_k,
@@ -126,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
                  f"{meta['quantization']}; calibration {meta['calibration']}, block by block; perplexity over "
                  f"{meta['evaluated_tokens']:,} Wikipedia tokens in windows of {args.seq_len}; {meta['machine']}, "
                  f"torch {meta['torch']}, {meta['date']}. The dense SmolLM2 scores {dense_ppl:.4f} here.", "",
+                 "Rows may come from resumed runs of the script (`--resume` keeps the rows already measured): the "
+                 "perplexities are deterministic, the times depend on what else ran on the cores (indicative only).",
+                 "",
                  "| model | row | perplexity | vs float | gate/up factor MB | all factor MB | whole-model MB | quantize s |",
                  "|---|---|---:|---:|---:|---:|---:|---:|"]
         for r in done:

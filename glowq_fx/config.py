@@ -128,6 +128,8 @@ class GlowQConfig:
             ``"none"``: every expert alike.
         expert_refit: with the shared ``B`` fixed, refit each expert's ``A_e`` in closed form
             against the second moment of the tokens routed to it.
+        expert_own_input_rank: the rank of each expert's correction on a weight that reads the
+            expert's own input (down); None: ``rank``.
     """
 
     bits: int = 4
@@ -154,6 +156,7 @@ class GlowQConfig:
     experts: bool = True
     expert_weighting: str = "none"
     expert_refit: bool = False
+    expert_own_input_rank: int | None = None
     selective: str | float | int | None = None
     calibration: str = "auto"
     block_inputs: str = "float"
@@ -179,6 +182,9 @@ class GlowQConfig:
         _check_choice("factor_dtype", self.factor_dtype, FACTOR_DTYPES)
         _check_choice("embedding_bits", self.embedding_bits, EMBEDDING_BITS)
         _check_choice("expert_weighting", self.expert_weighting, EXPERT_WEIGHTINGS)
+        own = self.expert_own_input_rank
+        if own is not None and (not isinstance(own, int) or isinstance(own, bool) or own < 0):
+            raise ValueError(f"expert_own_input_rank must be None or a non-negative int, got {own!r}")
         if not isinstance(self.experts, bool) or not isinstance(self.expert_refit, bool):
             raise ValueError(f"experts and expert_refit are booleans, got {self.experts!r}, {self.expert_refit!r}")
         if not isinstance(self.rank, int) or self.rank < 0:

@@ -223,7 +223,8 @@ def quantize_experts(model: nn.Module, name: str, stats, config: GlowQConfig, fa
                                           (f"{name}.{w.name}", *(m for m, *_ in here)))
         else:  # each expert alone (GlowQ on an expert's own input is QERA: a group of one)
             method = "qera" if config.method == "glowq" else config.method
-            corrections = [solve(method, [E_], S if S_e is None else S_e, min(rank, *E_.shape), **kw)
+            r = rank if w.reads_input or config.expert_own_input_rank is None else config.expert_own_input_rank
+            corrections = [solve(method if r else "none", [E_], S if S_e is None else S_e, min(r, *E_.shape), **kw)
                            for E_, S_e in zip(errors, S_experts)]
         solve_s = time.perf_counter() - t0
         pending.append((w, corrections, projection, quantize_s, solve_s, here))
@@ -243,7 +244,7 @@ def quantize_experts(model: nn.Module, name: str, stats, config: GlowQConfig, fa
                     linear = QuantizedLinear(pack(q), bias)
                     replace_module(model, m, linear)
                     linear.set_correction(A.to(factor_dtype), projection)
-            else:
+            elif corrections[0].A[0].shape[1]:  # each expert's own B (not at rank 0: expert_own_input_rank=0)
                 target.set_correction(torch.stack([c.A[0] for c in corrections]).to(factor_dtype),
                                       B=torch.stack([c.B[0] for c in corrections]).to(factor_dtype))
         rows.append(_row(f"{name}.{w.name}", E, w.Ws, target, corrections, quantize_s, solve_s,

@@ -330,3 +330,13 @@ def test_a_shared_expert_shares_the_experts_B():
     _, low, low_report = _quantized("qwen2_moe", group_size=32, rank=8, calibration="blocks", block_inputs="quantized")
     row = {g.name: g for g in low_report.groups}["model.layers.0.mlp.shared_expert.{gate_proj,up_proj}"]
     assert row.restored and row.rank == 8 and 0 < row.error_after < row.error_before
+
+
+def test_the_rank_on_each_experts_own_input_can_differ():
+    _, model, report = _quantized("mixtral", group_size=32, rank=8, expert_own_input_rank=3)
+    experts = model.model.layers[0].mlp.experts
+    assert experts.gate_up_proj.rank == 8 and experts.down_proj.rank == 3
+    _, model, _ = _quantized("mixtral", group_size=32, rank=8, expert_own_input_rank=0)
+    assert model.model.layers[0].mlp.experts.down_proj.A is None
+    with pytest.raises(ValueError, match="expert_own_input_rank must be None or a non-negative int"):
+        GlowQConfig(expert_own_input_rank=-1)

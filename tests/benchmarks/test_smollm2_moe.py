@@ -73,3 +73,20 @@ def test_equal_bytes_rank_matches_the_independent_bytes():
         assert a["shared_values"] < a["independent_values"]
         assert a["saving"] == pytest.approx((a["experts"] - 1) * a["hidden"] /
                                             (a["experts"] * (a["gate_up_out"] + a["hidden"])))
+
+
+def test_neuron_grouping_is_balanced_and_keeps_the_dense_function():
+    moe = _load("smollm2_moe")
+    dense = tiny_llama(seed=3)
+    inputs = moe.mlp_inputs(dense, [IDS])
+    perms = moe.group_neurons(dense, inputs, 8)
+    for perm in perms:  # a permutation of the 128 neurons
+        assert sorted(perm.tolist()) == list(range(128))
+    X = torch.nn.functional.normalize(torch.randn(64, 5, generator=torch.Generator().manual_seed(0)), dim=1)
+    assign = moe.balanced_kmeans(X, 4)
+    assert torch.bincount(assign, minlength=4).tolist() == [16] * 4
+    grouped = moe.permuted(dense, perms)
+    with torch.no_grad():
+        torch.testing.assert_close(grouped(input_ids=IDS).logits, dense(input_ids=IDS).logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="do not split into 3 equal clusters"):
+        moe.balanced_kmeans(X, 3)
