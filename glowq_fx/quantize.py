@@ -248,8 +248,9 @@ def _quantize_with_experts(model: nn.Module, groups: Sequence[InputGroup], stats
             continue
         dtype = next(p for p in model.get_submodule(name).parameters() if p.dim() == 3).dtype
         with_it = joins.get(name, [])
-        expert_rows, joined_rows = quantize_experts(model, name, found, config, factor_dtype(config, dtype),
-                                                    [g for g in with_it if stats.pop(g.name) is not None])
+        for g in with_it:
+            stats.pop(g.name)  # released: a joined group's S is the experts' own (the very same input)
+        expert_rows, joined_rows = quantize_experts(model, name, found, config, factor_dtype(config, dtype), with_it)
         outcome.rows.extend(expert_rows)
         for g in with_it:
             rows[g.name], factors[g.name] = joined_rows[g.name], []

@@ -14,7 +14,11 @@ scales and zero points stacked (E, ...) in the layout of ``kernels.layout``, and
 ``A_e``. The first weight (it reads the block input) shares one ``B`` across the experts (and
 any dense linear reading the same input, e.g. a shared expert): ``R = B x`` is computed once for
 all tokens, before dispatch, and expert ``e``'s rows get ``deq(W_e) x_e + A_e R_e``. The second
-weight reads each expert's own intermediate, so each expert has its own ``B_e`` there.
+weight reads each expert's own intermediate, so each expert has its own ``B_e`` there. The
+forward sorts the (token, slot) pairs by expert and runs each weight as one op on the sorted rows
+(``glowq::w4a16_experts``: a grouped Triton kernel on CUDA), so it has no data-dependent loop and
+compiles into one graph. A module without those marks whose weights were traced in calibration
+keeps its own forward instead (``modules.expert_views``).
 
 The quantized module takes the experts module's class (a dynamic subclass, as
 ``QuantizedEmbedding`` does), so the class's own gating (``_apply_gate``: concatenated or
@@ -30,8 +34,8 @@ import torch
 from torch import Tensor, nn
 
 from glowq_fx import ops
-from glowq_fx.modules.expert_views import QuantizedWeightsView, TracedExperts, TracedWeight
 from glowq_fx.kernels.layout import PackedW4, dequantize_packed, group_size_of
+from glowq_fx.modules.expert_views import QuantizedWeightsView, TracedExperts, TracedWeight
 from glowq_fx.modules.linear import SharedProjection
 
 
