@@ -39,7 +39,8 @@ def find_experts(model: nn.Module, config: GlowQConfig) -> tuple[dict[str, Exper
     dimension, the experts) are traced during calibration (``calibration.experts.TracedStatistics``)."""
     found, skipped = {}, {}
     for name, module in model.named_modules():
-        if isinstance(module, QuantizedExperts) or not any(p.dim() == 3 for p in module.parameters(recurse=False)):
+        if isinstance(module, (QuantizedExperts, nn.modules.conv._ConvNd)) or not any(  # a conv's weight is 3-D too
+                p.dim() == 3 for p in module.parameters(recurse=False)):
             continue
         if not config.experts:
             skipped[name] = "MoE experts left in floating point (GlowQConfig(experts=False))"

@@ -340,3 +340,10 @@ def test_the_rank_on_each_experts_own_input_can_differ():
     assert model.model.layers[0].mlp.experts.down_proj.A is None
     with pytest.raises(ValueError, match="expert_own_input_rank must be None or a non-negative int"):
         GlowQConfig(expert_own_input_rank=-1)
+
+
+def test_a_convolution_is_not_taken_for_experts():
+    from glowq_fx.quantize_experts import find_experts
+
+    model = torch.nn.Sequential(torch.nn.Conv1d(4, 8, 3), torch.nn.Linear(8, 8))
+    assert find_experts(model, GlowQConfig()) == ({}, {})
