@@ -213,13 +213,17 @@ def _(x, offsets, qweight, scales, zeros, bias, A, R):
     return x.new_empty(x.shape[0], qweight.shape[-1])
 
 
+def _check_experts_projection(x: Tensor, offsets: Tensor, B: Tensor) -> None:
+    if B.dim() != 3 or B.shape[0] != offsets.shape[0]:
+        raise ValueError(f"B must be (E={offsets.shape[0]}, rank, K), got {tuple(B.shape)}")
+    _check_projection(x, B[0])
+
+
 @custom_op("glowq::experts_projection", mutates_args=(), tags=(torch.Tag.flexible_layout,))
 def experts_projection(x: Tensor, offsets: Tensor, B: Tensor) -> Tensor:
     """Each expert's own right factor on its rows: rows ``offsets[e-1]:offsets[e]`` of ``x`` (M, K)
     get ``x B[e]^T`` (B (E, r, K)); rows past ``offsets[-1]`` are zero."""
-    if B.dim() != 3 or B.shape[0] != offsets.shape[0]:
-        raise ValueError(f"B must be (E={offsets.shape[0]}, rank, K), got {tuple(B.shape)}")
-    _check_projection(x, B[0])
+    _check_experts_projection(x, offsets, B)
     out = x.new_zeros(x.shape[0], B.shape[1])
     ends = offsets.tolist()
     for e, (lo, hi) in enumerate(zip([0, *ends], ends)):
@@ -230,7 +234,5 @@ def experts_projection(x: Tensor, offsets: Tensor, B: Tensor) -> Tensor:
 
 @experts_projection.register_fake
 def _(x, offsets, B):
-    if B.dim() != 3 or B.shape[0] != offsets.shape[0]:
-        raise ValueError(f"B must be (E={offsets.shape[0]}, rank, K), got {tuple(B.shape)}")
-    _check_projection(x, B[0])
+    _check_experts_projection(x, offsets, B)
     return x.new_empty(x.shape[0], B.shape[1])

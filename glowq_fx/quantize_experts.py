@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from glowq_fx.calibration.experts import ExpertsStatistics, TracedStatistics
+from glowq_fx.calibration.experts import ExpertsStatistics, TracedStatistics, pooled
 from glowq_fx.config import GlowQConfig
 from glowq_fx.correction.decompose import solve
 from glowq_fx.correction.experts import experts_lowrank
@@ -121,14 +121,14 @@ def _weight_inputs(module: nn.Module, stats) -> list[_WeightInputs]:
     if isinstance(stats, ExpertsStatistics):
         p, E = stats.protocol, stats.protocol.num_experts
         S = stats.S.value()
-        pooled = stats.pooled_second()
+        everyone = pooled(stats.second, f"{stats.name}.{p.second}")
         firsts = [stats.expert_moment(stats.first, e) for e in range(E)]
         seconds = [stats.expert_moment(stats.second, e) for e in range(E)]
         counts = [int(c) for c in stats.counts]
         for w, reads, moments in ((p.first, True, firsts), (p.second, False, seconds)):
             out.append(_WeightInputs(
                 w, [expert_weight(module, w, e, p.is_transposed).detach() for e in range(E)], reads,
-                S if reads else None, moments if reads else [pooled if m is None else m for m in moments], counts,
+                S if reads else None, moments if reads else [everyone if m is None else m for m in moments], counts,
                 getattr(module, f"{w}_bias") if p.has_bias else None))
         return out
     layout = stats.layout()
@@ -136,10 +136,8 @@ def _weight_inputs(module: nn.Module, stats) -> list[_WeightInputs]:
         param = stats.params[t.name]
         moments = [m.value() if m.n_tokens else None for m in stats.moments[t.name]]
         if not t.reads_input:  # an expert no row reached: the other experts' rows pooled
-            fed = [(m.value(), m.n_tokens) for m in stats.moments[t.name] if m.n_tokens]
-            total = sum(n for _, n in fed)
-            pooled = sum(v * (n / total) for v, n in fed)
-            moments = [pooled if m is None else m for m in moments]
+            everyone = pooled(stats.moments[t.name], f"{stats.name}.{t.name}")
+            moments = [everyone if m is None else m for m in moments]
         out.append(_WeightInputs(
             t.name, [(param[e] if t.stored_out_in else param[e].T).detach() for e in range(layout.num_experts)],
             t.reads_input, stats.S.value() if t.reads_input else None, moments,

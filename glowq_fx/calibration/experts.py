@@ -38,6 +38,16 @@ def routed_inputs(args: tuple, kwargs: dict) -> tuple[Tensor, Tensor]:
     return got[0], got[1]
 
 
+def pooled(moments: list[SecondMoment], name: str) -> Tensor:
+    """The second moment over every expert's rows, each weighted by its row count (it stands in
+    for an expert that no calibration token reached)."""
+    fed = [m for m in moments if m.n_tokens]
+    if not fed:
+        raise ValueError(f"{name}: no calibration token reached any expert")
+    total = sum(m.n_tokens for m in fed)
+    return sum(m.value() * (m.n_tokens / total) for m in fed)
+
+
 def _flat_mask(name: str, mask: Tensor | None, x: Tensor) -> Tensor | None:
     if mask is not None and mask.numel() != x.shape[:-1].numel():
         raise ValueError(f"{name}: attention_mask has {mask.numel()} tokens but the experts see "
@@ -98,19 +108,6 @@ class ExpertsStatistics:
         """``moments[e]``'s ``S``, or None when no calibration token reached expert ``e``."""
         return moments[e].value() if moments[e].n_tokens else None
 
-    def pooled_second(self) -> Tensor:
-        """The second weight's input moment over every expert's tokens (for an expert none reached)."""
-        fed = [m for m in self.second if m.n_tokens]
-        if not fed:
-            raise ValueError(f"{self.name}: no calibration token reached any expert")
-        total = sum(m.n_tokens for m in fed)
-        return sum(m.value() * (m.n_tokens / total) for m in fed)
-
-    @property
-    def frequencies(self) -> list[float]:
-        """Each expert's share of the routed tokens."""
-        total = int(self.counts.sum())
-        return [int(c) / total if total else 0.0 for c in self.counts]
 
     def nbytes(self) -> int:
         d, m = self.S.d_in, self.second[0].d_in

@@ -146,7 +146,8 @@ def find_groups(model: nn.Module, example_batch: object, config: GlowQConfig | N
         discovery.from_hooks = missing
     _check_members(model, discovery)
     _warn_skipped(model, discovery)
-    experts = any(p.dim() == 3 for m in model.modules() for p in m.parameters(recurse=False))
+    experts = any(p.dim() == 3 for m in model.modules() if not isinstance(m, nn.modules.conv._ConvNd)
+                  for p in m.parameters(recurse=False))
     if not discovery.groups and not experts:  # MoE experts alone are quantized by quantize_experts
         raise ValueError(f"no linear layer of {type(model).__name__} is left to quantize: "
                          f"{_names([f'{k} ({v})' for k, v in discovery.skipped.items()])}")
