@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench gpu-test gpu-bench clean
+.PHONY: demo test test-slow bench gpu-test gpu-bench gpu-decode clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,13 @@ gpu-bench:
 	PYTHONPATH=. $(GPU_PY) benchmarks/tune_w4a16.py --rows 1,4
 	PYTHONPATH=. $(GPU_PY) benchmarks/bench_w4a16.py --layers 32
 	PYTHONPATH=. $(GPU_PY) benchmarks/bench_selective_decode.py --layers 8
+
+# End-to-end greedy decoding (time to first token, tokens/s, peak memory), every row on one
+# Llama-3-8B-shaped model at batch 1 and 8, prompt 512: the part that fits one device call.
+# The whole table: DECODE_ARGS="--models llama3-8b,qwen2.5-7b --batches 1,8 --prompts 512,2048".
+DECODE_ARGS ?= --models llama3-8b --batches 1,8 --prompts 512
+gpu-decode:
+	PYTHONPATH=. $(GPU_PY) benchmarks/bench_decode.py $(DECODE_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

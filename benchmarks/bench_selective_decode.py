@@ -16,9 +16,9 @@ calibration batch (one ``calibrate``, reused by every variant), W4 g128, rank 64
   ``benchmarks/results/selective.md``). Here: which wins at equal GPU decode throughput.
 
 Each variant: ``model.forward`` compiled with ``glowq_backend`` and ``mode="reduce-overhead"``
-(CUDA graphs), ``generate()`` greedy with a static cache. Decode time = time of
-``--new-tokens`` new tokens minus the time of one (the prompt), median of ``--repeats``;
-throughput = (new tokens - 1) / decode time. Checked first: the compiled model's greedy tokens
+(CUDA graphs), ``generate()`` greedy with a static cache kept across calls and transformers'
+auto-compilation off (``bench_decode.Decoder``). Decode time = from the first new token on the
+host to the last, median of ``--repeats``; throughput = (new tokens - 1) / decode time. Checked first: the compiled model's greedy tokens
 agree with the eager ones (bf16 kernels may flip near-ties on random weights, so the agreement
 fraction is printed and must exceed 0.8). Writes JSON and a markdown table.
 
@@ -38,49 +38,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import transformers as T  # noqa: E402
 
+from bench_decode import Decoder, _triton_version, model_config, random_model  # noqa: E402
 from glowq_fx import GlowQConfig, calibrate, quantize_  # noqa: E402
 from glowq_fx.backend import glowq_backend  # noqa: E402
-
-
-def model_config(layers: int, tiny: bool) -> T.LlamaConfig:
-    if tiny:
-        return T.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    return T.LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
-                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=2048,
-                         rope_theta=500000.0)
-
-
-def random_model(config: T.LlamaConfig, dtype: torch.dtype, device: str, seed: int) -> torch.nn.Module:
-    """Random weights (the model's own N(0, 0.02) init), drawn on the device in ``dtype``."""
-    with torch.random.fork_rng(devices=[]), torch.device(device):
-        torch.manual_seed(seed)
-        if device == "cuda":
-            torch.cuda.manual_seed(seed)
-        model = T.AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model.eval()
-
-
-def decode_seconds(model, ids, new_tokens: int, repeats: int) -> tuple[float, torch.Tensor]:
-    kwargs = dict(do_sample=False, cache_implementation="static", pad_token_id=0)
-    out = model.generate(ids, max_new_tokens=new_tokens, **kwargs)  # warm-up: compiles, records graphs
-    model.generate(ids, max_new_tokens=1, **kwargs)
-    sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
-    times = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        model.generate(ids, max_new_tokens=new_tokens, **kwargs)
-        sync()
-        t1 = time.perf_counter()
-        model.generate(ids, max_new_tokens=1, **kwargs)
-        sync()
-        times.append((t1 - t0) - (time.perf_counter() - t1))
-    return statistics.median(times), out
 
 
 def main(argv=None) -> int:
@@ -102,7 +67,7 @@ def main(argv=None) -> int:
     device, dtype = ("cpu", torch.float32) if args.tiny else ("cuda", torch.bfloat16)
     group_size = 32 if args.tiny else 128
     torch.manual_seed(0)
-    base = random_model(model_config(args.layers, args.tiny), dtype, device, seed=0)
+    base = random_model(model_config("llama3-8b", args.tiny, args.layers), dtype, device, seed=0)
     gen = torch.Generator(device=device).manual_seed(1)
     vocab = base.config.vocab_size
     calib = [{"input_ids": torch.randint(0, vocab, (1, 128), generator=gen, device=device)}]
@@ -122,9 +87,11 @@ def main(argv=None) -> int:
     for label, config in variants.items():
         model = copy.deepcopy(base)  # base stays uncompiled: a copy of a compiled forward would call base's
         report = quantize_(model, calibrated, config, progress=False) if config is not None else None
-        eager_tokens = model.generate(ids, max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
-        model.forward = torch.compile(model.forward, backend=glowq_backend, mode="reduce-overhead")
-        seconds, tokens = decode_seconds(model, ids, args.new_tokens, args.repeats)
+        decoder = Decoder(model, ids, args.new_tokens)
+        eager_tokens, _ = decoder.generate()  # also fills the static cache outside the compiled graph
+        model.forward = torch.compile(model.forward, backend=glowq_backend, mode="reduce-overhead", dynamic=False)
+        tokens, _ = decoder.generate()  # warm-up: compiles, records the CUDA graphs
+        seconds = statistics.median(decoder.timed()[1] for _ in range(args.repeats))
         agree = float((tokens == eager_tokens).float().mean())
         if agree <= 0.8:
             raise SystemExit(f"{label}: compiled greedy tokens agree with eager on only {agree:.0%}")
@@ -135,7 +102,7 @@ def main(argv=None) -> int:
                        groups=len(report.groups), factor_bytes=report.total("factor_bytes"))
         results.append(row)
         print(f"{label}: {row['tokens_per_s']:.1f} tokens/s (agreement {agree:.0%})", flush=True)
-        del model
+        del model, decoder
         # the variants share LlamaForCausalLM.forward's code: without a reset, Dynamo's cache keeps
         # guards on freed models and counts every variant against one recompile limit (then runs eager)
         torch.compiler.reset()
@@ -155,14 +122,6 @@ def main(argv=None) -> int:
     if not args.tiny:
         write(meta, args.out)
     return 0
-
-
-def _triton_version() -> str | None:
-    try:
-        import triton
-    except ImportError:
-        return None
-    return triton.__version__
 
 
 def write(meta: dict, out: Path) -> None:
