@@ -30,11 +30,57 @@ SHAPES = {"full": dict(hidden_size=1024, intermediate_size=2816, num_attention_h
                        vocab_size=256)}
 
 
+PHASES = ("graph capture", "forwards + S", "group quantize + solve")
+
+
 def _rss_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+class PhasePeaks:
+    """Peak resident memory (KiB) within each phase of ``quantize_`` and over the whole call,
+    exactly: VmHWM is read and reset (``/proc/self/clear_refs``) at every phase boundary, and the
+    whole call's peak is the largest of the pieces. The phases are ``quantize_``'s own steps,
+    wrapped here for the measurement: the graph capture, the forwards that collect ``S`` (the whole
+    model's at once, or one block's), one group's quantization and solve."""
+
+    def __init__(self):
+        import glowq_fx.quantize as Q
+        from glowq_fx.calibration.blockwise import BlockwiseCalibration
+
+        self.peaks: dict[str, int] = {}
+        self.overall = 0
+        self.depth = 0
+        self.targets = [(Q, "discover_groups", PHASES[0]), (Q, "collect_statistics", PHASES[1]),
+                        (BlockwiseCalibration, "block_statistics", PHASES[1]), (Q, "_quantize_group", PHASES[2])]
+        for owner, attr, label in self.targets:
+            setattr(owner, attr, self._wrap(getattr(owner, attr), label))
+
+    def _boundary(self) -> None:
+        self.overall = max(self.overall, _rss_kib("VmHWM"))
+        Path("/proc/self/clear_refs").write_text("5")
+
+    def _wrap(self, fn, label):
+        def wrapped(*args, **kwargs):
+            self.depth += 1
+            if self.depth == 1:
+                self._boundary()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.depth -= 1
+                if self.depth == 0:
+                    peak = _rss_kib("VmHWM")
+                    self.peaks[label] = max(self.peaks.get(label, 0), peak)
+                    self._boundary()
+        return wrapped
+
+    def finish(self) -> int:
+        self._boundary()
+        return self.overall
 
 
 def run_one(layers: int, mode: str, shape: str, tokens: int, batches: int) -> None:
@@ -50,12 +96,13 @@ def run_one(layers: int, mode: str, shape: str, tokens: int, batches: int) -> No
     gen = torch.Generator().manual_seed(1)
     calibration = [{"input_ids": torch.randint(0, config.vocab_size, (1, tokens), generator=gen)}
                    for _ in range(batches)]
+    phases = PhasePeaks()
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident size
     before = _rss_kib("VmRSS")
     t0 = time.perf_counter()
     report = quantize_(model, calibration, GlowQConfig(group_size=128, rank=32, calibration=mode), progress=False)
     elapsed = time.perf_counter() - t0
-    peak = _rss_kib("VmHWM")
+    peak = phases.finish()
     layer = model.model.layers[0]
     H, I = config.hidden_size, config.intermediate_size
     s_bytes = 4 * (3 * H * H + I * I)  # one block's S: q/k/v, o and gate/up read H, down reads I
@@ -64,7 +111,8 @@ def run_one(layers: int, mode: str, shape: str, tokens: int, batches: int) -> No
                "block_s_mib": s_bytes / 2**20, "block_weights_mib": block_weight_bytes / 2**20,
                "activation_mib": (report.calibration or {}).get("activation_bytes", 0) / 2**20,
                "calibration": report.calibration, "quantized": type(layer.self_attn.q_proj).__name__,
-               "whitening_s": sum(g.whitening_time_s for g in report.groups)}))
+               "whitening_s": sum(g.whitening_time_s for g in report.groups),
+                      "phase_peak_mib": {k: (v - before) / 1024 for k, v in phases.peaks.items()}}))
 
 
 def measure(layers: int, mode: str, shape: str, tokens: int, batches: int) -> dict:
@@ -107,6 +155,12 @@ def write(results: dict, out: Path) -> None:
               "| part | s | per block |", "|---|---:|---:|"]
     lines += [f"| {k} | {v:.1f} | {v / n:.2f} |" for k, v in parts.items()]
     lines += ["", f"Of the solve, the float64 factorization of S (Cholesky): {by[depths[-1], 'blocks']['whitening_s']:.1f} s."]
+    lines += ["", "Where the peak is reached (MiB above the start, the largest of each phase, in the median run):", "",
+              "| layers | mode | " + " | ".join(PHASES) + " |", "|---:|---|" + "---:|" * len(PHASES)]
+    for d in depths:
+        for mode in ("model", "blocks"):
+            phase = by[d, mode].get("phase_peak_mib", {})
+            lines.append(f"| {d} | {mode} | " + " | ".join(f"{phase[k]:.0f}" if k in phase else "-" for k in PHASES) + " |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 

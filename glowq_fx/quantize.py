@@ -175,6 +175,19 @@ def _quantize_group(model: nn.Module, g: InputGroup, S: torch.Tensor,
         qws = [quantize_rtn(W, config.group_size, bits=config.bits, symmetric=config.symmetric) for W in Ws]
     errors = [quantization_error(W, qw) for W, qw in zip(Ws, qws)]
     quantize_time_s = time.perf_counter() - t_quant
+    err_sq = sum(float(E.double().pow(2).sum()) for E in errors)
+    w_sq = sum(float(W.double().pow(2).sum()) for W in Ws)
+    # the members are swapped for their (uncorrected) quantized modules before the solve: the
+    # float weights are dead once the errors exist, and their memory serves the solve's
+    code_bytes = scale_bytes = dense_bytes = 0
+    for name, W, qw in zip(g.members, Ws, qws):
+        qlinear = QuantizedLinear(pack(qw), getattr(floats[name], "bias", None))  # correction attached later
+        replace_module(model, name, qlinear)
+        code_bytes += qlinear.qweight.nbytes
+        scale_bytes += qlinear.scales.nbytes + qlinear.zeros.nbytes
+        dense_bytes += W.numel() * W.element_size()
+    del floats, Ws, qws, W, qw, qlinear
+    trim_heap()  # the quantizer's temporaries and the float weights, back to the OS (glowq_fx._heap)
     kw = dict(shrinkage=config.shrinkage, mode=config.svd, oversample=config.oversample,
               power_iters=config.power_iters, seed=config.seed,
               dtype=torch.float64 if dtype == torch.float64 else torch.float32)
@@ -188,15 +201,6 @@ def _quantize_group(model: nn.Module, g: InputGroup, S: torch.Tensor,
     stored = factor_dtype(config, dtype)
     pending = [(members, B.to(stored), [A.to(stored) for A in As])
                for members, B, As in units if B.shape[0] > 0]  # rank 0: nothing to store
-    code_bytes = scale_bytes = dense_bytes = 0
-    for name, W, qw in zip(g.members, Ws, qws):
-        qlinear = QuantizedLinear(pack(qw), getattr(floats[name], "bias", None))  # correction attached later
-        replace_module(model, name, qlinear)
-        code_bytes += qlinear.qweight.nbytes
-        scale_bytes += qlinear.scales.nbytes + qlinear.zeros.nbytes
-        dense_bytes += W.numel() * W.element_size()
-    err_sq = sum(float(E.double().pow(2).sum()) for E in errors)
-    w_sq = sum(float(W.double().pow(2).sum()) for W in Ws)
     before, after = solved.whitened_error_before, solved.whitened_error_after
     report = GroupReport(
         name=g.name, members=g.members, in_features=g.in_features, out_features=g.out_features,
@@ -219,6 +223,8 @@ def _quantize_groups(model: nn.Module, groups: Sequence[InputGroup],
     for g in groups:
         S = stats[g.name].value() if keep else stats.pop(g.name)
         rows[g.name], factors[g.name] = _quantize_group(model, g, S, config)
+        del S
+        trim_heap()  # the solve's temporaries, back to the OS before the next group's
 
 
 @dataclass
@@ -294,6 +300,7 @@ def quantize_blockwise(model: nn.Module, blockwise: BlockwiseCalibration, groups
             before_block(i)
         block_experts = experts_of[i] if experts_of else {}
         stats = blockwise.block_statistics(i, groups_of[i], experts_statistics(model, block_experts, config))
+        trim_heap()  # the block's forward temporaries
         n_tokens = max([n_tokens, *(stats[g.name].n_tokens for g in groups_of[i]),
                         *(getattr(e.S, "n_tokens", 0) for e in stats.experts.values())])
         experts = experts if experts is not None else ExpertsOutcome()
@@ -401,6 +408,7 @@ def quantize_(
         model.eval()  # calibration statistics without dropout
         try:
             order, skipped, breaks = discover_groups(model, batches, config, groups, run)
+            trim_heap()  # what the graph capture freed
             experts, experts_skipped = find_experts(model, config)
             skipped = {**dict(skipped), **experts_skipped}
             if not order and not experts:

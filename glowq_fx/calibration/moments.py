@@ -78,12 +78,22 @@ class SecondMoment:
 
     def value(self) -> Tensor:
         """``S`` (d_in, d_in) in the accumulation dtype."""
+        return self._collected() / self.n_tokens
+
+    def take(self) -> Tensor:
+        """``value()`` made in the accumulator's own memory (no second d x d buffer); the
+        accumulator is spent afterwards."""
+        S = self._collected().div_(self.n_tokens)
+        self._sum, self.n_tokens = None, 0
+        return S
+
+    def _collected(self) -> Tensor:
         if self._sum is None or self.n_tokens == 0:
             raise ValueError(
                 f"{self.name}: no calibration tokens were collected; pass at least one non-empty "
                 "batch (and check that the attention mask is not all padding)"
             )
-        return self._sum / self.n_tokens
+        return self._sum
 
 
 class GroupStatistics(Mapping[str, SecondMoment]):
@@ -118,7 +128,7 @@ class GroupStatistics(Mapping[str, SecondMoment]):
 
     def pop(self, group: str) -> Tensor:
         """``S`` of ``group``, releasing its accumulator (quantize_ frees each S once used)."""
-        return self._stats.pop(group).value()
+        return self._stats.pop(group).take()
 
     def __getitem__(self, group: str) -> SecondMoment:
         return self._stats[group]

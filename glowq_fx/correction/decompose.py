@@ -87,11 +87,15 @@ def factor_whitening(S: Tensor, dtype: torch.dtype, shrinkage: float = 0.0) -> W
     """The Cholesky factor of ``shrink(S, shrinkage)`` (float64, cast to ``dtype``) when that is
     positive definite, else its clamped symmetric square root (``whitening``).
 
-    The shrunk copy is factored in place, so the float64 work needs one ``d x d`` buffer.
+    The shrunk copy is factored in place, so the float64 work needs one ``d x d`` buffer: it is
+    handed to LAPACK as its transpose (the same values, ``S`` is symmetric), which is column-major
+    as LAPACK stores matrices; a row-major ``out`` made torch factor a column-major copy and copy
+    it back (measured: one more ``d x d`` float64 buffer at the peak).
     """
-    A = shrink_(S.to(torch.float64, copy=True), shrinkage)
+    A = shrink_(S.to(torch.float64, copy=True), shrinkage).mT
     L, info = torch.linalg.cholesky_ex(A, out=(A, torch.empty((), dtype=torch.int32, device=A.device)))
-    if int(info) == 0 and torch.isfinite(L).all():
+    # a non-finite entry makes the sum non-finite; isfinite(L) would build d x d temporaries
+    if int(info) == 0 and bool(torch.isfinite(L.sum())):
         return Whitening("cholesky", L.to(dtype))
     del A, L
     half, inv_half = whitening(shrink_(S.to(torch.float64, copy=True), shrinkage))
