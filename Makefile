@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench gpu-test gpu-bench gpu-decode clean
+.PHONY: demo test test-slow bench gpu-test gpu-triton-op gpu-bench gpu-decode clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,7 +35,13 @@ bench: $(STAMP)
 # and the GlowQ-S decode throughput, written to benchmarks/results/.
 GPU_PY ?= python3
 gpu-test:
-	PYTHONPATH=. $(GPU_PY) -m pytest -q -p no:cacheprovider tests/kernels tests/test_ops.py tests/backend tests/passes/test_rewrite.py
+	PYTHONPATH=. $(GPU_PY) -m pytest -q -p no:cacheprovider tests/kernels tests/test_ops.py tests/backend tests/passes/test_rewrite.py \
+		--ignore=tests/kernels/test_triton_op_lowering.py
+
+# The triton_op lowering reproduction (issue 21): each launch path as a triton_op compiled by
+# Inductor, one process per case (a crash ends only its case).
+gpu-triton-op:
+	PYTHONPATH=. $(GPU_PY) -m pytest -q -p no:cacheprovider tests/kernels/test_triton_op_lowering.py
 
 gpu-bench:
 	PYTHONPATH=. $(GPU_PY) benchmarks/tune_w4a16.py --rows 1,4

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The GPU work of issue 21 in the order it pays off, for a session that holds a GPU for minutes:
+# each step has its own time limit and writes its log (and any results) under $OUT, so a step that
+# runs long or fails costs only itself. Run from the repository root on the device machine:
+#
+#   OUT=$OUT bash benchmarks/gpu_session.sh 1     # correctness: kernels, ops, backend, triton_op cases
+#   OUT=$OUT bash benchmarks/gpu_session.sh 2     # speed: end-to-end decode (Llama-3-8B shape), W4A16 table
+#   OUT=$OUT bash benchmarks/gpu_session.sh 3     # the rest of the decode table: GlowQ-S, int4, batch 8
+#
+# Each step is meant to fit one device call of ~8 minutes; the limits are estimates (no run of
+# this script has been timed yet): a step cut by its limit leaves its log to say how far it got.
+set -uo pipefail
+OUT=${OUT:?set OUT to the folder whose files come back}
+PY=${GPU_PY:-python3}
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+mkdir -p "$OUT/results"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >"$OUT/gpu.txt" 2>&1
+$PY -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" \
+    >>"$OUT/gpu.txt" 2>&1
+
+step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log, note the exit status
+    local name=$1 limit=$2
+    shift 2
+    local t0=$SECONDS
+    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    echo "$name rc=$? ${limit}s-limit $((SECONDS - t0))s" | tee -a "$OUT/steps.txt"
+}
+
+case ${1:-1} in
+1)
+    step gpu-test 240 $PY -m pytest -q -p no:cacheprovider -x tests/kernels tests/test_ops.py tests/backend \
+        tests/passes/test_rewrite.py --ignore=tests/kernels/test_triton_op_lowering.py
+    step triton-op 150 $PY -m pytest -q -p no:cacheprovider tests/kernels/test_triton_op_lowering.py -k default
+    ;;
+2)
+    step decode 330 $PY benchmarks/bench_decode.py --models llama3-8b --batches 1 --prompts 512 --new-tokens 128 \
+        --repeats 3 --variants float,W4A16,independent,GlowQ --out "$OUT/results/decode-main"
+    step w4a16 120 $PY benchmarks/bench_w4a16.py --layers 32 --rows 1,4,16,2048 --out "$OUT/results"
+    ;;
+3)
+    step decode-rest 450 $PY benchmarks/bench_decode.py --models llama3-8b --batches 1,8 --prompts 512 \
+        --new-tokens 128 --repeats 3 --variants float,W4A16,int4\ tinygemm,independent,GlowQ,GlowQ-S \
+        --out "$OUT/results/decode-all"
+    ;;
+*)
+    echo "unknown step ${1}: 1, 2 or 3" >&2
+    exit 2
+    ;;
+esac
