@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.library import custom_op
 
-from glowq_fx.kernels.launch import launch_projection, launch_w4a16, launch_w4a16_experts
+from glowq_fx.kernels.launch import launch_experts_projection, launch_projection, launch_w4a16, launch_w4a16_experts
 from glowq_fx.kernels.layout import dequantize_packed, group_size_of, padded_in_features
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -222,8 +222,11 @@ def _check_experts_projection(x: Tensor, offsets: Tensor, B: Tensor) -> None:
 @custom_op("glowq::experts_projection", mutates_args=(), tags=(torch.Tag.flexible_layout,))
 def experts_projection(x: Tensor, offsets: Tensor, B: Tensor) -> Tensor:
     """Each expert's own right factor on its rows: rows ``offsets[e-1]:offsets[e]`` of ``x`` (M, K)
-    get ``x B[e]^T`` (B (E, r, K)); rows past ``offsets[-1]`` are zero."""
+    get ``x B[e]^T`` (B (E, r, K)); rows past ``offsets[-1]`` are zero. On CUDA half / bfloat16
+    one grouped launch (no host sync: CUDA graphs can capture it), elsewhere a loop over experts."""
     _check_experts_projection(x, offsets, B)
+    if _uses_kernels(x):
+        return launch_experts_projection(x, offsets, widen_factor(B, x))
     out = x.new_zeros(x.shape[0], B.shape[1])
     ends = offsets.tolist()
     for e, (lo, hi) in enumerate(zip([0, *ends], ends)):

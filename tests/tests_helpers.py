@@ -141,3 +141,21 @@ def tiny_qwen2(seed: int = 0, **overrides) -> torch.nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return T.Qwen2ForCausalLM(T.Qwen2Config(**kw)).eval()
+
+
+def every_config(module, kernels: dict) -> list:
+    """pytest params ``(name, index)`` for each configuration of each autotuned kernel of a kernel
+    module; ``kernels``: name -> (module attribute of the raw kernel, of its configurations, ...)."""
+    import pytest
+
+    return [pytest.param(name, i, id=f"{name}-{i}-" + "-".join(f"{k}{v}" for k, v in config.kwargs.items()))
+            for name, (_, configs, *_) in kernels.items() for i, config in enumerate(getattr(module, configs))]
+
+
+def only_config(monkeypatch, module, attr: str, raw: str, configs: str, index: int, key: list) -> None:
+    """Make ``module.attr`` the raw kernel autotuned over configuration ``index`` alone (the GPU's
+    autotuner picks by speed, the interpreter the first: this runs each one)."""
+    import triton
+
+    monkeypatch.setattr(module, attr, triton.autotune(configs=[getattr(module, configs)[index]], key=key)(
+        getattr(module, raw)))

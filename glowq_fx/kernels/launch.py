@@ -141,8 +141,7 @@ def launch_w4a16_experts(x: Tensor, offsets: Tensor, qweight: Tensor, scales: Te
     x, R = _dense(x), _dense(R)
     qweight, scales, zeros, bias, A = (_dense(t) for t in (qweight, scales, zeros, bias, A))
     block_m = block_m or kernels.experts_block_m(M, E)
-    counts = torch.diff(offsets, prepend=offsets.new_zeros(1))
-    tile_ends = torch.cumsum(torch.div(counts + block_m - 1, block_m, rounding_mode="floor"), 0).to(torch.int32)
+    tile_ends = _expert_tile_ends(offsets, block_m)
     has_a = A is not None
     dummy = scales  # a pointer for absent bias / A
     wrap_triton(kernels.experts_kernel)[lambda meta: (_cdiv(M, block_m) + E, _cdiv(N, meta["BLOCK_N"]))](
@@ -152,6 +151,34 @@ def launch_w4a16_experts(x: Tensor, offsets: Tensor, qweight: Tensor, scales: Te
         GROUP_SIZE=group_size_of(qweight[0], scales[0]), HAS_A=has_a, HAS_BIAS=bias is not None, BLOCK_M=block_m,
         UPCAST_DOT=dense.interpreting() and x.dtype == torch.bfloat16)
     return y
+
+
+def launch_experts_projection(x: Tensor, offsets: Tensor, B: Tensor, out: Optional[Tensor] = None,
+                              block_m: Optional[int] = None) -> Tensor:
+    """``R`` of rows sorted by expert, each expert's rows times its own ``B_e^T`` (``B`` (E, r, K),
+    checked by the caller), in one launch of ``kernels.w4a16_experts.projection_kernel``; rows
+    past the last offset are zero. Works on CPU tensors under ``TRITON_INTERPRET=1``."""
+    from glowq_fx.kernels import w4a16 as dense
+    from glowq_fx.kernels import w4a16_experts as kernels
+
+    M, K = x.shape
+    E, rank = B.shape[0], B.shape[1]
+    R = x.new_zeros(M, rank) if out is None else out.zero_()
+    if M == 0 or rank == 0:
+        return R
+    x, B = _dense(x), _dense(B)
+    block_m = block_m or kernels.experts_block_m(M, E)
+    wrap_triton(kernels.projection_kernel)[lambda meta: (_cdiv(M, block_m) + E, _cdiv(rank, meta["BLOCK_R"]))](
+        x, B, offsets.to(torch.int32), _expert_tile_ends(offsets, block_m), R, x.stride(0), R.stride(0), K, rank, E,
+        B.stride(0), BLOCK_M=block_m, UPCAST_DOT=dense.interpreting() and x.dtype == torch.bfloat16)
+    return R
+
+
+def _expert_tile_ends(offsets: Tensor, block_m: int) -> Tensor:
+    """int32 (E,): the row tiles of experts ``0..e`` (each expert's rows in tiles of ``block_m``),
+    computed on the device: no count is read back to the host."""
+    counts = torch.diff(offsets, prepend=offsets.new_zeros(1))
+    return torch.cumsum(torch.div(counts + block_m - 1, block_m, rounding_mode="floor"), 0).to(torch.int32)
 
 
 def _dense(t: Optional[Tensor]) -> Optional[Tensor]:

@@ -1,4 +1,4 @@
-"""The grouped W4A16 Triton kernel of an MoE block's experts: rows sorted by expert, one launch.
+"""The grouped Triton kernels of an MoE block's experts: rows sorted by expert, one launch each.
 
 Rows ``offsets[e-1]:offsets[e]`` of ``x`` (M, K) belong to expert ``e``; its 4-bit weight is
 ``qweight[e]`` (K_pad / 8, N) in the layout of ``kernels.layout`` (stacked (E, ...), as are the
@@ -9,6 +9,10 @@ need (``cdiv(M, BLOCK_M) + E``), so no count is read back to the host; a program
 tile returns at once, and an expert with no rows has no tile. The epilogue adds the expert's
 correction ``R A_e^T`` (``R``: the rows of the shared projection) and bias, as the dense GEMM
 does; rows past ``offsets[-1]`` are never written (the launcher zero-fills the output).
+
+The experts' own right factors (``B`` (E, r, K), for weights that read each expert's own
+intermediate) get the same tiling: ``R`` of each expert's rows is ``x B_e^T``, one launch, where a
+loop over experts would read the offsets back to the host (a sync, which CUDA graphs cannot capture).
 """
 from __future__ import annotations
 
@@ -16,6 +20,21 @@ import triton
 import triton.language as tl
 
 from glowq_fx.kernels.w4a16 import _autotuned_key, _config, low_rank_epilogue, w4a16_tile
+
+
+@triton.jit
+def _expert_tile(pid_t, OFFSETS, TILE_ENDS, E, BLOCK_M: tl.constexpr):
+    """(expert, its rows in this tile, their mask) of row tile ``pid_t``; expert ``E`` (no rows)
+    for a program past the last tile."""
+    # how many experts' tiles end at or before this one
+    e = pid_t * 0  # an int32 scalar from the start: a loop-carried variable keeps its type when compiled
+    for i in range(0, E):
+        e += (tl.load(TILE_ENDS + i) <= pid_t).to(tl.int32)
+    first_tile = tl.where(e > 0, tl.load(TILE_ENDS + e - 1, mask=(e > 0) & (e <= E), other=0), 0)
+    start = tl.where(e > 0, tl.load(OFFSETS + e - 1, mask=(e > 0) & (e <= E), other=0), 0)
+    end = tl.load(OFFSETS + e, mask=e < E, other=0)
+    offs_m = start + (pid_t - first_tile) * BLOCK_M + tl.arange(0, BLOCK_M)
+    return e, offs_m, offs_m < end
 
 
 @triton.jit
@@ -28,16 +47,8 @@ def _w4a16_experts_kernel(
 ):
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
-    # this tile's expert: how many experts' tiles end at or before it
-    e = pid_t * 0  # an int32 scalar from the start: a loop-carried variable keeps its type when compiled
-    for i in range(0, E):
-        e += (tl.load(TILE_ENDS + i) <= pid_t).to(tl.int32)
+    e, offs_m, mask_m = _expert_tile(pid_t, OFFSETS, TILE_ENDS, E, BLOCK_M)
     if e < E:
-        first_tile = tl.where(e > 0, tl.load(TILE_ENDS + e - 1, mask=e > 0, other=0), 0)
-        start = tl.where(e > 0, tl.load(OFFSETS + e - 1, mask=e > 0, other=0), 0)
-        end = tl.load(OFFSETS + e)
-        offs_m = start + (pid_t - first_tile) * BLOCK_M + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < end
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         acc = w4a16_tile(X, W + e * stride_we, S + e * stride_se, Z + e * stride_se, offs_m, mask_m, offs_n, mask_n,
@@ -51,6 +62,35 @@ def _w4a16_experts_kernel(
                  mask=mask_m[:, None] & mask_n[None, :])
 
 
+@triton.jit
+def _experts_projection_kernel(
+    X, B, OFFSETS, TILE_ENDS, R, stride_xm, stride_rm, K, RANK, E, stride_be,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    # R[rows of e] = x[rows of e] B_e^T: one (BLOCK_M, BLOCK_R) tile of one expert's rows per
+    # program, numbered as the experts kernel numbers its tiles (no count read back to the host)
+    pid_t = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    e, offs_m, mask_m = _expert_tile(pid_t, OFFSETS, TILE_ENDS, E, BLOCK_M)
+    if e < E:
+        offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < RANK
+        acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            mask_k = kk < K
+            a = tl.load(X + offs_m[:, None] * stride_xm + kk[None, :], mask=mask_m[:, None] & mask_k[None, :],
+                        other=0.0)
+            bt = tl.load(B + e * stride_be + offs_r[None, :] * K + kk[:, None], mask=mask_k[:, None] & mask_r[None, :],
+                         other=0.0)  # (BLOCK_K, BLOCK_R): B_e^T
+            if UPCAST_DOT:
+                a = a.to(tl.float32)
+                bt = bt.to(tl.float32)
+            acc = tl.dot(a, bt, acc)
+        tl.store(R + offs_m[:, None] * stride_rm + offs_r[None, :], acc.to(R.dtype.element_ty),
+                 mask=mask_m[:, None] & mask_r[None, :])
+
+
 # BLOCK_M is the launcher's (it numbers the tiles); these tune the rest. The first entry, the one
 # the interpreter runs, has short K tiles so that the CPU tests cross several of them.
 EXPERTS_CONFIGS = [
@@ -59,6 +99,20 @@ EXPERTS_CONFIGS = [
 ]
 EXPERTS_KEY = ["K", "N", "RANK", "E", "BLOCK_M"]
 experts_kernel = _autotuned_key(_w4a16_experts_kernel, EXPERTS_CONFIGS, EXPERTS_KEY)
+
+
+def _projection_config(block_r, block_k, warps, stages):
+    return triton.Config({"BLOCK_R": block_r, "BLOCK_K": block_k}, num_warps=warps, num_stages=stages)
+
+
+# the rank is small (16-128): a few column tiles, long K tiles. The first entry is the one the
+# interpreter runs, with short K tiles so that the CPU tests cross several of them.
+PROJECTION_CONFIGS = [
+    _projection_config(16, 64, 4, 3), _projection_config(32, 128, 4, 3), _projection_config(64, 128, 4, 3),
+    _projection_config(32, 256, 8, 3), _projection_config(64, 64, 4, 4),
+]
+PROJECTION_KEY = ["K", "RANK", "E", "BLOCK_M"]
+projection_kernel = _autotuned_key(_experts_projection_kernel, PROJECTION_CONFIGS, PROJECTION_KEY)
 
 
 def experts_block_m(rows: int, experts: int) -> int:

@@ -17,7 +17,7 @@ import torch
 
 from glowq_fx.kernels import launch
 from glowq_fx.kernels.layout import dequantize_packed, group_size_of
-from tests_helpers import packed_member
+from tests_helpers import every_config, only_config, packed_member
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
@@ -199,20 +199,17 @@ CONFIG_LISTS = {
 def _every_config():
     from glowq_fx.kernels import w4a16 as kernels
 
-    for attr, (_, configs, _, _) in CONFIG_LISTS.items():
-        for i, config in enumerate(getattr(kernels, configs)):
-            yield pytest.param(attr, i, id=f"{attr}-{i}-" + "-".join(f"{k}{v}" for k, v in config.kwargs.items()))
+    return every_config(kernels, CONFIG_LISTS)
 
 
-@pytest.mark.parametrize("attr,index", list(_every_config()))
+@pytest.mark.parametrize("attr,index", _every_config())
 def test_every_autotune_configuration_is_right(attr, index, gen, monkeypatch):
     import triton
 
     from glowq_fx.kernels import w4a16 as kernels
 
     raw, configs, path, row_counts = CONFIG_LISTS[attr]
-    only = triton.autotune(configs=[getattr(kernels, configs)[index]], key=kernels.AUTOTUNE_KEY)(getattr(kernels, raw))
-    monkeypatch.setattr(kernels, attr, only)
+    only_config(monkeypatch, kernels, attr, raw, configs, index, kernels.AUTOTUNE_KEY)
     try:
         for M in row_counts:
             run_and_check(M, 2048, [40], -1, torch.bfloat16, 5, True, gen, **path)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from glowq_fx.kernels import launch
-from tests_helpers import packed_member
+from tests_helpers import every_config, only_config, packed_member
 from tests.kernels.test_w4a16 import DEVICE, UNIT_ROUNDOFF, reference
 
 
@@ -55,25 +55,32 @@ def test_rows_per_tile_do_not_change_the_result(block_m, gen):
     _check([70, 3, 0, 33], 128, 40, 32, torch.float16, 8, True, gen, block_m=block_m)
 
 
+# each autotuned kernel: module attribute -> (its raw kernel, configurations, key); the inputs
+# below cross partial tiles of every configuration
+KERNELS = {"experts_kernel": ("_w4a16_experts_kernel", "EXPERTS_CONFIGS", "EXPERTS_KEY"),
+           "projection_kernel": ("_experts_projection_kernel", "PROJECTION_CONFIGS", "PROJECTION_KEY")}
+
+
 def _every_config():
     from glowq_fx.kernels import w4a16_experts as kernels
 
-    for i, config in enumerate(kernels.EXPERTS_CONFIGS):
-        yield pytest.param(i, id=f"experts-{i}-" + "-".join(f"{k}{v}" for k, v in config.kwargs.items()))
+    return every_config(kernels, KERNELS)
 
 
-@pytest.mark.parametrize("index", list(_every_config()))
-def test_every_autotune_configuration_is_right(index, gen, monkeypatch):
+@pytest.mark.parametrize("attr,index", _every_config())
+def test_every_autotune_configuration_is_right(attr, index, gen, monkeypatch):
     import triton
 
     from glowq_fx.kernels import w4a16_experts as kernels
 
-    only = triton.autotune(configs=[kernels.EXPERTS_CONFIGS[index]], key=kernels.EXPERTS_KEY)(
-        kernels._w4a16_experts_kernel)
-    monkeypatch.setattr(kernels, "experts_kernel", only)
+    raw, configs, key = KERNELS[attr]
+    only_config(monkeypatch, kernels, attr, raw, configs, index, getattr(kernels, key))
     try:
-        _check([5, 0, 21, 2], 1100, 40, 32, torch.float16, 8, True, gen)  # a partial last K tile
-        _check([3, 1], 2048, 24, -1, torch.bfloat16, 5, False, gen)  # per-channel: one group longer than a K tile
+        if attr == "experts_kernel":
+            _check([5, 0, 21, 2], 1100, 40, 32, torch.float16, 8, True, gen)  # a partial last K tile
+            _check([3, 1], 2048, 24, -1, torch.bfloat16, 5, False, gen)  # per-channel: one group longer than a K tile
+        else:
+            _check_projection([5, 0, 21, 2], 300, 70, torch.float16, gen)  # partial K and rank tiles
     except triton.runtime.errors.OutOfResources as exc:  # compiled on a GPU only; its autotuner skips it too
         pytest.skip(f"this configuration does not fit this GPU: {exc}")
 
@@ -91,3 +98,50 @@ def test_the_op_runs_the_kernel_on_cuda_and_the_reference_elsewhere(gen):
     reference = ops.reference_experts(x, offsets, q, s, z, b, A, R)
     torch.testing.assert_close(got, kernel if DEVICE == "cuda" else reference, rtol=0, atol=0)
     torch.testing.assert_close(kernel.float(), reference.float(), rtol=2e-2, atol=2e-2)
+
+
+def _check_projection(counts, K, rank, dtype, gen, extra_rows=2, block_m=None):
+    """The grouped projection against float64: each expert's rows times its own ``B_e^T``, rows
+    past the last expert zero, the NaN-poisoned output fully written."""
+    E = len(counts)
+    B = (torch.randn(E, rank, K, generator=gen) / K**0.5).to(dtype).to(DEVICE)
+    M = sum(counts) + extra_rows
+    x = torch.randn(M, K, generator=gen).to(dtype).to(DEVICE)
+    offsets = torch.tensor(counts, device=DEVICE).cumsum(0)
+    out = torch.full((M, rank), float("nan"), dtype=dtype, device=DEVICE)
+    R = launch.launch_experts_projection(x, offsets, B, out=out, block_m=block_m)
+    assert R.data_ptr() == out.data_ptr() and not torch.isnan(R).any()
+    u, lo = UNIT_ROUNDOFF[dtype], 0
+    for e, n in enumerate(counts):
+        xe = x[lo:lo + n].double()
+        ref, spread = xe @ B[e].double().T, ((xe**2) @ (B[e].double() ** 2).T).sqrt()
+        err = (R[lo:lo + n].double() - ref).abs()
+        worst = (err / (2 * u * ref.abs() + 8 * u * spread)).max().item() if n else 0.0
+        assert worst <= 1, f"expert {e} ({n} rows): error {worst:.2f}x the tolerance"
+        lo += n
+    assert (R[lo:] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("counts,K,rank", [([3, 0, 5, 1], 200, 5), ([0, 0, 17, 0, 2], 136, 24),
+                                           ([1] * 8, 264, 16), ([40, 9], 100, 40), ([0, 0, 0], 64, 4)])
+def test_grouped_experts_projection_matches_float64(counts, K, rank, dtype, gen):
+    _check_projection(counts, K, rank, dtype, gen)
+
+
+@pytest.mark.parametrize("block_m", [16, 64])
+def test_projection_rows_per_tile_do_not_change_the_result(block_m, gen):
+    _check_projection([70, 3, 0, 33], 96, 8, torch.float16, gen, block_m=block_m)
+
+
+def test_the_projection_op_runs_the_kernel_on_cuda_and_the_loop_elsewhere(gen):
+    from glowq_fx import ops
+
+    B = torch.randn(3, 4, 64, generator=gen).to(torch.float16).to(DEVICE)
+    x = torch.randn(9, 64, generator=gen).to(torch.float16).to(DEVICE)
+    offsets = torch.tensor([4, 4, 8], device=DEVICE)
+    got = ops.experts_projection(x, offsets, B)
+    kernel = launch.launch_experts_projection(x, offsets, B)
+    loop = torch.cat([x[:4] @ B[0].T, x[4:8] @ B[2].T, x.new_zeros(1, 4)])
+    torch.testing.assert_close(got, kernel if DEVICE == "cuda" else loop, rtol=0, atol=0)
+    torch.testing.assert_close(kernel.float(), loop.float(), rtol=2e-2, atol=2e-2)
