@@ -15,6 +15,8 @@ weights (distinct per layer, so nothing stays in L2): q/k/v (4096 -> 4096, 1024,
 - ``GlowQ fused``: per group one ``R = x B^T`` (``glowq::shared_projection``: a Triton GEMV or
   cuBLAS, whichever the op measured faster on the shape) and one ``w4a16_group`` launch with
   every member's ``A_i R`` in its epilogue (what ``glowq_backend`` emits).
+- ``GlowQ one launch``: at one row, ``R`` made inside the group's launch
+  (``launch_w4a16_projected(one_launch=True)``, the form the op may choose); other rows as above.
 
 Where an op has several kernels for a shape it times them once and keeps the fastest that agrees
 with its verified path: one row, the split-K or the plain GEMV; 2-16 rows, the several-row GEMV or
@@ -41,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from glowq_fx import ops
+from glowq_fx.kernels import launch
 from glowq_fx.kernels.fastest_path import FASTEST
 from glowq_fx.kernels.layout import dequantize_packed
 from glowq_fx.kernels.timing import graph_time_ms
@@ -107,8 +110,16 @@ def row_fns():
         return [y for x, g in zip(xs, layer)
                 for y in ops.w4a16_group(x, *group_args(g, True), ops.shared_projection(x, g["B"]))]
 
+    def glowq_one_launch(xs, layer):  # R made inside the group's launch (one row only)
+        if xs[0].shape[0] != 1:
+            return glowq(xs, layer)
+        return [y for x, g in zip(xs, layer)
+                for y in launch.launch_w4a16_projected(x, *group_args(g, True)[:4], [m["A"] for m in g["members"]],
+                                                       g["B"], one_launch=True)]
+
     return {"bf16 cuBLAS": bf16, "int4 tinygemm": tinygemm, "ours W4A16": ours, "ours W4A16 group": ours_group,
-            "indep unfused": indep_unfused, "indep fused": indep_fused, "GlowQ fused": glowq}
+            "indep unfused": indep_unfused, "indep fused": indep_fused, "GlowQ fused": glowq,
+            "GlowQ one launch": glowq_one_launch}
 
 
 def reference(name, xs, layer):
@@ -119,7 +130,7 @@ def reference(name, xs, layer):
             y = x.float() @ m["W"].float().T
             if name in ("indep unfused", "indep fused"):
                 y += (x.float() @ m["B_own"].float().T) @ m["A"].float().T
-            elif name == "GlowQ fused":
+            elif name in ("GlowQ fused", "GlowQ one launch"):
                 y += (x.float() @ g["B"].float().T) @ m["A"].float().T
             out.append(y)
     return out
@@ -132,9 +143,9 @@ def weight_bytes(name):
             total += N * K * 2 if name == "bf16 cuBLAS" else N * K // 2 + 2 * (K // GROUP_SIZE) * N * 2
             if name in ("indep unfused", "indep fused"):
                 total += (N + K) * RANK * 2
-            elif name == "GlowQ fused":
+            elif name in ("GlowQ fused", "GlowQ one launch"):
                 total += N * RANK * 2
-        if name == "GlowQ fused":
+        if name in ("GlowQ fused", "GlowQ one launch"):
             total += K * RANK * 2
     return total
 

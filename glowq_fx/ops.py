@@ -5,6 +5,9 @@
   ``y = x deq(qweight)^T + R A^T (+ bias)``; ``A`` and ``R`` are both given or both None.
 - ``glowq::w4a16_group(x, qweights, scales, zeros, biases, As, R) -> [y_i]``: every member of a
   group that reads ``x`` in one launch (``glowq_backend`` inserts it; eager modules never do).
+- ``glowq::w4a16_group_projected(x, qweights, scales, zeros, biases, As, B) -> [y_i]``: the same
+  with the group's ``R = x B^T`` made by the op (for one row on CUDA, inside the GEMV's launch
+  where that is faster; ``glowq_backend`` inserts it for a projection that one group node reads).
 - ``glowq::w4a16_experts(x, offsets, qweight, scales, zeros, bias, A, R) -> y`` and
   ``glowq::experts_projection(x, offsets, B) -> R``: an MoE block's experts on rows sorted by
   expert (``offsets``: each expert's end row), the 3-D weights stacked (E, ...).
@@ -33,7 +36,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.library import custom_op
 
-from glowq_fx.kernels.launch import launch_experts_projection, launch_projection, launch_w4a16, launch_w4a16_experts
+from glowq_fx.kernels.launch import (launch_experts_projection, launch_projection, launch_w4a16, launch_w4a16_experts,
+                                     launch_w4a16_projected)
 from glowq_fx.kernels.layout import dequantize_packed, group_size_of, padded_in_features
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -138,6 +142,40 @@ def w4a16_group(x: Tensor, qweights: list[Tensor], scales: list[Tensor], zeros: 
     if _uses_kernels(x):
         return launch_w4a16(x, qweights, scales, zeros, biases, [widen_factor(A, x) for A in As], R)
     return [reference_linear(x, qweights[i], scales[i], zeros[i], biases[i], As[i], R) for i in range(n)]
+
+
+@custom_op("glowq::w4a16_group_projected", mutates_args=(), tags=(torch.Tag.flexible_layout,))
+def w4a16_group_projected(x: Tensor, qweights: list[Tensor], scales: list[Tensor], zeros: list[Tensor],
+                          biases: list[Optional[Tensor]], As: list[Tensor], B: Tensor) -> list[Tensor]:
+    """``w4a16_group`` whose ``R = x B^T`` the op makes itself (every member has its ``A``): on CUDA
+    half / bfloat16 for one row inside the GEMV's launch where that measured faster
+    (``launch_w4a16_projected``), else ``shared_projection``'s arithmetic, then the group's."""
+    _check_projected(x, qweights, scales, zeros, biases, As, B)
+    if _uses_kernels(x):
+        return launch_w4a16_projected(x, qweights, scales, zeros, biases, [widen_factor(A, x) for A in As],
+                                      widen_factor(B, x))
+    R = F.linear(x, widen_factor(B, x))
+    return [reference_linear(x, qweights[i], scales[i], zeros[i], biases[i], As[i], R) for i in range(len(qweights))]
+
+
+def _check_projected(x: Tensor, qweights, scales, zeros, biases, As, B: Tensor) -> Tensor:
+    """The checks of ``w4a16_group`` with ``R`` to come from ``B``; returns an empty tensor shaped
+    like that ``R`` (what the member checks compare ``A`` with)."""
+    _check_projection(x, B)
+    n = len(qweights)
+    if n == 0 or not (len(scales) == len(zeros) == len(biases) == len(As) == n):
+        raise ValueError(f"w4a16_group_projected needs one qweight/scales/zeros/bias/A per member, got lengths "
+                         f"{[len(qweights), len(scales), len(zeros), len(biases), len(As)]}")
+    R_like = x.new_empty(*x.shape[:-1], B.shape[0])
+    for i in range(n):
+        _check_member(i, x, qweights[i], scales[i], zeros[i], biases[i], As[i], R_like)
+    return R_like
+
+
+@w4a16_group_projected.register_fake
+def _(x, qweights, scales, zeros, biases, As, B):
+    _check_projected(x, qweights, scales, zeros, biases, As, B)
+    return [x.new_empty(*x.shape[:-1], q.shape[1]) for q in qweights]
 
 
 @shared_projection.register_fake

@@ -50,11 +50,14 @@ class QuantizedOps:
         projection: ``projection(x, B) -> R``, a group's shared projection.
         group: ``group(x, [packed_weight], [scales], [zeros], [bias], [A], R) -> [y]``, the
             members of a group in one launch (members may differ in group size, bias and A).
+        projected_group: ``projected_group(x, [packed_weight], [scales], [zeros], [bias], [A], B)
+            -> [y]``, a group node that makes its ``R`` itself (optional: see ``absorb``).
     """
 
     linear: object
     projection: object
     group: object
+    projected_group: object = None
 
 
 @dataclass(frozen=True)
@@ -80,8 +83,10 @@ class RewriteReport:
 
     Attributes:
         groups: the rewritten groups, in graph order.
-        projections_before, projections_after: ``shared_projection`` nodes in the graph.
+        projections_before, projections_after: projections the graph computes: ``shared_projection``
+            nodes, and after the rewrite also the group nodes that make their own ``R``.
         linears_fused: ``w4a16_linear`` nodes replaced by group nodes.
+        absorbed: projections moved into the one group node that reads them.
         left: module -> why it was not fused with its input-sharing group.
     """
 
@@ -89,12 +94,14 @@ class RewriteReport:
     projections_before: int = 0
     projections_after: int = 0
     linears_fused: int = 0
+    absorbed: int = 0
     left: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
         lines = [f"glowq rewrite: {len(self.groups)} groups, shared projections {self.projections_before} -> "
                  f"{self.projections_after}, {self.linears_fused} linears fused into "
-                 f"{sum(g.node is not None for g in self.groups)} group nodes"]
+                 f"{sum(g.node is not None for g in self.groups)} group nodes"
+                 + (f", {self.absorbed} projections made inside their group node" if self.absorbed else "")]
         for g in self.groups:
             lines.append(f"  {g.node or '(single)'}: {list(g.members)} read {g.x}, R = {g.projection}")
         lines += [f"  not fused: {m}: {why}" for m, why in self.left.items()]
@@ -119,6 +126,7 @@ def fuse_shared_projections(
     *,
     ops: QuantizedOps,
     model: nn.Module | None = None,
+    absorb: bool = False,
 ) -> RewriteReport:
     """Rewrite ``gm`` in place (see the module docstring) and return what changed.
 
@@ -127,7 +135,12 @@ def fuse_shared_projections(
         example_inputs: the real tensors bound to its placeholders (Dynamo's), to name members.
         ops: the quantized ops to find and the group op to emit.
         model: the module whose names the report uses (default: ``gm``).
+        absorb: replace each group node whose ``R`` is a projection that it alone reads, of its
+            own ``x``, by one ``ops.projected_group`` node that makes ``R`` itself (the launch can
+            then make ``R`` inside the group's; needs ``ops.projected_group``).
     """
+    if absorb and ops.projected_group is None:
+        raise ValueError("absorb=True needs QuantizedOps.projected_group")
     graph = gm.graph
     report = RewriteReport(projections_before=sum(n.target is ops.projection for n in graph.nodes))
     if not any(n.target is ops.linear for n in graph.nodes):
@@ -155,9 +168,13 @@ def fuse_shared_projections(
     for node in list(graph.nodes):  # projections no member reads any more
         if node.target is ops.projection and not node.users:
             graph.erase_node(node)
+    if absorb:
+        _absorb_projections(graph, report, ops)
     graph.lint()
     gm.recompile()
-    report.projections_after = sum(n.target is ops.projection for n in graph.nodes)
+    report.projections_after = sum(n.target is ops.projection or (ops.projected_group is not None and
+                                                                  n.target is ops.projected_group)
+                                   for n in graph.nodes)
     log.info("%s", report)
     return report
 
@@ -200,6 +217,27 @@ def _share_projections(graph: fx.Graph, sites: list, report: RewriteReport, ops:
         else:
             report.left[s.module] = (f"reads its input through {list(s.through)}, which may reorder rows: it "
                                      "keeps its own projection")
+
+
+def _absorb_projections(graph: fx.Graph, report: RewriteReport, ops: QuantizedOps) -> None:
+    """Group nodes whose ``R`` is a projection of their own ``x`` that nothing else reads become
+    ``projected_group`` nodes taking ``B``; the projection node goes."""
+    renamed = {}
+    for node in list(graph.nodes):
+        if node.target is not ops.group:
+            continue
+        x, R = node.args[0], node.args[6]
+        if _b_of(R, ops) is None or R.args[0] is not x or len(R.users) != 1 or any(a is None for a in node.args[5]):
+            continue
+        with graph.inserting_before(node):
+            made = graph.call_function(ops.projected_group, (*node.args[:6], R.args[1]))
+        node.replace_all_uses_with(made)
+        graph.erase_node(node)
+        graph.erase_node(R)
+        renamed[node.name] = made.name
+        report.absorbed += 1
+    report.groups = [FusedGroup(g.members, g.x, f"made in {renamed[g.node]}", renamed[g.node])
+                     if g.node in renamed else g for g in report.groups]
 
 
 def _rewrite_part(graph: fx.Graph, part: list, x: fx.Node, R, position, report: RewriteReport,

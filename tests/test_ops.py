@@ -27,6 +27,9 @@ def test_cpu_path_is_dequantize_then_linear(member, gen):
     assert torch.allclose(y, x @ W.T + (x @ B.T) @ A.T, atol=1e-5)
     ys = ops.w4a16_group(x, [p.qweight, p.qweight], [p.scales] * 2, [p.zeros] * 2, [None] * 2, [A, A], R)
     assert all(torch.equal(t, y) for t in ys)
+    # the group that makes its own R: the projection's arithmetic, then the group's
+    made = ops.w4a16_group_projected(x, [p.qweight, p.qweight], [p.scales] * 2, [p.zeros] * 2, [None] * 2, [A, A], B)
+    assert all(torch.equal(t, y) for t in made)
 
 
 def test_bad_inputs_are_named(member, gen):
@@ -53,6 +56,13 @@ def test_bad_inputs_are_named(member, gen):
         ops.w4a16_group(x, [p.qweight] * 2, [p.scales] * 2, [p.zeros] * 2, [None] * 2, [A, A.to("meta")], R)
     with pytest.raises(ValueError, match="B is on meta but x is on cpu"):
         ops.shared_projection(x, torch.randn(4, 64, device="meta"))
+    B = torch.randn(4, 64, generator=gen)
+    with pytest.raises(ValueError, match="member 0: A must be"):  # A's rank is not B's
+        ops.w4a16_group_projected(x, [p.qweight], [p.scales], [p.zeros], [None], [A[:, :3]], B)
+    with pytest.raises(ValueError, match="one qweight/scales/zeros/bias/A per member"):
+        ops.w4a16_group_projected(x, [p.qweight] * 2, [p.scales] * 2, [p.zeros] * 2, [None] * 2, [A], B)
+    with pytest.raises(ValueError, match="B must be"):
+        ops.w4a16_group_projected(x, [p.qweight], [p.scales], [p.zeros], [None], [A], B[:, :60])
 
 
 @pytest.mark.parametrize("kernel", [False, True], ids=["torch", "kernels"])
@@ -67,6 +77,9 @@ def test_no_rows_give_empty_outputs(member, kernel, monkeypatch):
     assert ops.shared_projection(x, torch.randn(4, 64, dtype=torch.float16)).shape == (2, 0, 4)
     assert ops.w4a16_linear(x, p.qweight, scales, zeros, None, A, R).shape == (2, 0, 24)
     ys = ops.w4a16_group(x, [p.qweight] * 2, [scales] * 2, [zeros] * 2, [None] * 2, [A, A], R)
+    assert [tuple(y.shape) for y in ys] == [(2, 0, 24)] * 2
+    ys = ops.w4a16_group_projected(x, [p.qweight] * 2, [scales] * 2, [zeros] * 2, [None] * 2, [A, A],
+                                   torch.randn(4, 64, dtype=torch.float16))
     assert [tuple(y.shape) for y in ys] == [(2, 0, 24)] * 2
 
 

@@ -8,7 +8,9 @@ It is also registered under the name ``"glowq"`` (the ``torch_dynamo_backends`` 
 ``torch.compile(model, backend="glowq")`` works once glowq-fx is installed.
 
 It runs ``passes.rewrite`` on the graph Dynamo captured (one shared projection per group, each
-group's members in one fused W4A16 + low-rank node), checks the graph, and hands it to Inductor,
+group's members in one fused W4A16 + low-rank node; on CUDA a group node that alone reads its
+projection takes ``B`` and makes ``R`` itself, in its launch where that is faster), checks the
+graph, and hands it to Inductor,
 which compiles everything else and calls the ``glowq::`` ops (Triton kernels on CUDA) from its
 generated code.
 A graph without quantized linears is compiled unchanged. The backend registers no tensors and
@@ -29,24 +31,28 @@ from passes.rewrite import QuantizedOps, RewriteReport, fuse_shared_projections
 # the glowq:: ops (registered by importing glowq_fx.ops) that the rewrite reads and writes
 GLOWQ_OPS = QuantizedOps(linear=torch.ops.glowq.w4a16_linear.default,
                          projection=torch.ops.glowq.shared_projection.default,
-                         group=torch.ops.glowq.w4a16_group.default)
+                         group=torch.ops.glowq.w4a16_group.default,
+                         projected_group=torch.ops.glowq.w4a16_group_projected.default)
 
-_OWN_OPTIONS = ("glowq.debug", "glowq.fuse")
+_OWN_OPTIONS = ("glowq.debug", "glowq.fuse", "glowq.one_launch")
 
 
 def glowq_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: str | None = None,
                   options: dict[str, Any] | None = None, dynamic: bool | None = None, debug: bool = False,
-                  fuse: bool = True, **kwargs: Any):
+                  fuse: bool = True, one_launch: bool | None = None, **kwargs: Any):
     """Compile a Dynamo graph with GlowQ's rewrite, then Inductor.
 
     Args:
         gm, example_inputs: what Dynamo hands a backend (tensors and SymInts).
         mode: ``torch.compile``'s ``mode`` (passed through to Inductor).
-        options: Inductor config patches, plus ``"glowq.debug"`` / ``"glowq.fuse"`` (the two
-            arguments below, for use through ``torch.compile(options=...)``).
+        options: Inductor config patches, plus ``"glowq.debug"`` / ``"glowq.fuse"`` /
+            ``"glowq.one_launch"`` (the arguments below, for use through ``torch.compile(options=...)``).
         dynamic: ``torch.compile``'s ``dynamic``, for the mode's options.
         debug: print the groups found and the rewritten graph.
         fuse: run the rewrite (``False`` compiles the graph as captured: for comparisons).
+        one_launch: hand each group node its ``B`` instead of a projection's ``R``
+            (``glowq::w4a16_group_projected``), so that the launch may make ``R`` itself where
+            that is faster; default: when the graph runs on CUDA (elsewhere it changes nothing).
     """
     if kwargs:
         raise TypeError(f"glowq_backend got unexpected arguments {sorted(kwargs)}: it takes mode=, options=, "
@@ -54,8 +60,12 @@ def glowq_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: st
     patches = dict(options or {})
     debug = bool(patches.pop("glowq.debug", debug))
     fuse = bool(patches.pop("glowq.fuse", fuse))
+    one_launch = patches.pop("glowq.one_launch", one_launch)
+    if one_launch is None:
+        one_launch = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
     patches = {**mode_options(mode, dynamic), **patches}
-    report = fuse_shared_projections(gm, example_inputs, ops=GLOWQ_OPS) if fuse else RewriteReport()  # lints the graph
+    report = fuse_shared_projections(gm, example_inputs, ops=GLOWQ_OPS, absorb=bool(one_launch)) if fuse \
+        else RewriteReport()  # lints the graph
     if debug:
         print(report)
         print(gm.code)

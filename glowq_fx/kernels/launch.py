@@ -65,13 +65,7 @@ def launch_w4a16(x: Tensor, qweights: Sequence[Tensor], scales: Sequence[Tensor]
         for c in range(0, len(idx), kernels.MAX_MEMBERS):
             chunk = idx[c:c + kernels.MAX_MEMBERS]
             ys = [x2.new_empty(M, qweights[i].shape[1]) if outs is None else outs[i] for i in chunk]
-            slots = []
-            for j in range(kernels.MAX_MEMBERS):
-                i = chunk[min(j, len(chunk) - 1)]  # unused slots repeat the last member
-                y = ys[min(j, len(chunk) - 1)]
-                dummy = scales[i]  # a pointer of the activation dtype for absent bias / A
-                slots += [qweights[i], scales[i], zeros[i], As[i] if has_a else dummy,
-                          biases[i] if has_bias else dummy, y, qweights[i].shape[1]]
+            slots = _member_slots(chunk, qweights, scales, zeros, biases, As, ys, has_a, has_bias)
             rank = 0 if R2 is None or not has_a else R2.shape[1]
             common = dict(NUM_MEMBERS=len(chunk), GROUP_SIZE=gs, HAS_A=has_a, HAS_BIAS=has_bias)
             # every kernel argument is passed explicitly: Inductor's analysis of user kernels does
@@ -121,6 +115,88 @@ def launch_w4a16(x: Tensor, qweights: Sequence[Tensor], scales: Sequence[Tensor]
             for i, y in zip(chunk, ys):
                 results[i] = y.view(shape(i))
     return results  # type: ignore[return-value]
+
+
+def _member_slots(chunk: Sequence[int], qweights, scales, zeros, biases, As, ys, has_a: bool, has_bias: bool) -> list:
+    """The kernels' per-member arguments (weight, scales, zeros, A, bias, output, N) for the
+    members ``chunk``, ``MAX_MEMBERS`` slots (unused slots repeat the last member)."""
+    from glowq_fx.kernels import w4a16 as kernels
+
+    slots = []
+    for j in range(kernels.MAX_MEMBERS):
+        i = chunk[min(j, len(chunk) - 1)]
+        y = ys[min(j, len(chunk) - 1)]
+        dummy = scales[i]  # a pointer of the activation dtype for absent bias / A
+        slots += [qweights[i], scales[i], zeros[i], As[i] if has_a else dummy, biases[i] if has_bias else dummy, y,
+                  qweights[i].shape[1]]
+    return slots
+
+
+def launch_w4a16_projected(x: Tensor, qweights: Sequence[Tensor], scales: Sequence[Tensor], zeros: Sequence[Tensor],
+                           biases: Sequence[Optional[Tensor]], As: Sequence[Tensor], B: Tensor,
+                           outs: Optional[Sequence[Tensor]] = None, one_launch: Optional[bool] = None,
+                           own_r: bool = False) -> list[Tensor]:
+    """``launch_w4a16`` for a group whose ``R = x B^T`` is not made yet (checked by the caller):
+    for one row, where every member has its ``A`` and the members fit one launch, R can be made
+    inside the GEMV's launch (``kernels.w4a16.gemv_projected_kernel``: no launch of its own that
+    the GEMV waits for); otherwise, and wherever that is not faster, R's own launch
+    (``launch_projection``) and then ``launch_w4a16``.
+
+    ``one_launch``: True / False force a form; None times both once per shape on the GPU and keeps
+    the faster that agrees (R's own launch under the interpreter). ``own_r``: in the one launch,
+    every column block makes its own R instead of waiting for the producers' (the path a waiting
+    program falls back to; for tests)."""
+    from glowq_fx.kernels import w4a16 as kernels
+
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M, n = x2.shape[0], len(qweights)
+    qweights, scales, zeros, biases, As = ([_dense(t) for t in ts] for ts in (qweights, scales, zeros, biases, As))
+    B = _dense(B)
+    group_sizes = {group_size_of(q, s) for q, s in zip(qweights, scales)}
+    fits = (M == 1 and n <= kernels.MAX_MEMBERS and len(group_sizes) == 1 and all(A is not None for A in As)
+            and len({b is None for b in biases}) == 1)
+    ys = [x2.new_empty(M, q.shape[1]) if outs is None else outs[i] for i, q in enumerate(qweights)]
+
+    def separate():
+        return launch_w4a16(x2, qweights, scales, zeros, biases, As, launch_projection(x2, B), outs=ys)
+
+    def one():
+        sync = torch.zeros(3 * M, dtype=torch.int32, device=x2.device)  # per launch: never shared
+        gemv_projected(x2, qweights, scales, zeros, biases, As, B, ys, sync, own_r)
+        return ys
+
+    use_one = fits and one_launch is not False
+    if fits and one_launch is None:
+        key = ("gemv_projected", x2.device, x2.dtype, K, tuple(q.shape[1] for q in qweights), B.shape[0],
+               next(iter(group_sizes)), biases[0] is not None)
+        use_one = FASTEST.choose(key, {"separate": separate, "one_launch": one}, fallback="separate") == "one_launch"
+    if one_launch and not fits:
+        raise ValueError("the one-launch form takes one row and up to MAX_MEMBERS members, all with A, of one group "
+                         "size and one bias kind")
+    (one if use_one else separate)()
+    return [y.view(*x.shape[:-1], y.shape[1]) for y in ys]
+
+
+def gemv_projected(x2: Tensor, qweights, scales, zeros, biases, As, B: Tensor, ys: Sequence[Tensor], sync: Tensor,
+                   own_r: bool = False) -> None:
+    """One launch of ``kernels.w4a16.gemv_projected_kernel`` for rows ``x2`` (dense) into ``ys``;
+    ``sync``: int32 (3 * rows,) counters, zero (the kernel leaves them zero again)."""
+    from glowq_fx.kernels import w4a16 as kernels
+
+    M, K = x2.shape
+    n, rank, has_bias = len(qweights), B.shape[0], biases[0] is not None
+    gs = group_size_of(qweights[0], scales[0])
+    producers = 0 if own_r else _cdiv(rank, kernels.PRODUCER_R)
+    slots = _member_slots(range(n), qweights, scales, zeros, biases, As, ys, True, has_bias)
+    Ns = [q.shape[1] for q in qweights]
+    grid = lambda meta: (producers + sum(_cdiv(N, meta["BLOCK_N"]) for N in Ns), M)
+    wrap_triton(kernels.gemv_projected_kernel)[grid](
+        x2, B, x2.new_empty(M, rank), sync, x2.stride(0), B.stride(0), M, K, rank, *slots, NUM_MEMBERS=n,
+        GROUP_SIZE=gs, HAS_BIAS=has_bias, TILE_GROUP=kernels.tile_group(gs, scales[0].shape[0]), PRODUCERS=producers,
+        PRODUCER_R=kernels.PRODUCER_R, BLOCK_KP=kernels.PRODUCER_BLOCK_K, SPIN_LIMIT=kernels.SPIN_LIMIT)
 
 
 def launch_w4a16_experts(x: Tensor, offsets: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from glowq_fx.kernels.w4a16 import interpreting
+from glowq_fx.kernels.w4a16 import interpreting, projection_rows
 
 MAX_ROWS = 16  # rows of x up to which the launcher considers this kernel
 
@@ -25,15 +25,8 @@ def _projection_gemv_kernel(X, B, R, K, RANK, stride_xm, stride_bk, stride_rm,
     row = tl.program_id(1)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = offs_r < RANK
-    acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        mask_k = kk < K
-        xk = tl.load(X + row * stride_xm + kk, mask=mask_k, other=0.0).to(tl.float32)
-        b = tl.load(B + offs_r[:, None] * stride_bk + kk[None, :], mask=mask_r[:, None] & mask_k[None, :],
-                    other=0.0).to(tl.float32)
-        acc += b * xk[None, :]
-    tl.store(R + row * stride_rm + offs_r, tl.sum(acc, axis=1).to(R.dtype.element_ty), mask=mask_r)
+    r = projection_rows(X + row * stride_xm, B, stride_bk, offs_r, mask_r, K, BLOCK_R, BLOCK_K)
+    tl.store(R + row * stride_rm + offs_r, r.to(R.dtype.element_ty), mask=mask_r)
 
 
 def _config(block_r, block_k, warps):

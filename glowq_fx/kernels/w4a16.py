@@ -14,6 +14,10 @@ Three paths, chosen on the number of rows ``M`` (tokens):
   ``s * (sum_k x_k q_k - z * sum_k x_k)``, instead of dequantizing every weight. With
   ``SPLIT_K > 1`` each column block gets ``SPLIT_K`` programs over disjoint K ranges; the last to
   finish adds their float32 partials (in a fixed order) and runs the epilogue, in the same launch.
+  As a candidate, the GEMV can also make ``R`` itself (``gemv_projected_kernel``): a separate
+  launch for ``R`` is a serial step the GEMV waits for at decode, so here the first programs to
+  start compute ``R`` while the others run their K loops and wait for it only in their epilogue
+  (a bounded wait, then they compute ``R`` themselves: nothing can hang).
 - ``2 <= M <= 16`` (a decode batch), as a candidate: the same GEMV over ``BLOCK_M`` rows at
   once, every unpacked weight tile serving all of them. The launcher times it against the GEMM
   below once per shape.
@@ -130,6 +134,47 @@ def _group_scales(S, Z, k0, t, offs_n, mask_n, N, K, GROUP_SIZE: tl.constexpr, T
 
 
 @triton.jit
+def _gemv_columns(x_row, W, S, Z, k_begin, k_end, offs_n, mask_n, N, K, GROUP_SIZE: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILE_GROUP: tl.constexpr):
+    """float32 (BLOCK_N,): one row of ``x`` times columns ``offs_n`` of ``deq(W)^T`` over codes
+    ``[k_begin, k_end)`` (whole K tiles), the one-row GEMVs' K loop."""
+    # The K tile is (TILE_GROUPS, TILE_GROUP / 8, BLOCK_N) words: one slab per scale group
+    # (TILE_GROUP = the group size, a power of two; for per-channel scales any power of two),
+    # so products are summed per group and scaled once, and no tensor needs a reshape.
+    TILE_GROUPS: tl.constexpr = BLOCK_K // TILE_GROUP
+    GROUP_ROWS: tl.constexpr = TILE_GROUP // 8
+    t, r, words_per_col = _slab_indices(K, GROUP_SIZE, TILE_GROUPS, GROUP_ROWS)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        rows, words = _word_tile(W, k0, t, r, offs_n, mask_n, N, words_per_col, GROUP_ROWS)
+        kx = rows * 8  # column of the lowest code of each word
+        dots = tl.zeros([TILE_GROUPS, GROUP_ROWS, BLOCK_N], dtype=tl.float32)
+        xsum = tl.zeros([TILE_GROUPS, GROUP_ROWS], dtype=tl.float32)
+        for j in tl.static_range(8):
+            xj = tl.load(x_row + kx + j, mask=kx + j < K, other=0.0).to(tl.float32)
+            dots += ((words >> (4 * j)) & 0xF).to(tl.float32) * xj[:, :, None]
+            xsum += xj
+        s, z = _group_scales(S, Z, k0, t, offs_n, mask_n, N, K, GROUP_SIZE, TILE_GROUP)
+        acc += tl.sum(s * (tl.sum(dots, axis=1) - z * tl.sum(xsum, axis=1)[:, None]), axis=0)
+    return acc
+
+
+@triton.jit
+def projection_rows(x_row, B, stride_bk, offs_r, mask_r, K, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """float32 (BLOCK_R,): rows ``offs_r`` of ``R = x B^T`` for one row of ``x``, streaming K in
+    ``BLOCK_K`` tiles with a (BLOCK_R, BLOCK_K) partial, summed across lanes once at the end."""
+    acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        mask_k = kk < K
+        xk = tl.load(x_row + kk, mask=mask_k, other=0.0).to(tl.float32)
+        b = tl.load(B + offs_r[:, None] * stride_bk + kk[None, :], mask=mask_r[:, None] & mask_k[None, :],
+                    other=0.0).to(tl.float32)
+        acc += b * xk[None, :]
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
 def _store_rows(acc, offs_m, mask_m, offs_n, mask_n, member, BIAS0, BIAS1, BIAS2, BIAS3, Y, N,
                 HAS_BIAS: tl.constexpr):
     """Last step of a (rows, columns) block of the several-row kernels: bias, then the one store."""
@@ -151,35 +196,19 @@ def _w4a16_gemv_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, TILE_GROUP: tl.constexpr,
     SPLIT_K: tl.constexpr,
 ):
-    # The K tile is (TILE_GROUPS, TILE_GROUP / 8, BLOCK_N) words: one slab per scale group
-    # (TILE_GROUP = the group size, a power of two; for per-channel scales any power of two),
-    # so products are summed per group and scaled once, and no tensor needs a reshape.
-    TILE_GROUPS: tl.constexpr = BLOCK_K // TILE_GROUP
-    GROUP_ROWS: tl.constexpr = TILE_GROUP // 8
     pid_n = tl.program_id(0)
     row = tl.program_id(1)
     split = tl.program_id(2)
     member, offs_n, W, S, Z, Y, N = _member_block(pid_n, W0, S0, Z0, Y0, N0, W1, S1, Z1, Y1, N1, W2, S2, Z2, Y2, N2,
                                                   W3, S3, Z3, Y3, N3, BLOCK_N, NUM_MEMBERS)
     mask_n = offs_n < N
-    t, r, words_per_col = _slab_indices(K, GROUP_SIZE, TILE_GROUPS, GROUP_ROWS)
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     x_row = X + row * stride_xm
     # split-K: program ``split`` covers whole K tiles [k_begin, k_end); the last may be empty
     k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
     k_begin = split * k_per_split
     k_end = tl.minimum(K, k_begin + k_per_split)
-    for k0 in range(k_begin, k_end, BLOCK_K):
-        rows, words = _word_tile(W, k0, t, r, offs_n, mask_n, N, words_per_col, GROUP_ROWS)
-        kx = rows * 8  # column of the lowest code of each word
-        dots = tl.zeros([TILE_GROUPS, GROUP_ROWS, BLOCK_N], dtype=tl.float32)
-        xsum = tl.zeros([TILE_GROUPS, GROUP_ROWS], dtype=tl.float32)
-        for j in tl.static_range(8):
-            xj = tl.load(x_row + kx + j, mask=kx + j < K, other=0.0).to(tl.float32)
-            dots += ((words >> (4 * j)) & 0xF).to(tl.float32) * xj[:, :, None]
-            xsum += xj
-        s, z = _group_scales(S, Z, k0, t, offs_n, mask_n, N, K, GROUP_SIZE, TILE_GROUP)
-        acc += tl.sum(s * (tl.sum(dots, axis=1) - z * tl.sum(xsum, axis=1)[:, None]), axis=0)
+    acc = _gemv_columns(x_row, W, S, Z, k_begin, k_end, offs_n, mask_n, N, K, GROUP_SIZE, BLOCK_N, BLOCK_K,
+                        TILE_GROUP)
 
     if SPLIT_K == 1:
         _finish_gemv(acc, row, offs_n, mask_n, R, stride_rm, member, A0, A1, A2, A3, BIAS0, BIAS1, BIAS2, BIAS3, Y, N,
@@ -204,6 +233,74 @@ def _w4a16_gemv_kernel(
             _finish_gemv(total, row, offs_n, mask_n, R, stride_rm, member, A0, A1, A2, A3, BIAS0, BIAS1, BIAS2, BIAS3,
                          Y, N, RANK, HAS_A, HAS_BIAS, BLOCK_R)
             tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _w4a16_gemv_projected_kernel(
+    X, B, RBUF, SYNC, stride_xm, stride_bk, M, K, RANK,
+    W0, S0, Z0, A0, BIAS0, Y0, N0,
+    W1, S1, Z1, A1, BIAS1, Y1, N1,
+    W2, S2, Z2, A2, BIAS2, Y2, N2,
+    W3, S3, Z3, A3, BIAS3, Y3, N3,
+    NUM_MEMBERS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, TILE_GROUP: tl.constexpr,
+    PRODUCERS: tl.constexpr, PRODUCER_R: tl.constexpr, BLOCK_KP: tl.constexpr, SPIN_LIMIT: tl.constexpr,
+):
+    # The one-row GEMV with the group's R = x B^T made in the same launch. Each row has
+    # PRODUCERS + column-block programs; a program's role is its ticket, the order in which it
+    # started (an atomic counter), not its id: the first PRODUCERS to start each compute
+    # PRODUCER_R entries of R into RBUF and count themselves done; the others run a column block's
+    # K loop and only then wait for R. A waiting program started after every producer had, and
+    # started programs run to completion, so the wait ends; it is still bounded (SPIN_LIMIT
+    # polls), after which the program computes R itself, as it does with PRODUCERS = 0: nothing
+    # can hang. The last program to finish puts the row's three counters back to zero, so that
+    # repeated launches on one buffer (the autotuner's timing runs) start afresh.
+    row = tl.program_id(1)
+    x_row = X + row * stride_xm
+    tickets, done_count, finished = SYNC + 3 * row, SYNC + 3 * row + 1, SYNC + 3 * row + 2
+    if PRODUCERS > 0:
+        ticket = tl.atomic_add(tickets, 1, sem="relaxed", scope="gpu")
+    else:
+        ticket = tl.program_id(0)
+    if ticket < PRODUCERS:
+        offs_r = ticket * PRODUCER_R + tl.arange(0, PRODUCER_R)
+        mask_r = offs_r < RANK
+        r = projection_rows(x_row, B, stride_bk, offs_r, mask_r, K, PRODUCER_R, BLOCK_KP)
+        tl.store(RBUF + row * RANK + offs_r, r.to(RBUF.dtype.element_ty), mask=mask_r)
+        tl.debug_barrier()  # every thread's stores before the release below
+        tl.atomic_add(done_count, 1, sem="release", scope="gpu")
+    else:
+        member, offs_n, W, S, Z, Y, N = _member_block(ticket - PRODUCERS, W0, S0, Z0, Y0, N0, W1, S1, Z1, Y1, N1,
+                                                      W2, S2, Z2, Y2, N2, W3, S3, Z3, Y3, N3, BLOCK_N, NUM_MEMBERS)
+        mask_n = offs_n < N
+        acc = _gemv_columns(x_row, W, S, Z, 0, K, offs_n, mask_n, N, K, GROUP_SIZE, BLOCK_N, BLOCK_K, TILE_GROUP)
+        ready = ticket * 0
+        if PRODUCERS > 0:
+            done = tl.atomic_add(done_count, 0, sem="acquire", scope="gpu")
+            spins = ticket * 0
+            while (done < PRODUCERS) & (spins < SPIN_LIMIT):
+                done = tl.atomic_add(done_count, 0, sem="acquire", scope="gpu")
+                spins += 1
+            ready = (done >= PRODUCERS).to(tl.int32)
+        A = _pick(member, A0, A1, A2, A3)
+        for r0 in range(0, RANK, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            mask_r = offs_r < RANK
+            if ready != 0:  # .cg: from L2, where the producers' stores are
+                rv = tl.load(RBUF + row * RANK + offs_r, mask=mask_r, other=0.0, cache_modifier=".cg")
+            else:  # no producers, or they were not done in time: this program's own R
+                rv = projection_rows(x_row, B, stride_bk, offs_r, mask_r, K, BLOCK_R, BLOCK_KP).to(
+                    RBUF.dtype.element_ty)
+            a = tl.load(A + offs_n[None, :] * RANK + offs_r[:, None], mask=mask_r[:, None] & mask_n[None, :],
+                        other=0.0).to(tl.float32)
+            acc += tl.sum(a * rv.to(tl.float32)[:, None], axis=0)
+        _finish_gemv(acc, row, offs_n, mask_n, RBUF, RANK, member, A0, A1, A2, A3, BIAS0, BIAS1, BIAS2, BIAS3, Y, N,
+                     RANK, False, HAS_BIAS, BLOCK_R)
+    if PRODUCERS > 0:
+        if tl.atomic_add(finished, 1, sem="acq_rel", scope="gpu") == tl.num_programs(0) - 1:
+            tl.atomic_xchg(tickets, 0, sem="relaxed", scope="gpu")
+            tl.atomic_xchg(done_count, 0, sem="relaxed", scope="gpu")
+            tl.atomic_xchg(finished, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -379,6 +476,16 @@ SPLIT_K_CONFIGS = [
     _config(32, 1024, 4, split_k=4), _config(64, 512, 4, split_k=4), _config(16, 1024, 4, split_k=2),
     _config(32, 512, 4, split_k=8),
 ]
+# The one-launch GEMV with R made inside (``_w4a16_gemv_projected_kernel``): the plain GEMV's
+# tiles; the launcher times it against R's own launch + the GEMV once per shape. The first entry,
+# the one the interpreter runs, has a short K tile so that the CPU tests cross several.
+PROJECTED_CONFIGS = [
+    _config(32, 256, 4), _config(32, 1024, 4), _config(16, 1024, 4), _config(32, 2048, 4), _config(64, 1024, 8),
+    _config(16, 2048, 4),
+]
+PRODUCER_R = 4  # entries of R per producer program: rank 64 makes 16 producers
+PRODUCER_BLOCK_K = 512  # the producers' K tile (and a consumer's, computing R itself)
+SPIN_LIMIT = 1 << 14  # polls of the producers' counter before a consumer computes R itself
 # The several-row GEMV (BLOCK_M rows, chosen by the launcher) holds BLOCK_M times the one-row
 # kernel's products in registers, so shorter K tiles or more warps. Not yet timed on a GPU: the
 # launcher times it against the small-M GEMM once per shape and keeps the faster (only if it
@@ -439,6 +546,7 @@ def split_k_buffers(Ns: tuple[int, ...]) -> tuple[int, int, int]:
 
 gemv_kernel = _autotuned(_w4a16_gemv_kernel, GEMV_CONFIGS)
 gemv_split_k_kernel = _autotuned(_w4a16_gemv_kernel, SPLIT_K_CONFIGS)
+gemv_projected_kernel = _autotuned(_w4a16_gemv_projected_kernel, PROJECTED_CONFIGS)
 rows_gemv_kernel = _autotuned(_w4a16_rows_gemv_kernel, ROWS_GEMV_CONFIGS)
 small_m_kernel = _autotuned(_w4a16_gemm_kernel, SMALL_M_CONFIGS)
 gemm_kernel = _autotuned(_w4a16_gemm_kernel, GEMM_CONFIGS)

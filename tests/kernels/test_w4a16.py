@@ -223,3 +223,85 @@ def test_members_of_other_group_sizes_share_one_call(M, gen):
     """The rewrite fuses every member that reads one x; the launcher gives each group size its own
     launch (a kernel specialisation), and every member still gets its own exact output."""
     run_and_check(M, 200, [40, 24, 33, 16], [32, 64, -1, 32], torch.float16, 5, True, gen)
+
+
+def check_projected(K, Ns, group_size, dtype, rank, bias, gen, own_r=False, sync=None):
+    """The one-launch GEMV that makes R = x B^T itself, against float64 with R rounded to the
+    activation dtype (as the separate projection's output is): every member, NaN-poisoned
+    outputs fully written. With ``sync`` given, that counter buffer is used (and must come back zero)."""
+    x = torch.randn(1, K, generator=gen).to(dtype).to(DEVICE)
+    members = [packed_member(N, K, group_size, dtype, rank, bias, gen, DEVICE) for N in Ns]
+    B = (torch.randn(rank, K, generator=gen) / K**0.5).to(dtype).to(DEVICE)
+    poisoned = [torch.full((1, N), float("nan"), dtype=dtype, device=DEVICE) for N in Ns]
+    args = [list(t) for t in zip(*members)]
+    if sync is None:
+        outs = launch.launch_w4a16_projected(x, *args, B, outs=poisoned, one_launch=True, own_r=own_r)
+    else:
+        launch.gemv_projected(x, *args, B, poisoned, sync, own_r)
+        outs = poisoned
+    R = (x.double() @ B.double().T).to(dtype)
+    u = UNIT_ROUNDOFF[dtype]
+    for i, (y, member) in enumerate(zip(outs, members)):
+        assert y.data_ptr() == poisoned[i].data_ptr() and not torch.isnan(y).any(), f"member {i}: unwritten"
+        ref, spread = reference(x, member, R)
+        worst = ((y.double() - ref).abs() / (2 * u * ref.abs() + 8 * u * spread)).max().item()
+        assert worst <= 1, f"member {i} (N={Ns[i]}): error {worst:.2f}x the tolerance"
+
+
+PROJECTED_CASES = [
+    # K,   Ns,           group, rank, bias
+    (300, [45, 20], 64, 7, True),
+    (520, [130], 256, 16, False),
+    (1100, [40, 24, 33, 16], 32, 70, True),  # four members; rank 70: 18 producers, partial R tiles
+    (100, [50], -1, 3, False),  # per-channel
+]
+
+
+@pytest.mark.parametrize("own_r", [False, True], ids=["producers", "own-r"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("K,Ns,group,rank,bias", PROJECTED_CASES)
+def test_one_launch_projected_gemv_matches_float64(K, Ns, group, rank, bias, dtype, own_r, gen):
+    check_projected(K, Ns, group, dtype, rank, bias, gen, own_r=own_r)
+
+
+def test_one_launch_leaves_its_counters_zero_for_the_next_launch(gen):
+    """The autotuner reruns a launch on the same buffers: the last program of each launch puts the
+    ticket, done and finished counters back to zero, so a second launch on them is right too."""
+    sync = torch.zeros(3, dtype=torch.int32, device=DEVICE)
+    for _ in range(2):
+        check_projected(300, [45, 20], 64, torch.float16, 7, True, gen, sync=sync)
+        assert (sync == 0).all()
+
+
+def test_one_launch_is_refused_where_it_does_not_apply(gen):
+    members = [packed_member(N, 64, 32, torch.float16, 4, False, gen, DEVICE) for N in (16, 16)]
+    q, s, z, b, A = ([m[i] for m in members] for i in range(5))
+    B = torch.randn(4, 64, generator=gen).half().to(DEVICE)
+    x = torch.randn(2, 64, generator=gen).half().to(DEVICE)
+    with pytest.raises(ValueError, match="one row"):
+        launch.launch_w4a16_projected(x, q, s, z, b, A, B, one_launch=True)
+    # two rows: R's own launch, then the group's, whatever was asked for by default
+    ys = launch.launch_w4a16_projected(x, q, s, z, b, A, B)
+    want = launch.launch_w4a16(x, q, s, z, b, A, launch.launch_projection(x, B))
+    assert all(torch.equal(y, w) for y, w in zip(ys, want))
+
+
+def _every_projected_config():
+    from glowq_fx.kernels import w4a16 as kernels
+
+    return every_config(kernels, {"gemv_projected_kernel": ("_w4a16_gemv_projected_kernel", "PROJECTED_CONFIGS")})
+
+
+@pytest.mark.parametrize("attr,index", _every_projected_config())
+def test_every_projected_configuration_is_right(attr, index, gen, monkeypatch):
+    import triton
+
+    from glowq_fx.kernels import w4a16 as kernels
+
+    only_config(monkeypatch, kernels, attr, "_w4a16_gemv_projected_kernel", "PROJECTED_CONFIGS", index,
+                kernels.AUTOTUNE_KEY)
+    try:
+        check_projected(2200, [40, 24], 32, torch.float16, 9, True, gen)  # partial last K tile everywhere
+        check_projected(2048, [40], -1, torch.bfloat16, 5, False, gen, own_r=True)  # per-channel
+    except triton.runtime.errors.OutOfResources as exc:  # compiled on a GPU only; its autotuner skips it too
+        pytest.skip(f"this configuration does not fit this GPU: {exc}")

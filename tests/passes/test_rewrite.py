@@ -45,8 +45,20 @@ def _(x, weights, scales, zeros, biases, As, R):
     return [x.new_empty(*x.shape[:-1], w.shape[-1]) for w in weights]
 
 
+@custom_op("rewrite_test::projected_group", mutates_args=())
+def _projected_group(x: Tensor, weights: list[Tensor], scales: list[Tensor], zeros: list[Tensor],
+                     biases: list[Optional[Tensor]], As: list[Tensor], B: Tensor) -> list[Tensor]:
+    return _group(x, weights, scales, zeros, biases, As, _projection(x, B))
+
+
+@_projected_group.register_fake
+def _(x, weights, scales, zeros, biases, As, B):
+    return [x.new_empty(*x.shape[:-1], w.shape[-1]) for w in weights]
+
+
 OPS = QuantizedOps(linear=torch.ops.rewrite_test.linear.default, projection=torch.ops.rewrite_test.projection.default,
-                   group=torch.ops.rewrite_test.group.default)
+                   group=torch.ops.rewrite_test.group.default,
+                   projected_group=torch.ops.rewrite_test.projected_group.default)
 
 
 class Member(nn.Module):
@@ -110,3 +122,50 @@ def test_a_graph_without_the_named_ops_comes_out_unchanged(gen):
 
     torch.compile(lin, backend=backend)(torch.randn(2, 8, generator=gen))
     assert seen == [(True, [])]
+
+
+class TwoViews(nn.Module):
+    """One group whose members read its input through two views (the projection is shared with a
+    reshape, so two nodes read it), and one group read by a single node."""
+
+    def __init__(self, gen):
+        super().__init__()
+        self.register_buffer("B", torch.randn(4, 16, generator=gen))
+        self.a, self.b = Member(16, 8, self.B, gen), Member(16, 8, self.B, gen)
+        self.register_buffer("B2", torch.randn(3, 8, generator=gen))
+        self.c, self.d = Member(8, 8, self.B2, gen), Member(8, 4, self.B2, gen)
+
+    def forward(self, x):
+        h = torch.nn.functional.layer_norm(x, (16,))
+        y = self.a(h) + self.b(h.reshape(-1, 16)).reshape(h.shape[:-1] + (8,))
+        return torch.cat([self.c(y), self.d(y)], -1)
+
+
+def test_absorbing_moves_a_projection_into_the_one_group_node_that_reads_it(gen):
+    model = TwoViews(gen)
+    x = torch.randn(2, 3, 16, generator=gen)
+    reports = []
+
+    def backend(gm, example_inputs):
+        reports.append((fuse_shared_projections(gm, example_inputs, ops=OPS, absorb=True), gm))
+        return gm.forward
+
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    (report, gm), = reports
+    nodes = list(gm.graph.nodes)
+    (made,) = [n for n in nodes if n.target is OPS.projected_group]
+    assert made.args[6].target != OPS.projection and len(made.args[1]) == 2  # c and d: B2 itself
+    assert report.absorbed == 1 and "made in" in str(report)
+    # a and b read two views: their projection has two readers and stays a node of its own
+    assert sum(n.target is OPS.projection for n in nodes) == 1
+    assert report.projections_before == 4 and report.projections_after == 2
+
+
+def test_absorbing_needs_the_op_to_emit(gen):
+    import pytest
+
+    ops = QuantizedOps(linear=OPS.linear, projection=OPS.projection, group=OPS.group)
+    gm = torch.fx.symbolic_trace(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="projected_group"):
+        fuse_shared_projections(gm, [], ops=ops, absorb=True)
