@@ -24,7 +24,7 @@ def _run(*args: str, timeout: int = 600) -> tuple[int, str]:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the eager check is the CPU stand-in for the GPU runs")
-@pytest.mark.parametrize("case", ["add", "gemv", "split_k", "experts"])
+@pytest.mark.parametrize("case", ["add", "gemv", "split_k", "gemv_projected", "experts"])
 def test_cases_run_eagerly_in_the_interpreter(case):
     rc, out = _run(case, "--eager-only")
     assert rc == 0, out

@@ -98,6 +98,16 @@ def build(case: str):
         m, path, bias = paths[case]
         x = rows(m)
         return _group_op(case, **path), (x, *_members(gen, bias), projection(x))
+    if case == "gemv_projected":  # R made inside the GEMV's launch (atomic tickets, a bounded wait)
+        from glowq_fx.kernels.launch import launch_w4a16_projected
+
+        @triton_op("glowq_bisect::gemv_projected", mutates_args=())
+        def projected(x: Tensor, qweights: list[Tensor], scales: list[Tensor], zeros: list[Tensor],
+                      biases: list[Optional[Tensor]], As: list[Tensor], B: Tensor) -> list[Tensor]:
+            return launch_w4a16_projected(x, qweights, scales, zeros, biases, As, B, one_launch=True)
+
+        x = rows(1)
+        return projected, (x, *_members(gen, True), (torch.randn(RANK, K, generator=gen) * 0.05).to(DEVICE, DTYPE))
     if case == "projection":
         from glowq_fx.kernels.launch import launch_projection
 
@@ -123,8 +133,8 @@ def build(case: str):
     raise SystemExit(f"unknown case {case!r}: choose from {CASES}")
 
 
-CASES = ("add", "gemv", "gemv_bias", "split_k", "rows_gemv", "small_m_gemm", "gemm", "prefill", "projection",
-         "experts")
+CASES = ("add", "gemv", "gemv_bias", "split_k", "gemv_projected", "rows_gemv", "small_m_gemm", "gemm", "prefill",
+         "projection", "experts")
 
 
 def _single_config() -> None:
