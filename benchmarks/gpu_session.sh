@@ -6,6 +6,7 @@
 #   OUT=$OUT bash benchmarks/gpu_session.sh 1     # correctness: kernels, ops, backend, triton_op cases
 #   OUT=$OUT bash benchmarks/gpu_session.sh 2     # speed: end-to-end decode (Llama-3-8B shape), W4A16 table
 #   OUT=$OUT bash benchmarks/gpu_session.sh 3     # the rest of the decode table: GlowQ-S, int4, batch 8
+#   OUT=$OUT bash benchmarks/gpu_session.sh 4     # issue 19: an 8B-shaped model quantized block by block
 #
 # Each step is meant to fit one device call of ~8 minutes; the limits are estimates (no run of
 # this script has been timed yet): a step cut by its limit leaves its log to say how far it got.
@@ -42,8 +43,11 @@ case ${1:-1} in
         --new-tokens 128 --repeats 3 --variants float,W4A16,int4\ tinygemm,independent,GlowQ,GlowQ-S \
         --out "$OUT/results/decode-all"
     ;;
+4)
+    step quantize-8b 450 $PY benchmarks/bench_quantize_gpu.py --samples 32 --seq-len 2048 --out "$OUT/results"
+    ;;
 *)
-    echo "unknown step ${1}: 1, 2 or 3" >&2
+    echo "unknown step ${1}: 1, 2, 3 or 4" >&2
     exit 2
     ;;
 esac

@@ -101,3 +101,24 @@ def test_calibration_logits_benchmark_compares_computed_and_spared_logits(tmp_pa
         (c, s) for c in ("blocks", "model") for s in (False, True)}
     assert all(r["added_mib"] > 0 for r in results["rows"])
     assert "| model |" in (tmp_path / "l.md").read_text()
+
+
+def test_gpu_quantize_benchmark_runs_block_by_block_with_weights_left_on_the_cpu(tmp_path, monkeypatch):
+    bench = _load("bench_quantize_gpu")
+    assert bench.main(["--tiny", "--samples", "2", "--seq-len", "32", "--rank", "4", "--out", str(tmp_path)]) == 0
+    row = __import__("json").loads((tmp_path / "quantize_gpu.json").read_text())["row"]
+    assert row["quantized"] == "QuantizedLinear" and row["weights_after_on"] == "cpu"
+    assert row["layers"] == bench.SHAPES["tiny"]["num_hidden_layers"] and row["peak_gpu_bytes"] is None
+    assert row["wall_s"] >= sum(row["per_block"][k] for k in ("forwards_s", "quantizer_s", "solve_s")) * row["layers"]
+    assert "tiny (measured)" in (tmp_path / "quantize_gpu.md").read_text()
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="CUDA machine"):
+        bench.main([])
+
+
+def test_block_sizes_of_the_8b_shape():
+    bench = _load("bench_quantize_gpu")
+    sizes = bench.block_sizes(bench.SHAPES["8b"])
+    # Llama-3-8B: 218.1M parameters per decoder layer in bf16; S of q/k/v, o, gate/up (4096) and down (14336)
+    assert sizes["weights"] == 2 * (2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336) == 436_207_616
+    assert sizes["S"] == 4 * (3 * 4096**2 + 14336**2) and sizes["factor"] == 8 * 14336**2
