@@ -5,8 +5,9 @@ and it is not proportional to bytes: at decode (one token) a unit's correction c
 ``R = x B^T`` launch plus the ``A_i R`` epilogue work of its members, a fixed part that bytes do not
 see. So the model here is measured, not assumed: every distinct unit shape (input width, member
 widths, rank, dtype, device) is timed once, on the model's own device, with the ops the compiled
-model runs (``glowq::shared_projection`` + one ``glowq::w4a16_group`` launch with the members'
-``A_i R`` epilogues), against the same group launch without correction; the difference is the
+model runs (on CUDA ``glowq::w4a16_group_projected``: ``R`` made by the group's op, in its launch
+where that is faster, and the members' ``A_i R`` epilogues; on the CPU ``glowq::shared_projection``
+and the epilogues' ops), against the same group launch without correction; the difference is the
 unit's correction latency (on the CPU, below, the correction's own ops). Units of one shape
 share it. A Llama has four shapes (q/k/v, o,
 gate/up, down), so calibration is four pairs of timings whatever the depth.
@@ -95,8 +96,8 @@ def _time_pair(members: list[QuantizedLinear], tokens: int, reps: int, trials: i
         return ops.w4a16_group(x, *args, none, None)
 
     if device.type == "cuda":  # the correction is fused into the launch: time the launch with it
-        def second():
-            return ops.w4a16_group(x, *args, As, ops.shared_projection(x, B))
+        def second():  # as glowq_backend emits it on CUDA: the op makes R, in its launch where faster
+            return ops.w4a16_group_projected(x, *args, As, B)
     else:  # the CPU path adds the correction as separate ops (module docstring): time those alone
         y = [torch.zeros(tokens, m.out_features, dtype=x.dtype, device=device) for m in members]
 
