@@ -28,10 +28,17 @@ def _malloc_trim():
     return trim
 
 
-def trim_heap() -> bool:
-    """Return the C heap's free pages to the OS; False where the C library cannot (not glibc)."""
+def trim_heap(freed_bytes: int | None = None) -> bool:
+    """Return the C heap's free pages to the OS; False where the C library cannot (not glibc), or
+    where the caller freed less than ``TRIM_MIN_BYTES`` (``freed_bytes``, an estimate): a trim
+    walks the whole heap, which costs more than a few small groups' temporaries are worth."""
+    if freed_bytes is not None and freed_bytes < TRIM_MIN_BYTES:
+        return False
     trim = _malloc_trim()
     if trim is None:
         return False
     trim(0)
     return True
+
+
+TRIM_MIN_BYTES = 4 << 20

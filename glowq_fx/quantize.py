@@ -187,7 +187,7 @@ def _quantize_group(model: nn.Module, g: InputGroup, S: torch.Tensor,
         scale_bytes += qlinear.scales.nbytes + qlinear.zeros.nbytes
         dense_bytes += W.numel() * W.element_size()
     del floats, Ws, qws, W, qw, qlinear
-    trim_heap()  # the quantizer's temporaries and the float weights, back to the OS (glowq_fx._heap)
+    trim_heap(dense_bytes)  # the quantizer's temporaries and the float weights, back to the OS (glowq_fx._heap)
     kw = dict(shrinkage=config.shrinkage, mode=config.svd, oversample=config.oversample,
               power_iters=config.power_iters, seed=config.seed,
               dtype=torch.float64 if dtype == torch.float64 else torch.float32)
@@ -223,8 +223,9 @@ def _quantize_groups(model: nn.Module, groups: Sequence[InputGroup],
     for g in groups:
         S = stats[g.name].value() if keep else stats.pop(g.name)
         rows[g.name], factors[g.name] = _quantize_group(model, g, S, config)
+        # the solve's temporaries (a few times S and the group's weights), back to the OS
+        trim_heap(S.nbytes + rows[g.name].dense_bytes)
         del S
-        trim_heap()  # the solve's temporaries, back to the OS before the next group's
 
 
 @dataclass

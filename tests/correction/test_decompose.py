@@ -270,3 +270,8 @@ def test_trim_heap_returns_freed_memory_where_the_c_library_can():
 
     glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
     assert trim_heap() is glibc  # elsewhere it says it could not, never raises
+    # a caller that freed little skips the walk of the heap; one that freed enough trims
+    from glowq_fx._heap import TRIM_MIN_BYTES
+
+    assert trim_heap(TRIM_MIN_BYTES - 1) is False
+    assert trim_heap(TRIM_MIN_BYTES) is glibc
