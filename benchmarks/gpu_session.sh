@@ -29,7 +29,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log
 
 case ${1:-1} in
 1)
-    step gpu-test 240 $PY -m pytest -q -p no:cacheprovider -x tests/kernels tests/test_ops.py tests/backend \
+    step gpu-test 300 $PY -m pytest -q -p no:cacheprovider -x tests/kernels tests/test_ops.py tests/backend \
         tests/passes/test_rewrite.py --ignore=tests/kernels/test_triton_op_lowering.py
     step triton-op 150 $PY -m pytest -q -p no:cacheprovider tests/kernels/test_triton_op_lowering.py -k default
     ;;
