@@ -52,6 +52,7 @@ class PhasePeaks:
         from glowq_fx.calibration.blockwise import BlockwiseCalibration
 
         self.peaks: dict[str, int] = {}
+        self.resident_after: dict[str, int] = {}  # resident size (KiB) when a phase last ended
         self.overall = 0
         self.depth = 0
         self.targets = [(Q, "discover_groups", PHASES[0]), (Q, "collect_statistics", PHASES[1]),
@@ -75,6 +76,7 @@ class PhasePeaks:
                 if self.depth == 0:
                     peak = _rss_kib("VmHWM")
                     self.peaks[label] = max(self.peaks.get(label, 0), peak)
+                    self.resident_after[label] = _rss_kib("VmRSS")
                     self._boundary()
         return wrapped
 
@@ -112,7 +114,9 @@ def run_one(layers: int, mode: str, shape: str, tokens: int, batches: int) -> No
                "activation_mib": (report.calibration or {}).get("activation_bytes", 0) / 2**20,
                "calibration": report.calibration, "quantized": type(layer.self_attn.q_proj).__name__,
                "whitening_s": sum(g.whitening_time_s for g in report.groups),
-                      "phase_peak_mib": {k: (v - before) / 1024 for k, v in phases.peaks.items()}}))
+                      "phase_peak_mib": {k: (v - before) / 1024 for k, v in phases.peaks.items()},
+                      # what the graph capture left resident (Python's heap, not returned: see the README)
+                      "capture_left_mib": (phases.resident_after[PHASES[0]] - before) / 1024}))
 
 
 def measure(layers: int, mode: str, shape: str, tokens: int, batches: int) -> dict:
@@ -136,16 +140,20 @@ def write(results: dict, out: Path) -> None:
              f"`{results['command']}`", "", f"{results['machine']}, torch {results['torch']}, {results['date']}. "
              f"{results['calibration']}. MiB of peak resident memory added by quantize_ (child process per run; median "
              f"of {len(rows[0]['added_mib_runs'])} runs, all runs in brackets).", "",
-             "| layers | whole model | block by block | bound: one block's S + weights + cached inputs | "
-             "whole-model s | block s |", "|---:|---:|---:|---:|---:|---:|"]
+             "| layers | whole model | block by block | of which left by the graph capture | block by block, "
+             "without it | bound: one block's S + weights + cached inputs | whole-model s | block s |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for d in depths:
         w, b = by[d, "model"], by[d, "blocks"]
         spread = lambda r: "/".join(f"{m:.0f}" for m in r["added_mib_runs"])  # noqa: E731
-        lines.append(f"| {d} | {w['added_mib']:.0f} ({spread(w)}) | {b['added_mib']:.0f} ({spread(b)}) | {bound[d]:.0f} "
-                     f"| {w['time_s']:.0f} | {b['time_s']:.0f} |")
+        left = b.get("capture_left_mib", 0.0)
+        lines.append(f"| {d} | {w['added_mib']:.0f} ({spread(w)}) | {b['added_mib']:.0f} ({spread(b)}) | {left:.0f} "
+                     f"| {b['added_mib'] - left:.0f} | {bound[d]:.0f} | {w['time_s']:.0f} | {b['time_s']:.0f} |")
     blocks = [by[d, "blocks"]["added_mib"] for d in depths]
+    without = [by[d, "blocks"]["added_mib"] - by[d, "blocks"].get("capture_left_mib", 0.0) for d in depths]
     lines += ["", f"Block by block, {depths[0]} to {depths[-1]} layers: {min(blocks):.0f} to {max(blocks):.0f} MiB "
-              f"(largest / smallest {max(blocks) / min(blocks):.2f}).", ""]
+              f"(largest / smallest {max(blocks) / min(blocks):.2f}); without what the graph capture left resident, "
+              f"{min(without):.0f} to {max(without):.0f} MiB ({max(without) / min(without):.2f}).", ""]
     times = by[depths[-1], "blocks"]["calibration"]["times"]
     n = len(times["forward_s"])
     parts = {"block forwards (S included)": sum(times["forward_s"]), "of which S accumulation": sum(times["statistics_s"]),
@@ -154,7 +162,7 @@ def write(results: dict, out: Path) -> None:
     lines += [f"Where the {depths[-1]}-layer block-by-block run's time goes (s, all {n} blocks; per block: /{n}):", "",
               "| part | s | per block |", "|---|---:|---:|"]
     lines += [f"| {k} | {v:.1f} | {v / n:.2f} |" for k, v in parts.items()]
-    lines += ["", f"Of the solve, the float64 factorization of S (Cholesky): {by[depths[-1], 'blocks']['whitening_s']:.1f} s."]
+    lines += ["", f"Of the solve, the factorization of S (Cholesky, float32): {by[depths[-1], 'blocks']['whitening_s']:.1f} s."]
     lines += ["", "Where the peak is reached (MiB above the start, the largest of each phase, in the median run):", "",
               "| layers | mode | " + " | ".join(PHASES) + " |", "|---:|---|" + "---:|" * len(PHASES)]
     for d in depths:

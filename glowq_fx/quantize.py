@@ -175,8 +175,9 @@ def _quantize_group(model: nn.Module, g: InputGroup, S: torch.Tensor,
         qws = [quantize_rtn(W, config.group_size, bits=config.bits, symmetric=config.symmetric) for W in Ws]
     errors = [quantization_error(W, qw) for W, qw in zip(Ws, qws)]
     quantize_time_s = time.perf_counter() - t_quant
-    err_sq = sum(float(E.double().pow(2).sum()) for E in errors)
-    w_sq = sum(float(W.double().pow(2).sum()) for W in Ws)
+    # squared norms in float32 (float64 would copy each matrix twice)
+    err_sq = sum(float(torch.linalg.vector_norm(E)) ** 2 for E in errors)
+    w_sq = sum(float(torch.linalg.vector_norm(W, dtype=torch.float32)) ** 2 for W in Ws)
     # the members are swapped for their (uncorrected) quantized modules before the solve: the
     # float weights are dead once the errors exist, and their memory serves the solve's
     code_bytes = scale_bytes = dense_bytes = 0

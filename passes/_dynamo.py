@@ -72,6 +72,17 @@ def compiling_code():
     return getattr(tx, "f_code", None)
 
 
+def compile_id():
+    """The id of the frame compile in progress (a backend's call and the guards built after it
+    share it), or None."""
+    try:
+        from torch._guards import CompileContext
+
+        return CompileContext.current_compile_id()
+    except (ImportError, AttributeError):
+        return None
+
+
 def forget_code(code) -> None:
     """Drop Dynamo's compiled entries for ``code`` (later compiles of it recompile)."""
     try:

@@ -37,11 +37,14 @@ def capture_graphs(model: nn.Module, batch: object, run: Run = run_batch) -> tup
     pieces: list[CapturedGraph] = []
     live = {"pieces": pieces, "produced": {}, "keys": TensorKeys()}  # produced: tensor key -> (piece, node)
     compiled_codes = []  # the frames compiled here: their cache entries are dropped after the run
+    entry_compiles = set()  # Dynamo's compile ids of the entry frame (its guards are not built)
 
     def record(gm: fx.GraphModule, example_inputs, **_kwargs):
         code = _dynamo.compiling_code()
         if code is not None:
             compiled_codes.append(code)
+            if code is entry.__code__:
+                entry_compiles.add(_dynamo.compile_id())
         index = len(live["pieces"])
         live["pieces"].append(CapturedGraph(gm, list(example_inputs)))
         placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
@@ -70,10 +73,18 @@ def capture_graphs(model: nn.Module, batch: object, run: Run = run_batch) -> tup
     # a fresh code object per capture (Dynamo caches per code object) and fresh globals (Dynamo
     # stores each compiled graph as a global of the captured function)
     entry = types.FunctionType(_call.__code__.replace(), dict(_call.__globals__), "glowq_capture")
+    def no_guards_on_entry(guards):
+        # the entry is called once, so its guards are never checked; torch never frees a guard tree
+        # (not even on torch._dynamo.reset), and this one has a guard per parameter: about 0.7 MiB per
+        # Llama layer for the life of the process. Inner frames (graph breaks) keep theirs: they tell
+        # one layer's call from the next.
+        return [entry_compiles.isdisjoint({_dynamo.compile_id()} - {None})] * len(guards)
+
     before = _dynamo.break_counters()
     try:
         with torch.no_grad():
-            torch.compile(entry, backend=record, dynamic=False)(model, batch, run)
+            torch.compile(entry, backend=record, dynamic=False,
+                          options={"guard_filter_fn": no_guards_on_entry})(model, batch, run)
     finally:
         live.clear()
         # a graph break leaves compiled entries on the inner frames' code (a module class's forward),

@@ -15,7 +15,8 @@ Any factor ``H`` with ``H H^T = S`` gives the same objective, ``||X H||_F^2 = tr
 the same optimum ``A B``: the solver takes the Cholesky factor ``L`` of the shrunk ``S`` (positive
 definite whenever ``shrinkage > 0``) and undoes it on ``B`` by a triangular solve, ``B L^{-1}``.
 That costs a fraction of the float64 eigendecomposition ``S^{1/2}`` needs (which dominated the
-solve: ``benchmarks/results/blockwise_memory.md``) and a quarter of its memory. Without shrinkage
+solve: ``benchmarks/results/blockwise_memory.md``) and, factored in float32, an eighth of its
+memory. Without shrinkage
 (or for an ``S`` that is not positive definite) the clamped symmetric square root is used.
 
 The QR-reduced randomized SVD: ``E_cat = Q_e R_e`` (thin QR, only when m > d_in), the
@@ -84,20 +85,27 @@ class Whitening:
 
 
 def factor_whitening(S: Tensor, dtype: torch.dtype, shrinkage: float = 0.0) -> Whitening:
-    """The Cholesky factor of ``shrink(S, shrinkage)`` (float64, cast to ``dtype``) when that is
-    positive definite, else its clamped symmetric square root (``whitening``).
+    """The Cholesky factor of ``shrink(S, shrinkage)`` in ``dtype`` when that is positive definite,
+    else its clamped symmetric square root (``whitening``, float64).
 
-    The shrunk copy is factored in place, so the float64 work needs one ``d x d`` buffer: it is
-    handed to LAPACK as its transpose (the same values, ``S`` is symmetric), which is column-major
-    as LAPACK stores matrices; a row-major ``out`` made torch factor a column-major copy and copy
-    it back (measured: one more ``d x d`` float64 buffer at the peak).
+    The factor is computed in ``dtype`` itself when it is float32 (the solver's products use it
+    there anyway: a float64 factor rounded to float32 has the same backward error, ``L L^T = S_a``
+    up to float32 rounding), and in float64 when float32 cannot factor ``S_a`` (too ill-conditioned)
+    or ``dtype`` is float64. Working in float32 halves the buffer and skips the cast: for the
+    widest group the solve's peak went from ``S`` + a float64 copy + the float32 factor (4 ``S``)
+    to 2 ``S`` (``benchmarks/results/blockwise_memory.md``).
+
+    The shrunk copy is factored in place: it is handed to LAPACK as its transpose (the same values,
+    ``S`` is symmetric), which is column-major as LAPACK stores matrices; a row-major ``out`` made
+    torch factor a column-major copy and copy it back (one more ``d x d`` buffer at the peak).
     """
-    A = shrink_(S.to(torch.float64, copy=True), shrinkage).mT
-    L, info = torch.linalg.cholesky_ex(A, out=(A, torch.empty((), dtype=torch.int32, device=A.device)))
-    # a non-finite entry makes the sum non-finite; isfinite(L) would build d x d temporaries
-    if int(info) == 0 and bool(torch.isfinite(L.sum())):
-        return Whitening("cholesky", L.to(dtype))
-    del A, L
+    for work in dict.fromkeys((dtype if dtype == torch.float32 else torch.float64, torch.float64)):
+        A = shrink_(S.to(work, copy=True), shrinkage).mT
+        L, info = torch.linalg.cholesky_ex(A, out=(A, torch.empty((), dtype=torch.int32, device=A.device)))
+        # a non-finite entry makes the sum non-finite; isfinite(L) would build d x d temporaries
+        if int(info) == 0 and bool(torch.isfinite(L.sum())):
+            return Whitening("cholesky", L.to(dtype))
+        del A, L
     half, inv_half = whitening(shrink_(S.to(torch.float64, copy=True), shrinkage))
     return Whitening("symmetric", half.to(dtype), inv_half.to(dtype))
 
@@ -161,7 +169,7 @@ class SolveReport:
     captured_energy: float  # sum of kept s^2 of the (shrunk, scaled) objective
     singular_values: list[Tensor] = field(repr=False)  # kept s, one tensor per factorization
     time_s: float = 0.0  # the whole solve, whitening included
-    whitening_time_s: float = 0.0  # the float64 factorization of S (Cholesky, or eigendecomposition)
+    whitening_time_s: float = 0.0  # the factorization of S (Cholesky, or float64 eigendecomposition)
     member_errors_before: list[float] = field(default_factory=list)  # tr(E_i S E_i^T) per member
     member_errors_after: list[float] = field(default_factory=list)
 
@@ -210,7 +218,9 @@ def _check_group(errors: Sequence[Tensor], S: Tensor, rank: int) -> int:
             raise ValueError(f"member {i} has dtype {E.dtype} but member 0 has {errors[0].dtype}")
     if S.shape != (d, d):
         raise ValueError(f"S must be ({d}, {d}) for members with in_features {d}, got {tuple(S.shape)}")
-    if not torch.isfinite(S).all():
+    # any NaN/Inf makes the sum non-finite (so does an overflow, which the mask then tells apart):
+    # no d x d mask for the usual S
+    if not torch.isfinite(S.sum()) and not torch.isfinite(S).all():
         raise ValueError("S contains NaN or Inf; the calibration activations were not finite")
     if not isinstance(rank, int) or rank < 0:
         raise ValueError(f"rank must be a non-negative int, got {rank!r}")
@@ -281,7 +291,8 @@ def solve(
             brings the test groups to ~0.01%. The sketch is only d x (r + p), so the wider
             default costs almost nothing next to the QR of ``E_cat``.
         seed: seed of a local generator for the sketch (global RNG untouched).
-        dtype: compute dtype of QR/SVD (the eigendecomposition of S is always float64).
+        dtype: compute dtype of the factorization of S (float64 where float32 cannot factor it),
+            the QR and the SVD.
         cap_rank: independent methods give each member ``min(rank, d_out_i, d_in)`` instead of
             refusing a rank that a member's error cannot hold (``quantize_`` does, so that one
             call, one whitening of ``S``, serves the whole group).
@@ -320,7 +331,7 @@ def solve(
             oversample = default_oversample(rank)
         kw = dict(mode=mode, oversample=oversample, power_iters=power_iters, generator=generator)
         if method == "glowq":
-            A_cat, B_shared, s = scaled_lowrank(torch.cat(Es), whitened, rank, **kw)
+            A_cat, B_shared, s = scaled_lowrank(Es[0] if len(Es) == 1 else torch.cat(Es), whitened, rank, **kw)
             A = list(A_cat.split([E.shape[0] for E in Es]))
             B, s_kept = [B_shared], [s]
         else:
@@ -329,6 +340,7 @@ def solve(
                 generator.manual_seed(seed)
                 solved.append(scaled_lowrank(E, whitened, min(rank, *E.shape) if cap_rank else rank, **kw))
             A, B, s_kept = (list(x) for x in zip(*solved))
+        del whitened  # its d x d factor: the reports below need only S
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - t0
@@ -340,13 +352,15 @@ def solve(
     def errors_of(Ds: list[Tensor]) -> tuple[list[float], float]:
         # tr(D S_a D^T) = (1 - a) tr(D S D^T) + a tr(S)/d ||D||_F^2: no second product with S_a
         raw = [whitened_error(D, S_eval) for D in Ds]
-        return raw, (1 - shrinkage) * sum(raw) + iso * sum(float(torch.linalg.vector_norm(D, dtype=torch.float64)) ** 2 for D in Ds)
+        # (the norm in D's dtype: asked for in float64 it copies D to float64 first)
+        return raw, (1 - shrinkage) * sum(raw) + iso * sum(float(torch.linalg.vector_norm(D)) ** 2 for D in Ds)
 
     members_before, obj_before = errors_of(Es)
     if all(a.shape[1] == 0 for a in A):  # nothing subtracted: the errors stay as they were
         members_after, obj_after = members_before, obj_before
     else:
-        members_after, obj_after = errors_of([E - A[i] @ B[0 if shared else i] for i, E in enumerate(Es)])
+        members_after, obj_after = errors_of([torch.addmm(E, A[i], B[0 if shared else i], alpha=-1)
+                                              for i, E in enumerate(Es)])
     before, after = sum(members_before), sum(members_after)
     report = SolveReport(
         method=method,

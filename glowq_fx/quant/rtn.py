@@ -60,9 +60,9 @@ class QuantizedWeight:
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         """``W_q`` (N, K) in ``dtype`` (default: the scales' dtype), padding removed."""
         g = self.group_size
-        q = self.codes.float().view(self.out_features, -1, g)
-        w = (q - self.zeros.float().unsqueeze(-1)) * self.scales.float().unsqueeze(-1)
-        w = w.reshape(self.out_features, -1)[:, : self.in_features]
+        w = self.codes.float().view(self.out_features, -1, g)  # one (N, K_pad) buffer, worked in place
+        w.sub_(self.zeros.float().unsqueeze(-1)).mul_(self.scales.float().unsqueeze(-1))
+        w = w.view(self.out_features, -1)[:, : self.in_features]
         return w.to(dtype or self.dtype)
 
     def nbytes(self) -> int:
@@ -130,7 +130,7 @@ def group_params(
 def codes_for(w: Tensor, s: Tensor, z: Tensor, bits: int) -> Tensor:
     """Nearest codes of ``w`` (float32 (..., g)) on the grid (s, z) broadcast over the last dim."""
     maxq = (1 << bits) - 1
-    return torch.clamp(torch.round(w / s.unsqueeze(-1)) + z.unsqueeze(-1), 0, maxq)
+    return torch.div(w, s.unsqueeze(-1)).round_().add_(z.unsqueeze(-1)).clamp_(0, maxq)  # one temporary
 
 
 def check_weight(W: Tensor) -> None:
@@ -138,7 +138,8 @@ def check_weight(W: Tensor) -> None:
         raise ValueError(f"expected a 2-D weight (out_features, in_features), got shape {tuple(W.shape)}")
     if not W.is_floating_point():
         raise ValueError(f"expected a floating-point weight, got dtype {W.dtype}")
-    if not torch.isfinite(W).all():
+    # a NaN/Inf makes the sum non-finite (an overflow too, which the mask then tells apart)
+    if not torch.isfinite(W.sum()) and not torch.isfinite(W).all():
         raise ValueError("the weight contains NaN or Inf; quantize a finite weight")
 
 
@@ -172,4 +173,5 @@ def quantization_error(W: Tensor, qw: QuantizedWeight) -> Tensor:
             f"weight shape {tuple(W.shape)} does not match the quantized weight "
             f"({qw.out_features}, {qw.in_features})"
         )
-    return W.float() - qw.dequantize(torch.float32)
+    E = qw.dequantize(torch.float32).neg_().add_(W)  # in the dequantized buffer: no second (N, K)
+    return E if E.is_contiguous() else E.contiguous()  # padded K: the view's rows are K_pad apart

@@ -237,6 +237,44 @@ def test_the_cholesky_factor_whitens_like_the_symmetric_root(gen):
     torch.testing.assert_close(by_cholesky.report.singular_values[0].double(), s, rtol=1e-6, atol=1e-9)
 
 
+def test_float32_factors_in_float32_and_falls_back_to_float64_where_it_cannot(gen, monkeypatch):
+    """The solver's factor comes from a float32 Cholesky (half the buffer of a float64 one, no
+    cast): a backward-stable factor of ``S_a`` to float32 rounding. An ``S_a`` too ill-conditioned
+    for float32 is factored in float64 instead, still by Cholesky."""
+    from glowq_fx.correction.decompose import factor_whitening
+
+    factored = []
+    cholesky_ex = torch.linalg.cholesky_ex
+
+    def spy(A, **kwargs):
+        out = cholesky_ex(A, **kwargs)
+        factored.append((A.dtype, int(out[1])))
+        return out
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", spy)
+    d, a = 96, 0.05
+    S = anisotropic_second_moment(d, gen).float()
+    whitened = factor_whitening(S, torch.float32, a)
+    assert whitened.kind == "cholesky" and whitened.H.dtype == torch.float32
+    assert factored == [(torch.float32, 0)]
+    S_a = shrink(S.double(), a)
+    H = whitened.H.double()
+    backward = torch.linalg.matrix_norm(H @ H.T - S_a) / torch.linalg.matrix_norm(S_a)
+    assert backward < 8 * d**0.5 * torch.finfo(torch.float32).eps
+    assert torch.equal(whitened.H, whitened.H.tril())
+
+    # eigenvalues 1 .. 1e-11: positive definite in float64, not in float32
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
+    stiff = (Q * torch.logspace(0, -11, d, dtype=torch.float64)) @ Q.T
+    factored.clear()
+    whitened = factor_whitening(stiff, torch.float32, 0.0)
+    assert [dtype for dtype, _ in factored] == [torch.float32, torch.float64] and factored[0][1] > 0
+    assert whitened.kind == "cholesky" and whitened.H.dtype == torch.float32
+    factored.clear()
+    assert factor_whitening(stiff, torch.float64, 0.0).kind == "cholesky"
+    assert [dtype for dtype, _ in factored] == [torch.float64]  # float64 asked: no float32 attempt
+
+
 def test_a_singular_second_moment_falls_back_to_the_clamped_root(gen):
     from glowq_fx.correction.decompose import factor_whitening
 
