@@ -49,10 +49,13 @@ class PhasePeaks:
 
     def __init__(self):
         import glowq_fx.quantize as Q
+        from glowq_fx._heap import trim_heap
         from glowq_fx.calibration.blockwise import BlockwiseCalibration
 
+        self._trim_heap = trim_heap
+
         self.peaks: dict[str, int] = {}
-        self.resident_after: dict[str, int] = {}  # resident size (KiB) when a phase last ended
+        self.capture_left = 0  # resident size (KiB) after the capture, once its freed heap is back with the OS
         self.overall = 0
         self.depth = 0
         self.targets = [(Q, "discover_groups", PHASES[0]), (Q, "collect_statistics", PHASES[1]),
@@ -76,7 +79,9 @@ class PhasePeaks:
                 if self.depth == 0:
                     peak = _rss_kib("VmHWM")
                     self.peaks[label] = max(self.peaks.get(label, 0), peak)
-                    self.resident_after[label] = _rss_kib("VmRSS")
+                    if label == PHASES[0]:
+                        self._trim_heap()  # as quantize_ does next: what stays, the OS cannot get back
+                        self.capture_left = _rss_kib("VmRSS")
                     self._boundary()
         return wrapped
 
@@ -116,7 +121,7 @@ def run_one(layers: int, mode: str, shape: str, tokens: int, batches: int) -> No
                "whitening_s": sum(g.whitening_time_s for g in report.groups),
                       "phase_peak_mib": {k: (v - before) / 1024 for k, v in phases.peaks.items()},
                       # what the graph capture left resident (Python's heap, not returned: see the README)
-                      "capture_left_mib": (phases.resident_after[PHASES[0]] - before) / 1024}))
+                      "capture_left_mib": (phases.capture_left - before) / 1024}))
 
 
 def measure(layers: int, mode: str, shape: str, tokens: int, batches: int) -> dict:

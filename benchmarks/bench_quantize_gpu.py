@@ -10,7 +10,7 @@ solved, and moves back. Reported: wall time, per-block time by part, and the pea
 so that an 8B model quantizes on a consumer GPU.
 
 The 70B figures are projections, not measurements: per block, the memory that scales with the
-block (its bf16 weights, its float32 ``S``, the solve's float64 factor of the widest ``S``) is
+block (its bf16 weights, its float32 ``S``, the solve's float32 factor of the widest ``S``) is
 scaled by the 70B / 8B ratio of those sizes, the cached activations by the width, and the time
 per block by the ratio of the block's weights (calibration forwards and the quantizer scale with
 them; the solve with the widest ``S``'s cube, reported apart).
@@ -46,13 +46,13 @@ SHAPES = {
 
 def block_sizes(shape: dict) -> dict:
     """Bytes of one block's bf16 weights, its groups' float32 ``S`` and the widest ``S``'s
-    float64 factor (what the solve holds), from the shape."""
+    float32 factor (what the solve holds), from the shape."""
     H, I, heads, kv = shape["hidden_size"], shape["intermediate_size"], shape["num_attention_heads"], \
         shape["num_key_value_heads"]
     d = H // heads
     weights = 2 * (H * H + 2 * H * kv * d + H * H + 3 * H * I)
     S = 4 * (3 * H * H + I * I)  # q/k/v, o and gate/up read H; down reads I
-    return {"weights": weights, "S": S, "factor": 8 * max(H, I) ** 2, "hidden": H, "widest": max(H, I)}
+    return {"weights": weights, "S": S, "factor": 4 * max(H, I) ** 2, "hidden": H, "widest": max(H, I)}
 
 
 def random_model(shape: dict, layers: int | None, dtype: torch.dtype, draw_on: str) -> torch.nn.Module:

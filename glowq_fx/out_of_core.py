@@ -28,7 +28,7 @@ from glowq_fx.checkpoint.quantized import DEFAULT_MAX_SHARD_SIZE, CheckpointWrit
 from glowq_fx.config import GlowQConfig, as_config
 from glowq_fx.data.lazy_model import LazyCheckpoint, release
 from glowq_fx.quantize import (blockwise_summary, model_bytes, plan_embeddings, quantize_blockwise,
-                               check_rank, quantize_embeddings, starts_with_bos)
+                               check_rank, quantize_embeddings, release_capture, starts_with_bos)
 from glowq_fx.quantize_experts import find_experts
 from glowq_fx.report import GroupReport, QuantizationReport
 from glowq_fx.selective.policy import attach_group
@@ -101,6 +101,7 @@ def quantize_checkpoint(directory: str | Path, out: str | Path, calibration: Ite
     bytes_before = model_bytes(model)
     batches = check_calibration(model, calibration)
     groups, skipped, breaks = _one_block_groups(model, blocks, batches, config, run)
+    release_capture()
     experts, _ = find_experts(model, config)
     if experts:
         raise ValueError(f"{type(model).__name__} has MoE experts ({next(iter(experts))}, ...), which quantizing from "

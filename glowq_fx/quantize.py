@@ -21,6 +21,7 @@ the report gives the rank each group got.
 """
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -58,6 +59,18 @@ def factor_dtype(config: GlowQConfig, model_dtype: torch.dtype) -> torch.dtype:
     if config.factor_dtype == "model" or (config.factor_dtype == "auto" and model_dtype != torch.float32):
         return model_dtype
     return torch.bfloat16 if config.factor_dtype == "auto" else getattr(torch, config.factor_dtype)
+
+
+def release_capture() -> None:
+    """Give back what the graph capture left: its traces (Dynamo's shape environment, fake tensors,
+    graphs: in size, about a layer's worth of Python objects per layer) are reference cycles that
+    only a full collection frees, and the generational collector may not run one before the first
+    block's peak; the second pass takes what the first one's finalizers released. Then the heap's
+    free pages go back to the OS."""
+    for _ in range(2):
+        if not gc.collect():
+            break
+    trim_heap()
 
 
 def check_rank(groups: Sequence[InputGroup], config: GlowQConfig) -> None:
@@ -410,7 +423,7 @@ def quantize_(
         model.eval()  # calibration statistics without dropout
         try:
             order, skipped, breaks = discover_groups(model, batches, config, groups, run)
-            trim_heap()  # what the graph capture freed
+            release_capture()
             experts, experts_skipped = find_experts(model, config)
             skipped = {**dict(skipped), **experts_skipped}
             if not order and not experts:

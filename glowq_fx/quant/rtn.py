@@ -60,7 +60,7 @@ class QuantizedWeight:
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         """``W_q`` (N, K) in ``dtype`` (default: the scales' dtype), padding removed."""
         g = self.group_size
-        w = self.codes.float().view(self.out_features, -1, g)  # one (N, K_pad) buffer, worked in place
+        w = self.codes.to(torch.float32, copy=True).view(self.out_features, -1, g)  # one buffer, worked in place
         w.sub_(self.zeros.float().unsqueeze(-1)).mul_(self.scales.float().unsqueeze(-1))
         w = w.view(self.out_features, -1)[:, : self.in_features]
         return w.to(dtype or self.dtype)

@@ -121,4 +121,4 @@ def test_block_sizes_of_the_8b_shape():
     sizes = bench.block_sizes(bench.SHAPES["8b"])
     # Llama-3-8B: 218.1M parameters per decoder layer in bf16; S of q/k/v, o, gate/up (4096) and down (14336)
     assert sizes["weights"] == 2 * (2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336) == 436_207_616
-    assert sizes["S"] == 4 * (3 * 4096**2 + 14336**2) and sizes["factor"] == 8 * 14336**2
+    assert sizes["S"] == 4 * (3 * 4096**2 + 14336**2) and sizes["factor"] == 4 * 14336**2

@@ -194,3 +194,30 @@ def test_a_block_with_a_forward_of_its_own_gets_it_back():
     layer.forward = own_forward
     quantize_(model, token_batches(1), GlowQConfig(group_size=32, rank=4), progress=False)
     assert layer.forward is own_forward and calls  # the block ran through it, block by block
+
+
+def test_the_capture_s_traces_are_collected_before_the_first_block(monkeypatch):
+    """The graph capture leaves its traces (Dynamo's shape environment, fake tensors) in reference
+    cycles, about a layer's worth of Python objects per layer; ``quantize_`` collects them before
+    the blocks start instead of carrying them through the first block's peak."""
+    import gc
+
+    from glowq_fx.calibration.blockwise import BlockwiseCalibration
+
+    def traces() -> int:  # other tests' compiled models may hold some of their own: counted before
+        return sum(type(o).__name__ in ("ShapeEnv", "FakeTensorMode") for o in gc.get_objects())
+
+    alive = []
+    init = BlockwiseCalibration.__init__
+
+    def counting(self, *args, **kwargs):
+        alive.append(traces())
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(BlockwiseCalibration, "__init__", counting)
+    model, batches = tiny_llama(), token_batches(2)
+    gc.collect()
+    gc.collect()
+    before = traces()
+    quantize_(model, batches, GlowQConfig(group_size=32, rank=4, calibration="blocks"), progress=False)
+    assert alive == [before]
