@@ -101,7 +101,7 @@ def quantize_checkpoint(directory: str | Path, out: str | Path, calibration: Ite
     bytes_before = model_bytes(model)
     batches = check_calibration(model, calibration)
     groups, skipped, breaks = _one_block_groups(model, blocks, batches, config, run)
-    release_capture()
+    release_capture(model)
     experts, _ = find_experts(model, config)
     if experts:
         raise ValueError(f"{type(model).__name__} has MoE experts ({next(iter(experts))}, ...), which quantizing from "

@@ -61,16 +61,22 @@ def factor_dtype(config: GlowQConfig, model_dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if config.factor_dtype == "auto" else getattr(torch, config.factor_dtype)
 
 
-def release_capture() -> None:
+def release_capture(model: nn.Module) -> None:
     """Give back what the graph capture left: its traces (Dynamo's shape environment, fake tensors,
     graphs: in size, about a layer's worth of Python objects per layer) are reference cycles that
     only a full collection frees, and the generational collector may not run one before the first
     block's peak; the second pass takes what the first one's finalizers released. Then the heap's
-    free pages go back to the OS."""
-    for _ in range(2):
-        if not gc.collect():
-            break
+    free pages go back to the OS. A full collection walks every Python object (0.2-1 s), so a model
+    under ``RELEASE_MIN_BYTES``, whose traces are a few MB and whose quantization takes seconds,
+    skips it."""
+    if model_bytes(model) >= RELEASE_MIN_BYTES:
+        for _ in range(2):
+            if not gc.collect():
+                break
     trim_heap()
+
+
+RELEASE_MIN_BYTES = 64 << 20
 
 
 def check_rank(groups: Sequence[InputGroup], config: GlowQConfig) -> None:
@@ -423,7 +429,7 @@ def quantize_(
         model.eval()  # calibration statistics without dropout
         try:
             order, skipped, breaks = discover_groups(model, batches, config, groups, run)
-            release_capture()
+            release_capture(model)
             experts, experts_skipped = find_experts(model, config)
             skipped = {**dict(skipped), **experts_skipped}
             if not order and not experts:

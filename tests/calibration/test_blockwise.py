@@ -199,7 +199,8 @@ def test_a_block_with_a_forward_of_its_own_gets_it_back():
 def test_the_capture_s_traces_are_collected_before_the_first_block(monkeypatch):
     """The graph capture leaves its traces (Dynamo's shape environment, fake tensors) in reference
     cycles, about a layer's worth of Python objects per layer; ``quantize_`` collects them before
-    the blocks start instead of carrying them through the first block's peak."""
+    the blocks start instead of carrying them through the first block's peak (for models of
+    ``RELEASE_MIN_BYTES`` or more: a full collection costs up to a second)."""
     import gc
 
     from glowq_fx.calibration.blockwise import BlockwiseCalibration
@@ -215,6 +216,7 @@ def test_the_capture_s_traces_are_collected_before_the_first_block(monkeypatch):
         init(self, *args, **kwargs)
 
     monkeypatch.setattr(BlockwiseCalibration, "__init__", counting)
+    monkeypatch.setattr("glowq_fx.quantize.RELEASE_MIN_BYTES", 0)  # a tiny model stands for a large one
     model, batches = tiny_llama(), token_batches(2)
     gc.collect()
     gc.collect()
