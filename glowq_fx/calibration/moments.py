@@ -13,6 +13,8 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor
 
+from glowq_fx._checks import all_finite
+
 _STATS_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -67,7 +69,7 @@ class SecondMoment:
                 "keep a group's input on one device"
             )
         t = tokens.to(self.dtype)
-        if not torch.isfinite(t.sum()) and not torch.isfinite(t).all():  # the mask only to tell an overflow apart
+        if not all_finite(t):
             raise ValueError(
                 f"{self.name}: activations contain NaN or Inf in calibration batch {self.n_batches}; "
                 "check the model in this dtype (try float32) or the calibration data"

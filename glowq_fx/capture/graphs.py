@@ -73,6 +73,7 @@ def capture_graphs(model: nn.Module, batch: object, run: Run = run_batch) -> tup
     # a fresh code object per capture (Dynamo caches per code object) and fresh globals (Dynamo
     # stores each compiled graph as a global of the captured function)
     entry = types.FunctionType(_call.__code__.replace(), dict(_call.__globals__), "glowq_capture")
+
     def no_guards_on_entry(guards):
         # the entry is called once, so its guards are never checked; torch never frees a guard tree
         # (not even on torch._dynamo.reset), and this one has a guard per parameter: about 0.7 MiB per

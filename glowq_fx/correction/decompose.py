@@ -16,8 +16,8 @@ the same optimum ``A B``: the solver takes the Cholesky factor ``L`` of the shru
 definite whenever ``shrinkage > 0``) and undoes it on ``B`` by a triangular solve, ``B L^{-1}``.
 That costs a fraction of the float64 eigendecomposition ``S^{1/2}`` needs (which dominated the
 solve: ``benchmarks/results/blockwise_memory.md``) and, factored in float32, an eighth of its
-memory. Without shrinkage
-(or for an ``S`` that is not positive definite) the clamped symmetric square root is used.
+memory. For an ``S`` that is not positive definite (possible only without shrinkage) the clamped
+symmetric square root is used.
 
 The QR-reduced randomized SVD: ``E_cat = Q_e R_e`` (thin QR, only when m > d_in), the
 randomized SVD runs on ``M' = R_e S^{1/2}`` (d_in x d_in) and ``U = Q_e U'`` lifts it back.
@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from glowq_fx._checks import all_finite
 from glowq_fx.config import METHODS
 
 EIG_FLOOR = 1e-8  # eigenvalues of S clamped at this fraction of the largest (numerical only;
@@ -218,9 +219,7 @@ def _check_group(errors: Sequence[Tensor], S: Tensor, rank: int) -> int:
             raise ValueError(f"member {i} has dtype {E.dtype} but member 0 has {errors[0].dtype}")
     if S.shape != (d, d):
         raise ValueError(f"S must be ({d}, {d}) for members with in_features {d}, got {tuple(S.shape)}")
-    # any NaN/Inf makes the sum non-finite (so does an overflow, which the mask then tells apart):
-    # no d x d mask for the usual S
-    if not torch.isfinite(S.sum()) and not torch.isfinite(S).all():
+    if not all_finite(S):
         raise ValueError("S contains NaN or Inf; the calibration activations were not finite")
     if not isinstance(rank, int) or rank < 0:
         raise ValueError(f"rank must be a non-negative int, got {rank!r}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from glowq_fx._checks import all_finite
 from glowq_fx.quant.rtn import (
     QuantizedWeight,
     check_bits,
@@ -52,7 +53,7 @@ def quantize_gptq(
     N, K = W.shape
     if S.shape != (K, K):
         raise ValueError(f"S must be ({K}, {K}) for a weight with {K} input columns, got {tuple(S.shape)}")
-    if not torch.isfinite(S.sum()) and not torch.isfinite(S).all():  # the d x d mask only to tell an overflow apart
+    if not all_finite(S):
         raise ValueError("S contains NaN or Inf; the calibration activations were not finite")
     g, n_groups = group_geometry(K, group_size)
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from glowq_fx._checks import all_finite
 from glowq_fx.config import BITS, EMBEDDING_BITS, GROUP_SIZES
 
 
@@ -138,8 +139,7 @@ def check_weight(W: Tensor) -> None:
         raise ValueError(f"expected a 2-D weight (out_features, in_features), got shape {tuple(W.shape)}")
     if not W.is_floating_point():
         raise ValueError(f"expected a floating-point weight, got dtype {W.dtype}")
-    # a NaN/Inf makes the sum non-finite (an overflow too, which the mask then tells apart)
-    if not torch.isfinite(W.sum()) and not torch.isfinite(W).all():
+    if not all_finite(W):
         raise ValueError("the weight contains NaN or Inf; quantize a finite weight")
 
 
