@@ -429,7 +429,8 @@ def quantize_(
         model.eval()  # calibration statistics without dropout
         try:
             order, skipped, breaks = discover_groups(model, batches, config, groups, run)
-            release_capture(model)
+            if groups is None:  # a graph was captured (given groups need none)
+                release_capture(model)
             experts, experts_skipped = find_experts(model, config)
             skipped = {**dict(skipped), **experts_skipped}
             if not order and not experts:
