@@ -117,7 +117,8 @@ def main(argv=None) -> int:
     activations = calib.get("activation_bytes", 0)
     row = {"shape": "8B" if not args.tiny else "tiny", "layers": n, "samples": args.samples, "seq_len": args.seq_len,
            "rank": args.rank, "build_s": built_s, "wall_s": wall, "per_block": per_block,
-           # the graph capture and the first block's inputs run the model where it is (the CPU)
+           # the recording pass (the model where it is, its blocks stubbed), the captures (each block's on the
+           # GPU), the first block's inputs
            "outside_blocks_s": wall - n * (per_block["forwards_s"] + per_block["quantizer_s"] + per_block["solve_s"]),
            "peak_gpu_bytes": peak, "activation_bytes": activations, "activations_on": calib.get("activations"),
            "block_sizes": measured, "dtype": str(dtype).removeprefix("torch."), "group_size": group_size,
@@ -162,7 +163,8 @@ def write(meta: dict, out: Path) -> None:
                      f"{gib(r['projection_70b']['peak_gpu_bytes'])} |")
         lines += ["", f"Projection: {r['projection_70b']['how']}."]
     lines += ["", f"Cached block inputs: {gib(r['activation_bytes'])} GiB on {r['activations_on']}. Outside the blocks "
-              f"(the graph capture, which runs the model where it is, and the first block's inputs): "
+              f"(the recording pass and the capture outside the blocks, run where the model is; each block's "
+              f"capture; the first block's inputs): "
               f"{r['outside_blocks_s']:.0f} s."]
     (out / "quantize_gpu.md").write_text("\n".join(lines) + "\n")
 

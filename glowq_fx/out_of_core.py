@@ -2,9 +2,9 @@
 quantized checkpoint, one block in memory at a time.
 
 The float model is built without its weights (``data.lazy_model``); what lies outside the blocks
-(embeddings, final norm, head) is read onto the CPU; the groups are found on a one-block view
-of the model (every block is of one class, so its groups repeat); then block by block
-(``calibration.blockwise``) each block is read from the safetensors onto the compute device,
+(embeddings, final norm, head) is read onto the CPU, and the groups there are found on the
+model's graph with its blocks stubbed; then block by block (``calibration.blockwise``) each block
+is read from the safetensors onto the compute device, its groups found on its own graph,
 calibrated, quantized and corrected, written into the output shards (``checkpoint.CheckpointWriter``)
 and released. At any time memory holds the outside weights, one block, its ``S`` and the cached
 block inputs. The result loads with ``load_quantized`` and equals ``quantize_`` of the same model
@@ -17,47 +17,19 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from glowq_fx._devices import check_device
 from glowq_fx.calibration.blockwise import BlockwiseCalibration, BlockwiseUnsupported
-from glowq_fx.calibration.calibrate import discover_groups
-from glowq_fx.capture.blocks import Blocks, assign_groups, find_blocks
+from glowq_fx.capture.blocks import find_blocks
 from glowq_fx.capture.run import Run, check_calibration, check_model, run_batch
 from glowq_fx.checkpoint.quantized import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter
 from glowq_fx.config import GlowQConfig, as_config
 from glowq_fx.data.lazy_model import LazyCheckpoint, release
-from glowq_fx.quantize import (blockwise_summary, model_bytes, plan_embeddings, quantize_blockwise,
-                               check_rank, quantize_embeddings, release_capture, starts_with_bos)
+from glowq_fx.quantize import (blockwise_summary, model_bytes, nothing_left, plan_embeddings, quantize_blockwise,
+                               quantize_embeddings, starts_with_bos)
 from glowq_fx.quantize_experts import find_experts
 from glowq_fx.report import GroupReport, QuantizationReport
 from glowq_fx.selective.policy import attach_group
-from passes.groups import InputGroup, group_name
-
-
-def _one_block_groups(model: nn.Module, blocks: Blocks, batches: list, config: GlowQConfig, run: Run):
-    """Groups found on the model with its first block only, repeated for every block."""
-    parent_name, _, attr = blocks.container.rpartition(".")
-    parent, container = model.get_submodule(parent_name), model.get_submodule(blocks.container)
-    setattr(parent, attr, type(container)([container[0]]))
-    try:
-        found, skipped, breaks = discover_groups(model, batches, config, None, run)
-    finally:
-        setattr(parent, attr, container)
-    first = blocks.names[0] + "."
-    groups: list[InputGroup] = []
-    for g in found:
-        if not all(m.startswith(first) for m in g.members):
-            groups.append(g)  # outside the blocks
-            continue
-        for name in blocks.names:
-            members = tuple(name + "." + m[len(first):] for m in g.members)
-            groups.append(InputGroup(group_name(members), members, g.in_features, g.out_features))
-    every_block = {}
-    for k, why in skipped.items():
-        for name in (blocks.names if k.startswith(first) else [None]):
-            every_block[k if name is None else name + "." + k[len(first):]] = why
-    return groups, every_block, breaks
 
 
 def quantize_checkpoint(directory: str | Path, out: str | Path, calibration: Iterable[object],
@@ -95,27 +67,24 @@ def quantize_checkpoint(directory: str | Path, out: str | Path, calibration: Ite
                          "from_pretrained and call quantize_")
     home = torch.device("cpu")
     lazy.load(home, exclude=blocks.names)  # embeddings, final norm, head
-    lazy.load(home, [blocks.names[0]])  # for the groups and the shape of a block's output
+    lazy.load(home, [blocks.names[0]])  # for the shape of a block's output
     check_model(model)
     tables = plan_embeddings(model, config)
     bytes_before = model_bytes(model)
     batches = check_calibration(model, calibration)
-    groups, skipped, breaks = _one_block_groups(model, blocks, batches, config, run)
-    release_capture(model)
     experts, _ = find_experts(model, config)
     if experts:
         raise ValueError(f"{type(model).__name__} has MoE experts ({next(iter(experts))}, ...), which quantizing from "
                          "disk does not handle yet: load the model and call quantize_ (calibration='blocks' keeps one "
                          "block's statistics at a time), or pass GlowQConfig(experts=False) to keep them in floating "
                          "point")
-    check_rank(groups, config)
-    groups_of, outside, _ = assign_groups(groups, blocks)
-    try:
-        blockwise = BlockwiseCalibration(model, blocks, batches, run, device, outside, stats_dtype=config.stats_dtype,
+    try:  # the groups outside the blocks from the model's graph with its blocks stubbed; each block's from its own
+        blockwise = BlockwiseCalibration(model, blocks, batches, run, device, None, stats_dtype=config.stats_dtype,
                                          block_inputs=config.block_inputs, activations=config.activations,
-                                         offload_dir=config.offload_dir)
+                                         offload_dir=config.offload_dir, find=config)
     except BlockwiseUnsupported as exc:
         raise ValueError(f"{type(model).__name__} cannot be quantized from disk block by block: {exc}") from None
+    groups_of: list = [None] * len(blocks.names)
     writer = CheckpointWriter(out, max_shard_size)
     rows: dict[str, GroupReport] = {}
     factors: dict[str, list] = {}
@@ -135,8 +104,11 @@ def quantize_checkpoint(directory: str | Path, out: str | Path, calibration: Ite
                                       before_block=load, after_block=write)
         for g in (*blockwise.head_groups, *blockwise.tail_groups):
             attach_group(model, rows[g.name], factors[g.name])
+        skipped, breaks = blockwise.skipped, blockwise.graph_breaks
         embeddings = quantize_embeddings(model, tables, config, skipped)
     order = [*blockwise.head_groups, *(g for gs in groups_of for g in gs), *blockwise.tail_groups]
+    if not order:
+        raise nothing_left(model, skipped)
     how = {**blockwise_summary(blockwise, groups_of, rows, config, device), "read_from": str(directory)}
     if (bos := starts_with_bos(model, batches)) is not None:
         how["windows_start_with_bos"] = bos

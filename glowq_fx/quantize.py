@@ -1,7 +1,9 @@
 """``quantize_(model, calibration, GlowQConfig())``: the one verb before ``torch.compile``.
 
 1. Capture the model's graph on the first calibration batch and find its input-sharing groups
-   (``capture.groups.find_groups``; no per-architecture config).
+   (``capture.groups.find_groups``; no per-architecture config). Block by block the whole model is
+   never traced: the part outside the blocks is captured with the blocks stubbed, and each block
+   on its own cached input at its turn (``BlockwiseCalibration.find_block_groups``).
 2. Run every calibration batch once, accumulating one ``S = E[x x^T]`` per group from a
    pre-hook on the group's first member. Activations are never kept: the extra memory is the
    groups' ``S`` (d_in^2 each) plus one group's work while it is quantized.
@@ -33,7 +35,7 @@ from glowq_fx._console import progress_bar
 from glowq_fx._devices import check_device
 from glowq_fx._heap import trim_heap
 from glowq_fx.calibration.blockwise import BlockwiseCalibration, BlockwiseUnsupported
-from glowq_fx.calibration.calibrate import Calibration, discover_groups
+from glowq_fx.calibration.calibrate import Calibration, check_given_groups, discover_groups
 from glowq_fx.calibration.collect import collect_statistics
 from glowq_fx.calibration.moments import GroupStatistics
 from glowq_fx.capture.blocks import Blocks, assign_groups, find_blocks
@@ -97,6 +99,18 @@ def check_rank(groups: Sequence[InputGroup], config: GlowQConfig) -> None:
              f"{m} x {d} error holds rank {min(m, d)} at most): those are capped to full rank, and their correction "
              f"stores more values than the weights it corrects; a rank below {useful} keeps every correction smaller "
              "than its weights")
+
+
+class RankCheck:
+    """``check_rank`` over groups found block by block: said once per group shape."""
+
+    def __init__(self, config: GlowQConfig):
+        self.config, self.seen = config, set()
+
+    def check(self, groups: Sequence[InputGroup]) -> None:
+        new = {(g.in_features, tuple(g.out_features)): g for g in groups}
+        check_rank([g for shape, g in new.items() if shape not in self.seen], self.config)
+        self.seen.update(new)
 
 
 def starts_with_bos(model: nn.Module, batches: Sequence[object]) -> bool | None:
@@ -302,23 +316,31 @@ def _block_label(blocks: Blocks, i: int, groups: Sequence[InputGroup]) -> str:
     return " ".join(g.name.removeprefix(prefix) for g in groups)
 
 
-def quantize_blockwise(model: nn.Module, blockwise: BlockwiseCalibration, groups_of: list[list[InputGroup]],
+def quantize_blockwise(model: nn.Module, blockwise: BlockwiseCalibration, groups_of: list[list[InputGroup] | None],
                        config: GlowQConfig, progress: bool, rows: dict, factors: dict, *,
                        before_block: Callable[[int], None] | None = None,
                        after_block: Callable[[int], None] | None = None,
                        experts_of: list[dict] | None = None, experts: ExpertsOutcome | None = None) -> int:
     """Every group, block by block (``calibration.blockwise``), filling ``rows`` and ``factors`` by
-    group name; ``before_block(i)`` / ``after_block(i)`` run around block ``i`` (load it, write it).
-    ``experts_of[i]``: block ``i``'s experts modules (name -> protocol), quantized with its groups
-    into ``experts``. Returns the tokens each ``S`` saw."""
+    group name; ``groups_of[i]``: block ``i``'s groups, or None: found from its own graph at its
+    turn (``BlockwiseCalibration.find_block_groups``; filled in). ``before_block(i)`` /
+    ``after_block(i)`` run around block ``i`` (load it, write it). ``experts_of[i]``: block ``i``'s
+    experts modules (name -> protocol), quantized with its groups into ``experts``. Returns the
+    tokens each ``S`` saw."""
     n_tokens = max((blockwise.head_stats[g.name].n_tokens for g in blockwise.head_groups), default=0)
     _quantize_groups(model, blockwise.head_groups, blockwise.head_stats, config, rows, factors)
+    ranked = RankCheck(config)  # the groups found here (given ones were checked by the caller)
+    if any(gs is None for gs in groups_of):
+        ranked.check([*blockwise.head_groups, *blockwise.tail_groups])
     bar = progress_bar(progress, f"blocks of {blockwise.blocks.container}", len(groups_of))(range(len(groups_of)))
     for i in bar:
-        if hasattr(bar, "set_postfix_str"):
-            bar.set_postfix_str(_block_label(blockwise.blocks, i, groups_of[i]))
         if before_block is not None:
             before_block(i)
+        if groups_of[i] is None:
+            groups_of[i] = blockwise.find_block_groups(i)
+            ranked.check(groups_of[i])
+        if hasattr(bar, "set_postfix_str"):
+            bar.set_postfix_str(_block_label(blockwise.blocks, i, groups_of[i]))
         block_experts = experts_of[i] if experts_of else {}
         stats = blockwise.block_statistics(i, groups_of[i], experts_statistics(model, block_experts, config))
         trim_heap()  # the block's forward temporaries
@@ -352,6 +374,29 @@ def blockwise_summary(blockwise: BlockwiseCalibration, groups_of: list[list[Inpu
             "activation_bytes": blockwise.needed_bytes, "device": str(device),
             "times": {**blockwise.times, "quantize_s": [sum(rows[g.name].quantize_time_s for g in gs) for gs in groups_of],
                       "solve_s": [sum(rows[g.name].solve_time_s for g in gs) for gs in groups_of]}}
+
+
+def nothing_left(model: nn.Module, skipped: dict[str, str]) -> ValueError:
+    return ValueError(f"nothing of {type(model).__name__} is left to quantize: "
+                      + "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:4]))
+
+
+def _blockwise(model: nn.Module, blocks: Blocks, batches: list, run: Run, device: torch.device,
+               given: list[InputGroup] | None, config: GlowQConfig) -> BlockwiseCalibration | None:
+    """The block-by-block calibration (the blocks' inputs recorded; without ``given`` groups, those
+    outside the blocks found from the model's graph with its blocks stubbed), or None where the
+    model cannot be calibrated so (said in a warning; an error with ``calibration="blocks"``)."""
+    outside = None if given is None else assign_groups(given, blocks)[1]
+    try:
+        return BlockwiseCalibration(model, blocks, batches, run, device, outside, stats_dtype=config.stats_dtype,
+                                    block_inputs=config.block_inputs, activations=config.activations,
+                                    offload_dir=config.offload_dir, find=config if given is None else None)
+    except BlockwiseUnsupported as exc:
+        if config.calibration == "blocks":
+            raise ValueError(f"calibration='blocks' is not possible for {type(model).__name__}: {exc}; "
+                             "use calibration='model'") from None
+        warn(f"calibrating {type(model).__name__} whole, not block by block: {exc}")
+        return None
 
 
 def quantize_(
@@ -428,53 +473,50 @@ def quantize_(
         was_training = model.training
         model.eval()  # calibration statistics without dropout
         try:
-            order, skipped, breaks = discover_groups(model, batches, config, groups, run)
-            if groups is None:  # a graph was captured (given groups need none)
-                release_capture(model)
             experts, experts_skipped = find_experts(model, config)
-            skipped = {**dict(skipped), **experts_skipped}
-            if not order and not experts:
-                raise ValueError(f"nothing of {type(model).__name__} is left to quantize: "
-                                 + "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:4]))
             unusual = {k: v for k, v in experts_skipped.items() if "cannot run" in v}
             if unusual:
                 warn(f"leaving {len(unusual)} modules with 3-D weights in floating point: "
                      + "; ".join(f"{k}: {v}" for k, v in list(unusual.items())[:2]))
-            check_rank(order, config)
+            given = None if groups is None else check_given_groups(model, groups)
             blockwise = None
             if blocks is not None:
                 experts_of, experts_outside = experts_by_block(experts, blocks)
                 if experts_outside and config.calibration == "blocks":
                     raise ValueError(f"the experts modules {experts_outside} lie outside the repeated blocks of "
                                      f"{blocks.container}; use calibration='model'")
-                groups_of, outside, split = assign_groups(order, blocks)
-                try:
-                    blockwise = BlockwiseCalibration(
-                        model, blocks, batches, run, device, outside, stats_dtype=config.stats_dtype,
-                        block_inputs=config.block_inputs, activations=config.activations,
-                        offload_dir=config.offload_dir)
-                except BlockwiseUnsupported as exc:
-                    if config.calibration == "blocks":
-                        raise ValueError(f"calibration='blocks' is not possible for {type(model).__name__}: {exc}; "
-                                         "use calibration='model'") from None
-                    warn(f"calibrating {type(model).__name__} whole, not block by block: {exc}")
-                if blockwise is not None and experts_outside:
+                if experts_outside:
                     warn(f"calibrating {type(model).__name__} whole, not block by block: the experts modules "
                          f"{experts_outside} lie outside its repeated blocks")
-                    blockwise.close()
-                    blockwise = None
+                else:
+                    blockwise = _blockwise(model, blocks, batches, run, device, given, config)
             if blockwise is not None:
+                # given groups are split by block; found ones come from each block's own graph at its turn
+                groups_of, split = [None] * len(blocks.names), []
+                if given is not None:
+                    check_rank(given, config)
+                    groups_of, _, split = assign_groups(given, blocks)
                 if split:
                     warn(f"{len(split)} input-sharing groups span several blocks of {blocks.container} "
                          f"({', '.join(split[:3])}{' ...' if len(split) > 3 else ''}); each is split into one group per "
                          "block, sharing B within the block only (GlowQConfig(calibration='model') keeps them whole)")
-                order = [g for part in ([blockwise.head_groups], groups_of, [blockwise.tail_groups]) for gs in part
-                         for g in gs]
                 with blockwise, torch.no_grad():
                     n_tokens = quantize_blockwise(model, blockwise, groups_of, config, progress, rows, factors,
                                                   experts_of=experts_of, experts=outcome)
+                order = [g for part in ([blockwise.head_groups], groups_of, [blockwise.tail_groups]) for gs in part
+                         for g in gs]
+                skipped, breaks = {**blockwise.skipped, **experts_skipped}, blockwise.graph_breaks
+                if not order and not experts:  # nothing was changed
+                    raise nothing_left(model, skipped)
                 how = blockwise_summary(blockwise, groups_of, rows, config, device)
             else:
+                order, skipped, breaks = discover_groups(model, batches, config, given, run)
+                if given is None:  # a graph was captured
+                    release_capture(model)
+                skipped = {**dict(skipped), **experts_skipped}
+                if not order and not experts:
+                    raise nothing_left(model, skipped)
+                check_rank(order, config)
                 stats = collect_statistics(model, order, batches, run, dtype=config.stats_dtype,
                                            progress=progress_bar(progress, "calibration", len(batches)),
                                            experts=experts_statistics(model, experts, config))

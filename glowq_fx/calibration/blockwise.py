@@ -36,7 +36,9 @@ from glowq_fx.calibration.activations import ActivationStore, choose_place, nbyt
 from glowq_fx.calibration.collect import StopForward, batch_mask, feeding, output_module
 from glowq_fx.calibration.moments import GroupStatistics
 from glowq_fx.capture.blocks import Blocks
-from glowq_fx.capture.run import Run
+from glowq_fx.capture.groups import GroupDiscovery, capture_groups, warn_discovery
+from glowq_fx.capture.run import Run, run_batch, run_sparing_logits
+from glowq_fx.config import GlowQConfig
 from passes.groups import InputGroup
 
 
@@ -107,15 +109,18 @@ class BlockwiseCalibration:
         batches: the calibration batches, as ``run`` takes them.
         run: ``run(model, batch)`` does one forward pass.
         device: where the blocks compute.
-        outside: the groups outside every block (calibrated in the recording or the tail pass).
+        outside: the groups outside every block (calibrated in the recording or the tail pass), or
+            None: found from the graph of the model with its blocks stubbed, with ``find``'s filters;
+            each block's groups then come from its own graph (``find_block_groups``).
+        find: the ``GlowQConfig`` whose filters the found groups follow (with ``outside=None``).
         stats_dtype: accumulation dtype of ``S``.
         block_inputs: ``"float"`` or ``"quantized"`` (``GlowQConfig.block_inputs``).
         activations, offload_dir: where the cached inputs live (``GlowQConfig.activations``).
     """
 
     def __init__(self, model: nn.Module, blocks: Blocks, batches: Sequence[object], run: Run, device: torch.device,
-                 outside: Sequence[InputGroup], *, stats_dtype: str = "float32", block_inputs: str = "float",
-                 activations: str = "auto", offload_dir: str | None = None):
+                 outside: Sequence[InputGroup] | None, *, stats_dtype: str = "float32", block_inputs: str = "float",
+                 activations: str = "auto", offload_dir: str | None = None, find: GlowQConfig | None = None):
         self.model, self.blocks, self.batches, self.run = model, blocks, list(batches), run
         self.device = torch.device(device)
         self.modules = [model.get_submodule(name) for name in blocks.names]
@@ -127,8 +132,17 @@ class BlockwiseCalibration:
         self.place: str | None = None
         self._stores: list[ActivationStore] = []
         self._outputs: ActivationStore | None = None
+        if outside is None and find is None:
+            raise ValueError("pass the groups outside the blocks (outside=) or the config to find them with (find=)")
+        self._find = find
+        self.skipped: dict[str, str] = {}  # what the found groups left out, why
+        self.graph_breaks: list[str] = []
+        self._warned: set = set()  # the warnings said (once for blocks that say the same)
         t0 = time.perf_counter()
         try:
+            self.template, self.stream_key = self._learn_output()
+            if outside is None:
+                outside = self._find_outside()
             self.head_stats, self.tail_groups, self.head_groups = self._record(outside)
         except BaseException:
             self.close()  # the stores opened so far (temporary files on disk)
@@ -140,7 +154,6 @@ class BlockwiseCalibration:
 
     # -- step 1 ----------------------------------------------------------------------------------
     def _record(self, outside: Sequence[InputGroup]):
-        self.template, self.stream_key = self._learn_output()
         modules = dict(self.model.named_modules())
         seen_after: dict[str, int] = {}  # outside group -> blocks run before it
         ran = [0]
@@ -224,6 +237,56 @@ class BlockwiseCalibration:
         if isinstance(out, (tuple, list)):
             out = type(out)([None, *out[1:]])  # keep the structure, not the activations
         return out, key
+
+    # -- the groups, from the graphs ------------------------------------------------------------
+    def _find_outside(self) -> list[InputGroup]:
+        """The groups outside every block, from the graph of the model run with its blocks stubbed
+        (no block computes). A stub returns a new tensor (its input times one), so that a linear
+        before the blocks and one after them read different producers, as in the model."""
+        def stub(i: int):
+            def forward(*args, **kwargs):
+                stream, _ = _stream_of(args, kwargs)
+                return _with_stream(self.template, stream * 1)
+            return forward
+
+        run = run_sparing_logits if self.run is run_batch else self.run
+        with _stubbed(self.modules, stub):
+            discovery = capture_groups(self.model, self.batches[0], self._find, run, whole=False)
+        self._keep(discovery, f"the forward pass of {type(self.model).__name__} outside its blocks", None)
+        return discovery.groups
+
+    def find_block_groups(self, i: int) -> list[InputGroup]:
+        """Block ``i``'s groups, from its own graph: the block is captured on its first cached batch
+        with its own recorded arguments, where it computes (it moves to the compute device). Its
+        warnings are said unless an earlier block said the same."""
+        module = self.modules[i].to(self.device)
+        rest, kwargs = self._stores[1][0][i]
+        key = self.stream_key
+
+        def call(_model: nn.Module, inputs: tuple) -> object:
+            stream, rest, kwargs = inputs
+            return module(stream, *rest, **kwargs) if key == 0 else module(*rest, hidden_states=stream, **kwargs)
+
+        discovery = capture_groups(self.model, (self._stores[0][0], rest, kwargs), self._find, call, whole=False)
+        name = self.blocks.names[i]
+        strays = [m for g in discovery.groups for m in g.members if self.blocks.index_of(m) != i]
+        if strays:
+            raise ValueError(f"{name} runs linears that are not its own ({', '.join(strays[:3])}), so its groups cannot "
+                             "be quantized with it; use GlowQConfig(calibration='model')")
+        self._keep(discovery, name, name + ".")
+        return discovery.groups
+
+    def _keep(self, discovery: GroupDiscovery, what: str, prefix: str | None) -> None:
+        """Record what a discovery skipped and its graph breaks, and say its warnings unless a block
+        said the same (names relative to the block: ``prefix``)."""
+        self.skipped.update(discovery.skipped)
+        self.graph_breaks += [b for b in discovery.graph_breaks if b not in self.graph_breaks]
+        local = (lambda s: s.replace(prefix, "")) if prefix else (lambda s: s)
+        said = (discovery.capture_error, tuple(discovery.graph_breaks), tuple(map(local, discovery.from_hooks)),
+                tuple(sorted((local(k), local(v)) for k, v in discovery.skipped.items())))
+        if said not in self._warned:
+            self._warned.add(said)
+            warn_discovery(discovery, what)
 
     def _open_stores(self, stream: Tensor, extras: list) -> None:
         n = len(self.batches)

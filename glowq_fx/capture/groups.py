@@ -75,6 +75,7 @@ class GroupDiscovery:
         pieces: number of captured graph pieces (0 when the capture failed).
         from_hooks: modules grouped by forward hooks because no captured graph contained them.
         analysis: the graph analysis (None when the capture failed).
+        capture_error: why the capture failed (its exception), or None.
     """
 
     groups: list[InputGroup]
@@ -83,6 +84,7 @@ class GroupDiscovery:
     pieces: int = 0
     from_hooks: list[str] = field(default_factory=list)
     analysis: SharingAnalysis | None = None
+    capture_error: str | None = None
 
 
 def _names(items: list[str], limit: int = 3) -> str:
@@ -104,6 +106,21 @@ def find_groups(model: nn.Module, example_batch: object, config: GlowQConfig | N
     if run is run_batch:
         run = run_sparing_logits
     check_model(model)
+    discovery = capture_groups(model, example_batch, config, run, whole=True)
+    warn_discovery(discovery, f"the forward pass of {type(model).__name__}")
+    experts = any(p.dim() == 3 for m in model.modules() if not isinstance(m, nn.modules.conv._ConvNd)
+                  for p in m.parameters(recurse=False))
+    if not discovery.groups and not experts:  # MoE experts alone are quantized by quantize_experts
+        raise ValueError(f"no linear layer of {type(model).__name__} is left to quantize: "
+                         f"{_names([f'{k} ({v})' for k, v in discovery.skipped.items()])}")
+    return discovery
+
+
+def capture_groups(model: nn.Module, example_batch: object, config: GlowQConfig, run: Run, *,
+                   whole: bool = True) -> GroupDiscovery:
+    """``find_groups`` without its checks and warnings (``warn_discovery`` says them). Not ``whole``:
+    ``run`` runs a part of ``model`` (one block, or the model with its blocks stubbed), where no
+    linear may run; the names stay the model's."""
     filter = group_filter(model, config)
     modules = dict(model.named_modules())
     discovery = GroupDiscovery(groups=[])
@@ -115,16 +132,10 @@ def find_groups(model: nn.Module, example_batch: object, config: GlowQConfig | N
             discovery.groups = list(discovery.analysis.groups)
             discovery.skipped.update(discovery.analysis.skipped)
     except Exception as exc:  # any capture failure; a real model error resurfaces in the eager pass below
-        warn(f"capturing the graph of {type(model).__name__} failed ({type(exc).__name__}: "
-              f"{str(exc).splitlines()[0] if str(exc) else ''}); falling back to forward hooks, which group "
-              "linears only when they receive the very same tensor (not through views or casts)")
-    if discovery.graph_breaks:
-        warn(f"the forward pass of {type(model).__name__} captured as {discovery.pieces} graphs; graph breaks: "
-              f"{'; '.join(discovery.graph_breaks)}. Groups were stitched across the breaks through the tensors "
-              "passed between the pieces; remove the break (e.g. data-dependent control flow) to compile one graph")
+        discovery.capture_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
     # which linear-like modules really ran, and how hooks would group them
-    hook_groups = input_sharing_groups(model, lambda m: run(m, example_batch))
+    hook_groups = input_sharing_groups(model, lambda m: run(m, example_batch), some_must_run=whole)
     ran = {m for g in hook_groups for m in g.members}
     grouped = {m for g in discovery.groups for m in g.members}
     owners = parameter_owners(model)
@@ -139,19 +150,27 @@ def find_groups(model: nn.Module, example_batch: object, config: GlowQConfig | N
         else:
             missing.append(name)
     if missing:
-        warn(f"{len(missing)} linears ran but are in no captured graph ({_names(missing)}); grouped by forward "
-              "hooks instead")
         discovery.groups += [g.subset(m for m in g.members if m in missing) for g in hook_groups
                              if any(m in missing for m in g.members)]
         discovery.from_hooks = missing
     _check_members(model, discovery)
-    _warn_skipped(model, discovery)
-    experts = any(p.dim() == 3 for m in model.modules() if not isinstance(m, nn.modules.conv._ConvNd)
-                  for p in m.parameters(recurse=False))
-    if not discovery.groups and not experts:  # MoE experts alone are quantized by quantize_experts
-        raise ValueError(f"no linear layer of {type(model).__name__} is left to quantize: "
-                         f"{_names([f'{k} ({v})' for k, v in discovery.skipped.items()])}")
     return discovery
+
+
+def warn_discovery(discovery: GroupDiscovery, what: str) -> None:
+    """The warnings of a discovery: a failed capture, graph breaks, linears grouped by hooks, unusual
+    skips (``what``: whose forward was captured, for the messages)."""
+    if discovery.capture_error is not None:
+        warn(f"capturing the graph of {what} failed ({discovery.capture_error}); falling back to forward hooks, "
+             "which group linears only when they receive the very same tensor (not through views or casts)")
+    if discovery.graph_breaks:
+        warn(f"{what} captured as {discovery.pieces} graphs; graph breaks: {'; '.join(discovery.graph_breaks)}. "
+             "Groups were stitched across the breaks through the tensors passed between the pieces; remove the break "
+             "(e.g. data-dependent control flow) to compile one graph")
+    if discovery.from_hooks:
+        warn(f"{len(discovery.from_hooks)} linears ran but are in no captured graph ({_names(discovery.from_hooks)}); "
+             "grouped by forward hooks instead")
+    _warn_skipped(discovery)
 
 
 def _check_members(model: nn.Module, discovery: GroupDiscovery) -> None:
@@ -181,7 +200,7 @@ def check_one_dtype(group: InputGroup, modules: Mapping[str, nn.Module]) -> None
                          "cast the model to one dtype, e.g. model.to(torch.bfloat16)")
 
 
-def _warn_skipped(model: nn.Module, discovery: GroupDiscovery) -> None:
+def _warn_skipped(discovery: GroupDiscovery) -> None:
     """One warning per kind of unusual skip (expected ones, like the output head, are logged)."""
     unusual = {k: v for k, v in discovery.skipped.items()  # experts: quantize_experts takes them on their own
                if "output head" not in v and "tied to the embedding" not in v and "pattern" not in v

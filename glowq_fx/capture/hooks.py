@@ -41,11 +41,13 @@ class TensorKeys:
         return k
 
 
-def input_sharing_groups(model: nn.Module, run: Callable[[nn.Module], object]) -> list[InputGroup]:
+def input_sharing_groups(model: nn.Module, run: Callable[[nn.Module], object], *,
+                         some_must_run: bool = True) -> list[InputGroup]:
     """Run ``run(model)`` once and group the linears (``nn.Linear``, transformers ``Conv1D``) by
     the input tensor object they received.
 
-    Raises ``ValueError`` when the model has no linear layers or none of them ran.
+    Raises ``ValueError`` when the model has no linear layers or, with ``some_must_run`` (else no
+    groups), none of them ran (``run`` may run a part of the model).
     """
     shapes = {name: linear_weight(m).shape for name, m in model.named_modules() if linear_weight(m) is not None}
     linears = {name: m for name, m in model.named_modules() if name in shapes}
@@ -66,7 +68,7 @@ def input_sharing_groups(model: nn.Module, run: Callable[[nn.Module], object]) -
     finally:
         for h in handles:
             h.remove()
-    if not by_input:
+    if not by_input and some_must_run:
         raise ValueError("no nn.Linear ran during the forward pass; check the example input")
     inputs_of: dict[str, int] = {}
     for names in by_input.values():

@@ -196,30 +196,172 @@ def test_a_block_with_a_forward_of_its_own_gets_it_back():
     assert layer.forward is own_forward and calls  # the block ran through it, block by block
 
 
-def test_the_capture_s_traces_are_collected_before_the_first_block(monkeypatch):
-    """The graph capture leaves its traces (Dynamo's shape environment, fake tensors) in reference
-    cycles, about a layer's worth of Python objects per layer; ``quantize_`` collects them before
-    the blocks start instead of carrying them through the first block's peak (for models of
-    ``RELEASE_MIN_BYTES`` or more: a full collection costs up to a second)."""
+def test_the_whole_model_capture_s_traces_are_collected_before_the_statistics(monkeypatch):
+    """Calibrated whole, the graph capture leaves its traces (Dynamo's shape environment, fake
+    tensors) in reference cycles, about a layer's worth of Python objects per layer; ``quantize_``
+    collects them before the statistics' forwards instead of carrying them through their peak (for
+    models of ``RELEASE_MIN_BYTES`` or more: a full collection costs up to a second)."""
     import gc
 
-    from glowq_fx.calibration.blockwise import BlockwiseCalibration
+    import glowq_fx.quantize as quantize_module
 
     def traces() -> int:  # other tests' compiled models may hold some of their own: counted before
         return sum(type(o).__name__ in ("ShapeEnv", "FakeTensorMode") for o in gc.get_objects())
 
     alive = []
-    init = BlockwiseCalibration.__init__
+    collect = quantize_module.collect_statistics
 
-    def counting(self, *args, **kwargs):
+    def counting(*args, **kwargs):
         alive.append(traces())
-        init(self, *args, **kwargs)
+        return collect(*args, **kwargs)
 
-    monkeypatch.setattr(BlockwiseCalibration, "__init__", counting)
-    monkeypatch.setattr("glowq_fx.quantize.RELEASE_MIN_BYTES", 0)  # a tiny model stands for a large one
+    monkeypatch.setattr(quantize_module, "collect_statistics", counting)
+    monkeypatch.setattr(quantize_module, "RELEASE_MIN_BYTES", 0)  # a tiny model stands for a large one
     model, batches = tiny_llama(), token_batches(2)
     gc.collect()
     gc.collect()
     before = traces()
-    quantize_(model, batches, GlowQConfig(group_size=32, rank=4, calibration="blocks"), progress=False)
+    quantize_(model, batches, GlowQConfig(group_size=32, rank=4, calibration="model"), progress=False)
     assert alive == [before]
+
+
+def _block_of(model, blocks):
+    """``id(parameter)`` -> index of the block holding it."""
+    return {id(p): i for i, name in enumerate(blocks) for p in model.get_submodule(name).parameters()}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "falcon"])
+def test_block_by_block_each_capture_traces_one_block_and_the_rest_none(arch, gen, monkeypatch):
+    """Block by block the model is never traced whole: the part outside the blocks is captured with
+    the blocks stubbed, then each block on its own cached input, at its turn (what the capture
+    costs stays one block's, at any depth)."""
+    import glowq_fx.capture.groups as groups_module
+
+    torch.manual_seed(0)
+    model = ARCHS[arch][0]().eval()
+    from glowq_fx.capture.blocks import find_blocks
+
+    blocks = find_blocks(model)
+    block_of = _block_of(model, blocks.names)
+    traced = []
+    capture = groups_module.capture_graphs
+
+    def spy(*args, **kwargs):
+        pieces, breaks = capture(*args, **kwargs)
+        traced.append({block_of[id(t)] for p in pieces for t in p.example_inputs if id(t) in block_of})
+        return pieces, breaks
+
+    monkeypatch.setattr(groups_module, "capture_graphs", spy)
+    batches = [{"input_ids": torch.randint(0, V, (2, 12), generator=gen)}]
+    report = quantize_(model, batches, GlowQConfig(group_size=32, rank=4), progress=False)
+    assert report.calibration["mode"] == "blocks"
+    assert traced == [set()] + [{i} for i in range(len(blocks.names))]
+
+
+class Alternating(nn.Module):
+    """Blocks of one class whose data flow differs by position: in odd blocks ``v`` reads the block
+    input itself, not its normalised copy (as layers that share or skip parts do)."""
+
+    class Block(nn.Module):
+        def __init__(self, odd: bool):
+            super().__init__()
+            self.odd = odd
+            self.norm = nn.LayerNorm(32)
+            self.q, self.k, self.v = (nn.Linear(32, 32) for _ in range(3))
+
+        def forward(self, x):
+            h = self.norm(x)
+            return x + self.q(h) * self.k(h) + self.v(x if self.odd else h)
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(V, 32)
+        self.blocks = nn.ModuleList(self.Block(i % 2 == 1) for i in range(4))
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_blocks_of_one_class_with_their_own_data_flow_get_their_own_groups(gen):
+    """Each block's groups come from its own graph, not from block 0's repeated: the odd blocks'
+    ``v`` reads another input, so it is a group of its own there, as the whole-model capture says."""
+    batches = [torch.randint(0, V, (2, 8), generator=gen) for _ in range(2)]
+    whole, r_whole, blocks, r_blocks = _both(Alternating().eval(), batches)
+    members = [g.members for g in r_blocks.groups]
+    assert members == [g.members for g in r_whole.groups]
+    assert ("blocks.0.q", "blocks.0.k", "blocks.0.v") in members
+    assert ("blocks.1.q", "blocks.1.k") in members and ("blocks.1.v",) in members
+    _assert_same_model(whole, blocks)
+
+
+class SharedAcross(nn.Module):
+    """Blocks that call one linear module, registered in each, and one of their own."""
+
+    class Block(nn.Module):
+        def __init__(self, shared):
+            super().__init__()
+            self.own, self.shared = nn.Linear(32, 32), shared
+
+        def forward(self, x):
+            return x + self.shared(self.own(x))
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(V, 32)
+        shared = nn.Linear(32, 32)
+        self.blocks = nn.ModuleList(self.Block(shared) for _ in range(2))
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_a_linear_shared_between_blocks_stays_in_floating_point_in_its_every_block(gen):
+    """Its graph names it under both blocks: quantizing it in one would untie it, as the whole-model
+    pass says too."""
+    batches = [torch.randint(0, V, (2, 8), generator=gen) for _ in range(2)]
+    whole, r_whole, blocks, r_blocks = _both(SharedAcross().eval(), batches)
+    assert [g.members for g in r_blocks.groups] == [g.members for g in r_whole.groups] == [("blocks.0.own",),
+                                                                                          ("blocks.1.own",)]
+    assert "untie" in r_blocks.skipped["blocks.0.shared"] and "untie" in r_whole.skipped["blocks.0.shared"]
+    assert isinstance(blocks.blocks[1].shared, nn.Linear) and blocks.blocks[0].shared is blocks.blocks[1].shared
+    _assert_same_model(whole, blocks)
+
+
+class Breaking(nn.Module):
+    """Every block breaks Dynamo's graph once, between its two linears."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = nn.Linear(32, 64), nn.Linear(64, 32)
+
+        def forward(self, x):
+            y = self.up(x)
+            torch._dynamo.graph_break()
+            return x + self.down(torch.relu(y))
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(V, 32)
+        self.blocks = nn.ModuleList(self.Block() for _ in range(3))
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_blocks_that_say_the_same_warn_once(gen, recwarn):
+    batches = [torch.randint(0, V, (2, 8), generator=gen)]
+    report = quantize_(Breaking().eval(), batches, GlowQConfig(group_size=32, rank=4), progress=False)
+    assert report.calibration["mode"] == "blocks" and len(report.groups) == 6
+    said = [str(w.message) for w in recwarn if "graph breaks" in str(w.message)]
+    assert len(said) == 1 and said[0].startswith("blocks.0 captured as 2 graphs"), said
+    assert report.graph_breaks
