@@ -50,7 +50,8 @@ class GlowQConfig:
         rank: rank ``r`` of the correction (of the shared ``B`` for GlowQ, of each member for
             the independent methods).
         shrinkage: ``a`` in ``S <- (1 - a) S + a tr(S)/d I``.
-        svd: ``"randomized"`` (QR-reduced randomized SVD) or ``"exact"``.
+        svd: ``"randomized"`` (randomized SVD of the stacked whitened error, sketched member by
+            member: ``correction.decompose``) or ``"exact"``.
         oversample, power_iters: randomized-SVD sketch width ``r + oversample`` and the number
             of re-orthonormalized power iterations. ``oversample=None`` means ``r // 2 + 10``
             (see ``correction.decompose.solve``); the paper's setting is ``oversample=10``.

@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from glowq_fx._heap import trim_heap
 from glowq_fx.calibration.activations import ActivationStore, choose_place, nbytes
 from glowq_fx.calibration.collect import StopForward, batch_mask, feeding, output_module
 from glowq_fx.calibration.moments import GroupStatistics
@@ -143,6 +144,7 @@ class BlockwiseCalibration:
             self.template, self.stream_key = self._learn_output()
             if outside is None:
                 outside = self._find_outside()
+            trim_heap()  # block 0's forward and the capture's temporaries, back before the cached inputs are made
             self.head_stats, self.tail_groups, self.head_groups = self._record(outside)
         except BaseException:
             self.close()  # the stores opened so far (temporary files on disk)
@@ -274,6 +276,7 @@ class BlockwiseCalibration:
             raise ValueError(f"{name} runs linears that are not its own ({', '.join(strays[:3])}), so its groups cannot "
                              "be quantized with it; use GlowQConfig(calibration='model')")
         self._keep(discovery, name, name + ".")
+        trim_heap()  # the capture's temporaries, back before the block's forwards allocate
         return discovery.groups
 
     def _keep(self, discovery: GroupDiscovery, what: str, prefix: str | None) -> None:

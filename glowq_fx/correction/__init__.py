@@ -1,2 +1,2 @@
-"""Stage 4: the low-rank correction solvers (``decompose``: whitening, QR-reduced randomized SVD,
-shared and independent solves)."""
+"""Stage 4: the low-rank correction solvers (``decompose``: whitening, randomized SVD by member
+products, shared and independent solves)."""

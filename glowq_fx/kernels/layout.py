@@ -87,8 +87,12 @@ def pack(qw: QuantizedWeight) -> PackedW4:
                          f"{CODES_PER_WORD} fits the packed words only as a single group")
     if codes.max() > 15:
         raise ValueError("codes exceed 4 bits (max 15)")
-    q = codes.to(torch.int32).T.reshape(K_pad // CODES_PER_WORD, CODES_PER_WORD, N)
-    words = (q << _shifts(q.device)).sum(dim=1, dtype=torch.int64)
+    q = codes.T.reshape(K_pad // CODES_PER_WORD, CODES_PER_WORD, N)  # uint8, word-major
+    # one nibble position at a time: temporaries of one word per code group, not eight (a
+    # (K/8, 8, N) int32 product took four times the float weight's size at the group's peak)
+    words = torch.zeros(K_pad // CODES_PER_WORD, N, dtype=torch.int64, device=codes.device)
+    for j in range(CODES_PER_WORD):
+        words.bitwise_or_(q[:, j].to(torch.int64).bitwise_left_shift_(4 * j))
     # wrap into int32 two's complement (code 15 in the top nibble sets the sign bit)
     words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
     return PackedW4(

@@ -122,3 +122,17 @@ def test_block_sizes_of_the_8b_shape():
     # Llama-3-8B: 218.1M parameters per decoder layer in bf16; S of q/k/v, o, gate/up (4096) and down (14336)
     assert sizes["weights"] == 2 * (2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336) == 436_207_616
     assert sizes["S"] == 4 * (3 * 4096**2 + 14336**2) and sizes["factor"] == 4 * 14336**2
+
+
+def test_decompose_benchmark_sets_the_solver_s_sketch_beside_the_paper_s_qr_reduced_one():
+    """Both sketch the same operator with the same seed: the same objective to rounding, and both
+    within a few percent of exact SVD's (which no randomized variant beats)."""
+    bench = _load("bench_decompose")
+    res = bench.run("cpu", rank=8, repeats=1, shrinkage=0.05, scale=32)
+    by = {(r["group"], r["variant"]): r for r in res["rows"]}
+    for group in bench.GROUPS:
+        ours = by[group, "randomized (ours)"]["objective_ratio"]
+        paper = by[group, "QR-reduced (paper's algorithm, our sketch)"]["objective_ratio"]
+        assert abs(ours - paper) < 1e-4 * ours, (group, ours, paper)
+        assert 1 - 1e-6 <= ours < 1.1
+    assert "| - | - |" in bench.to_markdown(res)

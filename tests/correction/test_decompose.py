@@ -231,9 +231,9 @@ def test_the_cholesky_factor_whitens_like_the_symmetric_root(gen):
     by_cholesky = solve("glowq", errors, S, 8, shrinkage=0.0, mode="exact", dtype=torch.float64)
     half, inv_half = whitening(S)
     symmetric = Whitening("symmetric", half, inv_half)
-    A, Bs, s = decompose.scaled_lowrank(torch.cat(errors), symmetric, 8, mode="exact", oversample=0, power_iters=0,
+    A, Bs, s = decompose.scaled_lowrank(errors, symmetric, 8, mode="exact", oversample=0, power_iters=0,
                                         generator=None)
-    torch.testing.assert_close(torch.cat(by_cholesky.A) @ by_cholesky.B[0], A @ Bs, rtol=1e-8, atol=1e-9)
+    torch.testing.assert_close(torch.cat(by_cholesky.A) @ by_cholesky.B[0], torch.cat(A) @ Bs, rtol=1e-8, atol=1e-9)
     torch.testing.assert_close(by_cholesky.report.singular_values[0].double(), s, rtol=1e-6, atol=1e-9)
 
 
@@ -313,3 +313,39 @@ def test_trim_heap_returns_freed_memory_where_the_c_library_can():
 
     assert trim_heap(TRIM_MIN_BYTES - 1) is False
     assert trim_heap(TRIM_MIN_BYTES) is glibc
+
+
+@pytest.mark.parametrize("rows", [(40, 24, 56), (12, 8)])  # a tall stack (the paper's QR-reduced case) and a wide one
+@pytest.mark.parametrize("kind", ["cholesky", "diagonal"])
+def test_the_member_by_member_sketch_equals_the_qr_reduced_algorithm(rows, kind, gen):
+    """The randomized SVD sketches ``E_cat H`` through member products, never forming ``E_cat``; the
+    paper's algorithm reduces a tall stack by its thin QR first (``E_cat = Q_e R_e``), sketches the
+    core ``R_e H`` and lifts ``U`` by ``Q_e``. Same sketch (same seed): the same ``A B`` to rounding,
+    and the same singular values."""
+    from glowq_fx.correction import decompose
+    from glowq_fx.correction.decompose import Whitening, factor_whitening, randomized_svd
+
+    d, rank, p, iters = 48, 6, 7, 1
+    S = shrink(anisotropic_second_moment(d, gen), 0.05)
+    whitened = (factor_whitening(S, torch.float64) if kind == "cholesky" else
+                Whitening("diagonal", S.diagonal().sqrt(), S.diagonal().rsqrt()))
+    errors = [torch.randn(m, d, generator=gen, dtype=torch.float64) for m in rows]
+    # the reference, as the paper writes it
+    E_cat = torch.cat(errors)
+    if E_cat.shape[0] > d:
+        Q_e, R_e = torch.linalg.qr(E_cat)
+    else:
+        Q_e, R_e = torch.eye(E_cat.shape[0], dtype=torch.float64), E_cat
+    U, s_ref, Vh = randomized_svd(whitened.scale(R_e), rank, oversample=p, power_iters=iters,
+                                  generator=torch.Generator().manual_seed(3))
+    U = Q_e @ U
+    AB_ref = (U * s_ref.sqrt()) @ whitened.unscale(s_ref.sqrt().unsqueeze(1) * Vh)
+    A, B, s = decompose.scaled_lowrank(errors, whitened, rank, mode="randomized", oversample=p, power_iters=iters,
+                                       generator=torch.Generator().manual_seed(3))
+    assert [a.shape[0] for a in A] == list(rows)
+    torch.testing.assert_close(s, s_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(torch.cat(A) @ B, AB_ref, rtol=1e-8, atol=1e-10)
+    # and a sketch this narrow is not the exact optimum: the identity is the algorithm's, not the rank's
+    exact_A, exact_B, _ = decompose.scaled_lowrank(errors, whitened, rank, mode="exact", oversample=0, power_iters=0,
+                                                   generator=None)
+    assert not torch.allclose(torch.cat(exact_A) @ exact_B, AB_ref, rtol=1e-6, atol=1e-8)
