@@ -41,7 +41,7 @@ from glowq_fx.calibration.moments import GroupStatistics
 from glowq_fx.capture.blocks import Blocks, assign_groups, find_blocks
 from glowq_fx.capture.run import Run, check_calibration, check_model, model_device, run_batch
 from glowq_fx.config import GlowQConfig, as_config
-from glowq_fx.correction.decompose import solve
+from glowq_fx.correction.decompose import solve, squared_norm
 from glowq_fx.errors import warn
 from glowq_fx.kernels.layout import pack
 from glowq_fx.capture.groups import output_head, tied_embedding
@@ -208,9 +208,8 @@ def _quantize_group(model: nn.Module, g: InputGroup, S: torch.Tensor,
         qws = [quantize_rtn(W, config.group_size, bits=config.bits, symmetric=config.symmetric) for W in Ws]
     errors = [quantization_error(W, qw) for W, qw in zip(Ws, qws)]
     quantize_time_s = time.perf_counter() - t_quant
-    # squared norms in float32 (float64 would copy each matrix twice)
-    err_sq = sum(float(torch.linalg.vector_norm(E)) ** 2 for E in errors)
-    w_sq = sum(float(torch.linalg.vector_norm(W, dtype=torch.float32)) ** 2 for W in Ws)
+    err_sq = sum(squared_norm(E) for E in errors)
+    w_sq = sum(squared_norm(W) for W in Ws)
     # the members are swapped for their (uncorrected) quantized modules before the solve: the
     # float weights are dead once the errors exist, and their memory serves the solve's
     code_bytes = scale_bytes = dense_bytes = 0

@@ -349,3 +349,15 @@ def test_the_member_by_member_sketch_equals_the_qr_reduced_algorithm(rows, kind,
     exact_A, exact_B, _ = decompose.scaled_lowrank(errors, whitened, rank, mode="exact", oversample=0, power_iters=0,
                                                    generator=None)
     assert not torch.allclose(torch.cat(exact_A) @ exact_B, AB_ref, rtol=1e-6, atol=1e-8)
+
+
+def test_squared_norms_are_summed_in_blocks_to_double_precision(gen):
+    """A single float32 reduction over tens of millions of values drifts (about 1% at an 8B
+    member's 58M); the reports' norms are summed per block of rows in double precision."""
+    from glowq_fx.correction.decompose import squared_norm
+
+    X = torch.randn(6000, 1000, generator=gen) * 1e-3
+    exact = float(torch.linalg.vector_norm(X.double())) ** 2
+    assert abs(squared_norm(X) / exact - 1) < 1e-5
+    assert abs(squared_norm(X.bfloat16()) / float(torch.linalg.vector_norm(X.bfloat16().double())) ** 2 - 1) < 1e-4
+    assert squared_norm(X[:3, :7]) == pytest.approx(float((X[:3, :7].double() ** 2).sum()), rel=1e-6)
