@@ -162,7 +162,7 @@ def to_markdown(res: dict) -> str:
     lines += [f"| {w['group']} | {w['d_in']} | {w['eigh_s']:.3f} | {w['factor_s']:.3f} | {w['kind']} | "
               f"{w['eigh_s'] / w['factor_s']:.1f}x |" for w in res.get("whitenings", [])]
     lines += ["", "core: the factorization given the whitening factor; solve: decompose.solve end to end "
-              "(the float64 factorization of S included, the same for every variant).",
+              "(the factorization of S and the error reports included, the same for every variant).",
               "objective: tr(D S_a D^T) with the shrunk S_a that the solver minimizes (exact SVD is "
               "optimal here); raw-S error: tr(D S D^T), what the output sees."]
     return "\n".join(lines) + "\n"

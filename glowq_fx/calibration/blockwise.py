@@ -9,8 +9,12 @@ elsewhere (CPU), its weights on the compute device:
    states, and the rest: masks, position embeddings, flags), per block, since they may differ
    (sliding-window layers get other masks). The stubs return their input (shaped like a real
    block's output, learned from running block 0 once), and the last one ends the pass. The
-   linears that run before the first block (outside every block) are calibrated here.
-2. Per block ``i``: the block moves to the compute device, runs on every batch's cached stream
+   linears that run before the first block (outside every block) are calibrated here. Unless
+   the caller gives the groups, those outside the blocks are found first, from the graph of the
+   model run with the same stubs (``capture.groups.capture_groups``).
+2. Per block ``i``: unless given, its groups are found from the graph of the block alone,
+   captured on its first cached batch with its own arguments (``find_block_groups``: the whole
+   model is never traced). The block moves to the compute device, runs on every batch's cached stream
    with its own recorded arguments while its groups' ``S`` accumulate (``block_statistics``);
    the caller quantizes it; ``advance`` makes the next block's stream from the outputs of the
    float block (``block_inputs="float"``, kept from step 2) or of the quantized block (rerun).
@@ -274,7 +278,8 @@ class BlockwiseCalibration:
         strays = [m for g in discovery.groups for m in g.members if self.blocks.index_of(m) != i]
         if strays:
             raise ValueError(f"{name} runs linears that are not its own ({', '.join(strays[:3])}), so its groups cannot "
-                             "be quantized with it; use GlowQConfig(calibration='model')")
+                             "be quantized with it (the blocks before it are quantized already): reload the model and "
+                             "use GlowQConfig(calibration='model')")
         self._keep(discovery, name, name + ".")
         trim_heap()  # the capture's temporaries, back before the block's forwards allocate
         return discovery.groups

@@ -365,3 +365,37 @@ def test_blocks_that_say_the_same_warn_once(gen, recwarn):
     said = [str(w.message) for w in recwarn if "graph breaks" in str(w.message)]
     assert len(said) == 1 and said[0].startswith("blocks.0 captured as 2 graphs"), said
     assert report.graph_breaks
+
+
+class Borrowing(nn.Module):
+    """Its blocks call a linear of the model's own, outside every block (held unregistered)."""
+
+    class Block(nn.Module):
+        def __init__(self, borrowed):
+            super().__init__()
+            self.own = nn.Linear(32, 32)
+            self.borrowed = [borrowed]  # a plain list: not a submodule of the block
+
+        def forward(self, x):
+            return x + self.borrowed[0](self.own(x))
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(V, 32)
+        self.proj = nn.Linear(32, 32)
+        self.blocks = nn.ModuleList(self.Block(self.proj) for _ in range(2))
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_a_block_that_runs_a_linear_not_its_own_is_named_with_the_fix(gen):
+    batches = [torch.randint(0, V, (2, 8), generator=gen)]
+    with pytest.raises(ValueError, match=r"blocks.0 runs linears that are not its own \(proj\).*calibration='model'"):
+        quantize_(Borrowing().eval(), batches, GlowQConfig(group_size=32, rank=4), progress=False)
+    report = quantize_(Borrowing().eval(), batches, GlowQConfig(group_size=32, rank=4, calibration="model"),
+                       progress=False)
+    assert "proj" in {m for g in report.groups for m in g.members}
