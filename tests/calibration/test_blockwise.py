@@ -258,7 +258,21 @@ def test_block_by_block_each_capture_traces_one_block_and_the_rest_none(arch, ge
     assert traced == [set()] + [{i} for i in range(len(blocks.names))]
 
 
-class Alternating(nn.Module):
+class Stacked(nn.Module):
+    """An embedding, then its blocks in turn (subclasses make ``self.blocks``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(V, 32)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+class Alternating(Stacked):
     """Blocks of one class whose data flow differs by position: in odd blocks ``v`` reads the block
     input itself, not its normalised copy (as layers that share or skip parts do)."""
 
@@ -275,14 +289,7 @@ class Alternating(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.embed = nn.Embedding(V, 32)
         self.blocks = nn.ModuleList(self.Block(i % 2 == 1) for i in range(4))
-
-    def forward(self, ids):
-        x = self.embed(ids)
-        for block in self.blocks:
-            x = block(x)
-        return x
 
 
 def test_blocks_of_one_class_with_their_own_data_flow_get_their_own_groups(gen):
@@ -297,7 +304,7 @@ def test_blocks_of_one_class_with_their_own_data_flow_get_their_own_groups(gen):
     _assert_same_model(whole, blocks)
 
 
-class SharedAcross(nn.Module):
+class SharedAcross(Stacked):
     """Blocks that call one linear module, registered in each, and one of their own."""
 
     class Block(nn.Module):
@@ -310,15 +317,8 @@ class SharedAcross(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.embed = nn.Embedding(V, 32)
         shared = nn.Linear(32, 32)
         self.blocks = nn.ModuleList(self.Block(shared) for _ in range(2))
-
-    def forward(self, ids):
-        x = self.embed(ids)
-        for block in self.blocks:
-            x = block(x)
-        return x
 
 
 def test_a_linear_shared_between_blocks_stays_in_floating_point_in_its_every_block(gen):
@@ -333,7 +333,7 @@ def test_a_linear_shared_between_blocks_stays_in_floating_point_in_its_every_blo
     _assert_same_model(whole, blocks)
 
 
-class Breaking(nn.Module):
+class Breaking(Stacked):
     """Every block breaks Dynamo's graph once, between its two linears."""
 
     class Block(nn.Module):
@@ -348,14 +348,7 @@ class Breaking(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.embed = nn.Embedding(V, 32)
         self.blocks = nn.ModuleList(self.Block() for _ in range(3))
-
-    def forward(self, ids):
-        x = self.embed(ids)
-        for block in self.blocks:
-            x = block(x)
-        return x
 
 
 def test_blocks_that_say_the_same_warn_once(gen, recwarn):
@@ -367,7 +360,7 @@ def test_blocks_that_say_the_same_warn_once(gen, recwarn):
     assert report.graph_breaks
 
 
-class Borrowing(nn.Module):
+class Borrowing(Stacked):
     """Its blocks call a linear of the model's own, outside every block (held unregistered)."""
 
     class Block(nn.Module):
@@ -381,15 +374,8 @@ class Borrowing(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.embed = nn.Embedding(V, 32)
         self.proj = nn.Linear(32, 32)
         self.blocks = nn.ModuleList(self.Block(self.proj) for _ in range(2))
-
-    def forward(self, ids):
-        x = self.embed(ids)
-        for block in self.blocks:
-            x = block(x)
-        return x
 
 
 def test_a_block_that_runs_a_linear_not_its_own_is_named_with_the_fix(gen):
