@@ -376,6 +376,7 @@ def blockwise_summary(blockwise: BlockwiseCalibration, groups_of: list[list[Inpu
 
 
 def nothing_left(model: nn.Module, skipped: dict[str, str]) -> ValueError:
+    """The error for a model none of whose linears or experts is quantized, naming the first reasons."""
     return ValueError(f"nothing of {type(model).__name__} is left to quantize: "
                       + "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:4]))
 
