@@ -8,6 +8,9 @@
 - ``glowq::w4a16_group_projected(x, qweights, scales, zeros, biases, As, B) -> [y_i]``: the same
   with the group's ``R = x B^T`` made by the op (for one row on CUDA, inside the GEMV's launch
   where that is faster; ``glowq_backend`` inserts it for a projection that one group node reads).
+- ``glowq::w4a16_linear_int4pack(x, qweight, scales, zeros, bias, A, R, int4pack, scales_zeros) -> y``:
+  ``w4a16_linear`` on the CPU with the codes also in the layout of PyTorch's CPU int4 kernel
+  (``glowq_fx.kernels.cpu_int4``): that kernel for decode rows, dequantize + GEMM for prefill.
 - ``glowq::w4a16_experts(x, offsets, qweight, scales, zeros, bias, A, R) -> y`` and
   ``glowq::experts_projection(x, offsets, B) -> R``: an MoE block's experts on rows sorted by
   expert (``offsets``: each expert's end row), the 3-D weights stacked (E, ...).
@@ -38,6 +41,7 @@ from torch.library import custom_op
 
 from glowq_fx.kernels.launch import (launch_experts_projection, launch_projection, launch_w4a16, launch_w4a16_experts,
                                      launch_w4a16_projected)
+from glowq_fx.kernels import cpu_int4
 from glowq_fx.kernels.layout import dequantize_packed, group_size_of, padded_in_features
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -141,7 +145,13 @@ def w4a16_group(x: Tensor, qweights: list[Tensor], scales: list[Tensor], zeros: 
         _check_member(i, x, qweights[i], scales[i], zeros[i], biases[i], As[i], R)
     if _uses_kernels(x):
         return launch_w4a16(x, qweights, scales, zeros, biases, [widen_factor(A, x) for A in As], R)
-    return [reference_linear(x, qweights[i], scales[i], zeros[i], biases[i], As[i], R) for i in range(n)]
+    return reference_group(x, qweights, scales, zeros, biases, As, R)
+
+
+def reference_group(x: Tensor, qweights: list[Tensor], scales: list[Tensor], zeros: list[Tensor],
+                    biases: list[Optional[Tensor]], As: list[Optional[Tensor]], R: Optional[Tensor]) -> list[Tensor]:
+    """Pure torch: every member through ``reference_linear``."""
+    return [reference_linear(x, q, s, z, b, A, R) for q, s, z, b, A in zip(qweights, scales, zeros, biases, As)]
 
 
 @custom_op("glowq::w4a16_group_projected", mutates_args=(), tags=(torch.Tag.flexible_layout,))
@@ -154,8 +164,7 @@ def w4a16_group_projected(x: Tensor, qweights: list[Tensor], scales: list[Tensor
     if _uses_kernels(x):
         return launch_w4a16_projected(x, qweights, scales, zeros, biases, [widen_factor(A, x) for A in As],
                                       widen_factor(B, x))
-    R = F.linear(x, widen_factor(B, x))
-    return [reference_linear(x, qweights[i], scales[i], zeros[i], biases[i], As[i], R) for i in range(len(qweights))]
+    return reference_group(x, qweights, scales, zeros, biases, As, F.linear(x, widen_factor(B, x)))
 
 
 def _check_projected(x: Tensor, qweights, scales, zeros, biases, As, B: Tensor) -> Tensor:
@@ -195,6 +204,47 @@ def _(x, qweights, scales, zeros, biases, As, R):
     for i in range(len(qweights)):
         _check_member(i, x, qweights[i], scales[i], zeros[i], biases[i], As[i], R)
     return [x.new_empty(*x.shape[:-1], q.shape[1]) for q in qweights]
+
+
+def _check_int4pack(x: Tensor, qweight: Tensor, int4pack: Tensor, scales_zeros: Tensor) -> None:
+    N, K = qweight.shape[1], padded_in_features(qweight)
+    if int4pack.dtype != torch.uint8 or tuple(int4pack.shape) != (N, K // 2):
+        raise ValueError(f"int4pack must be uint8 ({N}, {K // 2}) (aten._convert_weight_to_int4pack_for_cpu of this "
+                         f"weight), got {int4pack.dtype} {tuple(int4pack.shape)}")
+    if scales_zeros.dim() != 3 or tuple(scales_zeros.shape[1:]) != (N, 2) or scales_zeros.dtype != cpu_int4.KERNEL_DTYPE:
+        raise ValueError(f"scales_zeros must be {cpu_int4.KERNEL_DTYPE} (n_groups, {N}, 2), got "
+                         f"{scales_zeros.dtype} {tuple(scales_zeros.shape)}")
+    for name, t in (("int4pack", int4pack), ("scales_zeros", scales_zeros)):
+        _check_device("", name, t, x)
+
+
+def int4pack_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Optional[Tensor],
+                    A: Optional[Tensor], R: Optional[Tensor], int4pack: Tensor, scales_zeros: Tensor) -> Tensor:
+    """``glowq::w4a16_linear_int4pack``'s arithmetic in aten ops (its body, and the decomposition
+    ``glowq_backend`` hands Inductor on the CPU): decode rows through the int4 kernel, with the bias
+    and ``R A^T`` added in ``x``'s dtype; more rows dequantize and run the float GEMM."""
+    _check_member(-1, x, qweight, scales, zeros, bias, A, R)
+    _check_int4pack(x, qweight, int4pack, scales_zeros)
+    if not cpu_int4.prefers_int4_kernel(x.numel() // max(x.shape[-1], 1)):
+        return reference_linear(x, qweight, scales, zeros, bias, A, R)
+    y = cpu_int4.int4_matmul(x, int4pack, scales_zeros, group_size_of(qweight, scales))
+    if bias is not None:
+        y = y + bias
+    return y if A is None else y + F.linear(R, widen_factor(A, R))
+
+
+@custom_op("glowq::w4a16_linear_int4pack", mutates_args=(), tags=(torch.Tag.flexible_layout,))
+def w4a16_linear_int4pack(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Optional[Tensor],
+                          A: Optional[Tensor], R: Optional[Tensor], int4pack: Tensor, scales_zeros: Tensor) -> Tensor:
+    """``w4a16_linear`` on the CPU through PyTorch's int4 kernel (see ``int4pack_linear``)."""
+    return int4pack_linear(x, qweight, scales, zeros, bias, A, R, int4pack, scales_zeros)
+
+
+@w4a16_linear_int4pack.register_fake
+def _(x, qweight, scales, zeros, bias, A, R, int4pack, scales_zeros):
+    _check_member(-1, x, qweight, scales, zeros, bias, A, R)
+    _check_int4pack(x, qweight, int4pack, scales_zeros)
+    return x.new_empty(*x.shape[:-1], qweight.shape[1])
 
 
 # ---- the experts of an MoE block: rows sorted by expert --------------------------------------------------------

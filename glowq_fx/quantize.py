@@ -51,6 +51,7 @@ from glowq_fx.modules.install import replace_module
 from glowq_fx.modules.linear import QuantizedLinear, linear_weight
 from glowq_fx.quant import quantization_error, quantize_gptq, quantize_rtn
 from glowq_fx.quantize_experts import experts_statistics, find_experts, joined_groups, quantize_experts
+from glowq_fx.modules.kernels import use_cpu_kernels
 from glowq_fx.report import GroupReport, QuantizationReport
 from glowq_fx.selective.policy import apply_selection, attach_group, check_auto_batches, detach_group
 from passes.groups import InputGroup
@@ -542,6 +543,7 @@ def quantize_(
     from glowq_fx.checkpoint.transformers import attach  # transformers' save_pretrained then writes our format
 
     attach(model, config.to_dict())
+    bytes_after = model_bytes(model)  # the stored model, before the machine's kernel copies below
     return QuantizationReport(config, report_rows + outcome.rows, dict(skipped), list(breaks), len(batches), n_tokens,
                               time.perf_counter() - t0, selection, how, embeddings,
-                              (bytes_before, model_bytes(model)))
+                              (bytes_before, bytes_after), use_cpu_kernels(model))

@@ -57,6 +57,7 @@ class QuantizationReport:
     calibration: dict | None = None  # how S was collected: {"mode": "blocks" | "model", ...}
     embeddings: dict = field(default_factory=dict)  # quantized tables: name -> bits, bytes, tied head
     model_bytes: tuple[int, int] | None = None  # the whole model's bytes before and after, each storage once
+    kernels: dict = field(default_factory=dict)  # quantized linear -> "cpu_int4" or "reference: <why>" (this machine)
 
     def total(self, key: str) -> int:
         return sum(getattr(g, key) for g in self.groups)
@@ -70,7 +71,8 @@ class QuantizationReport:
                 "skipped": dict(self.skipped), "graph_breaks": list(self.graph_breaks),
                 "n_batches": self.n_batches, "n_tokens": self.n_tokens, "time_s": self.time_s,
                 "selection": self.selection, "calibration": self.calibration, "embeddings": self.embeddings,
-                "model_bytes": None if self.model_bytes is None else list(self.model_bytes)}
+                "model_bytes": None if self.model_bytes is None else list(self.model_bytes),
+                "kernels": dict(self.kernels)}
 
     def table(self) -> str:
         rows = [[g.name, str(len(g.members)), str(g.in_features), str(sum(g.out_features)), str(g.rank),
@@ -102,6 +104,11 @@ class QuantizationReport:
             shared = f", shared with the output head {e['tied_head']}" if e["tied_head"] else ""
             lines.append(f"embedding {name} {e['shape'][0]} x {e['shape'][1]}: INT{e['bits']} g{e['group_size']}"
                          f"{shared}")
+        if self.kernels:
+            fast = sum(k == "cpu_int4" for k in self.kernels.values())
+            reasons = sorted({k.split(": ", 1)[1] for k in self.kernels.values() if k != "cpu_int4"})
+            lines.append(f"on this CPU: {fast} of {len(self.kernels)} quantized linears run PyTorch's int4 kernel"
+                         + "".join(f"; reference path: {r}" for r in reasons))
         lines.append(self.table())
         c = self.calibration or {}
         if c.get("mode") == "blocks":

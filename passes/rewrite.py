@@ -52,12 +52,20 @@ class QuantizedOps:
             members of a group in one launch (members may differ in group size, bias and A).
         projected_group: ``projected_group(x, [packed_weight], [scales], [zeros], [bias], [A], B)
             -> [y]``, a group node that makes its ``R`` itself (optional: see ``absorb``).
+        unfused_linear: ``linear``'s arguments followed by others (a copy of the weight in a
+            device kernel's own layout): a linear whose projection the pass shares with its
+            group but which keeps its own node (optional).
     """
 
     linear: object
     projection: object
     group: object
     projected_group: object = None
+    unfused_linear: object = None
+
+    @property
+    def linears(self) -> frozenset:
+        return frozenset(t for t in (self.linear, self.unfused_linear) if t is not None)
 
 
 @dataclass(frozen=True)
@@ -143,23 +151,27 @@ def fuse_shared_projections(
         raise ValueError("absorb=True needs QuantizedOps.projected_group")
     graph = gm.graph
     report = RewriteReport(projections_before=sum(n.target is ops.projection for n in graph.nodes))
-    if not any(n.target is ops.linear for n in graph.nodes):
+    if not any(n.target in ops.linears for n in graph.nodes):
         report.projections_after = report.projections_before
         return report
     analysis = find_input_sharing_groups(gm, example_inputs, model=model, filter=GroupFilter(),
-                                         packed_linears={ops.linear})
+                                         packed_linears=ops.linears)
     position = {n: i for i, n in enumerate(graph.nodes)}
 
     for group in analysis.groups:
         sites = [s for m in group.members for s in analysis.sites[m] if s.form == "packed"]
         sites.sort(key=lambda s: position[s.node])
         _share_projections(graph, sites, report, ops)
-        # members fused together: same input node, same R (or none)
+        # members fused together: same op, same input node, same R (or none)
         parts: dict[tuple, list] = {}
         for s in sites:
-            parts.setdefault((s.node.args[0], _r_of(s.node)), []).append(s)
-        for (x, R), part in parts.items():
-            _rewrite_part(graph, part, x, R, position, report, ops)
+            parts.setdefault((s.node.target, s.node.args[0], _r_of(s.node)), []).append(s)
+        for (target, x, R), part in parts.items():
+            if target is ops.linear:
+                _rewrite_part(graph, part, x, R, position, report, ops)
+            else:  # keeps its node; its R is the group's (above)
+                report.groups.append(FusedGroup(tuple(s.module for s in part), x.name,
+                                                None if R is None else R.name, None))
             if len(parts) > 1:
                 for s in part:
                     report.left.setdefault(s.module, f"not in one launch with all of {group.name}: reads node "

@@ -36,6 +36,7 @@ from glowq_fx.checkpoint.format import (FORMAT, FORMAT_VERSION, META_FILE, alias
 from glowq_fx.checkpoint.shards import CheckpointError, ShardWriter, iter_shards
 from glowq_fx.config import GlowQConfig
 from glowq_fx.data.lazy_model import empty_model, materialize
+from glowq_fx.modules.kernels import use_cpu_kernels
 from glowq_fx.modules.linear import QuantizedLinear
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"  # transformers' default
@@ -198,4 +199,5 @@ def load_quantized(directory: str | Path, model: nn.Module | None = None, *,
     from glowq_fx.checkpoint.transformers import attach
 
     attach(model, meta.get("config"))
+    use_cpu_kernels(model)  # the CPU kernel's layout is made here, for this machine
     return model.eval()

@@ -27,6 +27,7 @@ from glowq_fx.checkpoint.format import (FORMAT_VERSION, META_FILE, hf_quantizati
                                         install_quantized, read_checked, tie_tables)
 from glowq_fx.checkpoint.shards import CheckpointError
 from glowq_fx.checkpoint.tensor_parallel import shard_quantized, tensor_parallel_size
+from glowq_fx.modules.kernels import use_cpu_kernels
 
 QUANT_METHOD = "glowq"
 
@@ -99,6 +100,7 @@ class GlowQHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         tie_tables(model, self._meta or {})
+        use_cpu_kernels(model)  # the CPU kernel's layout is made here, for this machine
         return model.eval()
 
     def get_state_dict_and_metadata(self, model):

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from glowq_fx import ops
+from glowq_fx.kernels import cpu_int4
 from glowq_fx.kernels.layout import PackedW4, dequantize_packed, group_size_of, pack
 from glowq_fx.quant.rtn import QuantizedWeight
 
@@ -76,6 +77,11 @@ class QuantizedLinear(nn.Module):
 
     ``projection`` is the group's ``SharedProjection`` (not a registered child: it is registered
     once, on the group's common ancestor, so its ``B`` is stored once).
+
+    On the CPU, ``use_cpu_int4_kernel`` adds the codes in the layout of PyTorch's int4 kernel
+    (``int4pack``, ``scales_zeros``: non-persistent, since that layout depends on the CPU that
+    converts them; see ``glowq_fx.kernels.cpu_int4``), and the forward runs that kernel. The
+    canonical buffers stay: checkpoints and prefill (dequantize + GEMM) read them.
     """
 
     def __init__(self, packed: PackedW4, bias: Tensor | None = None, A: Tensor | None = None,
@@ -92,8 +98,44 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("zeros", packed.zeros)
         self.register_buffer("bias", None if bias is None else bias.detach().to(packed.scales.dtype).clone())
         self.register_buffer("A", None)
+        self.register_buffer("int4pack", None, persistent=False)
+        self.register_buffer("scales_zeros", None, persistent=False)
         object.__setattr__(self, "projection", None)
         self.set_correction(A, projection)
+
+    def cpu_int4_unsupported(self) -> str | None:
+        """Why this linear cannot run PyTorch's CPU int4 kernel here, or None when it can."""
+        q = self.qweight
+        if q.device.type != "cpu":
+            return f"on {q.device.type}, not the CPU"
+        if hasattr(q, "to_local"):
+            return "a tensor-parallel shard"
+        return cpu_int4.unsupported_reason(self.out_features, group_size_of(q, self.scales))
+
+    def use_cpu_int4_kernel(self, enable: bool = True) -> str | None:
+        """Convert the codes for PyTorch's CPU int4 kernel (``enable=False``: drop that copy and
+        run the reference path). Returns why the kernel cannot be used, or None when it is."""
+        why = self.cpu_int4_unsupported() if enable else "disabled"
+        if why is None:
+            self.int4pack, self.scales_zeros = cpu_int4.convert(self.qweight, self.scales, self.zeros)
+        else:
+            self.int4pack = self.scales_zeros = None
+        return why
+
+    def _apply(self, fn, recurse=True):
+        # the kernel's layout belongs to the device and dtype it was made for: made again after a
+        # move or cast (or dropped, off the CPU), never moved with the rest
+        converted = self.int4pack is not None
+        self.int4pack = self.scales_zeros = None
+        out = super()._apply(fn, recurse)
+        if converted:
+            self.use_cpu_int4_kernel()
+        return out
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        if self.int4pack is not None:  # the codes changed under the converted copy
+            self.use_cpu_int4_kernel()
 
     def set_correction(self, A: Tensor | None, projection: SharedProjection | None) -> None:
         """Attach ``A_i`` and the group's projection, or remove the correction with ``(None, None)``
@@ -135,8 +177,12 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         R = None if self.A is None else self.projection(x)
+        if self.int4pack is not None:
+            return ops.w4a16_linear_int4pack(x, self.qweight, self.scales, self.zeros, self.bias, self.A, R,
+                                             self.int4pack, self.scales_zeros)
         return ops.w4a16_linear(x, self.qweight, self.scales, self.zeros, self.bias, self.A, R)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"group_size={self.group_size}, rank={self.rank}, bias={self.bias is not None}")
+                f"group_size={self.group_size}, rank={self.rank}, bias={self.bias is not None}"
+                + (", kernel=cpu_int4" if self.int4pack is not None else ""))

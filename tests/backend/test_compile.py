@@ -18,6 +18,7 @@ from glowq_fx import GlowQConfig, quantize_
 from glowq_fx.backend._inductor import run_and_get_generated_code
 from glowq_fx.backend import glowq_backend
 from glowq_fx.backend.compile import GLOWQ_OPS
+from glowq_fx.modules.kernels import use_cpu_kernels
 from tests_helpers import tiny_llama_config
 
 
@@ -41,8 +42,12 @@ def _quantized_cpu():
 
 
 def quantized(device):
+    """The quantized tiny Llama on ``device``, every linear on the reference path (on the CPU:
+    the group nodes and ops that CUDA runs; the CPU int4 kernel is tested in test_cpu_lowering)."""
     model, report = _quantized_cpu()
-    return copy.deepcopy(model).to(device, DTYPE[device]), report
+    model = copy.deepcopy(model).to(device, DTYPE[device])
+    use_cpu_kernels(model, enable=False)
+    return model, report
 
 
 class Recorder:
@@ -94,8 +99,9 @@ def check_one_projection_per_group(model, report, device, **backend):
     """Compiled == eager, and what runs: one projection per group in the generated code (a
     ``shared_projection`` call, or a group call that makes its own R), each consumer of a
     projection reading the very buffer expression the projection read (no copy of x per
-    consumer) and taking its output as R. Returns the rewritten graph's nodes."""
-    rec = Recorder(**backend)
+    consumer) and taking its output as R. Returns the rewritten graph's nodes. The ops stay
+    opaque calls (``lower=False``) so that the generated code shows them on the CPU too."""
+    rec = Recorder(**{"lower": False, **backend})
     ids = _ids(3, device=device)
     with torch.no_grad():
         ref = model(ids).logits

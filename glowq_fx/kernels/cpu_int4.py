@@ -1,0 +1,92 @@
+"""PyTorch's CPU int4 kernel (``aten._weight_int4pack_mm_for_cpu``) for our packed codes.
+
+The kernel reads its own weight layout, made by ``aten._convert_weight_to_int4pack_for_cpu`` from
+(N, K) int32 codes. That layout depends on the instruction set PyTorch dispatches to in the
+process that converts (AVX-512 interleaves 64 output rows, AVX2 32), so it is made on the
+machine that runs the model, at quantize or load time, and never stored in a checkpoint.
+
+Its dequantization is ``(q - 8) * scale + zero`` with float ``zero``; ours is
+``(q - z) * s`` with integer-valued ``z``, so ``scale = s`` and ``zero = (8 - z) * s``
+(``scales_and_zeros``). Scales, zeros and activations share one dtype in the kernel, and it is
+vectorised for bfloat16 only (float32 runs a scalar loop, ~14x slower here): the kernel runs in
+bfloat16, whatever the model's dtype, and the output is cast back.
+
+The kernel's cost grows with the rows like a compute-bound GEMM's, so past ``MAX_ROWS`` rows
+(prefill) dequantizing the codes once and running the float GEMM is faster: ``prefers_int4_kernel``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from glowq_fx.kernels.layout import padded_in_features
+
+KERNEL_DTYPE = torch.bfloat16
+GROUP_SIZES = (32, 64, 128, 256)  # the group sizes the kernel is built for
+ROWS_MULTIPLE = 16  # the kernel tiles output rows in blocks of 16 to 64
+VECTORISED = ("AVX2", "AVX512")  # dispatch capabilities with a vectorised kernel
+# Rows up to which the int4 kernel beats dequantize + float32 GEMM (measured on the 2-core AVX2
+# machine, 4096 x 4096, benchmarks/bench_cpu_decode.py --kernel-rows): decode and short prompts.
+MAX_ROWS = 16
+
+
+def _kernel_available() -> bool:
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and \
+        hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
+
+
+def capability() -> str:
+    """The instruction set PyTorch's CPU kernels dispatch to in this process (``AVX2``, ...)."""
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def unsupported_reason(out_features: int, group_size: int) -> str | None:
+    """Why a packed linear cannot run the CPU int4 kernel on this machine, or None when it can.
+    (An ``in_features`` that is not a multiple of the group size is no obstacle: the kernel reads
+    the padded codes, and the activations are padded with zeros.)"""
+    if not _kernel_available():
+        return f"torch {torch.__version__} has no aten._weight_int4pack_mm_for_cpu"
+    if capability() not in VECTORISED:
+        return (f"this CPU's PyTorch kernels dispatch to {capability()}, where the int4 kernel is not vectorised "
+                "(it needs AVX2 or AVX-512)")
+    if group_size not in GROUP_SIZES:
+        return f"group size {group_size} (the CPU int4 kernel takes {', '.join(map(str, GROUP_SIZES))})"
+    if out_features % ROWS_MULTIPLE:
+        return f"out_features {out_features} is not a multiple of {ROWS_MULTIPLE}"
+    return None
+
+
+def codes_matrix(qweight: Tensor) -> Tensor:
+    """The (N, K_pad) int32 codes of a packed ``qweight`` (K_pad / 8, N), as the converter takes them."""
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=qweight.device).view(1, -1, 1)
+    q = (qweight.unsqueeze(1) >> shifts) & 0xF  # (K_pad/8, 8, N)
+    return q.reshape(padded_in_features(qweight), qweight.shape[1]).T.contiguous()
+
+
+def scales_and_zeros(scales: Tensor, zeros: Tensor) -> Tensor:
+    """The kernel's (n_groups, N, 2) ``[scale, zero]`` for our ``(q - z) * s``: ``zero = (8 - z) s``,
+    computed in float32 and rounded once to the kernel's dtype."""
+    s = scales.float()
+    return torch.stack([s, (8.0 - zeros.float()) * s], dim=-1).to(KERNEL_DTYPE).contiguous()
+
+
+def convert(qweight: Tensor, scales: Tensor, zeros: Tensor) -> tuple[Tensor, Tensor]:
+    """(weight in the kernel's layout for this process's CPU, ``scales_and_zeros``)."""
+    weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes_matrix(qweight), 1)
+    return weight, scales_and_zeros(scales, zeros)
+
+
+def prefers_int4_kernel(rows: int) -> bool:
+    """True where the int4 kernel beats dequantize + GEMM (``rows`` may be symbolic: a guard)."""
+    return rows <= MAX_ROWS
+
+
+def int4_matmul(x: Tensor, weight: Tensor, scales_zeros: Tensor, group_size: int) -> Tensor:
+    """``x deq(W)^T`` in ``x``'s dtype through the kernel (bfloat16 inside); ``weight`` holds
+    ``K_pad >= K`` columns, the last ones multiplied by zeros."""
+    K, K_pad = x.shape[-1], 2 * weight.shape[1]
+    x2 = x.reshape(-1, K).to(KERNEL_DTYPE)
+    x2 = (F.pad(x2, (0, K_pad - K)) if K_pad != K else x2).contiguous()
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, weight, group_size, scales_zeros)
+    return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
