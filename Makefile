@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench gpu-test gpu-triton-op gpu-bench gpu-decode clean
+.PHONY: demo test test-slow bench bench-cpu gpu-test gpu-triton-op gpu-bench gpu-decode clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,19 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_decompose.py
 	$(PY) benchmarks/bench_accuracy.py --seq-len 1024 --max-tokens 65536 --batch-size 4
+
+# CPU decoding against llama.cpp on the same GGUF: llama-cpp-python is built from its sdist into a
+# separate benchmark environment (about 25 min on 2 cores, once), torch held at our pin; the
+# package never depends on it.
+BENCH_VENV := .bench-venv
+$(BENCH_VENV)/.installed:
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	echo "torch==2.13.0" > $(BENCH_VENV)/constraints.txt
+	$(BENCH_VENV)/bin/python -m pip install -q -c $(BENCH_VENV)/constraints.txt llama-cpp-python==0.3.36
+	touch $@
+
+bench-cpu: $(STAMP) $(BENCH_VENV)/.installed
+	$(PY) benchmarks/bench_cpu_decode.py --llama-python $(BENCH_VENV)/bin/python
 
 # On a CUDA machine that already has torch >= 2.11, triton, transformers, networkx and pytest (no
 # venv: the GPU machines here have no network). gpu-test: the kernels compiled, the ops and the

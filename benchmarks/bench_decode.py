@@ -235,7 +235,8 @@ def run_model(name: str, args, device: str, dtype: torch.dtype) -> list[dict]:
                     if variant == "int4 tinygemm" and "W4A16" in reference:
                         err = relative_error(logits, reference["W4A16"][1])
                         entry["logits_error_vs_w4a16"] = err
-                        if err > tol:
+                        # on the CPU W4A16 runs PyTorch's CPU int4 kernel on bf16 activations
+                        if err > (2e-2 if device == "cpu" else tol):
                             raise SystemExit(f"{name}: tinygemm's logits differ from W4A16's (same codes) by "
                                              f"{err:.2e} (relative), over {tol:g}")
                 if device == "cuda":

@@ -19,6 +19,7 @@ from glowq_fx.checkpoint import load_quantized, save_quantized
 from glowq_fx.checkpoint.transformers import register as _register_with_transformers
 from glowq_fx.config import GlowQConfig
 from glowq_fx.errors import GlowQWarning
+from glowq_fx.modules.kernels import use_cpu_kernels
 from glowq_fx.quantize import quantize_
 from glowq_fx.report import QuantizationReport
 
@@ -29,4 +30,4 @@ _register_with_transformers(_OnLoad)  # from_pretrained reads (and quantizes to)
 
 __all__ = ["Calibration", "GlowQConfig", "GlowQQuantizer", "GlowQWarning", "GroupDiscovery", "QuantizationReport",
            "__version__",
-           "calibrate", "find_groups", "glowq_backend", "load_quantized", "quantize_", "save_quantized"]
+           "calibrate", "find_groups", "glowq_backend", "load_quantized", "quantize_", "save_quantized", "use_cpu_kernels"]

@@ -125,9 +125,10 @@ def starts_with_bos(model: nn.Module, batches: Sequence[object]) -> bool | None:
 
 
 def model_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and buffer, each storage once (tied tables count once)."""
+    """Bytes of every parameter and persistent buffer (what a checkpoint stores: not the copies a
+    machine's kernels keep), each storage once (tied tables count once)."""
     storages = {}
-    for t in (*model.parameters(), *model.buffers()):
+    for t in model.state_dict(keep_vars=True).values():
         if t.device.type != "meta":
             storages[(t.device, t.untyped_storage().data_ptr())] = t.untyped_storage().nbytes()
         else:

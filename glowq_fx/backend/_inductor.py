@@ -1,7 +1,6 @@
 """The Inductor entry points glowq_backend uses, behind one small wrapper.
 
-``compile_fx`` lives in a private module (``torch._inductor.compile_fx``), and so does
-``select_decomp_table`` (the decompositions Inductor applies, ``torch._inductor.decomposition``),
+``compile_fx`` lives in a private module (``torch._inductor.compile_fx``),
 ``list_mode_options`` is Inductor's own table of what ``mode=`` means, and ``run_and_get_code``
 (``torch._inductor.utils``) returns the Python Inductor generates; all have kept their
 signatures across 2.11-2.13. ``tests/backend/test_inductor.py`` fails loudly if any changes.
@@ -27,18 +26,11 @@ def mode_options(mode: str | None, dynamic: bool | None = None) -> dict[str, Any
 
 
 def compile_with_inductor(gm: fx.GraphModule, example_inputs: Sequence[object],
-                          config_patches: Mapping[str, Any] | None = None,
-                          decompositions: Mapping[object, Callable[..., Any]] | None = None):
-    """Hand a Dynamo graph to Inductor, as ``backend="inductor"`` would; ``decompositions`` are
-    added to Inductor's own table (ops Inductor then sees as what they compute)."""
+                          config_patches: Mapping[str, Any] | None = None):
+    """Hand a Dynamo graph to Inductor, as ``backend="inductor"`` would."""
     from torch._inductor.compile_fx import compile_fx
 
-    table = None
-    if decompositions:
-        from torch._inductor.decomposition import select_decomp_table
-
-        table = {**select_decomp_table(), **decompositions}
-    return compile_fx(gm, list(example_inputs), config_patches=dict(config_patches or {}), decompositions=table)
+    return compile_fx(gm, list(example_inputs), config_patches=dict(config_patches or {}))
 
 
 def run_and_get_generated_code(fn: Callable[..., Any], *args: Any) -> tuple[Any, list[str]]:

@@ -26,7 +26,7 @@ from torch import fx
 
 from glowq_fx import ops  # noqa: F401  (registers the glowq:: ops named below)
 from glowq_fx.backend._inductor import compile_with_inductor, mode_options
-from glowq_fx.backend.cpu_lowering import cpu_decompositions
+from glowq_fx.backend.cpu_lowering import lower_to_aten
 from passes.rewrite import QuantizedOps, RewriteReport, fuse_shared_projections
 
 # the glowq:: ops (registered by importing glowq_fx.ops) that the rewrite reads and writes
@@ -79,5 +79,6 @@ def glowq_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: st
     gm.meta["glowq_rewrite"] = report  # for tests and tools that inspect the compiled graph
     # on the CPU Inductor lowers what the ops compute (int4 matmul, projection, epilogue);
     # on CUDA it calls them, and they launch the Triton kernels
-    return compile_with_inductor(gm, example_inputs, patches,
-                                 cpu_decompositions() if lower and not on_cuda else None)
+    if lower and not on_cuda:
+        lower_to_aten(gm)
+    return compile_with_inductor(gm, example_inputs, patches)

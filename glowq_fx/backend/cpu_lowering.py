@@ -1,7 +1,8 @@
 """The ``glowq::`` ops as aten ops, for Inductor on the CPU.
 
-On the CPU ``glowq_backend`` hands Inductor a decomposition of each dense ``glowq::`` op instead of
-an opaque call, so that Inductor lowers what they compute itself: PyTorch's int4 matmul
+On the CPU ``glowq_backend`` replaces each dense ``glowq::`` op node of the rewritten graph by a
+call of its decomposition (``lower_to_aten``), which AOTAutograd traces into aten ops, so that
+Inductor lowers what they compute itself: PyTorch's int4 matmul
 (``aten._weight_int4pack_mm_for_cpu``, which Inductor lowers to its own int4 kernel call, or
 autotunes against its C++ micro-GEMM under ``max-autotune`` on AVX-512), the group's one
 ``R = x B^T`` as a GEMM, and the bias and ``R A_i^T`` as an epilogue it fuses with the casts. The
@@ -36,6 +37,21 @@ def _group(x, qweights, scales, zeros, biases, As, R):
 def _projected_group(x, qweights, scales, zeros, biases, As, B):
     ops._check_projected(x, qweights, scales, zeros, biases, As, B)
     return ops.reference_group(x, qweights, scales, zeros, biases, As, F.linear(x, ops.widen_factor(B, x)))
+
+
+def lower_to_aten(gm: torch.fx.GraphModule) -> int:
+    """Point every dense ``glowq::`` op node of ``gm`` at its decomposition (in place; the graph
+    itself then differs from the opaque one, so no compile cache mixes the two). Returns how
+    many nodes changed."""
+    table = cpu_decompositions()
+    changed = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in table:
+            node.target = table[node.target]
+            changed += 1
+    if changed:
+        gm.recompile()
+    return changed
 
 
 def cpu_decompositions() -> dict:

@@ -244,7 +244,7 @@ def _bench(args: argparse.Namespace) -> int:
     import torch
 
     from glowq_fx.checkpoint import is_checkpoint
-    from glowq_fx.cli.demo import time_eager_vs_compiled
+    from glowq_fx.evaluation.speed import decode_eager_vs_compiled
 
     if not is_checkpoint(args.model):
         raise ValueError(f"{args.model} is not a quantized checkpoint; make one with "
@@ -252,12 +252,11 @@ def _bench(args: argparse.Namespace) -> int:
     model, _, _ = _load_any(args.model, "float32", args.device)
     vocab = model.get_input_embeddings().num_embeddings
     ids = torch.randint(0, vocab, (args.batch, args.tokens), generator=torch.Generator().manual_seed(0))
-    t = time_eager_vs_compiled(model, ids.to(args.device), args.repeats)
-    print(format_table(["run", "ms", "vs eager"],
-                       [["eager", f"{t.eager_ms:.2f}", "1.00x"],
-                        ["torch.compile(backend=glowq_backend)", f"{t.compiled_ms:.2f}", f"{t.speedup:.2f}x"]]))
-    print(f"{args.batch} x {args.tokens} tokens on {args.device}, torch {torch.__version__}, median of {args.repeats}; "
-          f"compile {t.compile_s:.0f} s; max relative difference of the logits {t.max_rel_diff:.1e}")
+    t = decode_eager_vs_compiled(model, ids.to(args.device), args.new_tokens, args.repeats)
+    print(format_table(["run", "decode tokens/s", "first token s", "vs eager"], t.rows()))
+    print(f"greedy decoding on {args.device}: batch {args.batch}, prompt {args.tokens} tokens, {args.new_tokens} new "
+          f"(static cache), torch {torch.__version__}, median of {args.repeats}; compile {t.compile_s:.0f} s; "
+          f"greedy tokens agree {t.tokens_agree:.0%}")
     return 0
 
 
@@ -424,9 +423,11 @@ def main(argv: list[str] | None = None) -> int:
     _device_args(evaluate)
     evaluate.set_defaults(func=_eval)
 
-    bench = sub.add_parser("bench", formatter_class=defaults, help="forward time of a quantized checkpoint, eager vs glowq_backend")
+    bench = sub.add_parser("bench", formatter_class=defaults,
+                           help="greedy decoding speed of a quantized checkpoint, eager vs glowq_backend")
     bench.add_argument("model", help="a quantized checkpoint directory")
-    bench.add_argument("--tokens", type=int, default=128, help="tokens per row of the timed input")
+    bench.add_argument("--tokens", type=int, default=128, help="prompt tokens per row")
+    bench.add_argument("--new-tokens", type=int, default=32, help="tokens generated after the prompt")
     bench.add_argument("--batch", type=int, default=1, help="rows of the timed input")
     bench.add_argument("--repeats", type=int, default=5, help="timed runs (the median is shown)")
     bench.add_argument("--device", default="cpu", help="where the model runs")

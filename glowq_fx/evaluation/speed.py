@@ -57,9 +57,10 @@ def compile_model(model: nn.Module, backend: object = "inductor", **options) -> 
 
 @torch.no_grad()
 def time_decode(model: nn.Module, prompt: torch.Tensor, new_tokens: int, *, step: Callable | None = None,
-                repeats: int = 3, warmup: int = 1) -> DecodeTiming:
+                repeats: int = 3, warmup: int = 2) -> DecodeTiming:
     """Greedy decoding of ``new_tokens`` after ``prompt`` (batch, T) token ids with ``step``
-    (default: the eager step), ``warmup`` untimed runs (compilation) then ``repeats`` timed."""
+    (default: the eager step), ``warmup`` untimed runs then ``repeats`` timed. Two warm-up runs: a
+    compiled step compiles its prompt shape twice, before and after the cache holds its first tokens."""
     if prompt.dim() != 2 or prompt.shape[1] == 0:
         raise ValueError(f"prompt must be (batch, tokens) with at least one token, got {tuple(prompt.shape)}")
     if new_tokens < 2:
@@ -84,4 +85,44 @@ def time_decode(model: nn.Module, prompt: torch.Tensor, new_tokens: int, *, step
             ttft.append(t1 - t0)
             rates.append(batch * (new_tokens - 1) / (t2 - t1))
             tokens = torch.cat(out, 1)
+    if not repeats:
+        return DecodeTiming(float("nan"), float("nan"), torch.cat(out, 1))
     return DecodeTiming(statistics.median(ttft), statistics.median(rates), tokens)
+
+
+@dataclass
+class EagerVsCompiled:
+    """``time_decode`` of one model eager and under ``glowq_backend``, on one prompt."""
+
+    eager: DecodeTiming
+    compiled: DecodeTiming
+    compile_s: float  # the warm-up runs of the compiled step (compilation, mostly)
+
+    @property
+    def decode_speedup(self) -> float:
+        return self.compiled.decode_tokens_per_s / self.eager.decode_tokens_per_s
+
+    @property
+    def tokens_agree(self) -> float:
+        """Fraction of greedy tokens the compiled run shares with the eager run."""
+        return (self.eager.tokens == self.compiled.tokens).float().mean().item()
+
+    def rows(self) -> list[list[str]]:
+        """Table rows: run, decode tokens/s, time to first token, ratio to eager."""
+        return [["eager", f"{self.eager.decode_tokens_per_s:.1f}", f"{self.eager.ttft_s:.3f}", "1.00x"],
+                ["torch.compile(backend=glowq_backend)", f"{self.compiled.decode_tokens_per_s:.1f}",
+                 f"{self.compiled.ttft_s:.3f}", f"{self.decode_speedup:.2f}x"]]
+
+
+def decode_eager_vs_compiled(model: nn.Module, prompt: torch.Tensor, new_tokens: int,
+                             repeats: int = 3) -> EagerVsCompiled:
+    """Greedy decoding of a quantized model, eager and compiled with ``glowq_backend``."""
+    from glowq_fx.backend import glowq_backend
+
+    eager = time_decode(model, prompt, new_tokens, repeats=repeats)
+    step = compile_model(model, glowq_backend)
+    t0 = time.perf_counter()
+    time_decode(model, prompt, new_tokens, step=step, repeats=0)  # the warm-up alone: compiles
+    compile_s = time.perf_counter() - t0
+    compiled = time_decode(model, prompt, new_tokens, step=step, repeats=repeats, warmup=0)
+    return EagerVsCompiled(eager, compiled, compile_s)

@@ -51,10 +51,11 @@ def quantized(device):
 
 
 class Recorder:
-    """glowq_backend, keeping each rewritten graph and its example inputs."""
+    """glowq_backend, keeping each rewritten graph and its example inputs (the ops left opaque,
+    ``lower=False``, so that the kept graphs show them on the CPU too)."""
 
     def __init__(self, **kwargs):
-        self.graphs, self.inputs, self.kwargs = [], [], kwargs
+        self.graphs, self.inputs, self.kwargs = [], [], {"lower": False, **kwargs}
 
     def __call__(self, gm, example_inputs, **kwargs):
         self.graphs.append(gm)
@@ -101,7 +102,7 @@ def check_one_projection_per_group(model, report, device, **backend):
     projection reading the very buffer expression the projection read (no copy of x per
     consumer) and taking its output as R. Returns the rewritten graph's nodes. The ops stay
     opaque calls (``lower=False``) so that the generated code shows them on the CPU too."""
-    rec = Recorder(**{"lower": False, **backend})
+    rec = Recorder(**backend)
     ids = _ids(3, device=device)
     with torch.no_grad():
         ref = model(ids).logits

@@ -80,7 +80,8 @@ def test_decode_benchmark_runs_every_row_compiled_where_it_says(tmp_path):
         assert r["decode_tokens_per_s"] == pytest.approx(2 / r["decode_s"])
         if r["variant"] != "float":
             assert r["weights_mib"] < rows["fp32 eager"]["weights_mib"], name
-    assert rows["int4 tinygemm compiled"]["logits_error_vs_w4a16"] < 1e-3
+    # W4A16 runs PyTorch's CPU int4 kernel here (bf16 activations), tinygemm's float reference
+    assert rows["int4 tinygemm compiled"]["logits_error_vs_w4a16"] < 2e-2
     assert rows["W4A16 compiled"]["groups_corrected"] == 0
     assert rows["GlowQ compiled"]["groups_corrected"] == rows["GlowQ compiled"]["groups"]
     table = (out / "decode.md").read_text()

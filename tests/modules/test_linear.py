@@ -18,7 +18,10 @@ def test_quantized_linear_matches_its_formula(gen):
     x = torch.randn(5, 64, generator=gen)
     assert q.A.dtype == B.dtype == torch.bfloat16  # a float32 model's factors are stored in bfloat16
     expected = x @ (q.dequantized_weight() + q.A.float() @ B.float()).T
-    torch.testing.assert_close(q(x), expected, rtol=1e-5, atol=1e-6)
+    if q.int4pack is not None:  # the CPU int4 kernel: bf16 activations (tests/kernels/test_cpu_int4.py)
+        assert (q(x) - expected).abs().max() <= 1e-2 * expected.abs().max()
+        q.use_cpu_int4_kernel(False)
+    torch.testing.assert_close(q(x), expected, rtol=1e-5, atol=1e-6)  # the reference path
     # one B per group, shared by reference and registered once on the attention module
     attn = model.model.layers[0].self_attn
     assert attn.q_proj.projection is attn.k_proj.projection is attn.v_proj.projection
