@@ -97,7 +97,7 @@ def load(args):
     if args.tiny:
         import transformers as T
 
-        from tests_helpers import tiny_llama_config  # noqa: F401  (the test suite's tiny config)
+        from tests_helpers import tiny_llama_config  # the test suite's tiny config
         torch.manual_seed(0)
         return T.LlamaForCausalLM(tiny_llama_config()).eval(), None
     from glowq_fx.data.models import load_model, smollm2_gguf

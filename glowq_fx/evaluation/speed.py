@@ -34,7 +34,7 @@ class DecodeTiming:
     tokens: torch.Tensor
 
 
-def _static_cache(model: nn.Module, batch: int, length: int):
+def _static_cache(model: nn.Module, length: int):
     from transformers import StaticCache
 
     return StaticCache(config=model.config, max_cache_len=length)
@@ -67,7 +67,7 @@ def time_decode(model: nn.Module, prompt: torch.Tensor, new_tokens: int, *, step
         raise ValueError(f"new_tokens must be at least 2 (the first token is timed apart), got {new_tokens}")
     step = step or decode_step(model)
     batch, T = prompt.shape
-    cache = _static_cache(model, batch, T + new_tokens)
+    cache = _static_cache(model, T + new_tokens)  # sized for the batch on its first update
     ttft, rates, tokens = [], [], None
     for run in range(warmup + repeats):
         cache.reset()

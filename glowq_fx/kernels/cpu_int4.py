@@ -20,14 +20,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from glowq_fx.kernels.layout import padded_in_features
+from glowq_fx.kernels.layout import unpacked_codes
 
 KERNEL_DTYPE = torch.bfloat16
 GROUP_SIZES = (32, 64, 128, 256)  # the group sizes the kernel is built for
 ROWS_MULTIPLE = 16  # the kernel tiles output rows in blocks of 16 to 64
 VECTORISED = ("AVX2", "AVX512")  # dispatch capabilities with a vectorised kernel
-# Rows up to which the int4 kernel beats dequantize + float32 GEMM (measured on the 2-core AVX2
-# machine, 4096 x 4096, benchmarks/bench_cpu_decode.py --kernel-rows): decode and short prompts.
+# Rows up to which the int4 kernel runs (decode and short prompts); past them dequantize + float32
+# GEMM. On the 2-core AVX2 machine, 4096 x 4096: the kernel took 1.36 ms at 1 row, 2.76 at 4 and
+# 307 at 512, where the float32 GEMM took 145; the crossover itself is not measured precisely.
 MAX_ROWS = 16
 
 
@@ -57,13 +58,6 @@ def unsupported_reason(out_features: int, group_size: int) -> str | None:
     return None
 
 
-def codes_matrix(qweight: Tensor) -> Tensor:
-    """The (N, K_pad) int32 codes of a packed ``qweight`` (K_pad / 8, N), as the converter takes them."""
-    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=qweight.device).view(1, -1, 1)
-    q = (qweight.unsqueeze(1) >> shifts) & 0xF  # (K_pad/8, 8, N)
-    return q.reshape(padded_in_features(qweight), qweight.shape[1]).T.contiguous()
-
-
 def scales_and_zeros(scales: Tensor, zeros: Tensor) -> Tensor:
     """The kernel's (n_groups, N, 2) ``[scale, zero]`` for our ``(q - z) * s``: ``zero = (8 - z) s``,
     computed in float32 and rounded once to the kernel's dtype."""
@@ -73,7 +67,8 @@ def scales_and_zeros(scales: Tensor, zeros: Tensor) -> Tensor:
 
 def convert(qweight: Tensor, scales: Tensor, zeros: Tensor) -> tuple[Tensor, Tensor]:
     """(weight in the kernel's layout for this process's CPU, ``scales_and_zeros``)."""
-    weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes_matrix(qweight), 1)
+    codes = unpacked_codes(qweight).T.contiguous()  # (N, K_pad), as the converter takes them
+    weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
     return weight, scales_and_zeros(scales, zeros)
 
 

@@ -17,7 +17,7 @@ the same addressing for the GEMV (decode) and GEMM (prefill) paths:
   single group (per-channel) whose width is not a multiple of 8 is widened to the next whole
   word by ``pack``: its padding codes are the zero point, and its packed group size is ``K_pad``.
 
-Other modules ask this one for what they need of the layout (``packed_shapes``,
+Other modules ask this one for what they need of the layout (``packed_shapes``, ``unpacked_codes``,
 ``padded_in_features``, ``group_size_of``) instead of re-deriving it.
 """
 from __future__ import annotations
@@ -104,12 +104,16 @@ def pack(qw: QuantizedWeight) -> PackedW4:
     )
 
 
+def unpacked_codes(qweight: Tensor) -> Tensor:
+    """The int32 codes (K_pad, N) of a packed ``qweight`` (K_pad / 8, N), column ``k`` in row ``k``."""
+    q = (qweight.unsqueeze(1) >> _shifts(qweight.device)) & 0xF  # (K_pad/8, 8, N)
+    return q.reshape(padded_in_features(qweight), qweight.shape[1])
+
+
 def unpack(p: PackedW4) -> QuantizedWeight:
     """Inverse of ``pack``: the same codes, scales and zeros (a single group widened to whole
     words comes back widened, with the same dequantized weight)."""
-    words = p.qweight
-    q = (words.unsqueeze(1) >> _shifts(words.device)) & 0xF  # (K_pad/8, 8, N)
-    codes = q.reshape(-1, p.out_features).T.to(torch.uint8).contiguous()
+    codes = unpacked_codes(p.qweight).T.to(torch.uint8).contiguous()
     return QuantizedWeight(
         codes=codes,
         scales=p.scales.T.contiguous(),
@@ -129,7 +133,6 @@ def dequantize_packed(
     and the CPU path of the ops reproduce the quantizer's ``W_q`` bit for bit.
     """
     K_pad, N = padded_in_features(qweight), qweight.shape[1]
-    q = (qweight.unsqueeze(1) >> _shifts(qweight.device)) & 0xF  # (K_pad/8, 8, N)
-    q = q.reshape(K_pad // group_size, group_size, N).float()
+    q = unpacked_codes(qweight).reshape(K_pad // group_size, group_size, N).float()
     w = (q - zeros.float().unsqueeze(1)) * scales.float().unsqueeze(1)  # (G, g, N)
     return w.reshape(K_pad, N)[:in_features].T.to(dtype)
