@@ -166,7 +166,8 @@ def main(argv=None) -> int:
         rows.append({"row": "torchao int4", "kind": "peer", "skipped": "torchao is not installed here"})
     meta = {"command": " ".join(sys.argv), "machine": platform.processor() or platform.machine(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "model": "tiny" if args.tiny else args.model,
+            "torch": torch.__version__, "python": platform.python_version(),
+            "model": "tiny" if args.tiny else args.model,
             "rows": rows}
     add_ratios(rows)
     out = Path(args.out)

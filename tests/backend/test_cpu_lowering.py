@@ -18,7 +18,8 @@ from tests_helpers import tiny_llama_config
 pytestmark = pytest.mark.skipif(cpu_int4.unsupported_reason(64, 64) is not None,
                                 reason=f"no CPU int4 kernel here: {cpu_int4.unsupported_reason(64, 64)}")
 
-INT4_CALL = re.compile(r"torch\.ops\.(quantized\.int4mm_packed_weight_cpu|aten\._weight_int4pack_mm_for_cpu)\.default\(")
+INT4_CALL = re.compile(r"torch\.ops\.(quantized\.int4mm_packed_weight_cpu|aten\._weight_int4pack_mm_for_cpu)"
+                       r"\.default\(")
 MM_OPERAND = re.compile(r"extern_kernels\.mm\(.*reinterpret_tensor\(\w+, \((\d+), (\d+)\), \(\d+, \d+\), 0\), out=")
 ALLOC = re.compile(r"empty_strided_cpu\(\((\d+), (\d+)\), \(\d+, \d+\), torch\.(float32|bfloat16)\)")
 
