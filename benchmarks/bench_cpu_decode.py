@@ -144,9 +144,14 @@ def main(argv=None) -> int:
     batches = [{"input_ids": torch.randint(0, vocab, (1, 256 if not args.tiny else 16), generator=g)}
                for _ in range(args.calib_batches)]
     calibrated = calibrate(model, batches, GlowQConfig(group_size=args.group_size))
+    int8 = dict(output_head_bits=8)
+    cpp_wrapper = {"cpp_wrapper": True}  # Inductor's C++ wrapper: no Python between the kernels of a step
     ours = [("W4 compiled", dict(method="none"), True), ("independent compiled", dict(method="qera"), True),
             ("GlowQ eager", dict(method="glowq"), False), ("GlowQ compiled", dict(method="glowq"), True),
-            ("GlowQ-S compiled", dict(method="glowq", selective="auto"), True)]
+            ("GlowQ-S compiled", dict(method="glowq", selective="auto"), True),
+            ("W4 compiled int8-head", dict(method="none", **int8), True),
+            ("GlowQ compiled int8-head", dict(method="glowq", **int8), True),
+            ("GlowQ compiled int8-head cpp_wrapper", dict(method="glowq", **int8), cpp_wrapper)]
     for name, options, compiled in ours:
         if want is not None and name not in want:
             continue
@@ -154,7 +159,10 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         report = quantize_(q, calibrated if "selective" not in options else batches,
                            GlowQConfig(group_size=args.group_size, rank=args.rank, **options), progress=False)
-        row = measure(name, q, compile_model(q, glowq_backend) if compiled else None, args, "ours")
+        step = None
+        if compiled:
+            step = compile_model(q, glowq_backend, **({"options": compiled} if isinstance(compiled, dict) else {}))
+        row = measure(name, q, step, args, "ours")
         row["quantize_s"] = time.perf_counter() - t0
         row["kernels"] = {k: sum(v == k for v in report.kernels.values()) for k in set(report.kernels.values())}
         rows.append(row)

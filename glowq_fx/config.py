@@ -23,6 +23,7 @@ BLOCK_INPUTS = ("float", "quantized")
 ACTIVATION_PLACES = ("auto", "device", "cpu", "disk")
 FACTOR_DTYPES = ("auto", "model", "float32", "bfloat16", "float16")
 EMBEDDING_BITS = (None, 4, 8)
+OUTPUT_HEAD_BITS = (None, 8)  # int8, one scale per output row (modules.int8_linear)
 EXPERT_WEIGHTINGS = ("none", "usage")
 
 
@@ -107,6 +108,14 @@ class GlowQConfig:
             else a module named ``lm_head``) with its own correction (a group of one). Off by
             default, as in GPTQ/AWQ tools. A head tied to the input embedding is quantized only
             together with it (``embedding_bits=4``): one 4-bit table serves both.
+        output_head_bits: ``8`` stores the output head, when ``quantize_output_head``
+            leaves it out of the 4-bit groups, as int8 with one scale per output row
+            (``modules.int8_linear``), run by PyTorch's CPU int8 kernel: on a large vocabulary
+            the float head is most of the bytes a decode step reads (SmolLM2: 113 of 166 MB in
+            float32). A tied input embedding then reads the same codes (its table follows the
+            head; ``embedding_bits`` None or 8). ``None`` (default, for now: tensor parallel does not
+            split an int8 head yet) keeps the head in floating point.
+            With ``quantize_output_head=True`` the groups take the head and this does not apply.
         embedding_bits: ``None`` (default) keeps the input embedding table in floating point;
             4 or 8 stores it group-wise (``group_size`` along the embedding dimension, RTN,
             asymmetric) and dequantizes the rows looked up. With a tied output head the table
@@ -151,6 +160,7 @@ class GlowQConfig:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     quantize_output_head: bool = False
+    output_head_bits: int | None = None
     embedding_bits: int | None = None
     factor_dtype: str = "auto"
     min_out_features: int = 32
@@ -182,6 +192,7 @@ class GlowQConfig:
         _check_choice("activations", self.activations, ACTIVATION_PLACES)
         _check_choice("factor_dtype", self.factor_dtype, FACTOR_DTYPES)
         _check_choice("embedding_bits", self.embedding_bits, EMBEDDING_BITS)
+        _check_choice("output_head_bits", self.output_head_bits, OUTPUT_HEAD_BITS)
         _check_choice("expert_weighting", self.expert_weighting, EXPERT_WEIGHTINGS)
         own = self.expert_own_input_rank
         if own is not None and (not isinstance(own, int) or isinstance(own, bool) or own < 0):

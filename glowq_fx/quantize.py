@@ -45,7 +45,8 @@ from glowq_fx.correction.decompose import solve, squared_norm
 from glowq_fx.errors import warn
 from glowq_fx.kernels.layout import pack
 from glowq_fx.capture.groups import output_head, tied_embedding
-from glowq_fx.modules.embedding import quantize_embedding
+from glowq_fx.modules.embedding import quantize_embedding, tie_to_int8_head
+from glowq_fx.modules.int8_linear import Int8Linear
 from glowq_fx.modules.experts import QuantizedExperts
 from glowq_fx.modules.install import replace_module
 from glowq_fx.modules.linear import QuantizedLinear, linear_weight
@@ -54,7 +55,7 @@ from glowq_fx.quantize_experts import experts_statistics, find_experts, joined_g
 from glowq_fx.modules.kernels import use_cpu_kernels
 from glowq_fx.report import GroupReport, QuantizationReport
 from glowq_fx.selective.policy import apply_selection, attach_group, check_auto_batches, detach_group
-from passes.groups import InputGroup
+from passes.groups import GroupFilter, InputGroup
 
 
 def factor_dtype(config: GlowQConfig, model_dtype: torch.dtype) -> torch.dtype:
@@ -142,37 +143,73 @@ def _input_embeddings(model: nn.Module) -> dict[str, nn.Embedding]:
     return {n: m for n, m in model.named_modules() if isinstance(m, nn.Embedding) and (table is None or m is table)}
 
 
+def _int8_head(model: nn.Module, config: GlowQConfig) -> str | None:
+    """The output head ``config.output_head_bits`` stores in int8, or None."""
+    head = output_head(model)
+    if config.output_head_bits is None or config.quantize_output_head or head is None:
+        return None
+    if GroupFilter(include=config.include, exclude=config.exclude).reason(head, 1 << 30) is not None:
+        return None  # the user's include/exclude patterns keep it in floating point
+    if not isinstance(model.get_submodule(head), nn.Linear):
+        raise ValueError(f"output_head_bits={config.output_head_bits}: the output head {head} is a "
+                         f"{type(model.get_submodule(head)).__name__}, not an nn.Linear; leave output_head_bits=None")
+    return head
+
+
 def plan_embeddings(model: nn.Module, config: GlowQConfig) -> dict[str, str | None]:
-    """For ``config.embedding_bits``: each table to quantize and the output head sharing it (tied),
-    or None; a ``ValueError`` before any work for a combination that cannot be stored."""
+    """For ``config.embedding_bits`` and ``config.output_head_bits``: each table to quantize and the
+    output head sharing it (tied), or None; a ``ValueError`` before any work for a combination
+    that cannot be stored. A table tied to an int8 head follows the head."""
+    head = output_head(model)
+    shared = tied_embedding(model, head)
+    int8_head = _int8_head(model, config)
     if config.embedding_bits is None:
-        return {}
+        return {shared: head} if shared is not None and int8_head is not None else {}
     tables = _input_embeddings(model)
     if not tables:
         raise ValueError(f"embedding_bits={config.embedding_bits}, but {type(model).__name__} has no nn.Embedding "
                          "table; leave embedding_bits=None")
-    head = output_head(model)
-    shared = tied_embedding(model, head)
     plan = {}
     for name in tables:
         if name != shared:
             plan[name] = None
             continue
-        if not config.quantize_output_head:
+        if int8_head is not None:
+            if config.embedding_bits != 8:
+                raise ValueError(f"{name} shares its table with the output head {head} (tied weights), which "
+                                 f"output_head_bits=8 stores in int8: use embedding_bits=8 or None (the table follows "
+                                 f"the head), not {config.embedding_bits}")
+        elif not config.quantize_output_head:
             raise ValueError(f"{name} shares its table with the output head {head} (tied weights): quantize both "
-                             "(quantize_output_head=True, embedding_bits=4: one 4-bit table serves both) or neither")
-        if config.embedding_bits != 4:
+                             "(quantize_output_head=True, embedding_bits=4: one 4-bit table serves both; or "
+                             "output_head_bits=8: one int8 table) or neither")
+        elif config.embedding_bits != 4:
             raise ValueError(f"{name} shares its table with the output head {head} (tied weights), which is stored in "
                              f"the head's 4-bit layout: use embedding_bits=4, not {config.embedding_bits}")
         plan[name] = head
     return plan
 
 
+def _quantize_head_int8(model: nn.Module, config: GlowQConfig) -> dict[str, dict]:
+    """Swap the output head for an ``Int8Linear`` (``config.output_head_bits``); its report entry."""
+    head = _int8_head(model, config)
+    if head is None:
+        return {}
+    linear = model.get_submodule(head)
+    new = Int8Linear.from_linear(linear)
+    replace_module(model, head, new)
+    W = linear.weight
+    return {head: {"kind": "output head", "bits": 8, "group_size": new.in_features, "shape": list(W.shape),
+                   "dense_bytes": W.numel() * W.element_size(), "bytes": new.qweight.nbytes + new.scales.nbytes,
+                   "tied_head": None}}
+
+
 def quantize_embeddings(model: nn.Module, plan: dict[str, str | None], config: GlowQConfig,
                         skipped: dict[str, str]) -> dict[str, dict]:
-    """Swap each planned table for a ``QuantizedEmbedding`` (sharing a tied head's quantized
-    weight); the report's entry per table."""
-    done = {}
+    """Store the output head in int8 (``config.output_head_bits``), then swap each planned table
+    for a ``QuantizedEmbedding`` (sharing a tied head's quantized weight); the report's entry per
+    table and int8 head."""
+    done = _quantize_head_int8(model, config)
     for name, head in plan.items():
         table = model.get_submodule(name)
         before = table.weight.numel() * table.weight.element_size()
@@ -180,13 +217,17 @@ def quantize_embeddings(model: nn.Module, plan: dict[str, str | None], config: G
             new = quantize_embedding(table, config.embedding_bits, config.group_size)
         else:
             linear = model.get_submodule(head)
-            if not isinstance(linear, QuantizedLinear):
+            if isinstance(linear, Int8Linear):
+                new = tie_to_int8_head(table, linear.qweight, linear.scales)
+            elif isinstance(linear, QuantizedLinear):
+                new = quantize_embedding(table, 4, config.group_size, packed=(linear.qweight, linear.scales,
+                                                                              linear.zeros))
+            else:
                 raise ValueError(f"{name} shares its table with the output head {head}, which was not quantized "
                                  f"({skipped.get(head, 'not in any group')}); quantize the head too or leave "
                                  "embedding_bits=None")
-            new = quantize_embedding(table, 4, config.group_size, packed=(linear.qweight, linear.scales, linear.zeros))
         replace_module(model, name, new)
-        after = sum(t.nbytes for t in (new.qweight, new.scales, new.zeros))
+        after = sum(t.nbytes for t in (new.qweight, new.scales, new.zeros) if t is not None)
         done[name] = {"bits": new.bits, "group_size": new.group_size, "shape": [new.num_embeddings, new.embedding_dim],
                       "dense_bytes": before, "bytes": 0 if head is not None else after, "tied_head": head}
     return done

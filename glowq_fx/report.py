@@ -101,13 +101,16 @@ class QuantizationReport:
             lines.append(f"whole model (embeddings and everything left in floating point included): {before:,} -> "
                          f"{after:,} bytes ({after / before if before else 0:.3f}x)")
         for name, e in self.embeddings.items():
+            if e.get("kind") == "output head":
+                lines.append(f"output head {name} {e['shape'][0]} x {e['shape'][1]}: INT8, one scale per row")
+                continue
             shared = f", shared with the output head {e['tied_head']}" if e["tied_head"] else ""
             lines.append(f"embedding {name} {e['shape'][0]} x {e['shape'][1]}: INT{e['bits']} g{e['group_size']}"
                          f"{shared}")
         if self.kernels:
-            fast = sum(k == "cpu_int4" for k in self.kernels.values())
-            reasons = sorted({k.split(": ", 1)[1] for k in self.kernels.values() if k != "cpu_int4"})
-            lines.append(f"on this CPU: {fast} of {len(self.kernels)} quantized linears run PyTorch's int4 kernel"
+            fast = sum(k.startswith("cpu_int") for k in self.kernels.values())
+            reasons = sorted({k.split(": ", 1)[1] for k in self.kernels.values() if not k.startswith("cpu_int")})
+            lines.append(f"on this CPU: {fast} of {len(self.kernels)} quantized linears run PyTorch's int4/int8 kernels"
                          + "".join(f"; reference path: {r}" for r in reasons))
         lines.append(self.table())
         c = self.calibration or {}

@@ -53,8 +53,12 @@ def group_filter(model: nn.Module, config: GlowQConfig) -> GroupFilter:
     skip, tied_ok = {}, set()
     head = output_head(model)
     table = tied_embedding(model, head)
-    if head is not None and not config.quantize_output_head:
-        skip[head] = "the output head stays in full precision (set quantize_output_head=True to quantize it)"
+    if head is not None and not config.quantize_output_head and config.output_head_bits is not None:
+        skip[head] = (f"the output head stays out of the 4-bit groups: output_head_bits={config.output_head_bits} "
+                      "stores it in int8 (unless include/exclude keep it in floating point)")
+    elif head is not None and not config.quantize_output_head:
+        skip[head] = ("the output head stays in full precision (output_head_bits=8 stores it in int8, "
+                      "quantize_output_head=True in the 4-bit groups)")
     elif table is not None and config.embedding_bits != 4:
         skip[head] = (f"the output head's weight is the input embedding {table}'s table (tied): quantize the one "
                       "table for both with embedding_bits=4")

@@ -20,6 +20,7 @@ from glowq_fx.modules.expert_views import TracedExperts
 from glowq_fx.modules.experts import (QuantizedExperts, QuantizedExpertWeights, experts_protocol, layout_from_record,
                                       layout_record, quantized_experts)
 from glowq_fx.modules.install import register_projection, replace_module
+from glowq_fx.modules.int8_linear import Int8Linear
 from glowq_fx.modules.linear import QuantizedLinear, SharedProjection, linear_weight
 
 FORMAT = "glowq-fx"
@@ -41,8 +42,9 @@ def describe(model: nn.Module, prefix: str | None = None) -> dict:
     """The quantized modules of ``model`` under the module ``prefix`` (None: all): each quantized
     linear (shape, group size, rank, bias, the projection it reads), each projection (members,
     state-dict key), each quantized embedding table (bits, shape, the head sharing it) and each
-    quantized experts module (its protocol, and per 3-D weight what a linear records)."""
-    linears, projections, embeddings, experts = {}, {}, {}, {}
+    quantized experts module (its protocol, and per 3-D weight what a linear records), and each
+    int8 linear (the output head, ``output_head_bits``)."""
+    linears, projections, embeddings, experts, int8_linears = {}, {}, {}, {}, {}
 
     def projection_key(projection: SharedProjection | None) -> str | None:
         if projection is None:
@@ -66,12 +68,16 @@ def describe(model: nn.Module, prefix: str | None = None) -> dict:
                               "group_size": q.group_size, "rank": q.rank, "bias": q.bias is not None,
                               "projection": projection_key(q.projection)}
             experts[name] = {"protocol": layout_record(m.glowq_protocol), "weights": weights}
+        elif isinstance(m, Int8Linear):
+            int8_linears[name] = {"in_features": m.in_features, "out_features": m.out_features,
+                                  "bias": m.bias is not None}
         elif isinstance(m, QuantizedEmbedding):
-            heads = [n for n, h in model.named_modules() if isinstance(h, QuantizedLinear) and h.qweight is m.qweight]
+            heads = [n for n, h in model.named_modules()
+                     if isinstance(h, (QuantizedLinear, Int8Linear)) and h.qweight is m.qweight]
             embeddings[name] = {"bits": m.bits, "num_embeddings": m.num_embeddings, "embedding_dim": m.embedding_dim,
                                 "tied_head": heads[0] if heads else None}
     return {"linears": linears, "projections": list(projections.values()), "embeddings": embeddings,
-            "experts": experts}
+            "experts": experts, "int8_linears": int8_linears}
 
 
 def hf_quantization_config(model: nn.Module, config: GlowQConfig | None) -> dict:
@@ -175,7 +181,7 @@ def _check_packed(name: str, rec: dict, header: dict, experts: int | None = None
             raise CheckpointError(f"{key} is {dtype} {tuple(shape)}, expected a float {s_expected}")
 
 
-def _check_embedding(name: str, rec: dict, modules: dict, header: dict, linears: dict) -> None:
+def _check_embedding(name: str, rec: dict, modules: dict, header: dict, linears: dict, int8_linears: dict) -> None:
     """A quantized table's record agrees with the model and its tensors (``modules.embedding``)."""
     module = modules.get(name)
     if not isinstance(module, nn.Embedding):
@@ -185,6 +191,13 @@ def _check_embedding(name: str, rec: dict, modules: dict, header: dict, linears:
     if (module.num_embeddings, module.embedding_dim) != (V, D):
         raise CheckpointError(f"{name}: the model's table is {module.num_embeddings} x {module.embedding_dim}, the "
                               f"checkpoint's {V} x {D}; other model size")
+    head = rec.get("tied_head")
+    if head is not None and head in int8_linears:  # the per-row int8 layout, the head's own tensors
+        rec_head = int8_linears[head]
+        if (rec_head["out_features"], rec_head["in_features"]) != (V, D) or bits != 8:
+            raise CheckpointError(f"{name}: its table is recorded as shared with the int8 output head {head}, which "
+                                  f"is not an 8-bit {V} x {D} table there (the description is corrupted)")
+        return
     keys = [f"{name}.{s}" for s in ("qweight", "scales", "zeros")]
     absent = [k for k in keys if k not in header]
     if absent:
@@ -196,7 +209,6 @@ def _check_embedding(name: str, rec: dict, modules: dict, header: dict, linears:
             or sshape[1] != V or rows % sshape[0]):
         raise CheckpointError(f"{name}: codes {qdtype} {tuple(qshape)} and scales {tuple(sshape)} are not a {bits}-bit "
                               f"{V} x {D} table (the checkpoint is corrupted)")
-    head = rec.get("tied_head")
     if head is not None and (head not in linears or (linears[head]["out_features"], linears[head]["in_features"])
                              != (V, D) or bits != 4):
         raise CheckpointError(f"{name}: its table is recorded as shared with the output head {head}, which the "
@@ -244,6 +256,23 @@ def _plan_experts(name: str, rec: dict, module: nn.Module | None, header: dict, 
     return replaced
 
 
+def _plan_int8(name: str, rec: dict, module: nn.Module | None, expected: dict) -> None:
+    """Check an int8 linear's record against the model's linear, adding its tensors to ``expected``."""
+    W = None if module is None else linear_weight(module)
+    if W is None:
+        raise CheckpointError(f"the checkpoint holds an int8 linear at {name}, which this model "
+                              f"{'does not have' if module is None else f'has as a {type(module).__name__}'}")
+    N, K = rec["out_features"], rec["in_features"]
+    if tuple(W.shape) != (N, K):
+        raise CheckpointError(f"{name}: the model's linear is {tuple(W.shape)} (out, in), the checkpoint's int8 "
+                              f"({N}, {K}); other model size")
+    if rec["bias"] != (getattr(module, "bias", None) is not None):
+        raise CheckpointError(f"{name}: bias {'missing in the model' if rec['bias'] else 'unexpected'}")
+    expected.update({f"{name}.qweight": (N, K), f"{name}.scales": (N,)})
+    if rec["bias"]:
+        expected[f"{name}.bias"] = (N,)
+
+
 def _plan(model: nn.Module, meta: dict, header: dict) -> None:
     """Every check between the checkpoint and ``model``, before anything changes."""
     modules = dict(model.named_modules())
@@ -276,10 +305,18 @@ def _plan(model: nn.Module, meta: dict, header: dict) -> None:
         replaced.update(_plan_experts(name, rec, modules.get(name), header, expected))
     for p in meta["projections"]:
         expected[p["key"]] = (p["rank"], p["in_features"])
+    int8_linears = meta.get("int8_linears", {})
+    for name, rec in int8_linears.items():
+        _plan_int8(name, rec, modules.get(name), expected)
+        replaced.update((f"{name}.weight", f"{name}.bias"))
     for name, rec in meta.get("embeddings", {}).items():
-        _check_embedding(name, rec, modules, header, meta["linears"])
+        _check_embedding(name, rec, modules, header, meta["linears"], int8_linears)
         replaced.add(f"{name}.weight")
-        expected.update({f"{name}.{suffix}": None for suffix in ("qweight", "scales", "zeros")})
+        if rec.get("tied_head") in int8_linears:
+            expected.update({f"{name}.qweight": (rec["num_embeddings"], rec["embedding_dim"]),
+                             f"{name}.scales": (rec["num_embeddings"],)})
+        else:
+            expected.update({f"{name}.{suffix}": None for suffix in ("qweight", "scales", "zeros")})
     expected.update({key: tuple(t.shape) for key, t in state.items() if key not in replaced})
     present = set(header) | set(meta["aliases"])
     missing, unexpected = sorted(set(expected) - present), sorted(present - set(expected))
@@ -395,6 +432,7 @@ def _meta_from_config(directory: Path) -> tuple[dict, list[dict]]:
     meta = {"format": FORMAT, "format_version": entry.get("format_version", FORMAT_VERSION), "config": entry.get("config"),
             "linears": entry["linears"], "projections": entry.get("projections", []),
             "embeddings": entry.get("embeddings", {}), "experts": entry.get("experts", {}),
+            "int8_linears": entry.get("int8_linears", {}),
             "aliases": entry.get("aliases", {}),
             "model_class": (json.loads((directory / "config.json").read_text()).get("architectures") or ["?"])[0],
             "tensors": {"shards": [{"file": f} for f in files]}}
@@ -419,9 +457,17 @@ def install_quantized(model: nn.Module, meta: dict, header: dict, device: str | 
         replace_module(model, name, _empty_quantized(name, rec, header, projection, device))
     for name, rec in meta.get("experts", {}).items():
         replace_module(model, name, _empty_experts(model.get_submodule(name), name, rec, header, projections, device))
+    for name, rec in meta.get("int8_linears", {}).items():
+        def empty(key: str) -> torch.Tensor:
+            shape, dtype = header[key]
+            return torch.empty(shape, dtype=dtype, device=device)
+
+        replace_module(model, name, Int8Linear(empty(f"{name}.qweight"), empty(f"{name}.scales"),
+                                               empty(f"{name}.bias") if rec["bias"] else None))
     for name, rec in meta.get("embeddings", {}).items():
         table = empty_quantized_embedding(model.get_submodule(name), rec["bits"],
-                                          {k: header[f"{name}.{k}"] for k in ("qweight", "scales", "zeros")}, device)
+                                          {k: header[f"{name}.{k}"] for k in ("qweight", "scales", "zeros")
+                                           if f"{name}.{k}" in header}, device)
         replace_module(model, name, table)
     tie_tables(model, meta)
 
@@ -431,7 +477,10 @@ def tie_tables(model: nn.Module, meta: dict) -> None:
     for name, rec in meta.get("embeddings", {}).items():
         if rec["tied_head"] is not None:
             table, head = model.get_submodule(name), model.get_submodule(rec["tied_head"])
-            head.qweight, head.scales, head.zeros = table.qweight, table.scales, table.zeros
+            if isinstance(head, Int8Linear):
+                head.qweight, head.scales = table.qweight, table.scales
+            else:
+                head.qweight, head.scales, head.zeros = table.qweight, table.scales, table.zeros
 
 
 def is_checkpoint(path: str | Path) -> bool:

@@ -76,6 +76,7 @@ class CheckpointWriter:
         self.aliases: dict[str, str] = {}
         self.embeddings: dict[str, dict] = {}
         self.experts: dict[str, dict] = {}
+        self.int8_linears: dict[str, dict] = {}
         self._written: set[str] = set()
         self.dtype: torch.dtype | None = None  # the model's (its quantized linears' scales')
 
@@ -90,6 +91,8 @@ class CheckpointWriter:
             self._projections.setdefault(rec["key"], rec)
         for name, rec in found["embeddings"].items():
             self.embeddings.setdefault(name, rec)
+        for name, rec in found["int8_linears"].items():
+            self.int8_linears.setdefault(name, rec)
         for name, rec in found["experts"].items():
             self.experts.setdefault(name, rec)
             first = model.get_submodule(name)
@@ -135,7 +138,7 @@ class CheckpointWriter:
             "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
             "config": None if config is None else config.to_dict(),
             "linears": self.records, "projections": list(self._projections.values()), "aliases": self.aliases,
-            "embeddings": self.embeddings, "experts": self.experts,
+            "embeddings": self.embeddings, "experts": self.experts, "int8_linears": self.int8_linears,
             "tensors": {"shards": shards},
             "report": None if report is None else report.to_dict(),
         }

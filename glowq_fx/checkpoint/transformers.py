@@ -37,11 +37,12 @@ class GlowQHfConfig(QuantizationConfigMixin):
     checkpoint format version and the ``GlowQConfig`` it was quantized with (``glowq.json``
     holds the full description)."""
 
-    FIELDS = ("linears", "projections", "embeddings", "experts", "aliases")
+    FIELDS = ("linears", "projections", "embeddings", "experts", "aliases", "int8_linears")
 
     def __init__(self, format_version: int = FORMAT_VERSION, config: dict | None = None, quant_method: str = QUANT_METHOD,
                  linears: dict | None = None, projections: list | None = None, embeddings: dict | None = None,
-                 aliases: dict | None = None, experts: dict | None = None, **kwargs: Any):
+                 aliases: dict | None = None, experts: dict | None = None, int8_linears: dict | None = None,
+                 **kwargs: Any):
         if quant_method != QUANT_METHOD:
             raise ValueError(f"GlowQHfConfig describes quant_method {QUANT_METHOD!r}, not {quant_method!r}")
         if kwargs:
@@ -52,7 +53,7 @@ class GlowQHfConfig(QuantizationConfigMixin):
         self.quant_method, self.format_version, self.config = QUANT_METHOD, format_version, config
         self.linears, self.projections = dict(linears or {}), list(projections or [])
         self.embeddings, self.aliases = dict(embeddings or {}), dict(aliases or {})
-        self.experts = dict(experts or {})
+        self.experts, self.int8_linears = dict(experts or {}), dict(int8_linears or {})
 
     def to_dict(self) -> dict[str, Any]:
         return {"quant_method": QUANT_METHOD, "format_version": self.format_version, "config": self.config,
@@ -128,7 +129,8 @@ def _untie_quantized(model, meta: dict) -> None:
     """transformers ties parameters by name (``lm_head.weight`` to the embedding's); a quantized
     module has no such parameter (a tied table is one set of buffers, ``tie_tables``), and the
     keys stored once under another name (``aliases``) are expected missing."""
-    quantized = {f"{name}.weight" for name in (*meta["linears"], *meta.get("embeddings", {}))}
+    quantized = {f"{name}.weight" for name in (*meta["linears"], *meta.get("embeddings", {}),
+                                               *meta.get("int8_linears", {}))}
     tied = getattr(model, "all_tied_weights_keys", None) or {}
     model.all_tied_weights_keys = {t: s for t, s in tied.items() if t not in quantized and s not in quantized}
     aliases = [re.escape(key) + "$" for key in meta.get("aliases", {})]

@@ -164,7 +164,8 @@ def _config_from_args(args: argparse.Namespace) -> GlowQConfig:
     return GlowQConfig(bits=args.bits, group_size=args.group_size, symmetric=args.symmetric, quantizer=args.quantizer,
                        method=args.method, rank=args.rank, svd=args.svd, seed=args.seed, exclude=tuple(args.exclude),
                        quantize_output_head=args.quantize_output_head, embedding_bits=args.embedding_bits,
-                       factor_dtype=args.factor_dtype, calibration=args.calibration,
+                       output_head_bits=args.output_head_bits, factor_dtype=args.factor_dtype,
+                       calibration=args.calibration,
                        block_inputs=args.block_inputs, activations=args.activations, offload_dir=args.offload_dir)
 
 
@@ -355,6 +356,8 @@ def _quantization_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exclude", action="append", default=[], help="regex of modules to leave out (repeatable)")
     p.add_argument("--quantize-output-head", action="store_true",
                    help="quantize the output head too (its own correction; a tied head needs --embedding-bits 4)")
+    p.add_argument("--output-head-bits", type=int, default=d.output_head_bits, choices=[8],
+                   help="store the output head int8, one scale per row (a tied table reads its codes; default: float)")
     p.add_argument("--embedding-bits", type=int, default=d.embedding_bits, choices=[4, 8],
                    help="store the input embedding table in 4 or 8 bits (default: floating point)")
     p.add_argument("--factor-dtype", default=d.factor_dtype, choices=["auto", "model", "float32", "bfloat16", "float16"],

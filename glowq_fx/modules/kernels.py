@@ -10,27 +10,31 @@ import logging
 
 from torch import nn
 
+from glowq_fx.modules.int8_linear import Int8Linear
 from glowq_fx.modules.linear import QuantizedLinear
 
 log = logging.getLogger("glowq_fx")
 
 CPU_INT4 = "cpu_int4"
+CPU_INT8 = "cpu_int8"
 
 
 def use_cpu_kernels(model: nn.Module, enable: bool = True) -> dict[str, str]:
-    """Give every quantized linear on the CPU PyTorch's int4 kernel where it can take it.
+    """Give every quantized linear on the CPU PyTorch's int4 kernel (an int8 head: its int8
+    kernel) where it can take it.
 
-    Returns module name -> ``"cpu_int4"`` or ``"reference: <why>"`` for every quantized linear on
+    Returns module name -> ``"cpu_int4"``, ``"cpu_int8"`` or ``"reference: <why>"`` for every quantized linear on
     the CPU; the linears left on the reference path (dequantize + GEMM at every call) are said in
     one warning per reason, with how many they are.
     """
     kernels: dict[str, str] = {}
     left: dict[str, list[str]] = {}
     for name, module in model.named_modules():
-        if not isinstance(module, QuantizedLinear) or module.qweight.device.type != "cpu":
+        if not isinstance(module, (QuantizedLinear, Int8Linear)) or module.qweight.device.type != "cpu":
             continue
-        why = module.use_cpu_int4_kernel(enable)
-        kernels[name] = CPU_INT4 if why is None else f"reference: {why}"
+        int8 = isinstance(module, Int8Linear)
+        why = module.use_cpu_int8_kernel(enable) if int8 else module.use_cpu_int4_kernel(enable)
+        kernels[name] = (CPU_INT8 if int8 else CPU_INT4) if why is None else f"reference: {why}"
         if why is not None and enable:
             left.setdefault(why, []).append(name)
     for why, names in left.items():

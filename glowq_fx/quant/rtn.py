@@ -175,3 +175,16 @@ def quantization_error(W: Tensor, qw: QuantizedWeight) -> Tensor:
         )
     E = qw.dequantize(torch.float32).neg_().add_(W)  # in the dequantized buffer: no second (N, K)
     return E if E.is_contiguous() else E.contiguous()  # padded K: the view's rows are K_pad apart
+
+
+def quantize_int8_rows(W: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 of ``W`` (N, K), one scale per row: ``s = max|w| / 127`` (rounded up to
+    ``W.dtype``, so no code leaves [-127, 127]), ``q = round(w / s)``. Returns (codes int8 (N, K),
+    scales (N,) in ``W.dtype``); ``q * s`` is the dequantized weight. An all-zero row gets scale
+    1 and zero codes (exact)."""
+    check_weight(W)
+    w = W.float()
+    s = w.abs().amax(dim=1) / 127
+    s = _round_up_to_dtype(torch.where(s == 0, torch.ones_like(s), s), W.dtype)
+    q = torch.div(w, s.unsqueeze(1)).round_().clamp_(-127, 127)
+    return q.to(torch.int8), s.to(W.dtype)

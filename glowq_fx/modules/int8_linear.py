@@ -1,0 +1,80 @@
+"""An int8 weight-only linear: the output head's storage when it stays out of the 4-bit groups.
+
+On models with a large vocabulary the head is most of the bytes a decode step reads (SmolLM2:
+49152 x 576, 113 MB in float32 against 53 MB for the 4-bit body), so leaving it in floating point
+caps the decode speed of a 4-bit model. Stored int8 with one scale per output row
+(``quant.rtn.quantize_int8_rows``; torchao's int8 weight-only convention) it reads a quarter of
+float32's bytes, and PyTorch's CPU int8 kernel runs it (``kernels.cpu_int8``); elsewhere the
+forward dequantizes and runs the float GEMM. A tied input embedding reads the same codes
+(``modules.embedding``, the per-row int8 layout).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from glowq_fx.kernels import cpu_int8
+from glowq_fx.quant.rtn import quantize_int8_rows
+
+
+class Int8Linear(nn.Module):
+    """``y = x (q * s[:, None])^T + bias``.
+
+    Buffers:
+        qweight: int8 (out_features, in_features).
+        scales: (out_features,) in the model dtype.
+        bias: (out_features,) in the model dtype, or None.
+
+    ``use_cpu_int8_kernel`` (called by ``modules.kernels.use_cpu_kernels``) turns the CPU kernel
+    on where the machine has it.
+    """
+
+    def __init__(self, qweight: Tensor, scales: Tensor, bias: Tensor | None = None):
+        super().__init__()
+        if qweight.dtype != torch.int8 or qweight.dim() != 2:
+            raise ValueError(f"qweight must be a 2-D int8 tensor, got {qweight.dtype} {tuple(qweight.shape)}")
+        N, K = qweight.shape
+        if tuple(scales.shape) != (N,) or not scales.is_floating_point():
+            raise ValueError(f"scales must be a float ({N},) tensor, got {scales.dtype} {tuple(scales.shape)}")
+        if bias is not None and tuple(bias.shape) != (N,):
+            raise ValueError(f"bias must be ({N},), got {tuple(bias.shape)}")
+        self.in_features, self.out_features = K, N
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+        self.register_buffer("bias", None if bias is None else bias.detach().to(scales.dtype).clone())
+        self.cpu_kernel = False
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+        """``linear`` quantized to int8, one scale per output row (its weight is left untouched)."""
+        qweight, scales = quantize_int8_rows(linear.weight.detach())
+        return cls(qweight, scales, linear.bias)
+
+    def cpu_int8_unsupported(self) -> str | None:
+        """Why this linear cannot run PyTorch's CPU int8 kernel here, or None when it can."""
+        if self.qweight.device.type != "cpu":
+            return f"on {self.qweight.device.type}, not the CPU"
+        return cpu_int8.unsupported_reason()
+
+    def use_cpu_int8_kernel(self, enable: bool = True) -> str | None:
+        """Run the CPU int8 kernel (``enable=False``: the dequantize + GEMM path). Returns why the
+        kernel cannot be used, or None when it is."""
+        why = self.cpu_int8_unsupported() if enable else "disabled"
+        self.cpu_kernel = why is None
+        return why
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The float weight (out_features, in_features) in ``dtype`` (default: the scales')."""
+        w = self.qweight.float() * self.scales.float().unsqueeze(1)
+        return w.to(dtype or self.scales.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.cpu_kernel and x.device.type == "cpu":
+            y = cpu_int8.int8_matmul(x, self.qweight, self.scales)
+        else:
+            y = F.linear(x, self.dequantize(x.dtype))
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
