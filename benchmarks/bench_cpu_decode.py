@@ -146,22 +146,21 @@ def main(argv=None) -> int:
     calibrated = calibrate(model, batches, GlowQConfig(group_size=args.group_size))
     int8 = dict(output_head_bits=8)
     cpp_wrapper = {"cpp_wrapper": True}  # Inductor's C++ wrapper: no Python between the kernels of a step
-    ours = [("W4 compiled", dict(method="none"), True), ("independent compiled", dict(method="qera"), True),
-            ("GlowQ eager", dict(method="glowq"), False), ("GlowQ compiled", dict(method="glowq"), True),
-            ("GlowQ-S compiled", dict(method="glowq", selective="auto"), True),
-            ("W4 compiled int8-head", dict(method="none", **int8), True),
-            ("GlowQ compiled int8-head", dict(method="glowq", **int8), True),
+    # (row, GlowQConfig options, glowq_backend options: None runs eager)
+    ours = [("W4 compiled", dict(method="none"), {}), ("independent compiled", dict(method="qera"), {}),
+            ("GlowQ eager", dict(method="glowq"), None), ("GlowQ compiled", dict(method="glowq"), {}),
+            ("GlowQ-S compiled", dict(method="glowq", selective="auto"), {}),
+            ("W4 compiled int8-head", dict(method="none", **int8), {}),
+            ("GlowQ compiled int8-head", dict(method="glowq", **int8), {}),
             ("GlowQ compiled int8-head cpp_wrapper", dict(method="glowq", **int8), cpp_wrapper)]
-    for name, options, compiled in ours:
+    for name, options, backend_options in ours:
         if want is not None and name not in want:
             continue
         q = copy.deepcopy(model)
         t0 = time.perf_counter()
         report = quantize_(q, calibrated if "selective" not in options else batches,
                            GlowQConfig(group_size=args.group_size, rank=args.rank, **options), progress=False)
-        step = None
-        if compiled:
-            step = compile_model(q, glowq_backend, **({"options": compiled} if isinstance(compiled, dict) else {}))
+        step = None if backend_options is None else compile_model(q, glowq_backend, options=backend_options)
         row = measure(name, q, step, args, "ours")
         row["quantize_s"] = time.perf_counter() - t0
         row["kernels"] = {k: sum(v == k for v in report.kernels.values()) for k in set(report.kernels.values())}

@@ -6,6 +6,7 @@ a loader fills (``install_quantized``). ``checkpoint.quantized`` writes and read
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -256,7 +257,7 @@ def _plan_experts(name: str, rec: dict, module: nn.Module | None, header: dict, 
     return replaced
 
 
-def _plan_int8(name: str, rec: dict, module: nn.Module | None, expected: dict) -> None:
+def _plan_int8(name: str, rec: dict, module: nn.Module | None, header: dict, expected: dict) -> None:
     """Check an int8 linear's record against the model's linear, adding its tensors to ``expected``."""
     W = None if module is None else linear_weight(module)
     if W is None:
@@ -268,6 +269,10 @@ def _plan_int8(name: str, rec: dict, module: nn.Module | None, expected: dict) -
                               f"({N}, {K}); other model size")
     if rec["bias"] != (getattr(module, "bias", None) is not None):
         raise CheckpointError(f"{name}: bias {'missing in the model' if rec['bias'] else 'unexpected'}")
+    codes, scales = header.get(f"{name}.qweight"), header.get(f"{name}.scales")
+    if codes is not None and codes[1] != torch.int8 or scales is not None and not scales[1].is_floating_point:
+        raise CheckpointError(f"{name}: codes {codes and codes[1]} and scales {scales and scales[1]} are not an int8 "
+                              "linear's (int8 codes, float scales; the checkpoint is corrupted)")
     expected.update({f"{name}.qweight": (N, K), f"{name}.scales": (N,)})
     if rec["bias"]:
         expected[f"{name}.bias"] = (N,)
@@ -307,7 +312,7 @@ def _plan(model: nn.Module, meta: dict, header: dict) -> None:
         expected[p["key"]] = (p["rank"], p["in_features"])
     int8_linears = meta.get("int8_linears", {})
     for name, rec in int8_linears.items():
-        _plan_int8(name, rec, modules.get(name), expected)
+        _plan_int8(name, rec, modules.get(name), header, expected)
         replaced.update((f"{name}.weight", f"{name}.bias"))
     for name, rec in meta.get("embeddings", {}).items():
         _check_embedding(name, rec, modules, header, meta["linears"], int8_linears)
@@ -345,13 +350,16 @@ def _shards(meta: dict) -> list[dict]:
     return [{"file": tensors["file"], "bytes": tensors["bytes"], "sha256": tensors["sha256"]}]
 
 
+def _empty_tensor(header: dict, device: str | torch.device, key: str) -> torch.Tensor:
+    """An uninitialised tensor of ``key``'s recorded shape and dtype on ``device`` (a loader fills it)."""
+    shape, dtype = header[key]
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _empty_quantized(name: str, rec: dict, header: dict, projection: SharedProjection | None,
                      device) -> QuantizedLinear:
     """A ``QuantizedLinear`` of the recorded shapes and dtypes, its tensors still to be read."""
-    def empty(key: str) -> torch.Tensor:
-        shape, dtype = header[key]
-        return torch.empty(shape, dtype=dtype, device=device)
-
+    empty = functools.partial(_empty_tensor, header, device)
     packed = PackedW4(empty(f"{name}.qweight"), empty(f"{name}.scales"), empty(f"{name}.zeros"), rec["group_size"],
                       rec["in_features"])
     return QuantizedLinear(packed, empty(f"{name}.bias") if rec["bias"] else None,
@@ -361,10 +369,7 @@ def _empty_quantized(name: str, rec: dict, header: dict, projection: SharedProje
 def _empty_experts(module: nn.Module, name: str, rec: dict, header: dict, projections: dict,
                    device: str | torch.device) -> QuantizedExperts:
     """A ``QuantizedExperts`` of the recorded shapes and dtypes over ``module``, its tensors still to be read."""
-    def empty(key: str) -> torch.Tensor:
-        shape, dtype = header[key]
-        return torch.empty(shape, dtype=dtype, device=device)
-
+    empty = functools.partial(_empty_tensor, header, device)
     weights = {}
     for w, wrec in rec["weights"].items():
         key = f"{name}.{w}"
@@ -458,10 +463,7 @@ def install_quantized(model: nn.Module, meta: dict, header: dict, device: str | 
     for name, rec in meta.get("experts", {}).items():
         replace_module(model, name, _empty_experts(model.get_submodule(name), name, rec, header, projections, device))
     for name, rec in meta.get("int8_linears", {}).items():
-        def empty(key: str) -> torch.Tensor:
-            shape, dtype = header[key]
-            return torch.empty(shape, dtype=dtype, device=device)
-
+        empty = functools.partial(_empty_tensor, header, device)
         replace_module(model, name, Int8Linear(empty(f"{name}.qweight"), empty(f"{name}.scales"),
                                                empty(f"{name}.bias") if rec["bias"] else None))
     for name, rec in meta.get("embeddings", {}).items():
