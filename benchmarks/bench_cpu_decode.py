@@ -1,34 +1,45 @@
-"""Greedy decoding on the CPU: our 4-bit models against float and llama.cpp, ratios from one run.
+"""Greedy decoding on the CPU: our 4-bit models against float, torchao and llama.cpp, ratios from one run.
 
-Rows (each on the same model, the same prompt, ``glowq_fx.evaluation.speed.time_decode``: static
-KV cache, the model's forward called directly, greedy):
+Rows (each on the same model, the same prompts, ``glowq_fx.evaluation.speed.time_decode``: static
+KV cache, the model's forward called directly, greedy), each measured in its own process so that
+its peak resident memory is its own:
 
-- ``llama.cpp``: ``llama-cpp-python`` on the model's GGUF (SmolLM2's packaged Q4_1 file), run by
+- ``llama.cpp``: ``llama-cpp-python`` on the model's GGUF (SmolLM2's packaged Q4_1 file: our float
+  SmolLM2 is that file dequantized, so llama.cpp runs the float model's own 4-bit weights), run by
   ``--llama-python`` (the benchmark environment ``make bench-cpu`` builds; not a dependency);
 - ``float32 eager`` / ``float32 compiled`` / ``bfloat16 eager`` / ``bfloat16 compiled``: the
   float model, compiled with Inductor;
+- ``torchao int4``: torchao's CPU int4 weight-only tensor (``PrototypeInt4WeightOnlyConfig``, the
+  same aten kernel as ours) on the bfloat16 model, compiled with Inductor, when torchao imports;
 - ``W4 compiled`` (``method="none"``), ``independent compiled`` (QERA, one ``B_i`` per linear),
-  ``GlowQ eager``, ``GlowQ compiled``, ``GlowQ-S compiled`` (``selective="auto"``): ours, W4
-  ``--group-size``, rank ``--rank``, compiled with ``glowq_backend`` (PyTorch's CPU int4 kernel
-  lowered by Inductor);
-- ``torchao int4`` when torchao is importable (else its row says why not).
+  ``GlowQ eager``, ``GlowQ compiled``, ``GlowQ-S compiled`` (``selective="auto"``), ``GlowQ compiled
+  float head`` (``output_head_bits=None``), ``GlowQ compiled cpp_wrapper``: ours, W4
+  ``--group-size``, rank ``--rank``, the default int8 head, compiled with ``glowq_backend``
+  (PyTorch's CPU int4 kernel lowered by Inductor).
 
 Columns: decode tokens/s at each ``--batches`` (prompt ``--prompt`` tokens, ``--new-tokens`` new),
-time to first token of the ``--ttft-prompt``-token prompt at batch 1, resident memory after the
-row (``VmRSS``), ratios to float32 eager and to llama.cpp. Writes ``cpu_decode.json`` and
-``cpu_decode.md`` to ``--out`` with the machine, versions and the command.
+time to first token of the ``--ttft-prompt``-token prompt at batch 1, peak resident memory of the
+row's process (``VmHWM``), the bytes of the model's tensors (the GGUF file for llama.cpp),
+perplexity on the first ``--ppl-tokens`` tokens of the demo text (Wikipedia, windows of 512;
+eager forward of the row's model: the same kernels as its compiled step), ratios to float32 eager
+and to llama.cpp. Models: ``smollm2`` (calibrated on the news text), ``llama8b-layers`` (Llama-3-8B's
+shapes, ``--layers`` random layers: speed and bytes only, no text). Writes ``cpu_decode[_MODEL].json``,
+``.md`` and ``.png`` (decode tokens/s at batch 1) to ``--out`` with the machine, versions and command.
 
     python benchmarks/bench_cpu_decode.py --llama-python .bench-venv/bin/python
+    python benchmarks/bench_cpu_decode.py --model llama8b-layers --layers 2 --batches 1
     python benchmarks/bench_cpu_decode.py --tiny     # a tiny random Llama: checks the code path (CI)
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import io
 import json
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,15 +47,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 
-from glowq_fx import GlowQConfig, calibrate, glowq_backend, quantize_  # noqa: E402
+from glowq_fx import GlowQConfig, glowq_backend, quantize_  # noqa: E402
 from glowq_fx.evaluation.speed import compile_model, time_decode  # noqa: E402
 
+FLOAT_ROWS = {"float32 eager": (torch.float32, False), "float32 compiled": (torch.float32, True),
+              "bfloat16 eager": (torch.bfloat16, False), "bfloat16 compiled": (torch.bfloat16, True)}
+# row -> (GlowQConfig options, glowq_backend options: None runs eager)
+OURS = {"W4 compiled": (dict(method="none"), {}),
+        "independent compiled": (dict(method="qera"), {}),
+        "GlowQ eager": (dict(method="glowq"), None),
+        "GlowQ compiled": (dict(method="glowq"), {}),
+        "GlowQ-S compiled": (dict(method="glowq", selective="auto"), {}),
+        "GlowQ compiled float head": (dict(method="glowq", output_head_bits=None), {}),
+        # Inductor's C++ wrapper: no Python between the kernels of a step
+        "GlowQ compiled cpp_wrapper": (dict(method="glowq"), {"cpp_wrapper": True})}
+ROWS = ["llama.cpp", *FLOAT_ROWS, "torchao int4", *OURS]
+# Llama-3-8B's shapes (its config.json), a few layers of them
+LLAMA_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False)
+PPL_WINDOW = 512
+
 LLAMA_CPP = r"""
-import json, sys, time
+import json, math, sys, time
+import numpy as np
 from llama_cpp import Llama
-path, prompt_len, new_tokens, ttft_prompt, threads = sys.argv[1], *map(int, sys.argv[2:6])
-llm = Llama(model_path=path, n_ctx=max(prompt_len, ttft_prompt) + new_tokens + 8, n_threads=threads,
-            n_batch=512, verbose=False)
+path, prompt_len, new_tokens, ttft_prompt, threads, windows_file = sys.argv[1], *map(int, sys.argv[2:6]), sys.argv[6]
+windows = json.load(open(windows_file)) if windows_file != "-" else []
+llm = Llama(model_path=path, n_ctx=max(prompt_len, ttft_prompt, *map(len, windows or [[]])) + new_tokens + 8,
+            n_threads=threads, n_batch=512, logits_all=bool(windows), verbose=False)
 def run(n_prompt):
     llm.reset()
     tokens = [(i * 7919) % 1000 + 100 for i in range(n_prompt)]
@@ -56,30 +86,73 @@ def run(n_prompt):
 run(prompt_len)
 rates = sorted(run(prompt_len)[1] for _ in range(3))
 ttft = sorted(run(ttft_prompt)[0] for _ in range(3))
-print(json.dumps({"decode": rates[1], "ttft": ttft[1]}))
+nll, count = 0.0, 0
+for w in windows:
+    llm.reset(); llm.eval(w)
+    logits = np.asarray(llm.scores[:len(w) - 1], dtype=np.float64)
+    top = logits.max(1, keepdims=True)
+    logz = top[:, 0] + np.log(np.exp(logits - top).sum(1))
+    nll += float((logz - logits[np.arange(len(w) - 1), w[1:]]).sum()); count += len(w) - 1
+print(json.dumps({"decode": rates[1], "ttft": ttft[1], "ppl": math.exp(nll / count) if count else None}))
 """
 
 
-def rss_mib() -> float:
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (``VmHWM``)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
 
-def llama_cpp_row(args, gguf: Path) -> dict:
-    row = {"row": "llama.cpp", "kind": "llama.cpp"}
-    if not args.llama_python:
-        return {**row, "skipped": "no --llama-python (make bench-cpu builds llama-cpp-python in .bench-venv)"}
-    done = subprocess.run([args.llama_python, "-c", LLAMA_CPP, str(gguf), str(args.prompt), str(args.new_tokens),
-                           str(args.ttft_prompt), str(torch.get_num_threads())], capture_output=True, text=True)
-    if done.returncode:
-        return {**row, "skipped": f"llama-cpp-python failed: {done.stderr.strip().splitlines()[-1:]}"}
-    out = json.loads(done.stdout.strip().splitlines()[-1])
-    return {**row, "decode_tok_s": {"1": out["decode"]}, "ttft_s": out["ttft"]}
+def tensor_bytes(model: torch.nn.Module) -> int:
+    """The bytes of the model's saved tensors: what ``torch.save`` of its state dict writes
+    (each storage once, tied tables once; tensor subclasses with their inner tensors)."""
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.tell()
 
 
-def measure(name: str, model, step, args, kind: str) -> dict:
+def load(args):
+    """``(model, tokenizer or None, GGUF path or None)``."""
+    import transformers as T
+
+    if args.tiny:
+        from tests_helpers import tiny_llama_config  # the test suite's tiny config
+        torch.manual_seed(0)
+        return T.LlamaForCausalLM(tiny_llama_config()).eval(), None, None
+    if args.model == "llama8b-layers":
+        torch.manual_seed(0)
+        config = T.LlamaConfig(**LLAMA_8B, num_hidden_layers=args.layers)
+        with torch.device("meta"):
+            model = T.LlamaForCausalLM(config)
+        model = model.to_empty(device="cpu")
+        for p in model.parameters():  # the scale of trained weights; random, so no text is scored
+            torch.nn.init.normal_(p, std=0.02) if p.dim() > 1 else torch.nn.init.ones_(p)
+        model.model.rotary_emb = type(model.model.rotary_emb)(config)  # its buffers, not left empty
+        return model.eval(), None, None
+    from glowq_fx.data.models import load_model, smollm2_gguf
+
+    model, tokenizer = load_model(args.model)
+    return model, tokenizer, smollm2_gguf() if args.model == "smollm2" else None
+
+
+def texts(args, model, tokenizer):
+    """``(calibration batches, perplexity token stream or None, bos)``: the news text and the
+    Wikipedia text for a model with a tokenizer, random tokens (no perplexity) without one."""
+    if tokenizer is None:
+        g = torch.Generator().manual_seed(0)
+        length = 16 if args.tiny else 256
+        return ([{"input_ids": torch.randint(0, model.config.vocab_size, (1, length), generator=g)}
+                 for _ in range(args.calib_batches)], None, None)
+    from glowq_fx.data.batches import bos_token, text_calibration_batches, tokenize
+    from glowq_fx.data.corpus import load_text
+
+    batches = text_calibration_batches(tokenizer, "news", args.calib_batches, 256, batch_size=1)
+    return batches, tokenize(tokenizer, load_text("wikipedia")), bos_token(tokenizer)
+
+
+def measure(model, step, args) -> dict:
     rates = {}
     top = min(1000, model.config.vocab_size)
     for b in args.batches:
@@ -87,28 +160,91 @@ def measure(name: str, model, step, args, kind: str) -> dict:
         rates[str(b)] = time_decode(model, prompt, args.new_tokens, step=step, repeats=args.repeats).decode_tokens_per_s
     ttft_prompt = torch.randint(0, top, (1, args.ttft_prompt), generator=torch.Generator().manual_seed(0))
     ttft = time_decode(model, ttft_prompt, 2, step=step, repeats=args.repeats).ttft_s
-    row = {"row": name, "kind": kind, "decode_tok_s": rates, "ttft_s": ttft, "rss_mib": rss_mib()}
-    print(f"{name:28s} " + " ".join(f"b{b} {r:7.2f} tok/s" for b, r in rates.items()) + f"  ttft {ttft:.3f} s",
-          flush=True)
+    return {"decode_tok_s": rates, "ttft_s": ttft}
+
+
+def build_row(name: str, model, batches, args):
+    """``(model, step or None for eager, extra fields)`` of row ``name``."""
+    if name in FLOAT_ROWS:
+        dtype, compiled = FLOAT_ROWS[name]
+        m = model.to(dtype)
+        return m, compile_model(m, "inductor") if compiled else None, {}
+    if name == "torchao int4":
+        from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig
+        from torchao.quantization import quantize_ as torchao_quantize_
+
+        m = model.to(torch.bfloat16)
+        torchao_quantize_(m, PrototypeInt4WeightOnlyConfig(group_size=args.group_size, set_inductor_config=False))
+        return m, compile_model(m, "inductor"), {}
+    options, backend_options = OURS[name]
+    t0 = time.perf_counter()
+    report = quantize_(model, batches, GlowQConfig(group_size=args.group_size, rank=args.rank, **options),
+                       progress=False)
+    step = None if backend_options is None else compile_model(model, glowq_backend, options=backend_options)
+    kernels = {k: sum(v == k for v in report.kernels.values()) for k in set(report.kernels.values())}
+    return model, step, {"quantize_s": time.perf_counter() - t0, "kernels": kernels}
+
+
+def run_row(name: str, args) -> dict:
+    """One row, measured in this process."""
+    from glowq_fx.evaluation.perplexity import perplexity
+
+    model, tokenizer, _ = load(args)
+    batches, tokens, bos = texts(args, model, tokenizer)
+    if name == "torchao int4":
+        try:
+            import torchao  # noqa: F401
+        except ImportError as e:
+            return {"row": name, "kind": "peer", "skipped": f"torchao does not import here ({e})"}
+    model, step, extra = build_row(name, model, batches, args)
+    row = {"row": name, "kind": "ours" if name in OURS else "peer" if name == "torchao int4" else "float",
+           **measure(model, step, args), **extra, "bytes": tensor_bytes(model)}
+    if tokens is not None:
+        row["ppl"] = perplexity(model, tokens, PPL_WINDOW, max_tokens=args.ppl_tokens, progress=False, bos=bos).ppl
+    row["peak_rss_mib"] = peak_rss_mib()
     return row
 
 
-def load(args):
-    if args.tiny:
-        import transformers as T
+def llama_cpp_row(args, gguf: Path, tokens, bos) -> dict:
+    from glowq_fx.evaluation.perplexity import windows
 
-        from tests_helpers import tiny_llama_config  # the test suite's tiny config
-        torch.manual_seed(0)
-        return T.LlamaForCausalLM(tiny_llama_config()).eval(), None
-    from glowq_fx.data.models import load_model, smollm2_gguf
+    row = {"row": "llama.cpp", "kind": "llama.cpp"}
+    if not args.llama_python:
+        return {**row, "skipped": "no --llama-python (make bench-cpu builds llama-cpp-python in .bench-venv)"}
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
+        scored = [] if tokens is None else [w.tolist() for w in windows(tokens, PPL_WINDOW, args.ppl_tokens, bos)]
+        json.dump(scored, f)
+        f.flush()
+        done = subprocess.run([args.llama_python, "-c", LLAMA_CPP, str(gguf), str(args.prompt), str(args.new_tokens),
+                               str(args.ttft_prompt), str(torch.get_num_threads()), f.name if scored else "-"],
+                              capture_output=True, text=True)
+    if done.returncode:
+        return {**row, "skipped": f"llama-cpp-python failed: {done.stderr.strip().splitlines()[-1:]}"}
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    return {**row, "decode_tok_s": {"1": out["decode"]}, "ttft_s": out["ttft"], "bytes": gguf.stat().st_size,
+            **({"ppl": out["ppl"]} if out["ppl"] is not None else {})}
 
-    model, _ = load_model(args.model)
-    return model, smollm2_gguf() if args.model == "smollm2" else None
+
+def in_own_process(name: str, argv: list[str]) -> dict:
+    """Row ``name`` measured by a fresh process running this script (``--one-row``)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "row.json"
+        done = subprocess.run([sys.executable, __file__, *argv, "--one-row", name, "--row-out", str(out)],
+                              capture_output=True, text=True)
+        if done.returncode or not out.is_file():
+            tail = done.stderr.strip().splitlines()[-3:]
+            return {"row": name, "kind": "error", "skipped": f"the row's process failed: {' | '.join(tail)}"}
+        row = json.loads(out.read_text())
+    if "decode_tok_s" in row:
+        print(f"{name:28s} " + " ".join(f"b{b} {r:7.2f} tok/s" for b, r in row["decode_tok_s"].items())
+              + f"  ttft {row['ttft_s']:.3f} s" + (f"  ppl {row['ppl']:.3f}" if "ppl" in row else ""), flush=True)
+    return row
 
 
-def main(argv=None) -> int:
+def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2")
+    p.add_argument("--model", default="smollm2", help="smollm2, llama8b-layers, or a model directory")
+    p.add_argument("--layers", type=int, default=2, help="layers of llama8b-layers")
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--batches", default="1,4")
     p.add_argument("--prompt", type=int, default=32, help="prompt tokens before the timed decoding")
@@ -117,71 +253,59 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--group-size", type=int, default=128)
-    p.add_argument("--calib-batches", type=int, default=8)
+    p.add_argument("--calib-batches", type=int, default=8, help="calibration windows of 256 tokens")
+    p.add_argument("--ppl-tokens", type=int, default=4096, help="tokens of the demo text scored per row")
     p.add_argument("--rows", default="all", help="comma-separated row names, or all")
     p.add_argument("--llama-python", default=None)
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    p.add_argument("--one-row", default=None, help=argparse.SUPPRESS)  # internal: measure one row, here
+    p.add_argument("--row-out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
     if args.tiny:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
         args.batches, args.prompt, args.ttft_prompt, args.new_tokens, args.repeats = [1], 4, 24, 4, 1
         args.rank, args.group_size, args.calib_batches = 8, 32, 2
-    model, gguf = load(args)
-    want = None if args.rows == "all" else set(args.rows.split(","))
+    unknown = set() if args.rows == "all" else set(args.rows.split(",")) - set(ROWS)
+    if unknown:
+        p.error(f"unknown rows {sorted(unknown)}; the rows are {ROWS}")
+    return args
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse(argv)
+    if args.one_row:
+        Path(args.row_out).write_text(json.dumps(run_row(args.one_row, args)))
+        return 0
+    want = ROWS if args.rows == "all" else [r for r in ROWS if r in args.rows.split(",")]
+    model, tokenizer, gguf = load(args)
+    _, tokens, bos = texts(args, model, tokenizer)
+    del model
     rows = []
-    if gguf is not None and (want is None or "llama.cpp" in want):
-        rows.append(llama_cpp_row(args, gguf))
-    for dtype in (torch.float32, torch.bfloat16):
-        m = copy.deepcopy(model).to(dtype)
-        for compiled in (False, True):
-            name = f"{str(dtype).split('.')[-1]} {'compiled' if compiled else 'eager'}"
-            if want is None or name in want:
-                rows.append(measure(name, m, compile_model(m, "inductor") if compiled else None, args, "float"))
-        del m
-    vocab = model.config.vocab_size
-    g = torch.Generator().manual_seed(0)
-    batches = [{"input_ids": torch.randint(0, vocab, (1, 256 if not args.tiny else 16), generator=g)}
-               for _ in range(args.calib_batches)]
-    calibrated = calibrate(model, batches, GlowQConfig(group_size=args.group_size))
-    int8 = dict(output_head_bits=8)
-    cpp_wrapper = {"cpp_wrapper": True}  # Inductor's C++ wrapper: no Python between the kernels of a step
-    # (row, GlowQConfig options, glowq_backend options: None runs eager)
-    ours = [("W4 compiled", dict(method="none"), {}), ("independent compiled", dict(method="qera"), {}),
-            ("GlowQ eager", dict(method="glowq"), None), ("GlowQ compiled", dict(method="glowq"), {}),
-            ("GlowQ-S compiled", dict(method="glowq", selective="auto"), {}),
-            ("W4 compiled int8-head", dict(method="none", **int8), {}),
-            ("GlowQ compiled int8-head", dict(method="glowq", **int8), {}),
-            ("GlowQ compiled int8-head cpp_wrapper", dict(method="glowq", **int8), cpp_wrapper)]
-    for name, options, backend_options in ours:
-        if want is not None and name not in want:
+    for name in want:
+        if name == "llama.cpp":
+            if gguf is not None:
+                rows.append(llama_cpp_row(args, gguf, tokens, bos))
+            else:
+                rows.append({"row": name, "kind": "llama.cpp", "skipped": f"no GGUF file of {args.model} here"})
             continue
-        q = copy.deepcopy(model)
-        t0 = time.perf_counter()
-        report = quantize_(q, calibrated if "selective" not in options else batches,
-                           GlowQConfig(group_size=args.group_size, rank=args.rank, **options), progress=False)
-        step = None if backend_options is None else compile_model(q, glowq_backend, options=backend_options)
-        row = measure(name, q, step, args, "ours")
-        row["quantize_s"] = time.perf_counter() - t0
-        row["kernels"] = {k: sum(v == k for v in report.kernels.values()) for k in set(report.kernels.values())}
-        rows.append(row)
-        del q
-    try:
-        import torchao  # noqa: F401
-        rows.append({"row": "torchao int4", "kind": "peer", "skipped": "torchao row not written yet"})
-    except ImportError:
-        rows.append({"row": "torchao int4", "kind": "peer", "skipped": "torchao is not installed here"})
-    meta = {"command": " ".join(sys.argv), "machine": platform.processor() or platform.machine(),
+        rows.append(in_own_process(name, argv))
+    import transformers
+
+    meta = {"command": " ".join([Path(sys.argv[0]).name, *argv]), "machine": platform.processor() or platform.machine(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(),
-            "model": "tiny" if args.tiny else args.model,
-            "rows": rows}
+            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+            "model": "tiny" if args.tiny else args.model + (f" ({args.layers} layers)" if args.model == "llama8b-layers"
+                                                            else ""),
+            "ppl_tokens": args.ppl_tokens, "rows": rows}
     add_ratios(rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "cpu_decode_tiny" if args.tiny else "cpu_decode"
+    stem = "cpu_decode_tiny" if args.tiny else "cpu_decode" if args.model == "smollm2" else f"cpu_decode_{args.model}"
     (out / f"{stem}.json").write_text(json.dumps(meta, indent=1))
     (out / f"{stem}.md").write_text(markdown(meta))
+    plot(meta, out / f"{stem}.png")
     print(markdown(meta))
     return 0
 
@@ -192,24 +316,55 @@ def add_ratios(rows: list[dict]) -> None:
         for ref in ("float32 eager", "llama.cpp"):
             if "decode_tok_s" in r and ref in base and "1" in base[ref]["decode_tok_s"] and "1" in r["decode_tok_s"]:
                 r[f"vs {ref}"] = r["decode_tok_s"]["1"] / base[ref]["decode_tok_s"]["1"]
+        if "bytes" in r and "llama.cpp" in base:
+            r["bytes vs GGUF"] = r["bytes"] / base["llama.cpp"]["bytes"]
 
 
 def markdown(meta: dict) -> str:
     batches = sorted({b for r in meta["rows"] for b in r.get("decode_tok_s", {})}, key=int)
-    head = ["row"] + [f"decode tok/s b{b}" for b in batches] + ["TTFT s", "RSS MiB", "vs float32 eager", "vs llama.cpp"]
+    head = (["row"] + [f"decode tok/s b{b}" for b in batches]
+            + ["TTFT s", "peak RSS MiB", "MB", "bytes vs GGUF", "perplexity", "vs float32 eager", "vs llama.cpp"])
     lines = [f"CPU decode, {meta['model']}: {meta['machine']} ({meta['cpu_capability']}, {meta['threads']} threads), "
-             f"torch {meta['torch']}; `{meta['command']}`", "", "| " + " | ".join(head) + " |",
-             "|" + "---|" * len(head)]
+             f"torch {meta['torch']}, transformers {meta['transformers']}; "
+             + (f"perplexity on the first {meta['ppl_tokens']} Wikipedia tokens in windows of {PPL_WINDOW}; "
+                if any("ppl" in r for r in meta["rows"]) else "random weights: no perplexity; ")
+             + f"`{meta['command']}`", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in meta["rows"]:
         if "skipped" in r:
             lines.append(f"| {r['row']} | " + " | ".join(["-"] * (len(head) - 2)) + f" | {r['skipped']} |")
             continue
         cells = [f"{r['decode_tok_s'][b]:.2f}" if b in r["decode_tok_s"] else "-" for b in batches]
-        cells += [f"{r['ttft_s']:.3f}", f"{r['rss_mib']:.0f}" if "rss_mib" in r else "-",
+        cells += [f"{r['ttft_s']:.3f}", f"{r['peak_rss_mib']:.0f}" if "peak_rss_mib" in r else "-",
+                  f"{r['bytes'] / 1e6:.1f}" if "bytes" in r else "-",
+                  f"{r['bytes vs GGUF']:.2f}x" if "bytes vs GGUF" in r else "-",
+                  f"{r['ppl']:.3f}" if "ppl" in r else "-",
                   f"{r['vs float32 eager']:.2f}x" if "vs float32 eager" in r else "-",
                   f"{r['vs llama.cpp']:.2f}x" if "vs llama.cpp" in r else "-"]
         lines.append(f"| {r['row']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def plot(meta: dict, path: Path) -> None:
+    """A bar chart of decode tokens/s at batch 1 (nothing without matplotlib)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in meta["rows"] if "1" in r.get("decode_tok_s", {})]
+    colors = {"llama.cpp": "tab:gray", "float": "tab:blue", "peer": "tab:orange", "ours": "tab:green"}
+    fig, ax = plt.subplots(figsize=(8, 0.4 * len(rows) + 1.2))
+    ax.barh([r["row"] for r in rows], [r["decode_tok_s"]["1"] for r in rows],
+            color=[colors.get(r["kind"], "tab:red") for r in rows])
+    ax.invert_yaxis()
+    ax.set_xlabel("decode tokens/s, batch 1")
+    ax.set_title(f"CPU decode, {meta['model']} ({meta['threads']} threads, torch {meta['torch']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -209,6 +209,9 @@ def run_model(name: str, args, device: str, dtype: torch.dtype) -> list[dict]:
                         reference[variant] = decoder.generate(logits=True)
                     else:
                         decoder.generate(new_tokens=1)
+                    # a fresh Dynamo cache: what the process compiled before (other rows, other callers of
+                    # this forward code) must not count against this row's recompile limit
+                    torch.compiler.reset()
                     # compiled per shape, specialised (dynamic=False): one prefill and one decode graph
                     model.forward = torch.compile(eager_forward, mode="reduce-overhead", dynamic=False,
                                                   **({"backend": glowq_backend} if compiler == "glowq" else {}))

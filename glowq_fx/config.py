@@ -113,8 +113,9 @@ class GlowQConfig:
             (``modules.int8_linear``), run by PyTorch's CPU int8 kernel: on a large vocabulary
             the float head is most of the bytes a decode step reads (SmolLM2: 113 of 166 MB in
             float32). A tied input embedding then reads the same codes (its table follows the
-            head; ``embedding_bits`` None or 8). ``None`` (default, for now: tensor parallel does not
-            split an int8 head yet) keeps the head in floating point.
+            head; ``embedding_bits`` None or 8). The default, as llama.cpp's Q4 files keep their head
+            in 6-8 bits: a 4-bit checkpoint then reads about 4 bits' bytes per token. ``None``
+            keeps the head in floating point.
             With ``quantize_output_head=True`` the groups take the head and this does not apply.
         embedding_bits: ``None`` (default) keeps the input embedding table in floating point;
             4 or 8 stores it group-wise (``group_size`` along the embedding dimension, RTN,
@@ -160,7 +161,7 @@ class GlowQConfig:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     quantize_output_head: bool = False
-    output_head_bits: int | None = None
+    output_head_bits: int | None = 8
     embedding_bits: int | None = None
     factor_dtype: str = "auto"
     min_out_features: int = 32

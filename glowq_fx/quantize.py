@@ -178,7 +178,8 @@ def plan_embeddings(model: nn.Module, config: GlowQConfig) -> dict[str, str | No
             if config.embedding_bits != 8:
                 raise ValueError(f"{name} shares its table with the output head {head} (tied weights), which "
                                  f"output_head_bits=8 stores in int8: use embedding_bits=8 or None (the table follows "
-                                 f"the head), not {config.embedding_bits}")
+                                 f"the head), not {config.embedding_bits}; or quantize_output_head=True with "
+                                 "embedding_bits=4 (one 4-bit table serves both)")
         elif not config.quantize_output_head:
             raise ValueError(f"{name} shares its table with the output head {head} (tied weights): quantize both "
                              "(quantize_output_head=True, embedding_bits=4: one 4-bit table serves both; or "
@@ -481,6 +482,8 @@ def quantize_(
     outcome = ExpertsOutcome()  # the experts' corrections are always kept (GlowQ-S ranks the dense groups)
     if device is not None:
         device = check_device(device, "device")
+    if not isinstance(calibration, Calibration):
+        check_model(model)
     tables = plan_embeddings(model, config)  # before any work: a table that cannot be stored is refused
     bytes_before = model_bytes(model)
     if isinstance(calibration, Calibration):
@@ -500,7 +503,6 @@ def quantize_(
             _quantize_groups(model, order, calibration.statistics, config, rows,
                              factors, keep=True)
     else:
-        check_model(model)
         batches = check_calibration(model, calibration)
         if config.selective == "auto":
             check_auto_batches(batches)  # before any work

@@ -64,16 +64,19 @@ def test_round_trip_is_bit_exact(tmp_path, build, method):
         assert any(len(v) > 1 for v in by_projection.values())
 
 
-def test_load_into_a_given_model_and_tied_embeddings_stay_tied(tmp_path):
-    model, report = _quantized(_llama)
+@pytest.mark.parametrize("head_bits, tied", [(None, ["weight"]), (8, ["qweight", "scales"])],
+                         ids=["float-head", "int8-head"])
+def test_load_into_a_given_model_and_tied_embeddings_stay_tied(tmp_path, head_bits, tied):
+    model, report = _quantized(_llama, output_head_bits=head_bits)
     save_quantized(model, tmp_path, report=report)
-    assert read_metadata(tmp_path)["aliases"] == {"lm_head.weight": "model.embed_tokens.weight"}
+    assert read_metadata(tmp_path)["aliases"] == {f"lm_head.{t}": f"model.embed_tokens.{t}" for t in tied}
     target = _llama()
     with torch.no_grad():
         target.model.embed_tokens.weight.normal_()  # other values: all are replaced
     loaded = load_quantized(tmp_path, target)
     assert loaded is target
-    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    for t in tied:
+        assert getattr(loaded.lm_head, t) is getattr(loaded.model.embed_tokens, t)
     _assert_same(model, loaded)
 
 

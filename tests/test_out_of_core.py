@@ -45,7 +45,7 @@ def test_from_disk_equals_quantize_on_the_loaded_model(float_dir, tmp_path, feed
     assert [g.name for g in report.groups] == [g.name for g in expected.groups]
     loaded = load_quantized(tmp_path / "q")
     _assert_same(reference, loaded)
-    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert loaded.lm_head.qweight is loaded.model.embed_tokens.qweight  # the default int8 head, still tied
 
 
 def test_from_disk_quantizes_a_tied_table_once_like_quantize_(float_dir, tmp_path):

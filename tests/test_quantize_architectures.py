@@ -143,7 +143,7 @@ def _max_error(a, b):
 def test_full_rank_reconstructs_the_model(arch):
     _, model, _, calibration, found = arch
     q = copy.deepcopy(model)
-    config = GlowQConfig(group_size=32, rank=10**6, shrinkage=0.0, factor_dtype="model")
+    config = GlowQConfig(group_size=32, rank=10**6, shrinkage=0.0, factor_dtype="model", output_head_bits=None)
     report = quantize_(q, calibration, config, groups=found.groups, progress=False)
     test = _batches(1, seed=7)[0]
     ref, out = _logits(model, test), _logits(q, test)
@@ -162,7 +162,8 @@ def test_full_rank_reconstructs_the_model(arch):
 def test_rank_zero_is_plain_rtn(arch):
     _, model, _, calibration, found = arch
     q = copy.deepcopy(model)
-    quantize_(q, calibration, GlowQConfig(group_size=32, rank=0), groups=found.groups, progress=False)
+    quantize_(q, calibration, GlowQConfig(group_size=32, rank=0, output_head_bits=None), groups=found.groups,
+              progress=False)
     ref = copy.deepcopy(model)
     modules = dict(ref.named_modules())
     with torch.no_grad():
@@ -187,7 +188,8 @@ def test_compiled_equals_eager_with_one_projection_per_group(arch):
 
     _, model, _, calibration, found = arch
     q = copy.deepcopy(model)
-    report = quantize_(q, calibration, GlowQConfig(group_size=32, rank=4), groups=found.groups, progress=False)
+    report = quantize_(q, calibration, GlowQConfig(group_size=32, rank=4, output_head_bits=None), groups=found.groups,
+                       progress=False)
     graphs = []
 
     def backend(gm, example_inputs, **kwargs):

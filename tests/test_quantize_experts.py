@@ -31,7 +31,7 @@ CONFIGS = {
                                               q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16,
                                               v_head_dim=16, n_group=2, topk_group=1),
 }
-FULL = dict(group_size=32, rank=64, shrinkage=0.0, svd="exact", factor_dtype="model")
+FULL = dict(group_size=32, rank=64, shrinkage=0.0, svd="exact", factor_dtype="model", output_head_bits=None)
 IDS = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(3))
 
 
@@ -45,6 +45,9 @@ def _model(name, implementation=None):
 
 
 def _quantized(name, implementation=None, **config):
+    # the head stays float unless asked: these tests compare with the float and RTN models (the
+    # int8 head has its own tests, tests/modules/test_int8_head.py)
+    config.setdefault("output_head_bits", None)
     model = _model(name, implementation)
     float_model = copy.deepcopy(model)
     with warnings.catch_warnings():
@@ -209,7 +212,8 @@ def test_a_novel_experts_module_at_rank_zero_is_its_rtn_self():
     rtn = copy.deepcopy(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", GlowQWarning)
-        quantize_(model, token_batches(4), GlowQConfig(group_size=32, method="none"), progress=False)
+        quantize_(model, token_batches(4), GlowQConfig(group_size=32, method="none", output_head_bits=None),
+                  progress=False)
     for n, m in model.named_modules():
         if isinstance(m, QuantizedLinear):
             rtn.get_submodule(n).weight.data.copy_(m.dequantized_weight())

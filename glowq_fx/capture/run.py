@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
+from glowq_fx.modules.embedding import QuantizedEmbedding
+from glowq_fx.modules.int8_linear import Int8Linear
 from glowq_fx.modules.linear import QuantizedLinear, linear_weight
 
 Run = Callable[[nn.Module, object], object]
@@ -66,10 +68,11 @@ def check_model(model: nn.Module) -> None:
     or another library), or with no linear layers."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"expected an nn.Module, got {type(model).__name__}")
-    done = [n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]
+    done = [(n, type(m).__name__) for n, m in model.named_modules()
+            if isinstance(m, (QuantizedLinear, Int8Linear, QuantizedEmbedding))]
     if done:
-        raise ValueError(f"the model is already quantized by glowq-fx ({len(done)} QuantizedLinear modules, "
-                         f"e.g. {done[0]}); call quantize_ on the original floating-point model")
+        raise ValueError(f"the model is already quantized by glowq-fx ({len(done)} quantized modules, e.g. "
+                         f"{done[0][0]}, a {done[0][1]}); call quantize_ on the original floating-point model")
     qconfig = getattr(getattr(model, "config", None), "quantization_config", None)
     if qconfig is not None or getattr(model, "hf_quantizer", None) is not None:
         method = qconfig.get("quant_method") if isinstance(qconfig, dict) else getattr(qconfig, "quant_method", None)

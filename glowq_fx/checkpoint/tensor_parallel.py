@@ -17,6 +17,9 @@ parameters (frozen) rather than buffers. In the forward, transformers hands the 
 local shards (``_hf_quantized_needs_local_tp``) and adds a row-split member's bias once, after
 the all-reduce.
 
+An int8 output head (``modules.int8_linear``) is split like an ``nn.Linear``: its codes are stored
+(out, in) and its scales follow the output rows.
+
 Quantized embedding tables (and a head tied to one) and quantized MoE experts are kept whole on
 every rank, with a warning: a vocab-split lookup of packed codes and a split of the stacked
 experts are not written yet.
@@ -30,6 +33,7 @@ from glowq_fx.errors import warn
 from glowq_fx.kernels.layout import group_size_of
 from glowq_fx.modules.embedding import QuantizedEmbedding
 from glowq_fx.modules.experts import QuantizedExperts
+from glowq_fx.modules.int8_linear import Int8Linear
 from glowq_fx.modules.linear import QuantizedLinear, SharedProjection
 
 BY_OUTPUT = frozenset({"colwise", "colwise_rep", "colwise_gather_output"})
@@ -39,6 +43,12 @@ BY_INPUT = frozenset({"rowwise", "rowwise_split_input", "rowwise_rep"})
 MEMBER_STYLES = {
     "output": {"qweight": "rowwise", "scales": "rowwise", "zeros": "rowwise", "bias": "colwise", "A": "colwise"},
     "input": {"qweight": "colwise", "scales": "colwise", "zeros": "colwise", "bias": "rowwise", "A": "replicate"},
+}
+# An int8 linear stores its codes (out, in) like an nn.Linear weight and one scale per output row:
+# split by input, each rank's partial product carries the full scale (it multiplies whole rows).
+INT8_STYLES = {
+    "output": {"qweight": "colwise", "scales": "colwise", "bias": "colwise"},
+    "input": {"qweight": "rowwise", "scales": "replicate", "bias": "rowwise"},
 }
 PROJECTION_STYLE = "local_params"  # the projection's forward sees its local B
 B_STYLE = {"output": "replicate", "input": "rowwise"}
@@ -69,12 +79,16 @@ def _side(name: str, style: str | None) -> str | None:
                           f"{generic_name(name)} one of those in DistributedConfig(tp_plan=...)")
 
 
-def _check_divides(name: str, module: QuantizedLinear, side: str, world_size: int) -> None:
+def _check_divides(name: str, module: QuantizedLinear | Int8Linear, side: str, world_size: int) -> None:
     if side == "output" and module.out_features % world_size:
         raise CheckpointError(f"tensor parallel over {world_size} ranks splits the {module.out_features} output rows of "
                               f"{name}, which {world_size} does not divide: run on a number of ranks that divides "
                               f"{module.out_features}")
-    if side == "input":
+    if side == "input" and isinstance(module, Int8Linear) and module.in_features % world_size:
+        raise CheckpointError(f"tensor parallel over {world_size} ranks splits the {module.in_features} input columns "
+                              f"of {name}, which {world_size} does not divide: run on a number of ranks that divides "
+                              f"{module.in_features}")
+    if side == "input" and isinstance(module, QuantizedLinear):
         K, g = module.in_features, group_size_of(module.qweight, module.scales)
         if K % world_size or (K // world_size) % g:
             raise CheckpointError(f"tensor parallel over {world_size} ranks splits the {K} input columns of {name} in "
@@ -118,8 +132,9 @@ def shard_quantized(model: nn.Module, plan: dict[str, str], world_size: int) -> 
     tied = {id(t) for n, m in model.named_modules() if isinstance(m, QuantizedEmbedding) for t in m.buffers()}
     sides: dict[str, str | None] = {}
     for name, module in model.named_modules():
-        if not isinstance(module, QuantizedLinear):
+        if not isinstance(module, (QuantizedLinear, Int8Linear)):
             continue
+        styles = INT8_STYLES if isinstance(module, Int8Linear) else MEMBER_STYLES
         key = generic_name(name)
         if any(id(t) in tied for t in module.buffers()) and key in plan:
             whole.append(name)
@@ -129,10 +144,10 @@ def shard_quantized(model: nn.Module, plan: dict[str, str], world_size: int) -> 
             continue
         _check_divides(name, module, side, world_size)
         module._hf_quantized_needs_local_tp = True  # transformers then runs the forward on local shards
-        _as_parameters(module, MEMBER_STYLES[side])
-        for tensor in MEMBER_STYLES[side]:
+        _as_parameters(module, styles[side])
+        for tensor in styles[side]:
             if getattr(module, tensor, None) is not None:
-                plan[f"{key}.{tensor}"] = MEMBER_STYLES[side][tensor]
+                plan[f"{key}.{tensor}"] = styles[side][tensor]
     for name, module in model.named_modules():
         if isinstance(module, SharedProjection):
             member_sides = {sides.get(m) for m in module.members}

@@ -18,6 +18,10 @@ def _torch_dtype(name: str):
     return getattr(torch, name)
 
 
+def _head_bits(value: str) -> int | None:
+    return None if value.lower() == "none" else int(value)
+
+
 def _check_devices(args: argparse.Namespace) -> None:
     """Each device named on the command line exists here (before any model loads)."""
     from glowq_fx._devices import check_device
@@ -356,8 +360,9 @@ def _quantization_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exclude", action="append", default=[], help="regex of modules to leave out (repeatable)")
     p.add_argument("--quantize-output-head", action="store_true",
                    help="quantize the output head too (its own correction; a tied head needs --embedding-bits 4)")
-    p.add_argument("--output-head-bits", type=int, default=d.output_head_bits, choices=[8],
-                   help="store the output head int8, one scale per row (a tied table reads its codes; default: float)")
+    p.add_argument("--output-head-bits", type=_head_bits, default=d.output_head_bits, choices=[8, None],
+                   help="8 (default): the output head int8, one scale per row (a tied table reads its codes); "
+                        "none: floating point")
     p.add_argument("--embedding-bits", type=int, default=d.embedding_bits, choices=[4, 8],
                    help="store the input embedding table in 4 or 8 bits (default: floating point)")
     p.add_argument("--factor-dtype", default=d.factor_dtype, choices=["auto", "model", "float32", "bfloat16", "float16"],

@@ -27,7 +27,9 @@ class Int8Linear(nn.Module):
         bias: (out_features,) in the model dtype, or None.
 
     ``use_cpu_int8_kernel`` (called by ``modules.kernels.use_cpu_kernels``) turns the CPU kernel
-    on where the machine has it.
+    on where the machine has it, with the scales in the kernel's dtype (``kernel_scales``,
+    non-persistent): a cast inside the graph would reach Inductor's int8 lowering as an unrealized
+    node, which it cannot take (torch 2.13).
     """
 
     def __init__(self, qweight: Tensor, scales: Tensor, bias: Tensor | None = None):
@@ -43,7 +45,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("qweight", qweight)
         self.register_buffer("scales", scales)
         self.register_buffer("bias", None if bias is None else bias.detach().to(scales.dtype).clone())
-        self.cpu_kernel = False
+        self.register_buffer("kernel_scales", None, persistent=False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
@@ -55,14 +57,31 @@ class Int8Linear(nn.Module):
         """Why this linear cannot run PyTorch's CPU int8 kernel here, or None when it can."""
         if self.qweight.device.type != "cpu":
             return f"on {self.qweight.device.type}, not the CPU"
+        if hasattr(self.qweight, "to_local"):
+            return "a tensor-parallel shard"
         return cpu_int8.unsupported_reason()
 
     def use_cpu_int8_kernel(self, enable: bool = True) -> str | None:
         """Run the CPU int8 kernel (``enable=False``: the dequantize + GEMM path). Returns why the
         kernel cannot be used, or None when it is."""
         why = self.cpu_int8_unsupported() if enable else "disabled"
-        self.cpu_kernel = why is None
+        self.kernel_scales = cpu_int8.kernel_scales(self.scales) if why is None else None
         return why
+
+    def _apply(self, fn, recurse=True):
+        # the kernel's scales belong to the device they were made for: made again after a move
+        # or cast (or dropped, off the CPU), never moved with the rest
+        converted = self.kernel_scales is not None
+        self.kernel_scales = None
+        out = super()._apply(fn, recurse)
+        if converted:
+            self.use_cpu_int8_kernel()
+        return out
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        if self.kernel_scales is not None:  # the scales changed under the kernel's copy
+            self.use_cpu_int8_kernel()
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         """The float weight (out_features, in_features) in ``dtype`` (default: the scales')."""
@@ -70,8 +89,8 @@ class Int8Linear(nn.Module):
         return w.to(dtype or self.scales.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.cpu_kernel and x.device.type == "cpu":
-            y = cpu_int8.int8_matmul(x, self.qweight, self.scales)
+        if self.kernel_scales is not None and x.device.type == "cpu":
+            y = cpu_int8.int8_matmul(x, self.qweight, self.kernel_scales)
         else:
             y = F.linear(x, self.dequantize(x.dtype))
         return y if self.bias is None else y + self.bias

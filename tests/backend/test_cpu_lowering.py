@@ -51,20 +51,21 @@ def test_decode_runs_the_int4_kernel_with_one_projection_per_group(dtype):
     model, report = _quantized(dtype)
     model = copy.deepcopy(model)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
-    assert set(use_cpu_kernels(model).values()) == {"cpu_int4"}
+    kernels = use_cpu_kernels(model)
+    assert kernels.pop("lm_head") == "cpu_int8" and set(kernels.values()) == {"cpu_int4"}  # the default int8 head
     ref, out, code = _compiled(model, _ids(1))
     # compiled equals eager: the same int4 path (kernel in bf16, epilogue in the model's dtype);
     # a bf16 model's other ops round differently once fused (Inductor computes in float32)
     tol = {torch.float32: 1e-3, torch.bfloat16: 2e-2}[dtype]
     assert (out.float() - ref.float()).abs().max() <= tol * ref.float().abs().max()
     assert "torch.ops.glowq" not in code  # nothing opaque is left
-    assert len(INT4_CALL.findall(code)) == len(linears)
+    assert len(INT4_CALL.findall(code)) == len(linears) and "_weight_int8pack_mm" in code
     # the GEMMs whose right operand is some B^T (in_features, rank): one R = x B^T per group
     rank = report.config.rank
     operands = [tuple(map(int, m)) for m in MM_OPERAND.findall(code)]
     assert sum(k != rank and r == rank for k, r in operands) == len(report.groups)
     weights = {(m.out_features, m.in_features) for m in linears.values()} | \
-        {(m.in_features, m.out_features) for m in linears.values()}
+        {(m.in_features, m.out_features) for m in linears.values()} | {tuple(model.lm_head.qweight.shape)}
     assert not [a for a in ALLOC.findall(code) if (int(a[0]), int(a[1])) in weights]  # no float weight made
 
 
@@ -128,6 +129,7 @@ def test_another_cpu_without_the_kernel_loads_and_runs_the_reference(tmp_path, m
     monkeypatch.setattr(cpu_int4, "capability", lambda: "DEFAULT")
     loaded = load_quantized(tmp_path / "q")
     assert all(m.int4pack is None for m in loaded.modules() if isinstance(m, QuantizedLinear))
+    assert loaded.lm_head.kernel_scales is None  # the int8 head's kernel is not vectorised there either
     assert any("not vectorised" in r.getMessage() for r in caplog.records)
     use_cpu_kernels(model, enable=False)
     with torch.no_grad():

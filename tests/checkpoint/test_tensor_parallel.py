@@ -39,6 +39,7 @@ def _checkpoints(root: Path) -> dict[str, Path]:
     # biases on the members split by input (o, down) and a quantized head split by output
     save("llama", _llama(attention_bias=True, mlp_bias=True), quantize_output_head=True)
     save("qwen2_tied", tiny_qwen2(vocab_size=128), embedding_bits=4, quantize_output_head=True)
+    save("qwen2_int8_tied", tiny_qwen2(vocab_size=128))  # the default: an int8 head, the table reading its codes
     save("llama_qera", _llama(), method="qera", rank=4)
     save("groups_too_wide", _llama(), group_size=64)  # o_proj: 64 inputs, 32 per rank, groups of 64
     save("per_channel", _llama(), group_size=-1)
@@ -75,11 +76,21 @@ def ranks(tmp_path_factory):
 
 
 def _single_process_logits(directory):
+    from glowq_fx.modules.embedding import QuantizedEmbedding
+    from glowq_fx.modules.int8_linear import Int8Linear
+
+    model = load_quantized(directory)
+    # a split int8 head runs dequantized on the ranks (the CPU kernel takes no shard): so does the
+    # reference's, or the test would compare bfloat16 kernel roundings; a tied one stays whole
+    tables = {id(t) for m in model.modules() if isinstance(m, QuantizedEmbedding) for t in m.buffers()}
+    for m in model.modules():
+        if isinstance(m, Int8Linear) and id(m.qweight) not in tables:
+            m.use_cpu_int8_kernel(False)
     with torch.no_grad():
-        return load_quantized(directory)(input_ids=torch.tensor(IDS)).logits
+        return model(input_ids=torch.tensor(IDS)).logits
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2_tied", "llama_qera", "qwen2_moe"])
+@pytest.mark.parametrize("name", ["llama", "qwen2_tied", "qwen2_int8_tied", "llama_qera", "qwen2_moe"])
 def test_tensor_parallel_logits_equal_the_single_process_model(ranks, name):
     made, results, _ = ranks
     reference = _single_process_logits(made[name])
@@ -139,12 +150,21 @@ def test_quantized_experts_stay_whole_with_a_warning(ranks):
     assert warned == ruled, (ruled, r["warnings"])
 
 
-def test_quantized_tied_tables_stay_whole_with_a_warning(ranks):
+@pytest.mark.parametrize("name", ["qwen2_tied", "qwen2_int8_tied"])
+def test_quantized_tied_tables_stay_whole_with_a_warning(ranks, name):
     made, results, _ = ranks
-    r = results["qwen2_tied"][0]
-    full = load_quantized(made["qwen2_tied"])
+    r = results[name][0]
+    full = load_quantized(made[name])
     assert r["local_shapes"]["model.embed_tokens.qweight"] == tuple(full.model.embed_tokens.qweight.shape)
     assert any("keeps the quantized tables and experts" in w and "model.embed_tokens" in w for w in r["warnings"])
+
+
+def test_an_untied_int8_head_is_split_by_its_output_rows(ranks):
+    made, results, _ = ranks
+    head = load_quantized(made["llama_qera"]).lm_head  # the default int8 head, not tied here
+    for r in results["llama_qera"]:
+        assert r["local_shapes"]["lm_head.qweight"] == (head.out_features // WORLD, head.in_features)
+        assert r["local_shapes"]["lm_head.scales"] == (head.out_features // WORLD,)
 
 
 @pytest.mark.parametrize("name, message", [

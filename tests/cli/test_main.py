@@ -3,6 +3,7 @@ import re
 
 import pytest
 
+from glowq_fx.checkpoint import read_metadata
 from glowq_fx.cli.main import main
 from tests_helpers import tiny_llama_config
 
@@ -78,6 +79,7 @@ def test_quantize_eval_bench_on_a_local_model(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "method glowq, rank 8" in printed and f"saved to {out}" in printed
     assert (out / "glowq.json").is_file() and (out / "tokenizer.json").is_file()
+    assert list(read_metadata(out)["int8_linears"]) == ["lm_head"]  # the default int8 head
 
     for target in (str(model_dir), str(out)):
         assert main(["eval", target, "--text", str(text), "--seq-len", "128", "--max-tokens", "1000"]) == 0
@@ -98,8 +100,10 @@ def test_quantize_block_by_block_into_shards(tmp_path, capsys):
     out, scratch = tmp_path / "q", tmp_path / "scratch"
     assert main(["quantize", str(model_dir), "--out", str(out), "--group-size", "32", "--rank", "8", "--calib", str(text),
                  "--calib-samples", "4", "--calib-len", "64", "--calibration", "blocks", "--block-inputs", "quantized",
-                 "--activations", "disk", "--offload-dir", str(scratch), "--max-shard-size", "20KB"]) == 0
+                 "--activations", "disk", "--offload-dir", str(scratch), "--max-shard-size", "20KB",
+                 "--output-head-bits", "none"]) == 0
     printed = capsys.readouterr().out
+    assert read_metadata(out)["int8_linears"] == {}  # the head left in floating point
     assert "calibrated block by block over 2 blocks of model.layers on cpu, next block fed the quantized outputs, " \
            "cached inputs on disk" in printed
     assert len(list(out.glob("model-*-of-*.safetensors"))) > 1 and (out / "model.safetensors.index.json").is_file()

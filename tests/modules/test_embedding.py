@@ -85,6 +85,9 @@ def test_eight_bit_table_round_trips(tmp_path):
 
 def test_tied_tables_that_cannot_be_stored_are_refused_before_any_work():
     with pytest.raises(ValueError, match="quantize both"):
+        quantize_(_llama(True), token_batches(), GlowQConfig(group_size=32, embedding_bits=4, output_head_bits=None),
+                  progress=False)
+    with pytest.raises(ValueError, match="output_head_bits=8 stores in int8: use embedding_bits=8 or None"):
         quantize_(_llama(True), token_batches(), GlowQConfig(group_size=32, embedding_bits=4), progress=False)
     with pytest.raises(ValueError, match="use embedding_bits=4"):
         quantize_(_llama(True), token_batches(), GlowQConfig(group_size=32, quantize_output_head=True,

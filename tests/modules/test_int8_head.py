@@ -45,6 +45,33 @@ def test_int8_kernel_matches_dequantized_linear(dtype):
     assert (head(x).float() - ref).norm() / ref.norm() < (1e-6 if dtype == torch.float32 else 1e-2)
 
 
+@pytest.mark.skipif(cpu_int8.unsupported_reason() is not None, reason=str(cpu_int8.unsupported_reason()))
+def test_compiled_int8_head_behind_a_computed_input_equals_eager():
+    # the head reads a norm's output: Inductor's int8 lowering gets an unrealized input
+    g = torch.Generator().manual_seed(4)
+    model = nn.Sequential(nn.RMSNorm(64), Int8Linear.from_linear(nn.Linear(64, 160))).eval()
+    model[1].use_cpu_int8_kernel()
+    x = torch.randn(2, 7, 64, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, backend="inductor")(x), model(x), rtol=1e-3, atol=1e-3)
+
+
+def test_int8_kernel_scales_follow_loads_and_moves():
+    head = Int8Linear.from_linear(nn.Linear(32, 48))
+    if head.use_cpu_int8_kernel() is not None:
+        pytest.skip(str(cpu_int8.unsupported_reason()))
+    assert head.kernel_scales.dtype == cpu_int8.KERNEL_DTYPE and "kernel_scales" not in head.state_dict()
+    state = {k: v.clone() for k, v in head.state_dict().items()}
+    state["scales"] *= 2
+    head.load_state_dict(state)
+    torch.testing.assert_close(head.kernel_scales, state["scales"].to(cpu_int8.KERNEL_DTYPE))
+    head.to(torch.bfloat16)
+    assert head.scales.dtype == torch.bfloat16 and head.kernel_scales is not None
+    x = torch.randn(3, 32, dtype=torch.bfloat16)
+    ref = nn.functional.linear(x.float(), head.dequantize(torch.float32), head.bias.float())
+    assert (head(x).float() - ref).norm() / ref.norm() < 1e-2
+
+
 def test_int8_linear_rejects_bad_buffers():
     with pytest.raises(ValueError, match="int8"):
         Int8Linear(torch.zeros(4, 8), torch.ones(4))

@@ -67,9 +67,10 @@ def test_selective_model_equals_full_glowq_with_the_other_corrections_removed(ca
 
 def test_auto_loss_curve_is_measured_on_the_model(calibrated):
     _, cal = calibrated
-    full, _ = quantized_copy(calibrated)
-    rtn, _ = quantized_copy(calibrated, method="none")
-    sel, report = quantized_copy(calibrated, selective="auto")
+    # the curve is measured before the output head is quantized: compared with float-head models
+    full, _ = quantized_copy(calibrated, output_head_bits=None)
+    rtn, _ = quantized_copy(calibrated, method="none", output_head_bits=None)
+    sel, report = quantized_copy(calibrated, selective="auto", output_head_bits=None)
     curve = report.selection["curve"]
     batches = curve_batches(cal.batches)
     assert report.selection["curve_tokens"] == sum(b["input_ids"].numel() for b in batches)
