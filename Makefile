@@ -20,6 +20,7 @@ demo: $(STAMP)
 	$(VENV)/bin/glowq demo
 
 test: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 test-slow: $(STAMP)

@@ -25,11 +25,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from glowq_fx import GlowQConfig, calibrate  # noqa: E402
-from glowq_fx.evaluation.accuracy import (Method, accuracy_table, compare_methods, equal_memory_rank,  # noqa: E402
-                               factor_bytes, plot_perplexity_vs_bytes)
-from glowq_fx.data.corpus import load_text  # noqa: E402
 from glowq_fx.data.batches import text_calibration_batches, tokenize  # noqa: E402
+from glowq_fx.data.corpus import load_text  # noqa: E402
 from glowq_fx.data.models import load_model  # noqa: E402
+from glowq_fx.studies.accuracy import (  # noqa: E402
+    Method,
+    accuracy_table,
+    compare_methods,
+    equal_memory_rank,
+    factor_bytes,
+    plot_perplexity_vs_bytes,
+)
 
 
 def methods(groups, group_size: int, rank: int) -> list[Method]:

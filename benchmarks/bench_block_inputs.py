@@ -27,8 +27,7 @@ from glowq_fx import GlowQConfig  # noqa: E402
 from glowq_fx.data.batches import text_calibration_batches, tokenize  # noqa: E402
 from glowq_fx.data.corpus import load_text  # noqa: E402
 from glowq_fx.data.models import load_model  # noqa: E402
-from glowq_fx.evaluation.accuracy import (AccuracyRow, Method, accuracy_table, compare_methods,  # noqa: E402
-                                          fill_gap_closed)
+from glowq_fx.studies.accuracy import AccuracyRow, Method, accuracy_table, compare_methods, fill_gap_closed  # noqa: E402
 
 
 def methods(group_size: int, rank: int) -> list[Method]:

@@ -52,7 +52,7 @@ class PhasePeaks:
     model's at once, or one block's), one group's quantization and solve."""
 
     def __init__(self):
-        import glowq_fx.quantize as Q
+        import glowq_fx.quantize.api as Q
         from glowq_fx.calibration.blockwise import BlockwiseCalibration
 
         self.peaks: dict[str, int] = {}
@@ -155,8 +155,10 @@ def write(results: dict, out: Path) -> None:
     rows = results["rows"]
     depths = sorted({r["layers"] for r in rows})
     by = {(r["layers"], r["mode"]): r for r in rows}
-    bound = {d: by[d, "blocks"]["block_s_mib"] + by[d, "blocks"]["block_weights_mib"] + by[d, "blocks"]["activation_mib"]
-             for d in depths}
+    bound = {
+        d: by[d, "blocks"]["block_s_mib"] + by[d, "blocks"]["block_weights_mib"] + by[d, "blocks"]["activation_mib"]
+        for d in depths
+    }
     lines = [f"# quantize_ memory beyond the model's weights, by depth ({results['shape']})", "",
              f"`{results['command']}`", "", f"{results['machine']}, torch {results['torch']}, {results['date']}. "
              f"{results['calibration']}. MiB of peak resident memory added by quantize_ (child process per run; median "
@@ -181,19 +183,33 @@ def write(results: dict, out: Path) -> None:
               "load on the first real capture, lazily built state) is not counted there.", ""]
     times = by[depths[-1], "blocks"]["calibration"]["times"]
     n = len(times["forward_s"])
-    parts = {"block forwards (S included)": sum(times["forward_s"]), "of which S accumulation": sum(times["statistics_s"]),
-             "next block's inputs": sum(times["next_inputs_s"]), "quantizer (RTN)": sum(times["quantize_s"]),
-             "correction solve": sum(times["solve_s"]), "recording pass": times["record_s"]}
-    lines += [f"Where the {depths[-1]}-layer block-by-block run's time goes (s, all {n} blocks; per block: /{n}):", "",
-              "| part | s | per block |", "|---|---:|---:|"]
+    parts = {
+        "block forwards (S included)": sum(times["forward_s"]),
+        "of which S accumulation": sum(times["statistics_s"]),
+        "next block's inputs": sum(times["next_inputs_s"]),
+        "quantizer (RTN)": sum(times["quantize_s"]),
+        "correction solve": sum(times["solve_s"]),
+        "recording pass": times["record_s"],
+    }
+    lines += [
+        f"Where the {depths[-1]}-layer block-by-block run's time goes (s, all {n} blocks; per block: /{n}):",
+        "",
+        "| part | s | per block |",
+        "|---|---:|---:|",
+    ]
     lines += [f"| {k} | {v:.1f} | {v / n:.2f} |" for k, v in parts.items()]
-    lines += ["", f"Of the solve, the factorization of S (Cholesky, float32): {by[depths[-1], 'blocks']['whitening_s']:.1f} s."]
+    lines += [
+        "",
+        f"Of the solve, the factorization of S (Cholesky, float32): {by[depths[-1], 'blocks']['whitening_s']:.1f} s.",
+    ]
     lines += ["", "Where the peak is reached (MiB above the start, the largest of each phase, in the median run):", "",
               "| layers | mode | " + " | ".join(PHASES) + " |", "|---:|---|" + "---:|" * len(PHASES)]
     for d in depths:
         for mode in (m for m in MODES if (d, m) in by):
             phase = by[d, mode].get("phase_peak_mib", {})
-            lines.append(f"| {d} | {mode} | " + " | ".join(f"{phase[k]:.0f}" if k in phase else "-" for k in PHASES) + " |")
+            lines.append(
+                f"| {d} | {mode} | " + " | ".join(f"{phase[k]:.0f}" if k in phase else "-" for k in PHASES) + " |"
+            )
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
@@ -221,8 +237,11 @@ def main(argv: list[str] | None = None) -> int:
             runs = sorted((measure(layers, mode, shape, args.tokens, args.batches) for _ in range(args.repeats)),
                           key=lambda r: r["added_mib"])
             rows.append({**runs[len(runs) // 2], "added_mib_runs": [r["added_mib"] for r in runs]})
-            print(f"{layers} layers, {mode}: +{rows[-1]['added_mib']:.0f} MiB (runs: "
-                  f"{', '.join(f'{m:.0f}' for m in rows[-1]['added_mib_runs'])}), {rows[-1]['time_s']:.0f} s", flush=True)
+            print(
+                f"{layers} layers, {mode}: +{rows[-1]['added_mib']:.0f} MiB (runs: "
+                f"{', '.join(f'{m:.0f}' for m in rows[-1]['added_mib_runs'])}), {rows[-1]['time_s']:.0f} s",
+                flush=True,
+            )
     results = {"command": "python " + " ".join([sys.argv[0], *argv]),
                "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads (CPU)",
                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "shape": f"{shape}: {SHAPES[shape]}",

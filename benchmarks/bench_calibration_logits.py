@@ -67,9 +67,18 @@ def run_one(shape: str, layers: int, calibration: str, spare: bool, samples: int
     before = _rss_kib("VmRSS")
     t0 = time.perf_counter()
     report = quantize_(model, batches, GlowQConfig(group_size=64, rank=32, calibration=calibration), progress=False)
-    print(json.dumps({"calibration": calibration, "spare_logits": spare, "added_mib": (_rss_kib("VmHWM") - before) / 1024,
-                      "time_s": time.perf_counter() - t0, "groups": len(report.groups),
-                      "logits_mib_per_batch": 8 * tokens * config.vocab_size * 4 / 2**20}))
+    print(
+        json.dumps(
+            {
+                "calibration": calibration,
+                "spare_logits": spare,
+                "added_mib": (_rss_kib("VmHWM") - before) / 1024,
+                "time_s": time.perf_counter() - t0,
+                "groups": len(report.groups),
+                "logits_mib_per_batch": 8 * tokens * config.vocab_size * 4 / 2**20,
+            }
+        )
+    )
 
 
 def measure(*args) -> dict:

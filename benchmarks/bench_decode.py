@@ -53,12 +53,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import transformers as T  # noqa: E402
+from tinygemm import swap_to_tinygemm  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
 from transformers.generation.streamers import BaseStreamer  # noqa: E402
 
 from glowq_fx import GlowQConfig, calibrate, quantize_  # noqa: E402
 from glowq_fx.backend import glowq_backend  # noqa: E402
-from tinygemm import swap_to_tinygemm  # noqa: E402
 
 MODELS = {
     "llama3-8b": (T.LlamaConfig, dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
@@ -248,16 +248,22 @@ def run_model(name: str, args, device: str, dtype: torch.dtype) -> list[dict]:
                 times = [decoder.timed() for _ in range(args.repeats)]
                 ttft = statistics.median(t for t, _ in times)
                 decode = statistics.median(d for _, d in times)
-                entry.update(ttft_ms=ttft * 1e3, decode_s=decode,
-                             decode_tokens_per_s=shape[0] * (args.new_tokens - 1) / decode,
-                             peak_mib=(torch.cuda.max_memory_allocated() - before) / 2**20 if device == "cuda" else None)
+                entry.update(
+                    ttft_ms=ttft * 1e3,
+                    decode_s=decode,
+                    decode_tokens_per_s=shape[0] * (args.new_tokens - 1) / decode,
+                    peak_mib=(torch.cuda.max_memory_allocated() - before) / 2**20 if device == "cuda" else None,
+                )
                 rows.append(entry)
-                print(f"{name} b{shape[0]} p{shape[1]} {row}: ttft {entry['ttft_ms']:.1f} ms, "
-                      f"{entry['decode_tokens_per_s']:.1f} tokens/s"
-                      + (f", peak {entry['peak_mib']:.0f} MiB" if entry["peak_mib"] is not None else "")
-                      + (f", agreement {entry['tokens_agree_with_eager']:.0%}" if check else "")
-                      + (f", {entry['graphs_compiled']} graphs" if compiler else "")
-                      + (f", {entry['cudagraph_skips']} CUDA-graph skips" if entry["cudagraph_skips"] else ""), flush=True)
+                print(
+                    f"{name} b{shape[0]} p{shape[1]} {row}: ttft {entry['ttft_ms']:.1f} ms, "
+                    f"{entry['decode_tokens_per_s']:.1f} tokens/s"
+                    + (f", peak {entry['peak_mib']:.0f} MiB" if entry["peak_mib"] is not None else "")
+                    + (f", agreement {entry['tokens_agree_with_eager']:.0%}" if check else "")
+                    + (f", {entry['graphs_compiled']} graphs" if compiler else "")
+                    + (f", {entry['cudagraph_skips']} CUDA-graph skips" if entry["cudagraph_skips"] else ""),
+                    flush=True,
+                )
                 del decoder
                 if compiler is not None:
                     model.forward = eager_forward
@@ -307,14 +313,18 @@ def write(meta: dict, out: Path) -> None:
              f"{meta['new_tokens']} new tokens, greedy, static cache, median of {meta['repeats']} after a warm-up. "
              f"Decode tokens/s counts every sequence of the batch. Peak: beyond what was allocated before the "
              f"variant was built. Command: `{meta['command']}`", ""]
-    head = ("| row | weights MiB | TTFT ms | TTFT vs float compiled | TTFT vs independent | decode tokens/s "
-            "| vs float compiled | vs independent | peak MiB | peak vs float compiled |")
+    head = (
+        "| row | weights MiB | TTFT ms | TTFT vs float compiled | TTFT vs independent | decode tokens/s "
+        "| vs float compiled | vs independent | peak MiB | peak vs float compiled |"
+    )
     for model in dict.fromkeys(r["model"] for r in meta["rows"]):
         for shape in dict.fromkeys((r["batch"], r["prompt"]) for r in meta["rows"] if r["model"] == model):
             lines += [f"## {model}, batch {shape[0]}, prompt {shape[1]}", "", head, "|---" * 10 + "|"]
             for r in sorted((r for r in meta["rows"] if (r["model"], r["batch"], r["prompt"]) == (model, *shape)),
                             key=row_order):
-                corrected = f" ({r['groups_corrected']}/{r['groups']} groups corrected)" if "GlowQ-S" in r["row"] else ""
+                corrected = (
+                    f" ({r['groups_corrected']}/{r['groups']} groups corrected)" if "GlowQ-S" in r["row"] else ""
+                )
                 lines.append(
                     f"| {r['row']}{corrected} | {r['weights_mib']:.1f} | {r['ttft_ms']:.1f} | "
                     f"{_fmt(r.get('ttft_vs_float_compiled'), '.2f', 'x')} | "

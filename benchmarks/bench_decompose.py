@@ -30,8 +30,16 @@ from pathlib import Path
 
 import torch
 
-from glowq_fx.correction.decompose import (default_oversample, factor_whitening, randomized_svd, scaled_lowrank, shrink,
-                                           solve, whitened_error, whitening)
+from glowq_fx.correction.decompose import (
+    default_oversample,
+    factor_whitening,
+    randomized_svd,
+    scaled_lowrank,
+    shrink,
+    solve,
+    whitened_error,
+    whitening,
+)
 from glowq_fx.quant import quantization_error, quantize_rtn
 
 GROUPS = {"q/k/v": (4096, [4096, 1024, 1024]), "gate/up": (4096, [14336, 14336])}
@@ -124,9 +132,18 @@ def run(device: str, rank: int, repeats: int, shrinkage: float, scale: int = 1) 
                              objective_ratio=r["objective_after"] / exact["objective_after"],
                              raw_ratio=r["error_after"] / exact["error_after"]))
         print(f"{name}: done", file=sys.stderr)
-    return dict(rows=rows, whitenings=whitenings, rank=rank, shrinkage=shrinkage, repeats=repeats, device=device_name(device),
-                torch=torch.__version__, triton=_triton_version(), python=platform.python_version(),
-                command="python " + " ".join(sys.argv))
+    return dict(
+        rows=rows,
+        whitenings=whitenings,
+        rank=rank,
+        shrinkage=shrinkage,
+        repeats=repeats,
+        device=device_name(device),
+        torch=torch.__version__,
+        triton=_triton_version(),
+        python=platform.python_version(),
+        command="python " + " ".join(sys.argv),
+    )
 
 
 def device_name(device: str) -> str:

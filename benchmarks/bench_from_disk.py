@@ -33,7 +33,7 @@ CHILD = r"""
 import json, resource, sys, time, torch
 from glowq_fx import GlowQConfig, load_quantized
 from glowq_fx.evaluation.perplexity import perplexity
-from glowq_fx.out_of_core import quantize_checkpoint
+from glowq_fx.quantize.from_disk import quantize_checkpoint
 float_dir, out_dir, tokens = sys.argv[1], sys.argv[2], int(sys.argv[3])
 gen = torch.Generator().manual_seed(1)
 batches = [{"input_ids": torch.randint(0, 8192, (1, tokens), generator=gen)} for _ in range(4)]
@@ -87,7 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         group.rmdir()
     if done.returncode != 0:
-        raise SystemExit(f"the child failed (exit {done.returncode}, peak {peak / 2**30:.2f} GiB):\n{done.stderr[-3000:]}")
+        raise SystemExit(
+            f"the child failed (exit {done.returncode}, peak {peak / 2**30:.2f} GiB):\n{done.stderr[-3000:]}"
+        )
     child = json.loads(done.stdout.strip().splitlines()[-1])
     out_bytes = sum(p.stat().st_size for p in (work / "q").glob("*.safetensors"))
     results = {"command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
@@ -97,20 +99,28 @@ def main(argv: list[str] | None = None) -> int:
                "quantized_bytes": out_bytes, **child}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=1))
-    lines = ["# Quantizing from disk a model larger than the process's memory", "", f"`{results['command']}`", "",
-             f"{results['machine']}, torch {results['torch']}, {results['date']}. Random Llama-shaped float32 model "
-             f"({args.layers} layers, {SHAPE}), GlowQ rank 32, W4 g128, calibration 4 x {args.tokens} random tokens.", "",
-             "| | GiB |", "|---|---:|",
-             f"| float weights on disk | {weight_bytes / 2**30:.2f} |",
-             f"| memory limit of the child process (cgroup) | {limit / 2**30:.2f} |",
-             f"| weights / limit | {weight_bytes / limit:.2f}x |",
-             f"| peak usage of the cgroup (quantize, load, evaluate; page cache included) | {peak / 2**30:.2f} |",
-             f"| peak resident memory of the child (its own pages, ru_maxrss) | "
-             f"{child['child_peak_rss_bytes'] / 2**30:.2f} |",
-             f"| quantized checkpoint | {out_bytes / 2**30:.2f} |", "",
-             f"Quantized in {child['quantize_s']:.0f} s ({child['groups']} groups); the loaded checkpoint's perplexity "
-             f"on random tokens: {child['perplexity_random_tokens']:.1f} (finite: it runs); the limit was reached "
-             f"{failcnt} times (reclaimed page cache, no failure)."]
+    lines = [
+        "# Quantizing from disk a model larger than the process's memory",
+        "",
+        f"`{results['command']}`",
+        "",
+        f"{results['machine']}, torch {results['torch']}, {results['date']}. Random Llama-shaped float32 model "
+        f"({args.layers} layers, {SHAPE}), GlowQ rank 32, W4 g128, calibration 4 x {args.tokens} random tokens.",
+        "",
+        "| | GiB |",
+        "|---|---:|",
+        f"| float weights on disk | {weight_bytes / 2**30:.2f} |",
+        f"| memory limit of the child process (cgroup) | {limit / 2**30:.2f} |",
+        f"| weights / limit | {weight_bytes / limit:.2f}x |",
+        f"| peak usage of the cgroup (quantize, load, evaluate; page cache included) | {peak / 2**30:.2f} |",
+        f"| peak resident memory of the child (its own pages, ru_maxrss) | "
+        f"{child['child_peak_rss_bytes'] / 2**30:.2f} |",
+        f"| quantized checkpoint | {out_bytes / 2**30:.2f} |",
+        "",
+        f"Quantized in {child['quantize_s']:.0f} s ({child['groups']} groups); the loaded checkpoint's perplexity "
+        f"on random tokens: {child['perplexity_random_tokens']:.1f} (finite: it runs); the limit was reached "
+        f"{failcnt} times (reclaimed page cache, no failure).",
+    ]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -1,11 +1,11 @@
 """MoE experts on real weights: SmolLM2-135M split into 8 experts per MLP (``smollm2_moe``).
 
 Three models: every expert active (computes exactly the dense SmolLM2: same perplexity, checked
-here), and top-2 and top-6 of 8 with neurons grouped and a router derived from data (each one's
-own float perplexity is its reference; top-2 keeps a quarter of SmolLM2's neurons per token and
-no longer models text, top-6 still does). On each, the experts quantized W4 (asymmetric, group 64, RTN), the attention left in
-float so that only the experts differ between rows, calibrated block by block on 32 x 512 news
-tokens; perplexity on the Wikipedia text in windows of 1024. Rows:
+here), and top-2 and top-6 of 8 with neurons grouped and a router derived from data (each one's own
+float perplexity is its reference; top-2 keeps a quarter of SmolLM2's neurons per token and no
+longer models text, top-6 still does). On each, the experts quantized W4 (asymmetric, group 64,
+RTN), the attention left in float so that only the experts differ between rows, calibrated block by
+block on 32 x 512 news tokens; perplexity on the Wikipedia text in windows of 1024. Rows:
 
 - float; RTN alone;
 - independent per-expert QERA at rank r (each expert its own ``A_e, B_e``, whitened by its own
@@ -36,13 +36,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from smollm2_moe import dense_to_moe, router_key, sparse_moe  # noqa: E402
+
 from glowq_fx import GlowQConfig, quantize_  # noqa: E402
 from glowq_fx.data.batches import text_calibration_batches, tokenize  # noqa: E402
 from glowq_fx.data.corpus import load_text  # noqa: E402
 from glowq_fx.data.models import load_model  # noqa: E402
 from glowq_fx.evaluation.perplexity import perplexity  # noqa: E402
-from glowq_fx.quantize import model_bytes  # noqa: E402
-from smollm2_moe import dense_to_moe, router_key, sparse_moe  # noqa: E402
+from glowq_fx.quantize.api import model_bytes  # noqa: E402
 
 
 def equal_bytes_rank(rank: int, n_experts: int, out_features: int, in_features: int) -> int:
@@ -66,14 +67,18 @@ def correction_arithmetic(rank: int = 64) -> list[dict]:
 
 def rows(rank: int, equal_rank: int) -> list[tuple[str, GlowQConfig | None]]:
     common = dict(group_size=64, exclude=(r"self_attn",))
-    return [("float", None),
-            ("RTN", GlowQConfig(**common, method="none")),
-            (f"per-expert QERA r{rank}", GlowQConfig(**common, method="qera", rank=rank)),
-            (f"GlowQ across experts r{rank}", GlowQConfig(**common, rank=rank)),
-            (f"GlowQ across experts r{rank}, usage-weighted", GlowQConfig(**common, rank=rank, expert_weighting="usage")),
-            (f"GlowQ across experts r{rank}, A_e refit", GlowQConfig(**common, rank=rank, expert_refit=True)),
-            (f"GlowQ across experts r{equal_rank} (equal gate/up bytes)",
-             GlowQConfig(**common, rank=equal_rank, expert_own_input_rank=rank))]
+    return [
+        ("float", None),
+        ("RTN", GlowQConfig(**common, method="none")),
+        (f"per-expert QERA r{rank}", GlowQConfig(**common, method="qera", rank=rank)),
+        (f"GlowQ across experts r{rank}", GlowQConfig(**common, rank=rank)),
+        (f"GlowQ across experts r{rank}, usage-weighted", GlowQConfig(**common, rank=rank, expert_weighting="usage")),
+        (f"GlowQ across experts r{rank}, A_e refit", GlowQConfig(**common, rank=rank, expert_refit=True)),
+        (
+            f"GlowQ across experts r{equal_rank} (equal gate/up bytes)",
+            GlowQConfig(**common, rank=equal_rank, expert_own_input_rank=rank),
+        ),
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,21 +129,28 @@ def main(argv: list[str] | None = None) -> int:
 
     def write() -> None:
         args.out.with_suffix(".json").write_text(json.dumps({**meta, "rows": done}, indent=1))
-        lines = [f"# MoE experts on real weights: SmolLM2-135M split into {E} experts per MLP", "",
-                 f"`{meta['command']}`", "",
-                 f"{meta['quantization']}; calibration {meta['calibration']}, block by block; perplexity over "
-                 f"{meta['evaluated_tokens']:,} Wikipedia tokens in windows of {args.seq_len}; {meta['machine']}, "
-                 f"torch {meta['torch']}, {meta['date']}. The dense SmolLM2 scores {dense_ppl:.4f} here.", "",
-                 "Rows may come from resumed runs of the script (`--resume` keeps the rows already measured): the "
-                 "perplexities are deterministic, the times depend on what else ran on the cores (indicative only).",
-                 "",
-                 "| model | row | perplexity | vs float | gate/up factor MB | all factor MB | whole-model MB | quantize s |",
-                 "|---|---|---:|---:|---:|---:|---:|---:|"]
+        lines = [
+            f"# MoE experts on real weights: SmolLM2-135M split into {E} experts per MLP",
+            "",
+            f"`{meta['command']}`",
+            "",
+            f"{meta['quantization']}; calibration {meta['calibration']}, block by block; perplexity over "
+            f"{meta['evaluated_tokens']:,} Wikipedia tokens in windows of {args.seq_len}; {meta['machine']}, "
+            f"torch {meta['torch']}, {meta['date']}. The dense SmolLM2 scores {dense_ppl:.4f} here.",
+            "",
+            "Rows may come from resumed runs of the script (`--resume` keeps the rows already measured): the "
+            "perplexities are deterministic, the times depend on what else ran on the cores (indicative only).",
+            "",
+            "| model | row | perplexity | vs float | gate/up factor MB | all factor MB | whole-model MB | quantize s |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
+        ]
         for r in done:
             ref = next((x["ppl"] for x in done if x["model"] == r["model"] and x["label"] == "float"), None)
             vs = f"{(r['ppl'] / ref - 1) * 100:+.2f}%" if ref else ""
-            lines.append(f"| {r['model']} | {r['label']} | {r['ppl']:.4f} | {vs} | {r['gate_up_factor_bytes'] / 1e6:.2f} | "
-                         f"{r['factor_bytes'] / 1e6:.2f} | {r['model_bytes'] / 1e6:.1f} | {r['quantize_s']:.0f} |")
+            lines.append(
+                f"| {r['model']} | {r['label']} | {r['ppl']:.4f} | {vs} | {r['gate_up_factor_bytes'] / 1e6:.2f} | "
+                f"{r['factor_bytes'] / 1e6:.2f} | {r['model_bytes'] / 1e6:.1f} | {r['quantize_s']:.0f} |"
+            )
         lines += ["", f"Correction values of the experts' gate/up per layer at rank {meta['arithmetic'][0]['rank']} "
                       "(independent: E r (N + H); one shared B: r (E N + H)):", "",
                   "| shapes | E | N = 2I | H | independent | shared B | saving | shared rank at equal bytes |",
@@ -161,7 +173,9 @@ def main(argv: list[str] | None = None) -> int:
             elapsed = time.perf_counter() - t0
             ppl = perplexity(subject, tokens, args.seq_len, batch_size=args.batch_size, max_tokens=args.max_tokens,
                              progress=False, desc=label).perplexity
-            gate_up = 0 if report is None else sum(g.factor_bytes for g in report.groups if g.name.endswith("gate_up_proj"))
+            gate_up = (
+                0 if report is None else sum(g.factor_bytes for g in report.groups if g.name.endswith("gate_up_proj"))
+            )
             done.append({"model": model_label, "label": label, "config": None if config is None else config.to_dict(),
                          "ppl": ppl, "model_bytes": model_bytes(subject), "gate_up_factor_bytes": gate_up,
                          "factor_bytes": 0 if report is None else report.total("factor_bytes"), "quantize_s": elapsed})

@@ -133,9 +133,14 @@ def main(argv=None) -> int:
                 (per_block["forwards_s"] + per_block["quantizer_s"]) * big["weights"] / measured["weights"]
                 + per_block["solve_s"] * (big["widest"] / measured["widest"]) ** 3),
             "how": "block sizes from the shapes; time: forwards and quantizer by weight bytes, solve by widest S cubed"}
-    meta = {"command": "python benchmarks/bench_quantize_gpu.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "device": torch.cuda.get_device_name() if device == "cuda" else f"{platform.machine()} CPU (smoke run)",
-            "torch": torch.__version__, "transformers": T.__version__, "date": time.strftime("%Y-%m-%d"), "row": row}
+    meta = {
+        "command": "python benchmarks/bench_quantize_gpu.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "device": torch.cuda.get_device_name() if device == "cuda" else f"{platform.machine()} CPU (smoke run)",
+        "torch": torch.__version__,
+        "transformers": T.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "row": row,
+    }
     print(json.dumps(row, indent=1), flush=True)
     out = args.out if args.out is not None or args.tiny else Path(__file__).parent / "results"
     if out is not None:

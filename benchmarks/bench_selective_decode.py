@@ -15,16 +15,16 @@ calibration batch (one ``calibrate``, reused by every variant), W4 g128, rank 64
   correction's cost (on SmolLM2 it wins at equal bytes, GlowQ-S at equal CPU latency;
   ``benchmarks/results/selective.md``). Here: which wins at equal GPU decode throughput.
 
-Each variant: ``model.forward`` compiled with ``glowq_backend`` and ``mode="reduce-overhead"``
-(CUDA graphs), ``generate()`` greedy with a static cache kept across calls and transformers'
-auto-compilation off (``bench_decode.Decoder``). Decode time = from the first new token on the
-host to the last, median of ``--repeats``; throughput = (new tokens - 1) / decode time. Checked first: the compiled model's greedy tokens
-agree with the eager ones (bf16 kernels may flip near-ties on random weights, so the agreement
-fraction is printed and must exceed 0.8). Writes JSON and a markdown table.
+Each variant: ``model.forward`` compiled with ``glowq_backend`` and ``mode="reduce-overhead"`` (CUDA
+graphs), ``generate()`` greedy with a static cache kept across calls and transformers' auto-
+compilation off (``bench_decode.Decoder``). Decode time = from the first new token on the host to
+the last, median of ``--repeats``; throughput = (new tokens - 1) / decode time. Checked first: the
+compiled model's greedy tokens agree with the eager ones (bf16 kernels may flip near-ties on random
+weights, so the agreement fraction is printed and must exceed 0.8). Writes JSON and a markdown
+table.
 
-    python benchmarks/bench_selective_decode.py [--layers 32] [--keep 0.5] [--compare-rank 16] [--out DIR]
-    python benchmarks/bench_selective_decode.py --tiny   # CPU smoke run of the same code
-"""
+python benchmarks/bench_selective_decode.py [--layers 32] [--keep 0.5] [--compare-rank 16] [--out
+DIR] python benchmarks/bench_selective_decode.py --tiny # CPU smoke run of the same code"""
 from __future__ import annotations
 
 import argparse
@@ -42,8 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import transformers as T  # noqa: E402
-
 from bench_decode import Decoder, _triton_version, model_config, random_model  # noqa: E402
+
 from glowq_fx import GlowQConfig, calibrate, quantize_  # noqa: E402
 from glowq_fx.backend import glowq_backend  # noqa: E402
 

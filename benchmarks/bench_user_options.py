@@ -37,7 +37,7 @@ from glowq_fx.data.batches import bos_token, text_calibration_batches, tokenize 
 from glowq_fx.data.corpus import load_text  # noqa: E402
 from glowq_fx.data.models import load_model  # noqa: E402
 from glowq_fx.evaluation.perplexity import perplexity  # noqa: E402
-from glowq_fx.quantize import model_bytes  # noqa: E402
+from glowq_fx.quantize.api import model_bytes  # noqa: E402
 
 
 def rows(group_size: int, rank: int) -> list[tuple[str, GlowQConfig | None, str]]:
@@ -98,8 +98,10 @@ def main(argv: list[str] | None = None) -> int:
                  "|---|---:|---:|---:|---:|---:|---:|"]
         for r in done:
             ratio = f"{r['model_bytes'] / float_bytes:.3f}" if float_bytes else ""
-            lines.append(f"| {r['label']} | {r['ppl_no_bos']:.3f} | {r['ppl_bos']:.3f} | {r['model_bytes'] / 1e6:.1f} | "
-                         f"{ratio} | {r['factor_bytes'] / 1e6:.2f} | {r['quantize_s']:.0f} |")
+            lines.append(
+                f"| {r['label']} | {r['ppl_no_bos']:.3f} | {r['ppl_bos']:.3f} | {r['model_bytes'] / 1e6:.1f} | "
+                f"{ratio} | {r['factor_bytes'] / 1e6:.2f} | {r['quantize_s']:.0f} |"
+            )
         args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
     for label, config, calib_bos in rows(args.group_size, args.rank):
@@ -112,11 +114,19 @@ def main(argv: list[str] | None = None) -> int:
         elapsed = time.perf_counter() - t0
         ppl = {b: perplexity(subject, tokens, args.seq_len, batch_size=args.batch_size, max_tokens=args.max_tokens,
                              bos=b, progress=False, desc=label).perplexity for b in (None, bos)}
-        done.append({"label": label, "config": None if config is None else config.to_dict(),
-                     "calibration_bos": calib_bos, "ppl_no_bos": ppl[None], "ppl_bos": ppl[bos],
-                     "model_bytes": model_bytes(subject),
-                     "factor_bytes": 0 if report is None else report.total("factor_bytes"), "quantize_s": elapsed,
-                     "windows_start_with_bos": None if report is None else report.calibration.get("windows_start_with_bos")})
+        done.append(
+            {
+                "label": label,
+                "config": None if config is None else config.to_dict(),
+                "calibration_bos": calib_bos,
+                "ppl_no_bos": ppl[None],
+                "ppl_bos": ppl[bos],
+                "model_bytes": model_bytes(subject),
+                "factor_bytes": 0 if report is None else report.total("factor_bytes"),
+                "quantize_s": elapsed,
+                "windows_start_with_bos": None if report is None else report.calibration.get("windows_start_with_bos"),
+            }
+        )
         write()
         print(f"{label}: {ppl[None]:.3f} / {ppl[bos]:.3f} (BOS)", flush=True)
         del subject

@@ -34,10 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from glowq_fx import GlowQConfig, calibrate, quantize_  # noqa: E402
 from glowq_fx.calibration.moments import GroupStatistics  # noqa: E402
-from glowq_fx.data.corpus import load_text  # noqa: E402
 from glowq_fx.data.batches import text_calibration_batches, tokenize  # noqa: E402
-from glowq_fx.evaluation.perplexity import perplexity  # noqa: E402
+from glowq_fx.data.corpus import load_text  # noqa: E402
 from glowq_fx.data.models import load_model  # noqa: E402
+from glowq_fx.evaluation.perplexity import perplexity  # noqa: E402
 from glowq_fx.quant import quantize_gptq, quantize_rtn  # noqa: E402
 
 KINDS = {"q/k/v": r"self_attn\.(q|k|v)_proj", "o": r"o_proj", "gate/up": r"mlp\.(gate|up)_proj", "down": r"down_proj"}

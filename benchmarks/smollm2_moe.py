@@ -68,7 +68,9 @@ def fit_routers(dense: nn.Module, batches: list[torch.Tensor], n_experts: int) -
     with torch.no_grad():
         for i, layer in enumerate(dense.model.layers):
             x = inputs[i].double()
-            scores = expert_outputs(layer.mlp, x.float(), n_experts).double().norm(dim=-1).clamp_min(1e-12).log()  # (E, T)
+            scores = (
+                expert_outputs(layer.mlp, x.float(), n_experts).double().norm(dim=-1).clamp_min(1e-12).log()
+            )  # (E, T)
             scores = scores - scores.mean(dim=0, keepdim=True)
             routers.append(torch.linalg.lstsq(x, scores.T).solution.T.float())  # (E, H)
     return routers
@@ -77,8 +79,12 @@ def fit_routers(dense: nn.Module, batches: list[torch.Tensor], n_experts: int) -
 def mlp_inputs(dense: nn.Module, batches: list[torch.Tensor]) -> list[torch.Tensor]:
     """Each layer's MLP input rows on ``batches`` (T, H)."""
     inputs: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(dense.model.layers))}
-    hooks = [layer.mlp.register_forward_pre_hook(lambda m, args, i=i: inputs[i].append(args[0].reshape(-1, args[0].shape[-1])))
-             for i, layer in enumerate(dense.model.layers)]
+    hooks = [
+        layer.mlp.register_forward_pre_hook(
+            lambda m, args, i=i: inputs[i].append(args[0].reshape(-1, args[0].shape[-1]))
+        )
+        for i, layer in enumerate(dense.model.layers)
+    ]
     try:
         with torch.no_grad():
             for ids in batches:

@@ -95,8 +95,17 @@ def main(argv=None):
 
                 def run():
                     return kernels._w4a16_gemm_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
-                        *head, *slots, **common, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=32, UPCAST_DOT=False, num_warps=w,
-                        num_stages=st)
+                        *head,
+                        *slots,
+                        **common,
+                        BLOCK_M=bm,
+                        BLOCK_N=bn,
+                        BLOCK_K=bk,
+                        BLOCK_R=32,
+                        UPCAST_DOT=False,
+                        num_warps=w,
+                        num_stages=st,
+                    )
                 report(f"gemm BM={bm} BN={bn} BK={bk} w={w} s={st}", run, wbytes, flops=2 * M * N * K)
 
 

@@ -21,13 +21,25 @@ from glowq_fx.config import GlowQConfig
 from glowq_fx.errors import GlowQWarning
 from glowq_fx.modules.kernels import use_cpu_kernels
 from glowq_fx.quantize import quantize_
+from glowq_fx.quantize.on_load import GlowQOnLoadQuantizer as _OnLoad
+from glowq_fx.quantize.on_load import GlowQQuantizer
 from glowq_fx.report import QuantizationReport
-
-from glowq_fx.pretrained import GlowQOnLoadQuantizer as _OnLoad
-from glowq_fx.pretrained import GlowQQuantizer
 
 _register_with_transformers(_OnLoad)  # from_pretrained reads (and quantizes to) glowq once the package is imported
 
-__all__ = ["Calibration", "GlowQConfig", "GlowQQuantizer", "GlowQWarning", "GroupDiscovery", "QuantizationReport",
-           "__version__",
-           "calibrate", "find_groups", "glowq_backend", "load_quantized", "quantize_", "save_quantized", "use_cpu_kernels"]
+__all__ = [
+    "Calibration",
+    "GlowQConfig",
+    "GlowQQuantizer",
+    "GlowQWarning",
+    "GroupDiscovery",
+    "QuantizationReport",
+    "__version__",
+    "calibrate",
+    "find_groups",
+    "glowq_backend",
+    "load_quantized",
+    "quantize_",
+    "save_quantized",
+    "use_cpu_kernels",
+]

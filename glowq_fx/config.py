@@ -11,12 +11,12 @@ import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from glowq_fx.registry import CORRECTIONS, QUANTIZERS
+
 CONFIG_VERSION = 1
 
 BITS = (4,)
 GROUP_SIZES = (32, 64, 128, 256, -1)  # -1: one group per output channel (per-channel)
-QUANTIZERS = ("rtn", "gptq")
-METHODS = ("glowq", "qera", "lqer", "svd", "none")
 SVD_MODES = ("randomized", "exact")
 CALIBRATIONS = ("auto", "blocks", "model")
 BLOCK_INPUTS = ("float", "quantized")
@@ -60,8 +60,8 @@ class GlowQConfig:
         stats_dtype: ``"float32"`` or ``"float64"`` accumulation of ``S``.
         factor_dtype: the dtype the factors ``A`` and ``B`` are stored in. ``"auto"``: bfloat16
             when the model is float32 (the correction is a small fraction of the output; 16-bit
-            factors halve its bytes with no measurable perplexity change on SmolLM2, see the
-            README), else the model's dtype; ``"model"``: the model's dtype; or a dtype name.
+            factors halve its bytes with no measurable perplexity change on SmolLM2, see
+            docs/results.md), else the model's dtype; ``"model"``: the model's dtype; or a dtype name.
             Narrower factors are widened where they are used.
         selective: GlowQ-S. ``None`` restores every group's correction; otherwise groups are
             ranked by the whitened error their correction removes per byte of factors, and
@@ -126,7 +126,7 @@ class GlowQConfig:
             ``shared_expert_gate``, N = 1) steer the whole block and cost almost no memory;
             the default 32 keeps the common ones out. Raise it for models with more experts.
 
-    MoE experts (``glowq_fx.quantize_experts``; transformers' fused experts modules):
+    MoE experts (``glowq_fx.quantize.experts``; transformers' fused experts modules):
         experts: quantize the experts (their 3-D weights, every expert in 4 bits); False leaves
             them in floating point.
         The correction follows ``method``: ``"glowq"`` shares one ``B`` across the experts'
@@ -184,8 +184,7 @@ class GlowQConfig:
     def __post_init__(self) -> None:
         _check_choice("bits", self.bits, BITS, "glowq-fx stores INT4 codes")
         _check_choice("group_size", self.group_size, GROUP_SIZES, "-1 means per-channel")
-        _check_choice("quantizer", self.quantizer, QUANTIZERS)
-        _check_choice("method", self.method, METHODS)
+        QUANTIZERS[self.quantizer], CORRECTIONS[self.method]  # registered names only (glowq_fx.registry)
         _check_choice("svd", self.svd, SVD_MODES)
         _check_choice("stats_dtype", self.stats_dtype, ("float32", "float64"))
         _check_choice("calibration", self.calibration, CALIBRATIONS)
@@ -224,9 +223,18 @@ class GlowQConfig:
                 except (re.error, TypeError) as exc:
                     raise ValueError(f"{name} pattern {p!r} is not a regular expression: {exc}") from None
             setattr(self, name, patterns)
-        if self.dataset is not None and not isinstance(self.dataset, str) and not (
-                isinstance(self.dataset, (list, tuple)) and self.dataset and all(isinstance(t, str) for t in self.dataset)):
-            raise ValueError(f"dataset must be a text name, a file path or a non-empty list of texts, got {self.dataset!r}")
+        if (
+            self.dataset is not None
+            and not isinstance(self.dataset, str)
+            and not (
+                isinstance(self.dataset, (list, tuple))
+                and self.dataset
+                and all(isinstance(t, str) for t in self.dataset)
+            )
+        ):
+            raise ValueError(
+                f"dataset must be a text name, a file path or a non-empty list of texts, got {self.dataset!r}"
+            )
         if not isinstance(self.n_samples, int) or self.n_samples < 1 or not isinstance(self.seq_len, int) \
                 or self.seq_len < 2:
             raise ValueError(f"n_samples must be >= 1 and seq_len >= 2, got {self.n_samples!r}, {self.seq_len!r}")
@@ -239,7 +247,7 @@ class GlowQConfig:
             if not ok:
                 raise ValueError(f"selective must be None, 'auto', a fraction in (0, 1] or a byte budget "
                                  f"(int >= 0), got {sel!r}")
-            if self.method == "none" or self.rank == 0:
+            if not CORRECTIONS[self.method].corrects or self.rank == 0:
                 raise ValueError("selective chooses which corrections to keep; method='none' or rank=0 has none")
         if self.version > CONFIG_VERSION:
             raise ValueError(

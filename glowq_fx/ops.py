@@ -39,9 +39,14 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.library import custom_op
 
-from glowq_fx.kernels.launch import (launch_experts_projection, launch_projection, launch_w4a16, launch_w4a16_experts,
-                                     launch_w4a16_projected)
 from glowq_fx.kernels import cpu_int4
+from glowq_fx.kernels.launch import (
+    launch_experts_projection,
+    launch_projection,
+    launch_w4a16,
+    launch_w4a16_experts,
+    launch_w4a16_projected,
+)
 from glowq_fx.kernels.layout import dequantize_packed, group_size_of, padded_in_features
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -54,7 +59,9 @@ def _check_member(i: int, x: Tensor, qweight: Tensor, scales: Tensor, zeros: Ten
     for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros), ("bias", bias), ("A", A), ("R", R)):
         _check_device(who, name, t, x)
     if qweight.dtype != torch.int32 or qweight.dim() != 2:
-        raise ValueError(f"{who}qweight must be int32 (K_pad/8, N), got {qweight.dtype} of shape {tuple(qweight.shape)}")
+        raise ValueError(
+            f"{who}qweight must be int32 (K_pad/8, N), got {qweight.dtype} of shape {tuple(qweight.shape)}"
+        )
     N, k_pad = qweight.shape[1], padded_in_features(qweight)
     for name, t in (("scales", scales), ("zeros", zeros)):
         if t.dim() != 2 or t.shape[1] != N or (k_pad % t.shape[0]) != 0:
@@ -209,9 +216,15 @@ def _(x, qweights, scales, zeros, biases, As, R):
 def _check_int4pack(x: Tensor, qweight: Tensor, int4pack: Tensor, scales_zeros: Tensor) -> None:
     N, K = qweight.shape[1], padded_in_features(qweight)
     if int4pack.dtype != torch.uint8 or tuple(int4pack.shape) != (N, K // 2):
-        raise ValueError(f"int4pack must be uint8 ({N}, {K // 2}) (aten._convert_weight_to_int4pack_for_cpu of this "
-                         f"weight), got {int4pack.dtype} {tuple(int4pack.shape)}")
-    if scales_zeros.dim() != 3 or tuple(scales_zeros.shape[1:]) != (N, 2) or scales_zeros.dtype != cpu_int4.KERNEL_DTYPE:
+        raise ValueError(
+            f"int4pack must be uint8 ({N}, {K // 2}) (aten._convert_weight_to_int4pack_for_cpu of this "
+            f"weight), got {int4pack.dtype} {tuple(int4pack.shape)}"
+        )
+    if (
+        scales_zeros.dim() != 3
+        or tuple(scales_zeros.shape[1:]) != (N, 2)
+        or scales_zeros.dtype != cpu_int4.KERNEL_DTYPE
+    ):
         raise ValueError(f"scales_zeros must be {cpu_int4.KERNEL_DTYPE} (n_groups, {N}, 2), got "
                          f"{scales_zeros.dtype} {tuple(scales_zeros.shape)}")
     for name, t in (("int4pack", int4pack), ("scales_zeros", scales_zeros)):

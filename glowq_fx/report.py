@@ -5,6 +5,7 @@ from dataclasses import asdict, dataclass, field
 
 from glowq_fx._console import format_table
 from glowq_fx.config import GlowQConfig
+from glowq_fx.registry import CORRECTIONS
 
 
 @dataclass
@@ -88,7 +89,7 @@ class QuantizationReport:
 
     def __str__(self) -> str:
         dense = self.total("dense_bytes")
-        correction = ("no correction" if self.config.method == "none" or self.config.rank == 0
+        correction = ("no correction" if not CORRECTIONS[self.config.method].corrects or self.config.rank == 0
                       else f"method {self.config.method}, rank {self.config.rank}")
         lines = [f"glowq-fx: {sum(len(g.members) for g in self.groups)} linears in {len(self.groups)} groups, "
                  f"{correction}, {self.config.quantizer.upper()} "
@@ -123,8 +124,10 @@ class QuantizationReport:
                                                       else "do not all start with the BOS token"))
         if self.config.selective is not None:
             kept = [g for g in self.groups if g.restored]
-            lines.append(f"GlowQ-S ({self.config.selective!r}): corrections kept for {len(kept)} of {len(self.groups)} "
-                         f"groups, {self.total('factor_bytes'):,} of {self.total('candidate_factor_bytes'):,} factor bytes")
+            lines.append(
+                f"GlowQ-S ({self.config.selective!r}): corrections kept for {len(kept)} of {len(self.groups)} "
+                f"groups, {self.total('factor_bytes'):,} of {self.total('candidate_factor_bytes'):,} factor bytes"
+            )
             if self.selection is not None:
                 curve = self.selection["curve"]
                 lines.append(f"  knee of the calibration loss ({self.selection['curve_tokens']} tokens): "

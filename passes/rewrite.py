@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
-from passes.groups import GroupFilter
 from passes.grouping import find_input_sharing_groups
+from passes.groups import GroupFilter
 
 log = logging.getLogger(__name__)
 

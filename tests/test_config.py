@@ -16,8 +16,8 @@ def test_json_round_trip():
     [
         ({"bits": 3}, "bits=3"),
         ({"group_size": 100}, "group_size=100"),
-        ({"quantizer": "awq"}, "quantizer='awq'"),
-        ({"method": "lora"}, "method='lora'"),
+        ({"quantizer": "awq"}, "unknown quantizer 'awq'"),
+        ({"method": "lora"}, "unknown method 'lora'"),
         ({"svd": "lanczos"}, "svd='lanczos'"),
         ({"rank": -1}, "rank"),
         ({"shrinkage": 1.5}, "shrinkage"),

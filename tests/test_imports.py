@@ -1,4 +1,5 @@
-"""The package's own import graph: one way, no loops, every public module importable first.
+"""The package's own import graph: one way, no loops, the stages in order, every public module
+importable first.
 
 The graph is read from the import statements themselves (module level and inside functions: a
 deferred import closes a loop just the same), with networkx. ``passes`` sits at the bottom: it
@@ -63,6 +64,43 @@ def test_the_import_graph_has_no_cycle():
     assert not cycles, "import loops: " + "; ".join(" -> ".join(c + [c[0]]) for c in cycles[:5])
 
 
+# The stages, bottom to top: a module imports only modules of its own stage or of stages below it.
+# ``base`` is the package's shared vocabulary (configuration, errors, the report, small helpers).
+STAGES = ["passes", "base", "data", "capture", "calibration", "quant", "correction", "kernels", "ops", "modules",
+          "backend", "evaluation", "selective", "checkpoint", "quantize", "glowq_fx", "studies", "cli"]
+# ``glowq_fx``: the package's own __init__, the public API that re-exports the stages below it
+BASE = {"config", "errors", "report", "registry", "_checks", "_console", "_devices", "_heap", "_version"}
+
+
+def stage_of(name: str) -> str:
+    parts = name.split(".")
+    if parts[0] == "passes" or len(parts) == 1:
+        return parts[0]
+    return "base" if parts[1] in BASE else parts[1]
+
+
+def upward_imports(graph: nx.DiGraph) -> list[str]:
+    rank = {s: i for i, s in enumerate(STAGES)}
+    return [f"{a} ({stage_of(a)}) imports {b} ({stage_of(b)})" for a, b in graph.edges()
+            if rank[stage_of(b)] > rank[stage_of(a)]]
+
+
+def test_every_module_belongs_to_a_stage():
+    unknown = sorted({stage_of(n) for n in _modules()} - set(STAGES))
+    assert not unknown, f"modules outside every stage: {unknown}; add them to STAGES where they belong"
+
+
+def test_each_stage_imports_only_the_stages_below_it():
+    graph = import_graph()
+    assert not upward_imports(graph), "imports that run up the stages:\n" + "\n".join(upward_imports(graph))
+
+
+def test_an_upward_import_is_found():
+    graph = nx.DiGraph([("glowq_fx.capture.run", "glowq_fx.modules.linear"),
+                        ("glowq_fx.modules.linear", "glowq_fx.ops")])
+    assert upward_imports(graph) == ["glowq_fx.capture.run (capture) imports glowq_fx.modules.linear (modules)"]
+
+
 def test_passes_never_import_the_library_nor_anything_but_torch_and_networkx():
     modules = _modules()
     for name, path in modules.items():
@@ -120,5 +158,7 @@ def test_every_folder_of_modules_is_a_package_that_setuptools_ships():
     out of a built wheel by ``find_packages``."""
     from setuptools import find_packages
 
-    folders = {".".join(p.parent.relative_to(ROOT).parts) for package in PACKAGES for p in (ROOT / package).rglob("*.py")}
+    folders = {
+        ".".join(p.parent.relative_to(ROOT).parts) for package in PACKAGES for p in (ROOT / package).rglob("*.py")
+    }
     assert folders <= set(find_packages(str(ROOT), include=["glowq_fx*", "passes*"]))

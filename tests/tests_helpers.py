@@ -68,7 +68,10 @@ def logits(model, ids):
 def llama_batch(n=2, t=12, vocab=512, seed=0):
     """A batch for ``random_llama``: seeded ids and an all-ones attention mask."""
     g = torch.Generator().manual_seed(seed)
-    return {"input_ids": torch.randint(0, vocab, (n, t), generator=g), "attention_mask": torch.ones(n, t, dtype=torch.long)}
+    return {
+        "input_ids": torch.randint(0, vocab, (n, t), generator=g),
+        "attention_mask": torch.ones(n, t, dtype=torch.long),
+    }
 
 
 def or_skip(load):

@@ -184,9 +184,11 @@ class BlockwiseCalibration:
                 if i == 0:
                     current["stream"] = stream
                 elif stream is not current["stream"]:
-                    raise BlockwiseUnsupported(f"the model changes the hidden states between {self.blocks.names[i - 1]} "
-                                               f"and {self.blocks.names[i]}, so a block's input is not the previous "
-                                               "block's output")
+                    raise BlockwiseUnsupported(
+                        f"the model changes the hidden states between {self.blocks.names[i - 1]} "
+                        f"and {self.blocks.names[i]}, so a block's input is not the previous "
+                        "block's output"
+                    )
                 current["extras"].append((rest, kwargs))
                 ran[0] = i + 1
                 if i == last:
@@ -277,9 +279,11 @@ class BlockwiseCalibration:
         name = self.blocks.names[i]
         strays = [m for g in discovery.groups for m in g.members if self.blocks.index_of(m) != i]
         if strays:
-            raise ValueError(f"{name} runs linears that are not its own ({', '.join(strays[:3])}), so its groups cannot "
-                             "be quantized with it (the blocks before it are quantized already): reload the model and "
-                             "use GlowQConfig(calibration='model')")
+            raise ValueError(
+                f"{name} runs linears that are not its own ({', '.join(strays[:3])}), so its groups cannot "
+                "be quantized with it (the blocks before it are quantized already): reload the model and "
+                "use GlowQConfig(calibration='model')"
+            )
         self._keep(discovery, name, name + ".")
         trim_heap()  # the capture's temporaries, back before the block's forwards allocate
         return discovery.groups
@@ -374,7 +378,9 @@ class BlockwiseCalibration:
                     pass
         missing = [g.name for g in self.tail_groups if stats[g.name].n_batches != len(self.batches)]
         if missing:
-            raise BlockwiseUnsupported(f"linears outside the blocks did not run on every batch ({', '.join(missing[:3])})")
+            raise BlockwiseUnsupported(
+                f"linears outside the blocks did not run on every batch ({', '.join(missing[:3])})"
+            )
         return stats
 
     def close(self) -> None:

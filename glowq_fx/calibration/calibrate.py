@@ -17,9 +17,9 @@ from glowq_fx._console import progress_bar
 from glowq_fx.calibration.collect import collect_statistics
 from glowq_fx.calibration.moments import GroupStatistics
 from glowq_fx.capture.groups import check_one_dtype, find_groups
+from glowq_fx.capture.linears import linear_weight
 from glowq_fx.capture.run import Run, check_calibration, check_model, run_batch
 from glowq_fx.config import GlowQConfig, as_config
-from glowq_fx.modules.linear import linear_weight
 from passes.groups import InputGroup
 
 log = logging.getLogger(__name__)

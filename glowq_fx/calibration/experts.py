@@ -24,8 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from glowq_fx.calibration.moments import SecondMoment
-from glowq_fx.modules.expert_views import ExpertWeightsView, TracedExperts, TracedWeight
-from glowq_fx.modules.experts import ExpertsProtocol, expert_weight
+from glowq_fx.capture.experts import ExpertsProtocol, ExpertWeightsView, TracedExperts, TracedWeight, expert_weight
 
 
 def routed_inputs(args: tuple, kwargs: dict) -> tuple[Tensor, Tensor]:
@@ -134,7 +133,7 @@ class _RecordingView(ExpertWeightsView):
 
 
 class TracedStatistics:
-    """Statistics of an experts module known only by its 3-D weights (``modules.expert_views``):
+    """Statistics of an experts module known only by its 3-D weights (``capture.experts``):
     while it runs, its weights are views that record, per weight and expert, the rows each
     product reads. A weight whose rows are always rows of the module's input (its first tensor
     argument) reads the block input: ``S`` of that input (every token) is its group's, and the

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from glowq_fx.capture.linears import linear_weight
 from glowq_fx.errors import warn
-from glowq_fx.modules.linear import linear_weight
 from passes.groups import InputGroup
 
 

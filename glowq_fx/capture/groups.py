@@ -18,10 +18,10 @@ from torch import nn
 
 from glowq_fx.capture.graphs import capture_graphs
 from glowq_fx.capture.hooks import input_sharing_groups
+from glowq_fx.capture.linears import linear_weight
 from glowq_fx.capture.run import Run, check_model, run_batch, run_sparing_logits
 from glowq_fx.config import GlowQConfig
 from glowq_fx.errors import warn
-from glowq_fx.modules.linear import linear_weight
 from passes.grouping import SharingAnalysis, find_input_sharing_groups, owner_of, parameter_owners
 from passes.groups import GroupFilter, InputGroup
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from glowq_fx.modules.linear import linear_weight
+from glowq_fx.capture.linears import linear_weight
 from passes.groups import InputGroup, group_name
 
 

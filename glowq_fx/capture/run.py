@@ -13,11 +13,10 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
-from glowq_fx.modules.embedding import QuantizedEmbedding
-from glowq_fx.modules.int8_linear import Int8Linear
-from glowq_fx.modules.linear import QuantizedLinear, linear_weight
+from glowq_fx.capture.linears import linear_weight
 
 Run = Callable[[nn.Module, object], object]
+GLOWQ_QUANTIZED = "glowq_quantized"  # the class attribute (True) of every module glowq-fx swaps in
 
 
 def run_batch(model: nn.Module, batch: object) -> object:
@@ -68,8 +67,8 @@ def check_model(model: nn.Module) -> None:
     or another library), or with no linear layers."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"expected an nn.Module, got {type(model).__name__}")
-    done = [(n, type(m).__name__) for n, m in model.named_modules()
-            if isinstance(m, (QuantizedLinear, Int8Linear, QuantizedEmbedding))]
+    # glowq-fx's modules say what they are (``GLOWQ_QUANTIZED``): the capture stage sits below them
+    done = [(n, type(m).__name__) for n, m in model.named_modules() if getattr(m, GLOWQ_QUANTIZED, False) is True]
     if done:
         raise ValueError(f"the model is already quantized by glowq-fx ({len(done)} quantized modules, e.g. "
                          f"{done[0][0]}, a {done[0][1]}); call quantize_ on the original floating-point model")

@@ -13,16 +13,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from glowq_fx.capture.experts import TracedExperts, experts_protocol
+from glowq_fx.capture.linears import linear_weight
 from glowq_fx.checkpoint.shards import CheckpointError, check_shards, read_headers
 from glowq_fx.config import GlowQConfig
 from glowq_fx.kernels.layout import PackedW4, packed_shapes
 from glowq_fx.modules.embedding import QuantizedEmbedding, empty_quantized_embedding
-from glowq_fx.modules.expert_views import TracedExperts
-from glowq_fx.modules.experts import (QuantizedExperts, QuantizedExpertWeights, experts_protocol, layout_from_record,
-                                      layout_record, quantized_experts)
+from glowq_fx.modules.experts import (
+    QuantizedExperts,
+    QuantizedExpertWeights,
+    layout_from_record,
+    layout_record,
+    quantized_experts,
+)
 from glowq_fx.modules.install import register_projection, replace_module
 from glowq_fx.modules.int8_linear import Int8Linear
-from glowq_fx.modules.linear import QuantizedLinear, SharedProjection, linear_weight
+from glowq_fx.modules.linear import QuantizedLinear, SharedProjection
 
 FORMAT = "glowq-fx"
 FORMAT_VERSION = 2  # 2: sharded tensors (tensors.shards); 1: one model.safetensors (tensors.file)
@@ -326,9 +332,11 @@ def _plan(model: nn.Module, meta: dict, header: dict) -> None:
     present = set(header) | set(meta["aliases"])
     missing, unexpected = sorted(set(expected) - present), sorted(present - set(expected))
     if missing or unexpected:
-        raise CheckpointError("the checkpoint does not match this model: "
-                              + (f"missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}; " if missing else "")
-                              + (f"unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}" if unexpected else ""))
+        raise CheckpointError(
+            "the checkpoint does not match this model: "
+            + (f"missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}; " if missing else "")
+            + (f"unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}" if unexpected else "")
+        )
     for alias, target in meta["aliases"].items():
         if target not in header:
             raise CheckpointError(f"alias {alias} -> {target}, but the file has no {target}")
@@ -400,7 +408,9 @@ def read_checked(directory: str | Path) -> tuple[dict, list[dict], dict]:
     try:
         file_dtype(header, meta)
     except (KeyError, StopIteration):
-        raise CheckpointError(f"the shards in {directory} do not hold the quantized linears that {META_FILE} lists") from None
+        raise CheckpointError(
+            f"the shards in {directory} do not hold the quantized linears that {META_FILE} lists"
+        ) from None
     return meta, shards, header
 
 
@@ -434,13 +444,19 @@ def _meta_from_config(directory: Path) -> tuple[dict, list[dict]]:
     if missing:
         raise CheckpointError(f"{directory / missing[0]} is missing: {len(files)} shard(s) are listed in the index, "
                               "nothing was loaded")
-    meta = {"format": FORMAT, "format_version": entry.get("format_version", FORMAT_VERSION), "config": entry.get("config"),
-            "linears": entry["linears"], "projections": entry.get("projections", []),
-            "embeddings": entry.get("embeddings", {}), "experts": entry.get("experts", {}),
-            "int8_linears": entry.get("int8_linears", {}),
-            "aliases": entry.get("aliases", {}),
-            "model_class": (json.loads((directory / "config.json").read_text()).get("architectures") or ["?"])[0],
-            "tensors": {"shards": [{"file": f} for f in files]}}
+    meta = {
+        "format": FORMAT,
+        "format_version": entry.get("format_version", FORMAT_VERSION),
+        "config": entry.get("config"),
+        "linears": entry["linears"],
+        "projections": entry.get("projections", []),
+        "embeddings": entry.get("embeddings", {}),
+        "experts": entry.get("experts", {}),
+        "int8_linears": entry.get("int8_linears", {}),
+        "aliases": entry.get("aliases", {}),
+        "model_class": (json.loads((directory / "config.json").read_text()).get("architectures") or ["?"])[0],
+        "tensors": {"shards": [{"file": f} for f in files]},
+    }
     return meta, meta["tensors"]["shards"]
 
 

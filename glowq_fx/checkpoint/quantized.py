@@ -31,8 +31,19 @@ import torch
 from torch import nn
 
 from glowq_fx._version import __version__
-from glowq_fx.checkpoint.format import (FORMAT, FORMAT_VERSION, META_FILE, alias_keys, describe, file_dtype,
-                                        hf_quantization_config, in_dtype, install_quantized, read_checked, under_module)
+from glowq_fx.checkpoint.format import (
+    FORMAT,
+    FORMAT_VERSION,
+    META_FILE,
+    alias_keys,
+    describe,
+    file_dtype,
+    hf_quantization_config,
+    in_dtype,
+    install_quantized,
+    read_checked,
+    under_module,
+)
 from glowq_fx.checkpoint.shards import CheckpointError, ShardWriter, iter_shards
 from glowq_fx.config import GlowQConfig
 from glowq_fx.data.lazy_model import empty_model, materialize

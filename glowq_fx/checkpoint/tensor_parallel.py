@@ -81,9 +81,11 @@ def _side(name: str, style: str | None) -> str | None:
 
 def _check_divides(name: str, module: QuantizedLinear | Int8Linear, side: str, world_size: int) -> None:
     if side == "output" and module.out_features % world_size:
-        raise CheckpointError(f"tensor parallel over {world_size} ranks splits the {module.out_features} output rows of "
-                              f"{name}, which {world_size} does not divide: run on a number of ranks that divides "
-                              f"{module.out_features}")
+        raise CheckpointError(
+            f"tensor parallel over {world_size} ranks splits the {module.out_features} output rows of "
+            f"{name}, which {world_size} does not divide: run on a number of ranks that divides "
+            f"{module.out_features}"
+        )
     if side == "input" and isinstance(module, Int8Linear) and module.in_features % world_size:
         raise CheckpointError(f"tensor parallel over {world_size} ranks splits the {module.in_features} input columns "
                               f"of {name}, which {world_size} does not divide: run on a number of ranks that divides "
@@ -91,11 +93,13 @@ def _check_divides(name: str, module: QuantizedLinear | Int8Linear, side: str, w
     if side == "input" and isinstance(module, QuantizedLinear):
         K, g = module.in_features, group_size_of(module.qweight, module.scales)
         if K % world_size or (K // world_size) % g:
-            raise CheckpointError(f"tensor parallel over {world_size} ranks splits the {K} input columns of {name} in "
-                                  f"scale groups of {g}: each rank needs whole groups ({K} / {world_size} a multiple of "
-                                  f"{g}); run on a number of ranks that divides {K // g if K % g == 0 else K} groups, "
-                                  "or quantize with a group_size that divides "
-                                  f"{K // world_size if K % world_size == 0 else K}")
+            raise CheckpointError(
+                f"tensor parallel over {world_size} ranks splits the {K} input columns of {name} in "
+                f"scale groups of {g}: each rank needs whole groups ({K} / {world_size} a multiple of "
+                f"{g}); run on a number of ranks that divides {K // g if K % g == 0 else K} groups, "
+                "or quantize with a group_size that divides "
+                f"{K // world_size if K % world_size == 0 else K}"
+            )
 
 
 def _as_parameters(module: nn.Module, names) -> None:
@@ -115,8 +119,10 @@ def shard_quantized(model: nn.Module, plan: dict[str, str], world_size: int) -> 
 
     missing = {PROJECTION_STYLE, "replicate", "colwise", "rowwise"} - set(ALL_PARALLEL_STYLES)
     if missing:
-        raise CheckpointError(f"this transformers has no tensor-parallel styles {sorted(missing)}; glowq checkpoints "
-                              "under tensor parallelism need a transformers that has them (5.24 has); upgrade transformers")
+        raise CheckpointError(
+            f"this transformers has no tensor-parallel styles {sorted(missing)}; glowq checkpoints "
+            "under tensor parallelism need a transformers that has them (5.24 has); upgrade transformers"
+        )
     whole: list[str] = []
     for name, module in model.named_modules():
         if isinstance(module, QuantizedEmbedding) and generic_name(name) in plan:

@@ -23,8 +23,15 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from glowq_fx.checkpoint.format import (FORMAT_VERSION, META_FILE, hf_quantization_config, in_dtype,
-                                        install_quantized, read_checked, tie_tables)
+from glowq_fx.checkpoint.format import (
+    FORMAT_VERSION,
+    META_FILE,
+    hf_quantization_config,
+    in_dtype,
+    install_quantized,
+    read_checked,
+    tie_tables,
+)
 from glowq_fx.checkpoint.shards import CheckpointError
 from glowq_fx.checkpoint.tensor_parallel import shard_quantized, tensor_parallel_size
 from glowq_fx.modules.kernels import use_cpu_kernels
@@ -39,10 +46,19 @@ class GlowQHfConfig(QuantizationConfigMixin):
 
     FIELDS = ("linears", "projections", "embeddings", "experts", "aliases", "int8_linears")
 
-    def __init__(self, format_version: int = FORMAT_VERSION, config: dict | None = None, quant_method: str = QUANT_METHOD,
-                 linears: dict | None = None, projections: list | None = None, embeddings: dict | None = None,
-                 aliases: dict | None = None, experts: dict | None = None, int8_linears: dict | None = None,
-                 **kwargs: Any):
+    def __init__(
+        self,
+        format_version: int = FORMAT_VERSION,
+        config: dict | None = None,
+        quant_method: str = QUANT_METHOD,
+        linears: dict | None = None,
+        projections: list | None = None,
+        embeddings: dict | None = None,
+        aliases: dict | None = None,
+        experts: dict | None = None,
+        int8_linears: dict | None = None,
+        **kwargs: Any,
+    ):
         if quant_method != QUANT_METHOD:
             raise ValueError(f"GlowQHfConfig describes quant_method {QUANT_METHOD!r}, not {quant_method!r}")
         if kwargs:
@@ -69,7 +85,7 @@ class GlowQHfConfig(QuantizationConfigMixin):
 class GlowQHfQuantizer(HfQuantizer):
     """Loads a glowq-fx checkpoint inside ``from_pretrained`` (module docstring)."""
 
-    requires_calibration = False  # loads a quantized checkpoint; glowq_fx.pretrained quantizes on load
+    requires_calibration = False  # loads a quantized checkpoint; glowq_fx.quantize.on_load quantizes on load
 
     def __init__(self, quantization_config: GlowQHfConfig, **kwargs: Any):
         super().__init__(quantization_config, **kwargs)

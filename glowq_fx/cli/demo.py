@@ -24,8 +24,8 @@ from glowq_fx.config import GlowQConfig
 from glowq_fx.data.batches import text_calibration_batches, tokenize
 from glowq_fx.data.corpus import load_text
 from glowq_fx.data.models import load_model
-from glowq_fx.evaluation.accuracy import Method, accuracy_table, compare_methods, plot_perplexity_vs_bytes
 from glowq_fx.evaluation.speed import decode_eager_vs_compiled
+from glowq_fx.studies.accuracy import Method, accuracy_table, compare_methods, plot_perplexity_vs_bytes
 
 
 @dataclass
@@ -97,8 +97,11 @@ def run_demo(settings: DemoSettings | None = None, *, say: Callable[[str], None]
         say(f"\nGlowQ model, greedy decoding of {s.bench_new_tokens} tokens after {s.bench_tokens} on "
             f"{result['machine']} (static cache, median of {s.bench_repeats}):")
         say(format_table(["run", "decode tokens/s", "first token s", "vs eager"], timing.rows()))
-        say(f"compile {timing.compile_s:.0f} s; greedy tokens agree {timing.tokens_agree:.0%}. On the CPU the "
-            "quantized linears run PyTorch's int4 kernel, lowered by Inductor when compiled; on CUDA the Triton kernels.")
+        say(
+            f"compile {timing.compile_s:.0f} s; greedy tokens agree {timing.tokens_agree:.0%}. On the CPU the "
+            "quantized linears run PyTorch's int4 kernel, lowered by Inductor when compiled; on CUDA the Triton "
+            "kernels."
+        )
     result["time_s"] = time.perf_counter() - t_start
     (s.out / "demo.json").write_text(json.dumps(result, indent=1))
     say(f"\nwrote {plot} and {s.out / 'demo.json'} ({result['time_s']:.0f} s in all)")

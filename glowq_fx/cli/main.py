@@ -6,8 +6,9 @@ import sys
 from pathlib import Path
 
 from glowq_fx._console import format_table
-from glowq_fx.data.cache import MissingResourceError
 from glowq_fx.config import GlowQConfig
+from glowq_fx.data.cache import MissingResourceError
+from glowq_fx.registry import CORRECTIONS, QUANTIZERS
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -67,7 +68,7 @@ def _select(args: argparse.Namespace) -> int:
     from glowq_fx.data.models import load_model
     from glowq_fx.evaluation.perplexity import perplexity
     from glowq_fx.selective.corrections import Corrections
-    from glowq_fx.selective.study import SweepPoint, correction_latency, plot_studies, rank_sweep, study
+    from glowq_fx.studies.selective import SweepPoint, correction_latency, plot_studies, rank_sweep, study
 
     t_start = time.perf_counter()
     config = GlowQConfig(group_size=args.group_size, rank=args.rank, method="glowq")
@@ -199,7 +200,7 @@ def _quantize_from_disk(args: argparse.Namespace, config: GlowQConfig) -> int:
 
     from glowq_fx.data.batches import text_calibration_batches
     from glowq_fx.data.models import resolve_model
-    from glowq_fx.out_of_core import quantize_checkpoint
+    from glowq_fx.quantize.from_disk import quantize_checkpoint
 
     directory = resolve_model(args.model)  # a GGUF is converted to a checkpoint directory first
     if not Path(directory).is_dir():
@@ -312,8 +313,8 @@ def _groups(args: argparse.Namespace) -> int:
     import torch
 
     from glowq_fx import GlowQWarning, find_groups
-    from glowq_fx.modules.experts import expert_weight
-    from glowq_fx.quantize_experts import find_experts
+    from glowq_fx.capture.experts import expert_weight
+    from glowq_fx.quantize.experts import find_experts
 
     net, config = _build_from_config(args.model, args.layers)
     batch = {"input_ids": torch.zeros(1, 8, dtype=torch.long)}
@@ -348,12 +349,12 @@ def _groups(args: argparse.Namespace) -> int:
 
 def _quantization_args(p: argparse.ArgumentParser) -> None:
     d = GlowQConfig()
-    p.add_argument("--method", default=d.method, choices=["glowq", "qera", "lqer", "svd", "none"],
+    p.add_argument("--method", default=d.method, choices=CORRECTIONS.names(),
                    help="correction: GlowQ's shared B, an independent baseline, or none")
     p.add_argument("--rank", type=int, default=d.rank, help="correction rank")
     p.add_argument("--group-size", type=int, default=d.group_size, help="32..256, or -1 for per-channel")
     p.add_argument("--bits", type=int, default=d.bits, help="weight bits")
-    p.add_argument("--quantizer", default=d.quantizer, choices=["rtn", "gptq"], help="base 4-bit quantizer")
+    p.add_argument("--quantizer", default=d.quantizer, choices=QUANTIZERS.names(), help="base 4-bit quantizer")
     p.add_argument("--symmetric", action="store_true", help="symmetric groups (no zero point)")
     p.add_argument("--svd", default=d.svd, choices=["randomized", "exact"], help="SVD of the correction solve")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the calibration windows and the sketch")
@@ -365,8 +366,12 @@ def _quantization_args(p: argparse.ArgumentParser) -> None:
                         "none: floating point")
     p.add_argument("--embedding-bits", type=int, default=d.embedding_bits, choices=[4, 8],
                    help="store the input embedding table in 4 or 8 bits (default: floating point)")
-    p.add_argument("--factor-dtype", default=d.factor_dtype, choices=["auto", "model", "float32", "bfloat16", "float16"],
-                   help="dtype of the correction factors (auto: bfloat16 for a float32 model, else the model's)")
+    p.add_argument(
+        "--factor-dtype",
+        default=d.factor_dtype,
+        choices=["auto", "model", "float32", "bfloat16", "float16"],
+        help="dtype of the correction factors (auto: bfloat16 for a float32 model, else the model's)",
+    )
     p.add_argument("--calib", default="news", help="calibration text: news, wikipedia or a text file")
     p.add_argument("--calib-samples", type=int, default=32, help="calibration windows")
     p.add_argument("--calib-len", type=int, default=512, help="tokens per calibration window")
@@ -394,12 +399,18 @@ def _device_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="glowq", description="GlowQ: 4-bit LLMs with group-shared low-rank correction")
+    parser = argparse.ArgumentParser(
+        prog="glowq", description="GlowQ: 4-bit LLMs with group-shared low-rank correction"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     defaults = argparse.ArgumentDefaultsHelpFormatter  # --help shows every default
 
-    demo = sub.add_parser("demo", formatter_class=defaults, help="SmolLM2 on Wikipedia text: groups, perplexity of RTN / independent / GlowQ, "
-                                       "eager vs compiled, a PNG plot")
+    demo = sub.add_parser(
+        "demo",
+        formatter_class=defaults,
+        help="SmolLM2 on Wikipedia text: groups, perplexity of RTN / independent / GlowQ, "
+        "eager vs compiled, a PNG plot",
+    )
     demo.add_argument("--eval-tokens", type=int, default=8192, help="prefix of the text to score")
     demo.add_argument("--rank", type=int, default=64, help="correction rank")
     demo.add_argument("--group-size", type=int, default=64, help="quantization group size")
@@ -441,8 +452,11 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--device", default="cpu", help="where the model runs")
     bench.set_defaults(func=_bench)
 
-    select = sub.add_parser("select", formatter_class=defaults, help="GlowQ-S: sweep top-k restored groups per score, find the elbows, "
-                                           "write a table and a PNG")
+    select = sub.add_parser(
+        "select",
+        formatter_class=defaults,
+        help="GlowQ-S: sweep top-k restored groups per score, find the elbows, write a table and a PNG",
+    )
     select.add_argument("model", nargs="?", default="smollm2", help="as for quantize")
     select.add_argument("--score", action="append", choices=["gain", "weight_error", "measured"],
                         help="ranking score (repeatable; default gain)")
@@ -469,9 +483,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="path stem of the JSON, markdown and PNG written")
     select.set_defaults(func=_select)
 
-    groups = sub.add_parser("groups", formatter_class=defaults, help="print the input-sharing groups found in a model's graph")
-    groups.add_argument("model", help="smollm2, a transformers model type (llama, gpt2, ...), a local model directory or "
-                                      "a .gguf file")
+    groups = sub.add_parser(
+        "groups", formatter_class=defaults, help="print the input-sharing groups found in a model's graph"
+    )
+    groups.add_argument(
+        "model", help="smollm2, a transformers model type (llama, gpt2, ...), a local model directory or a .gguf file"
+    )
     groups.add_argument("--layers", type=int, default=2,
                         help="layers to build (default 2: the groups repeat per layer)")
     groups.add_argument("--all-layers", dest="layers", action="store_const", const=None,

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from glowq_fx._checks import all_finite
-from glowq_fx.config import METHODS
+from glowq_fx.registry import CORRECTIONS
 
 EIG_FLOOR = 1e-8  # eigenvalues of S clamped at this fraction of the largest (numerical only;
 # shrinkage is the real regulariser)
@@ -324,10 +324,11 @@ def solve(
     """Correct a group's quantization errors with ``method`` at ``rank``.
 
     Args:
-        method: ``"glowq"`` (one shared B, whitened by S), ``"qera"`` (each member alone,
-            whitened: QERA-exact), ``"lqer"`` (each member alone, scaled by the per-channel RMS
-            ``sqrt(diag S)``: L2QER's diagonal scaling, taken from the same statistics),
-            ``"svd"`` (each member alone, plain SVD of E: ZeroQuant-V2 LoRC), ``"none"``.
+        method: a name in ``glowq_fx.registry.CORRECTIONS`` (``correction.methods``): ``"glowq"``
+            (one shared B, whitened by S), ``"qera"`` (each member alone, whitened: QERA-exact),
+            ``"lqer"`` (each member alone, scaled by the per-channel RMS ``sqrt(diag S)``: L2QER's
+            diagonal scaling, taken from the same statistics), ``"svd"`` (each member alone, plain
+            SVD of E: ZeroQuant-V2 LoRC), ``"none"``, or one registered by the user.
         errors: the members' ``E_i = W_i - W_q,i``, each (d_out_i, d_in), one dtype.
         S: the group's raw second moment (d_in, d_in); the whitened methods shrink it by
             ``shrinkage``, reports use it raw.
@@ -349,8 +350,7 @@ def solve(
     Returns:
         ``LowRankCorrection`` with factors in ``dtype`` on the errors' device.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}: choose one of {list(METHODS)}")
+    handler = CORRECTIONS[method]  # a correction.method.CorrectionMethod; unknown names are refused
     _check_group(errors, S, rank)
     device = errors[0].device
     S = S.to(device)
@@ -361,25 +361,18 @@ def solve(
     t0 = time.perf_counter()
     whitening_s = 0.0
 
-    if method == "none" or rank == 0:
+    if not handler.corrects or rank == 0:
         A = [E.new_zeros(E.shape[0], 0) for E in Es]
-        B = [E.new_zeros(0, E.shape[1]) for E in Es[: 1 if method == "glowq" else len(Es)]]
+        B = [E.new_zeros(0, E.shape[1]) for E in Es[: 1 if handler.shared else len(Es)]]
         s_kept: list[Tensor] = []
     else:
-        if method in ("glowq", "qera"):
-            t_white = time.perf_counter()
-            whitened = factor_whitening(S, dtype, shrinkage)
-            whitening_s = time.perf_counter() - t_white
-        elif method == "lqer":
-            rms = torch.diagonal(S).to(torch.float64).clamp_min(0).sqrt()
-            rms = rms.clamp_min(max(float(rms.max()) * EIG_FLOOR**0.5, torch.finfo(torch.float64).tiny))
-            whitened = Whitening("diagonal", rms.to(dtype), (1 / rms).to(dtype))
-        else:  # svd
-            whitened = Whitening("identity")
+        t_white = time.perf_counter()
+        whitened = handler.whiten(S, dtype, shrinkage)
+        whitening_s = time.perf_counter() - t_white
         if oversample is None:
             oversample = default_oversample(rank)
         kw = dict(mode=mode, oversample=oversample, power_iters=power_iters, generator=generator)
-        if method == "glowq":
+        if handler.shared:
             A, B_shared, s = scaled_lowrank(Es, whitened, rank, **kw)
             B, s_kept = [B_shared], [s]
         else:
@@ -394,7 +387,7 @@ def solve(
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - t0
 
-    shared = method == "glowq"
+    shared = handler.shared
     S_eval = S.to(dtype)  # no float64 copy of S outlives the whitening
     iso = shrinkage * float(torch.diagonal(S).to(torch.float64).sum()) / S.shape[0]
 
@@ -415,7 +408,7 @@ def solve(
                                              for i, E in enumerate(Es))
     before, after = sum(members_before), sum(members_after)
     report = SolveReport(
-        method=method,
+        method=handler.name,
         rank=max((a.shape[1] for a in A), default=0),  # as solved: capped per member
         whitened_error_before=before,
         whitened_error_after=after,

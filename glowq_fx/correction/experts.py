@@ -51,7 +51,7 @@ def refit_left(E: Tensor, B: Tensor, S: Tensor, shrinkage: float = 0.0) -> Tenso
 
 def experts_lowrank(errors: Sequence[Tensor], S: Tensor, rank: int, *, usage: Sequence[float] | None = None,
                     refit: Sequence[Tensor | None] | None = None, shrinkage: float = 0.05,
-                    **solve_kwargs) -> LowRankCorrection:
+                    method: str = "glowq", **solve_kwargs) -> LowRankCorrection:
     """GlowQ across experts: one ``B`` for every member's error (module docstring).
 
     Args:
@@ -63,6 +63,7 @@ def experts_lowrank(errors: Sequence[Tensor], S: Tensor, rank: int, *, usage: Se
             scaled by ``sqrt(w)`` before stacking, ``A_i`` by ``1 / sqrt(w)`` after.
         refit: one entry per member, ``S_e`` to refit that member's ``A_i`` against with ``B``
             fixed, or None to keep it.
+        method: a registered correction with a shared ``B`` (``decompose.solve`` solves the stack).
         shrinkage, solve_kwargs: as ``decompose.solve``.
 
     Returns:
@@ -77,7 +78,10 @@ def experts_lowrank(errors: Sequence[Tensor], S: Tensor, rank: int, *, usage: Se
     if any(w < 0 or w != w for w in weights):
         raise ValueError(f"usage weights must be non-negative numbers, got {weights}")
     scaled = [E if w == 1.0 else E * w**0.5 for E, w in zip(errors, weights)]
-    corr = solve("glowq", scaled, S, rank, shrinkage=shrinkage, **solve_kwargs)
+    corr = solve(method, scaled, S, rank, shrinkage=shrinkage, **solve_kwargs)
+    if not corr.shared:
+        raise ValueError(f"experts_lowrank shares one B across the experts: method {method!r} solves each member "
+                         "alone (use independent_experts)")
     B = corr.B[0]
     dtype = B.dtype
     As = []

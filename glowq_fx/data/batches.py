@@ -15,7 +15,6 @@ from torch import Tensor
 
 from glowq_fx.data.corpus import load_text
 
-
 BOS_CHOICES = ("auto", "on", "off")
 
 

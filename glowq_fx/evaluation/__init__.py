@@ -1,1 +1,1 @@
-"""Evaluation: perplexity (``perplexity``) and many methods from one calibration (``accuracy``)."""
+"""Evaluation of one model: perplexity (``perplexity``) and decoding speed (``speed``)."""

@@ -4,7 +4,7 @@ The kernel takes the codes as they are stored, (N, K) int8 with one scale per ou
 nothing is converted. Like the int4 kernel it is vectorised for bfloat16 activations (float32
 runs a scalar loop, ~7x slower than bfloat16 on the 2-core AVX2 machine for a 49152 x 576 head):
 it runs in bfloat16 whatever the model's dtype, and the output is cast back. On the SmolLM2 head
-that rounding costs +0.1% perplexity over the same int8 codes in float32 (README).
+that rounding costs +0.1% perplexity over the same int8 codes in float32 (docs/usage.md).
 """
 from __future__ import annotations
 

@@ -51,7 +51,9 @@ def launch_w4a16(x: Tensor, qweights: Sequence[Tensor], scales: Sequence[Tensor]
     results: list[Optional[Tensor]] = [None] * len(qweights)
     shape = lambda i: (*x.shape[:-1], qweights[i].shape[1])
     if M == 0:  # nothing to launch (and no shape to time)
-        return [(x2.new_empty(0, q.shape[1]) if outs is None else outs[i]).view(shape(i)) for i, q in enumerate(qweights)]
+        return [
+            (x2.new_empty(0, q.shape[1]) if outs is None else outs[i]).view(shape(i)) for i, q in enumerate(qweights)
+        ]
     if M >= kernels.DEQUANT_MATMUL_MIN_M:  # one dequantize + cuBLAS per member, no fused launch
         for i in range(len(qweights)):
             y = x2.new_empty(M, qweights[i].shape[1]) if outs is None else outs[i]
@@ -60,7 +62,9 @@ def launch_w4a16(x: Tensor, qweights: Sequence[Tensor], scales: Sequence[Tensor]
         return results  # type: ignore[return-value]
     kinds: dict[tuple[bool, bool, int], list[int]] = {}  # one kernel specialisation per kind
     for i in range(len(qweights)):
-        kinds.setdefault((biases[i] is not None, As[i] is not None, group_size_of(qweights[i], scales[i])), []).append(i)
+        kinds.setdefault((biases[i] is not None, As[i] is not None, group_size_of(qweights[i], scales[i])), []).append(
+            i
+        )
     for (has_bias, has_a, gs), idx in kinds.items():
         for c in range(0, len(idx), kernels.MAX_MEMBERS):
             chunk = idx[c:c + kernels.MAX_MEMBERS]

@@ -34,6 +34,8 @@ class QuantizedEmbedding(nn.Embedding):
             (num_embeddings,) and no zeros.
     """
 
+    glowq_quantized = True  # capture.run.check_model: not quantized twice
+
     bits: int
 
     def __init__(self, *args, **kwargs):

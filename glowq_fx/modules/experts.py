@@ -18,7 +18,7 @@ weight reads each expert's own intermediate, so each expert has its own ``B_e`` 
 forward sorts the (token, slot) pairs by expert and runs each weight as one op on the sorted rows
 (``glowq::w4a16_experts``: a grouped Triton kernel on CUDA), so it has no data-dependent loop and
 compiles into one graph. A module without those marks whose weights were traced in calibration
-keeps its own forward instead (``modules.expert_views``).
+keeps its own forward instead (``capture.experts``), its weights read through ``QuantizedWeightsView``.
 
 The quantized module takes the experts module's class (a dynamic subclass, as
 ``QuantizedEmbedding`` does), so the class's own gating (``_apply_gate``: concatenated or
@@ -28,56 +28,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from glowq_fx import ops
+from glowq_fx.capture.experts import ExpertsProtocol, ExpertWeightsView, TracedExperts, TracedWeight
 from glowq_fx.kernels.layout import PackedW4, dequantize_packed, group_size_of
-from glowq_fx.modules.expert_views import QuantizedWeightsView, TracedExperts, TracedWeight
 from glowq_fx.modules.linear import SharedProjection
-
-
-@dataclass(frozen=True)
-class ExpertsProtocol:
-    """How an experts module computes (read from transformers' ``use_experts_implementation`` marks)."""
-
-    first: str  # the 3-D weight that reads the block input: "gate_up_proj" or "up_proj"
-    second: str  # the one that reads each expert's intermediate: "down_proj"
-    has_gate: bool
-    has_bias: bool
-    is_transposed: bool
-    has_post_expert_norm: bool
-    num_experts: int
-
-    @property
-    def weights(self) -> tuple[str, str]:
-        return self.first, self.second
-
-
-def experts_protocol(module: nn.Module) -> ExpertsProtocol | str:
-    """The module's ``ExpertsProtocol``, or why it is not an experts module glowq-fx can run
-    (a string naming what is missing)."""
-    marks = ("has_gate", "has_bias", "is_transposed")
-    if not all(isinstance(getattr(module, m, None), bool) for m in marks):
-        return f"it lacks transformers' experts marks ({', '.join(marks)}: set by use_experts_implementation)"
-    first = "gate_up_proj" if module.has_gate else "up_proj"
-    weights = {n: p for n, p in module.named_parameters(recurse=False) if p.dim() == 3}
-    missing = [n for n in (first, "down_proj") if n not in weights]
-    if missing:
-        return f"it has no 3-D parameter {' or '.join(missing)} (its 3-D parameters: {sorted(weights) or 'none'})"
-    E = weights[first].shape[0]
-    if weights["down_proj"].shape[0] != E:
-        return f"{first} holds {E} experts but down_proj {weights['down_proj'].shape[0]}"
-    return ExpertsProtocol(first, "down_proj", module.has_gate, module.has_bias, module.is_transposed,
-                           bool(getattr(module, "has_post_expert_norm", False)), E)
-
-
-def expert_weight(module: nn.Module, name: str, e: int, transposed: bool) -> Tensor:
-    """Expert ``e``'s (out, in) weight of the 3-D parameter ``name``."""
-    W = getattr(module, name)[e]
-    return W.T if transposed else W
 
 
 class QuantizedExpertWeights(nn.Module):
@@ -192,6 +150,8 @@ class QuantizedExperts(nn.Module):
     """An experts module whose 3-D weights are ``QuantizedExpertWeights`` (module docstring);
     built by ``quantize_experts`` or ``empty_quantized_experts``, never directly."""
 
+    glowq_quantized = True  # capture.run.check_model: not quantized twice
+
     glowq_protocol: ExpertsProtocol
 
     def __init__(self, *args, **kwargs):
@@ -252,7 +212,7 @@ def quantized_experts(module: nn.Module, weights: dict[str, QuantizedExpertWeigh
     """``module`` (an experts module, left unchanged) with its 3-D weights replaced by ``weights``:
     a new module of a subclass of ``module``'s class sharing its other parameters and children.
     A traced module's code reads each weight through a ``QuantizedWeightsView`` under the
-    weight's name (``modules.expert_views``)."""
+    weight's name (``capture.experts``)."""
     if set(weights) != set(protocol.weights):
         raise ValueError(f"quantized weights for {sorted(weights)}, the experts have {sorted(protocol.weights)}")
     cls = _quantized_class(type(module))
@@ -268,3 +228,29 @@ def quantized_experts(module: nn.Module, weights: dict[str, QuantizedExpertWeigh
             new.__dict__[traced.name] = QuantizedWeightsView(weights[traced.name], traced,
                                                              weights[traced.name].scales.dtype)
     return new
+
+
+class QuantizedWeightsView(ExpertWeightsView):
+    """A ``QuantizedExpertWeights`` read by the module's own code: products with an expert's slice
+    run the 4-bit op with the correction, anything else gets the corrected dense weight."""
+
+    def __init__(self, weights, traced: TracedWeight, dtype: torch.dtype):
+        E, N, K = weights.num_experts, weights.out_features, weights.in_features
+        super().__init__((E, N, K) if traced.stored_out_in else (E, K, N), dtype, weights.qweight.device)
+        self.weights, self.traced = weights, traced
+
+    def apply(self, e: int, x: Tensor, stored_out_in: bool) -> Tensor:
+        if stored_out_in != self.traced.stored_out_in:  # used the other way round than calibrated
+            W = self.dense(e)
+            return x @ W.T if stored_out_in else x @ W
+        rows = x.reshape(-1, x.shape[-1])
+        y = self.weights.expert(e, rows, self.weights.project(rows))
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def dense(self, e: int) -> Tensor:
+        w = self.weights
+        W = w.dequantized_weight(e, self.dtype)
+        if w.A is not None:
+            B = w.projection.B if w.projection is not None else w.B[e]
+            W = W + (w.A[e].to(torch.float32) @ B.to(torch.float32)).to(self.dtype)
+        return W if self.traced.stored_out_in else W.T

@@ -32,6 +32,8 @@ class Int8Linear(nn.Module):
     node, which it cannot take (torch 2.13).
     """
 
+    glowq_quantized = True  # capture.run.check_model: not quantized twice
+
     def __init__(self, qweight: Tensor, scales: Tensor, bias: Tensor | None = None):
         super().__init__()
         if qweight.dtype != torch.int8 or qweight.dim() != 2:

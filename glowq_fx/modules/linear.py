@@ -20,22 +20,6 @@ from glowq_fx.kernels.layout import PackedW4, dequantize_packed, group_size_of, 
 from glowq_fx.quant.rtn import QuantizedWeight
 
 
-def is_conv1d(module: nn.Module) -> bool:
-    """transformers' ``Conv1D`` (GPT-2 family): a linear whose weight is stored (in, out)."""
-    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
-
-
-def linear_weight(module: nn.Module) -> Tensor | None:
-    """The (out_features, in_features) weight of an ``nn.Linear`` or ``Conv1D``, else None."""
-    if isinstance(module, QuantizedLinear):
-        return None
-    if isinstance(module, nn.Linear):
-        return module.weight
-    if is_conv1d(module):
-        return module.weight.T
-    return None
-
-
 class SharedProjection(nn.Module):
     """``R = x B^T``: the right factor of one group's correction.
 
@@ -83,6 +67,8 @@ class QuantizedLinear(nn.Module):
     converts them; see ``glowq_fx.kernels.cpu_int4``), and the forward runs that kernel. The
     canonical buffers stay: checkpoints and prefill (dequantize + GEMM) read them.
     """
+
+    glowq_quantized = True  # capture.run.check_model: not quantized twice
 
     def __init__(self, packed: PackedW4, bias: Tensor | None = None, A: Tensor | None = None,
                  projection: SharedProjection | None = None):

@@ -26,6 +26,7 @@ from glowq_fx.quant.rtn import (
     group_geometry,
     group_params,
 )
+from glowq_fx.registry import QUANTIZERS
 
 
 def quantize_gptq(
@@ -124,3 +125,10 @@ def quantize_gptq(
         in_features=K,
         bits=bits,
     )
+
+
+@QUANTIZERS.register("gptq")
+def gptq_quantizer(W: Tensor, S: Tensor, config) -> QuantizedWeight:
+    """``GlowQConfig(quantizer="gptq")``: GPTQ driven by the group's second moment ``S``."""
+    return quantize_gptq(W, S, config.group_size, bits=config.bits, symmetric=config.symmetric,
+                         damp=config.gptq_damp, block_size=config.gptq_block_size, act_order=config.gptq_act_order)

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from glowq_fx._checks import all_finite
 from glowq_fx.config import BITS, EMBEDDING_BITS, GROUP_SIZES
+from glowq_fx.registry import QUANTIZERS
 
 
 @dataclass
@@ -188,3 +189,9 @@ def quantize_int8_rows(W: Tensor) -> tuple[Tensor, Tensor]:
     s = _round_up_to_dtype(torch.where(s == 0, torch.ones_like(s), s), W.dtype)
     q = torch.div(w, s.unsqueeze(1)).round_().clamp_(-127, 127)
     return q.to(torch.int8), s.to(W.dtype)
+
+
+@QUANTIZERS.register("rtn")
+def rtn_quantizer(W: Tensor, S: Tensor | None, config) -> QuantizedWeight:
+    """``GlowQConfig(quantizer="rtn")``: round to nearest on the config's grid (``S`` unused)."""
+    return quantize_rtn(W, config.group_size, bits=config.bits, symmetric=config.symmetric)

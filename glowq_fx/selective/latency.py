@@ -29,8 +29,8 @@ import torch
 from torch.nn import functional as F
 
 from glowq_fx import ops
-from glowq_fx.modules.linear import QuantizedLinear
 from glowq_fx.kernels.timing import time_ms
+from glowq_fx.modules.linear import QuantizedLinear
 
 
 @dataclass(frozen=True)

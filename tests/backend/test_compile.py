@@ -15,12 +15,11 @@ import torch
 import transformers as T
 
 from glowq_fx import GlowQConfig, quantize_
-from glowq_fx.backend._inductor import run_and_get_generated_code
 from glowq_fx.backend import glowq_backend
+from glowq_fx.backend._inductor import run_and_get_generated_code
 from glowq_fx.backend.compile import GLOWQ_OPS
 from glowq_fx.modules.kernels import use_cpu_kernels
 from tests_helpers import tiny_llama_config
-
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPE = {"cpu": torch.float32, "cuda": torch.bfloat16}
@@ -68,7 +67,9 @@ def _ids(seed, t=11, device="cpu"):
 
 
 _OP_CALL = re.compile(
-    r"^\s*(\w+) = torch\.ops\.glowq\.(shared_projection|w4a16_group_projected|w4a16_group|w4a16_linear)\.default\((.*)\)$")
+    r"^\s*(\w+) = torch\.ops\.glowq\."
+    r"(shared_projection|w4a16_group_projected|w4a16_group|w4a16_linear)\.default\((.*)\)$"
+)
 
 
 _ALIAS = re.compile(r"^\s*(\w+) = (\w+)$")  # Inductor names an op's single output anew: bufB = bufA

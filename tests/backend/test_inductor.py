@@ -2,8 +2,8 @@
 glowq_fx/_dynamo.placeholder_fqn): if torch changes them, these fail first."""
 import torch
 
-from passes._dynamo import placeholder_fqn
 from glowq_fx.backend._inductor import compile_with_inductor, mode_options, run_and_get_generated_code
+from passes._dynamo import placeholder_fqn
 
 
 def test_mode_options_mean_what_torch_compile_means():

@@ -95,7 +95,9 @@ def test_blockwise_memory_benchmark_measures_both_modes_in_child_processes(tmp_p
 
 def test_calibration_logits_benchmark_compares_computed_and_spared_logits(tmp_path):
     bench = _load("bench_calibration_logits")
-    assert bench.main(["--tiny", "--layers", "2", "--samples", "8", "--tokens", "32", "--out", str(tmp_path / "l")]) == 0
+    assert (
+        bench.main(["--tiny", "--layers", "2", "--samples", "8", "--tokens", "32", "--out", str(tmp_path / "l")]) == 0
+    )
     results = __import__("json").loads((tmp_path / "l.json").read_text())
     assert {(r["calibration"], r["spare_logits"]) for r in results["rows"]} == {
         (c, s) for c in ("blocks", "model") for s in (False, True)}

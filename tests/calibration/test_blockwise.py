@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+from architectures import ARCHS, V
 from glowq_fx import GlowQConfig, GlowQWarning, quantize_
-from test_quantize_architectures import ARCHS, V
 from tests_helpers import tiny_llama, token_batches
 
 
@@ -60,7 +60,7 @@ def test_padding_is_excluded_block_by_block_as_in_the_whole_model_pass(gen):
 def test_quantized_fed_block_sees_what_its_quantized_predecessor_gives(monkeypatch):
     """With block_inputs="quantized", each group's S is the one a whole-model pass over the final
     model collects: its inputs come from the quantized, corrected blocks before it."""
-    import glowq_fx.quantize as quantize_module
+    import glowq_fx.quantize.api as quantize_module
     from glowq_fx.calibration.collect import collect_statistics
     from glowq_fx.capture.run import run_batch
 
@@ -203,7 +203,7 @@ def test_the_whole_model_capture_s_traces_are_collected_before_the_statistics(mo
     models of ``RELEASE_MIN_BYTES`` or more: a full collection costs up to a second)."""
     import gc
 
-    import glowq_fx.quantize as quantize_module
+    import glowq_fx.quantize.api as quantize_module
 
     def traces() -> int:  # other tests' compiled models may hold some of their own: counted before
         return sum(type(o).__name__ in ("ShapeEnv", "FakeTensorMode") for o in gc.get_objects())

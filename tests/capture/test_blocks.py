@@ -2,10 +2,10 @@
 import pytest
 from torch import nn
 
+from architectures import ARCHS, LAYERS
 from glowq_fx import GlowQWarning
 from glowq_fx.capture.blocks import Blocks, assign_groups, find_blocks
 from passes.groups import InputGroup, group_name
-from test_quantize_architectures import ARCHS, LAYERS
 
 # written out from each architecture's source, not read from the library
 CONTAINERS = {"llama": "model.layers", "mistral": "model.layers", "qwen2": "model.layers", "qwen3": "model.layers",

@@ -9,7 +9,6 @@ from glowq_fx import GlowQConfig, GlowQWarning, find_groups, quantize_
 from glowq_fx.modules.experts import QuantizedExperts
 from tests_helpers import tiny_llama, token_batches
 
-
 V = 128
 MOE = dict(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
            num_key_value_heads=2, num_experts_per_tok=2)

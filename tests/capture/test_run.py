@@ -6,7 +6,6 @@ from torch import nn
 from glowq_fx import GlowQConfig, quantize_
 from tests_helpers import tiny_llama, token_batches
 
-
 V = 128
 
 

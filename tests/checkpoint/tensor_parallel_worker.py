@@ -1,6 +1,8 @@
 """Run by ``test_tensor_parallel`` under ``torch.distributed.run`` (gloo, CPU): each rank loads the
 checkpoints of a job file with ``from_pretrained(dir, tp_plan=...)`` and writes what the test
-checks: its logits (eager, and compiled with ``glowq_backend`` where asked), the local shapes of the split tensors, the warnings, or the error."""
+checks: its logits (eager, and compiled with ``glowq_backend`` where asked), the local shapes of the
+split tensors, the warnings, or the error."""
+
 import json
 import sys
 import warnings

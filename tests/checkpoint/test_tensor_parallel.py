@@ -167,12 +167,22 @@ def test_an_untied_int8_head_is_split_by_its_output_rows(ranks):
         assert r["local_shapes"]["lm_head.scales"] == (head.out_features // WORLD,)
 
 
-@pytest.mark.parametrize("name, message", [
-    ("groups_too_wide", r"CheckpointError: .*o_proj in scale groups of 64: each rank needs whole groups \(64 / 2 a multiple of 64\)"),
-    ("per_channel", r"CheckpointError: .*o_proj in scale groups of 64"),
-    ("odd_rows", r"CheckpointError: .*splits the 129 output rows of model.layers.0.mlp.gate_proj, which 2 does not"),
-    ("quantize_on_load", r"ValueError: quantizing on load works on one process: quantize and save first"),
-])
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        (
+            "groups_too_wide",
+            r"CheckpointError: .*o_proj in scale groups of 64: each rank needs whole groups "
+            r"\(64 / 2 a multiple of 64\)",
+        ),
+        ("per_channel", r"CheckpointError: .*o_proj in scale groups of 64"),
+        (
+            "odd_rows",
+            r"CheckpointError: .*splits the 129 output rows of model.layers.0.mlp.gate_proj, which 2 does not",
+        ),
+        ("quantize_on_load", r"ValueError: quantizing on load works on one process: quantize and save first"),
+    ],
+)
 def test_what_tensor_parallel_cannot_do_is_refused(ranks, name, message):
     import re
 

@@ -126,7 +126,7 @@ def test_registration_is_idempotent_and_refuses_a_foreign_glowq():
     from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
 
     from glowq_fx.checkpoint.transformers import register
-    from glowq_fx.pretrained import GlowQOnLoadQuantizer
+    from glowq_fx.quantize.on_load import GlowQOnLoadQuantizer
 
     register(GlowQOnLoadQuantizer)  # what import glowq_fx did: again, a no-op
     assert AUTO_QUANTIZER_MAPPING["glowq"] is GlowQOnLoadQuantizer
@@ -167,7 +167,7 @@ def _float_dir(tmp_path):
 
 
 def test_from_pretrained_with_a_glowq_config_quantizes_on_load(tmp_path):
-    from glowq_fx.pretrained import calibration_data
+    from glowq_fx.quantize.on_load import calibration_data
 
     directory, text = _float_dir(tmp_path)
     config = GlowQConfig(group_size=32, rank=8, dataset=[text], n_samples=4, seq_len=64)

@@ -98,8 +98,9 @@ def test_quantize_eval_bench_on_a_local_model(tmp_path, capsys):
 def test_quantize_block_by_block_into_shards(tmp_path, capsys):
     model_dir, text = _tiny_model_and_text(tmp_path)
     out, scratch = tmp_path / "q", tmp_path / "scratch"
-    assert main(["quantize", str(model_dir), "--out", str(out), "--group-size", "32", "--rank", "8", "--calib", str(text),
-                 "--calib-samples", "4", "--calib-len", "64", "--calibration", "blocks", "--block-inputs", "quantized",
+    assert main(["quantize", str(model_dir), "--out", str(out), "--group-size", "32", "--rank", "8",
+                 "--calib", str(text), "--calib-samples", "4", "--calib-len", "64", "--calibration", "blocks",
+                 "--block-inputs", "quantized",
                  "--activations", "disk", "--offload-dir", str(scratch), "--max-shard-size", "20KB",
                  "--output-head-bits", "none"]) == 0
     printed = capsys.readouterr().out
@@ -115,8 +116,8 @@ def test_quantize_block_by_block_into_shards(tmp_path, capsys):
 def test_quantize_from_disk_loads_one_block_at_a_time(tmp_path, capsys):
     model_dir, text = _tiny_model_and_text(tmp_path)
     out = tmp_path / "q"
-    assert main(["quantize", str(model_dir), "--out", str(out), "--group-size", "32", "--rank", "8", "--calib", str(text),
-                 "--calib-samples", "4", "--calib-len", "64", "--from-disk"]) == 0
+    assert main(["quantize", str(model_dir), "--out", str(out), "--group-size", "32", "--rank", "8",
+                 "--calib", str(text), "--calib-samples", "4", "--calib-len", "64", "--from-disk"]) == 0
     assert "calibrated block by block" in capsys.readouterr().out
     assert (out / "tokenizer.json").is_file()
     assert main(["eval", str(out), "--text", str(text), "--seq-len", "128", "--max-tokens", "500"]) == 0
@@ -134,8 +135,9 @@ def test_select_writes_table_json_and_plot(tmp_path, capsys):
 
     model_dir, text = _tiny_model_and_text(tmp_path)
     out = tmp_path / "sel" / "selective"
-    assert main(["select", str(model_dir), "--score", "gain", "--score", "measured", "--rank", "8", "--group-size", "32",
-                 "--step", "3", "--compare-rank", "4", "--text", str(text), "--eval-tokens", "600", "--seq-len", "128",
+    assert main(["select", str(model_dir), "--score", "gain", "--score", "measured", "--rank", "8",
+                 "--group-size", "32", "--step", "3", "--compare-rank", "4", "--text", str(text),
+                 "--eval-tokens", "600", "--seq-len", "128",
                  "--calib", str(text),
                  "--calib-samples", "4", "--calib-len", "64", "--measure-len", "32", "--out", str(out)]) == 0
     printed = capsys.readouterr().out

@@ -1,8 +1,8 @@
 """The identities of GlowQ's solver (issue: foundation, section 5)."""
 import pytest
 import torch
-
 from conftest import anisotropic_second_moment
+
 from glowq_fx.correction.decompose import EIG_FLOOR, independent_lowrank, shared_lowrank, shrink, solve, whitening
 from glowq_fx.quant import quantization_error, quantize_rtn
 

@@ -7,7 +7,6 @@ from glowq_fx.data import corpus
 from glowq_fx.data.cache import MissingResourceError
 from tests_helpers import or_skip
 
-
 DUMP = """<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/">
   <page><title>Alpha</title><ns>0</ns><id>1</id>
     <revision><text xml:space="preserve">'''Alpha''' is a [[Greek alphabet|letter]].{{Infobox|x=1}}

@@ -9,8 +9,7 @@ offset moves an element by about the latter's square root term itself.
 import pytest
 import torch
 
-from glowq_fx.kernels import launch
-from glowq_fx.kernels import projection
+from glowq_fx.kernels import launch, projection
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}

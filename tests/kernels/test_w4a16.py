@@ -174,7 +174,10 @@ def test_mixed_bias_and_correction_in_one_group(gen):
     """Members without a bias or without A take their own launch; each output is still right."""
     dtype, M, K = torch.float16, 3, 128
     x = torch.randn(M, K, generator=gen).to(dtype).to(DEVICE)
-    members = [packed_member(40, K, 64, dtype, 4, True, gen, DEVICE), packed_member(24, K, 64, dtype, 0, False, gen, DEVICE)]
+    members = [
+        packed_member(40, K, 64, dtype, 4, True, gen, DEVICE),
+        packed_member(24, K, 64, dtype, 0, False, gen, DEVICE),
+    ]
     R = torch.randn(M, 4, generator=gen).to(dtype).to(DEVICE)
     outs = launch.launch_w4a16(x, *[list(t) for t in zip(*members)], R)
     for y, m in zip(outs, members):

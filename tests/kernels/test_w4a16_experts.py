@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from glowq_fx.kernels import launch
-from tests_helpers import every_config, only_config, packed_member
 from tests.kernels.test_w4a16 import DEVICE, UNIT_ROUNDOFF, reference
+from tests_helpers import every_config, only_config, packed_member
 
 
 def _check(counts, K, N, group_size, dtype, rank, bias, gen, extra_rows=2, block_m=None):

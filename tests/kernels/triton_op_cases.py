@@ -148,7 +148,10 @@ def _single_config() -> None:
 
 
 def relative_error(got, want) -> float:
-    got, want = (got if isinstance(got, (list, tuple)) else [got]), (want if isinstance(want, (list, tuple)) else [want])
+    got, want = (
+        (got if isinstance(got, (list, tuple)) else [got]),
+        (want if isinstance(want, (list, tuple)) else [want]),
+    )
     return max(float((g.float() - w.float()).norm() / w.float().norm().clamp_min(1e-30)) for g, w in zip(got, want))
 
 
@@ -163,10 +166,18 @@ def main(argv=None) -> int:
         _single_config()
     op, inputs = build(args.case)
     want = op(*inputs)
-    result = {"case": args.case, "mode": args.mode, "single_config": args.single_config, "torch": torch.__version__,
-              "triton": triton.__version__, "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"}
+    result = {
+        "case": args.case,
+        "mode": args.mode,
+        "single_config": args.single_config,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
+    }
     if args.eager_only:
-        result["eager_finite"] = all(bool(torch.isfinite(t).all()) for t in (want if isinstance(want, list) else [want]))
+        result["eager_finite"] = all(
+            bool(torch.isfinite(t).all()) for t in (want if isinstance(want, list) else [want])
+        )
         print(json.dumps(result), flush=True)
         return 0 if result["eager_finite"] else 1
     compiled = torch.compile(lambda *a: op(*a), mode=None if args.mode == "default" else args.mode, fullgraph=True)

@@ -9,7 +9,7 @@ from glowq_fx import GlowQConfig, load_quantized, quantize_, save_quantized
 from glowq_fx.modules import QuantizedLinear
 from glowq_fx.modules.embedding import QuantizedEmbedding, quantize_embedding
 from glowq_fx.quant.rtn import quantize_rtn
-from glowq_fx.quantize import model_bytes
+from glowq_fx.quantize.api import model_bytes
 from tests_helpers import tiny_llama_config, token_batches
 
 

@@ -1,13 +1,14 @@
-"""modules.expert_views: a module's own code reading quantized 3-D weights through views gets the
-quantized product with its correction for F.linear / @ on one expert's slice, in either stored
-orientation, and the corrected dense weight for anything else."""
+"""modules.experts.QuantizedWeightsView (over capture.experts' views): a module's own code reading
+quantized 3-D weights through views gets the quantized product with its correction for F.linear / @
+on one expert's slice, in either stored orientation, and the corrected dense weight for anything
+else."""
 import pytest
 import torch
 import torch.nn.functional as F
 
+from glowq_fx.capture.experts import TracedWeight
 from glowq_fx.kernels.layout import pack
-from glowq_fx.modules.expert_views import QuantizedWeightsView, TracedWeight
-from glowq_fx.modules.experts import QuantizedExpertWeights
+from glowq_fx.modules.experts import QuantizedExpertWeights, QuantizedWeightsView
 from glowq_fx.modules.linear import SharedProjection
 from glowq_fx.quant import quantize_rtn
 

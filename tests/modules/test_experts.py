@@ -3,8 +3,9 @@ experts no token reaches, and the checks on what is attached."""
 import pytest
 import torch
 
+from glowq_fx.capture.experts import experts_protocol
 from glowq_fx.kernels.layout import pack
-from glowq_fx.modules.experts import QuantizedExpertWeights, experts_protocol
+from glowq_fx.modules.experts import QuantizedExpertWeights
 from glowq_fx.modules.linear import SharedProjection
 from glowq_fx.quant import quantize_rtn
 

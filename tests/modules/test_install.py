@@ -4,8 +4,7 @@ import torch
 from torch import nn
 
 from glowq_fx.kernels.layout import pack
-from glowq_fx.modules.install import (PROJECTIONS, attach_correction, detach_correction, projection_slot,
-                                      replace_module)
+from glowq_fx.modules.install import PROJECTIONS, attach_correction, detach_correction, projection_slot, replace_module
 from glowq_fx.modules.linear import QuantizedLinear
 from glowq_fx.quant import quantize_rtn
 

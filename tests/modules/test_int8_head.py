@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+import transformers as T
 from torch import nn
 
 from glowq_fx import GlowQConfig, load_quantized, quantize_, save_quantized, use_cpu_kernels
@@ -11,8 +12,6 @@ from glowq_fx.kernels import cpu_int8
 from glowq_fx.modules.embedding import QuantizedEmbedding
 from glowq_fx.modules.int8_linear import Int8Linear
 from glowq_fx.quant.rtn import quantize_int8_rows
-import transformers as T
-
 from tests_helpers import tiny_llama_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from conftest import anisotropic_second_moment
+
 from glowq_fx.quant import quantization_error, quantize_gptq, quantize_rtn
 
 

@@ -3,12 +3,12 @@ import pytest
 import torch
 
 from glowq_fx.selective.corrections import Corrections
-from tests_helpers import quantized_copy, logits
+from tests_helpers import logits, quantized_copy
 
 
-def test_switching_everything_off_is_rtn_and_back_on_is_glowq(setup):
-    glowq, report = quantized_copy(setup)
-    rtn, _ = quantized_copy(setup, method="none")
+def test_switching_everything_off_is_rtn_and_back_on_is_glowq(glowq_s_model):
+    glowq, report = quantized_copy(glowq_s_model)
+    rtn, _ = quantized_copy(glowq_s_model, method="none")
     ids = torch.randint(0, 128, (2, 16))
     full = logits(glowq, ids)
     corrections = Corrections(glowq)
@@ -23,8 +23,8 @@ def test_switching_everything_off_is_rtn_and_back_on_is_glowq(setup):
         Corrections(rtn)
 
 
-def test_restored_brings_back_the_units_enabled_on_entry_even_after_an_error(setup):
-    model, _ = quantized_copy(setup)
+def test_restored_brings_back_the_units_enabled_on_entry_even_after_an_error(glowq_s_model):
+    model, _ = quantized_copy(glowq_s_model)
     corrections = Corrections(model)
     some = set(corrections.names[:2])
     corrections.set(some)

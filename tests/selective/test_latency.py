@@ -5,10 +5,10 @@ from glowq_fx.selective.corrections import Corrections
 from tests_helpers import quantized_copy
 
 
-def test_cpu_latency_is_the_median_time_of_the_correction_ops(setup, monkeypatch):
+def test_cpu_latency_is_the_median_time_of_the_correction_ops(glowq_s_model, monkeypatch):
     from glowq_fx.selective import latency as latency_mod
 
-    model, _ = quantized_copy(setup)
+    model, _ = quantized_copy(glowq_s_model)
     corrections = Corrections(model)
     calls = []
 

@@ -10,7 +10,7 @@ import torch
 import transformers as T
 
 from glowq_fx import GlowQConfig, load_quantized, quantize_
-from glowq_fx.out_of_core import quantize_checkpoint
+from glowq_fx.quantize.from_disk import quantize_checkpoint
 from tests_helpers import tiny_llama_config, token_batches
 
 
@@ -62,7 +62,7 @@ def test_from_disk_quantizes_a_tied_table_once_like_quantize_(float_dir, tmp_pat
 
 
 def test_one_block_in_memory_at_a_time(float_dir, tmp_path, monkeypatch):
-    import glowq_fx.out_of_core as ooc
+    import glowq_fx.quantize.from_disk as ooc
 
     _, path = float_dir
     seen = []

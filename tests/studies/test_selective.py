@@ -5,13 +5,21 @@ import torch
 from glowq_fx import GlowQConfig
 from glowq_fx.evaluation.perplexity import perplexity
 from glowq_fx.selective.corrections import Corrections, calibration_loss
-from glowq_fx.selective.study import SweepPoint, correction_latency, order_by, rank_sweep, sweep, sweep_elbow, unit_scores
-from tests_helpers import quantized_copy, logits
+from glowq_fx.studies.selective import (
+    SweepPoint,
+    correction_latency,
+    order_by,
+    rank_sweep,
+    sweep,
+    sweep_elbow,
+    unit_scores,
+)
+from tests_helpers import logits, quantized_copy
 
 
 @pytest.mark.parametrize("method", ["glowq", "qera"])
-def test_gain_scores_add_up_to_the_report(setup, method):
-    model, report = quantized_copy(setup, method=method)
+def test_gain_scores_add_up_to_the_report(glowq_s_model, method):
+    model, report = quantized_copy(glowq_s_model, method=method)
     corrections = Corrections(model)
     scores = unit_scores(corrections, report, "gain")
     assert sum(scores.values()) == pytest.approx(sum(g.restore_gain for g in report.groups), rel=1e-9)
@@ -21,9 +29,9 @@ def test_gain_scores_add_up_to_the_report(setup, method):
     assert all(0 < v < 1 for v in weight.values())
 
 
-def test_measured_score_is_the_loss_increase_of_switching_one_unit_off(setup):
-    model, report = quantized_copy(setup)
-    _, _, batches = setup
+def test_measured_score_is_the_loss_increase_of_switching_one_unit_off(glowq_s_model):
+    model, report = quantized_copy(glowq_s_model)
+    _, _, batches = glowq_s_model
     corrections = Corrections(model)
     ids = torch.randint(0, 128, (1, 12))
     before = logits(model, ids)
@@ -38,9 +46,9 @@ def test_measured_score_is_the_loss_increase_of_switching_one_unit_off(setup):
         unit_scores(corrections, report, "measured")
 
 
-def test_sweep_ends_are_rtn_and_full_glowq(setup):
-    model, report = quantized_copy(setup)
-    rtn, _ = quantized_copy(setup, method="none")
+def test_sweep_ends_are_rtn_and_full_glowq(glowq_s_model):
+    model, report = quantized_copy(glowq_s_model)
+    rtn, _ = quantized_copy(glowq_s_model, method="none")
     corrections = Corrections(model)
     tokens = torch.randint(0, 128, (200,))
     order = order_by(unit_scores(corrections, report), corrections)
@@ -75,8 +83,8 @@ def test_sweep_elbow_against_latency_keeps_the_best_point_per_cost():
         sweep_elbow(pts, "flops")
 
 
-def test_correction_latency_times_each_shape_once_and_sweeps_sum_it(setup):
-    model, report = quantized_copy(setup)
+def test_correction_latency_times_each_shape_once_and_sweeps_sum_it(glowq_s_model):
+    model, report = quantized_copy(glowq_s_model)
     corrections = Corrections(model)
     corrections.set(corrections.names[:1])  # timing switches everything on, then restores this
     latency, per_unit = correction_latency(corrections, tokens=1, reps=2, trials=3)
@@ -99,12 +107,12 @@ def test_correction_latency_times_each_shape_once_and_sweeps_sum_it(setup):
               progress=False)
 
 
-def test_rank_sweep_restores_every_unit_at_each_rank_and_leaves_the_model_alone(setup, monkeypatch):
+def test_rank_sweep_restores_every_unit_at_each_rank_and_leaves_the_model_alone(glowq_s_model, monkeypatch):
     from glowq_fx.selective import latency as latency_mod
 
-    model, cal, _ = setup
+    model, cal, _ = glowq_s_model
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    full, report = quantized_copy(setup)  # rank 8
+    full, report = quantized_copy(glowq_s_model)  # rank 8
     units = len(Corrections(full).names)
     tokens = torch.randint(0, 128, (150,))
     monkeypatch.setattr(latency_mod, "time_ms", lambda fn, reps, device: (fn(), 0.25)[1])

@@ -1,4 +1,12 @@
-"""Experts modules known only by their 3-D weights: their own forward, the weights seen through views.
+"""How an experts module computes, read from the module: transformers' marks, or its own code traced.
+
+transformers (5.x) keeps an MoE block's experts in one module with fused 3-D parameters,
+``gate_up_proj`` (E, 2I, H) (``up_proj`` when the experts have no gate) and ``down_proj``
+(E, H, I) (stored (E, in, out) when ``is_transposed``); the class is marked by
+``use_experts_implementation``, which sets ``has_gate``, ``has_bias``, ``is_transposed`` and
+``has_post_expert_norm``. ``experts_protocol`` reads those marks (no class names).
+
+Experts modules known only by their 3-D weights keep their own forward, the weights seen through views.
 
 A module that keeps ``E`` experts' weights in 3-D parameters and computes with them in code of its
 own (a loop over the experts using the slices ``W[e]`` with ``F.linear`` or ``@``, as a novel
@@ -9,7 +17,7 @@ the view's ``apply``, which computes the product its own way:
 
 - during calibration (``calibration.experts.TracedStatistics``) with the float weights,
   recording which rows each expert's weight reads;
-- in the quantized module (``QuantizedWeightsView``) with the expert's 4-bit weight and its
+- in the quantized module (``modules.experts.QuantizedWeightsView``) with the expert's 4-bit weight and its
   correction ``A_e (B x)`` (``B`` shared across the experts when they read the block input).
 
 Any other use of a slice or of the whole weight (``torch.bmm`` on gathered experts, reductions,
@@ -22,7 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
 _PRODUCTS = {"linear", "matmul", "__matmul__", "mm"}
@@ -163,27 +171,42 @@ class ExpertWeightsView:
         """A use other than a product with one expert's slice (the dense weight serves it)."""
 
 
-class QuantizedWeightsView(ExpertWeightsView):
-    """A ``QuantizedExpertWeights`` read by the module's own code: products with an expert's slice
-    run the 4-bit op with the correction, anything else gets the corrected dense weight."""
+@dataclass(frozen=True)
+class ExpertsProtocol:
+    """How an experts module computes (read from transformers' ``use_experts_implementation`` marks)."""
 
-    def __init__(self, weights, traced: TracedWeight, dtype: torch.dtype):
-        E, N, K = weights.num_experts, weights.out_features, weights.in_features
-        super().__init__((E, N, K) if traced.stored_out_in else (E, K, N), dtype, weights.qweight.device)
-        self.weights, self.traced = weights, traced
+    first: str  # the 3-D weight that reads the block input: "gate_up_proj" or "up_proj"
+    second: str  # the one that reads each expert's intermediate: "down_proj"
+    has_gate: bool
+    has_bias: bool
+    is_transposed: bool
+    has_post_expert_norm: bool
+    num_experts: int
 
-    def apply(self, e: int, x: Tensor, stored_out_in: bool) -> Tensor:
-        if stored_out_in != self.traced.stored_out_in:  # used the other way round than calibrated
-            W = self.dense(e)
-            return x @ W.T if stored_out_in else x @ W
-        rows = x.reshape(-1, x.shape[-1])
-        y = self.weights.expert(e, rows, self.weights.project(rows))
-        return y.reshape(*x.shape[:-1], y.shape[-1])
+    @property
+    def weights(self) -> tuple[str, str]:
+        return self.first, self.second
 
-    def dense(self, e: int) -> Tensor:
-        w = self.weights
-        W = w.dequantized_weight(e, self.dtype)
-        if w.A is not None:
-            B = w.projection.B if w.projection is not None else w.B[e]
-            W = W + (w.A[e].to(torch.float32) @ B.to(torch.float32)).to(self.dtype)
-        return W if self.traced.stored_out_in else W.T
+
+def experts_protocol(module: nn.Module) -> ExpertsProtocol | str:
+    """The module's ``ExpertsProtocol``, or why it is not an experts module glowq-fx can run
+    (a string naming what is missing)."""
+    marks = ("has_gate", "has_bias", "is_transposed")
+    if not all(isinstance(getattr(module, m, None), bool) for m in marks):
+        return f"it lacks transformers' experts marks ({', '.join(marks)}: set by use_experts_implementation)"
+    first = "gate_up_proj" if module.has_gate else "up_proj"
+    weights = {n: p for n, p in module.named_parameters(recurse=False) if p.dim() == 3}
+    missing = [n for n in (first, "down_proj") if n not in weights]
+    if missing:
+        return f"it has no 3-D parameter {' or '.join(missing)} (its 3-D parameters: {sorted(weights) or 'none'})"
+    E = weights[first].shape[0]
+    if weights["down_proj"].shape[0] != E:
+        return f"{first} holds {E} experts but down_proj {weights['down_proj'].shape[0]}"
+    return ExpertsProtocol(first, "down_proj", module.has_gate, module.has_bias, module.is_transposed,
+                           bool(getattr(module, "has_post_expert_norm", False)), E)
+
+
+def expert_weight(module: nn.Module, name: str, e: int, transposed: bool) -> Tensor:
+    """Expert ``e``'s (out, in) weight of the 3-D parameter ``name``."""
+    W = getattr(module, name)[e]
+    return W.T if transposed else W

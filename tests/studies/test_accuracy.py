@@ -6,7 +6,13 @@ import torch
 import transformers as T
 
 from glowq_fx import GlowQConfig, calibrate, quantize_
-from glowq_fx.evaluation.accuracy import Method, compare_methods, equal_memory_rank, factor_bytes, plot_perplexity_vs_bytes
+from glowq_fx.studies.accuracy import (
+    Method,
+    compare_methods,
+    equal_memory_rank,
+    factor_bytes,
+    plot_perplexity_vs_bytes,
+)
 from tests_helpers import tiny_llama_config
 
 

@@ -23,7 +23,7 @@ from glowq_fx.checkpoint.tensor_parallel import tensor_parallel_size
 from glowq_fx.checkpoint.transformers import GlowQHfQuantizer
 from glowq_fx.config import GlowQConfig
 from glowq_fx.data.batches import bos_token, calibration_batches, text_calibration_batches, tokenize
-from glowq_fx.quantize import quantize_
+from glowq_fx.quantize.api import quantize_
 from glowq_fx.report import QuantizationReport
 
 

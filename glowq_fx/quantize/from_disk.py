@@ -25,9 +25,16 @@ from glowq_fx.capture.run import Run, check_calibration, check_model, run_batch
 from glowq_fx.checkpoint.quantized import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter
 from glowq_fx.config import GlowQConfig, as_config
 from glowq_fx.data.lazy_model import LazyCheckpoint, release
-from glowq_fx.quantize import (blockwise_summary, model_bytes, nothing_left, plan_embeddings, quantize_blockwise,
-                               quantize_embeddings, starts_with_bos)
-from glowq_fx.quantize_experts import find_experts
+from glowq_fx.quantize.api import (
+    blockwise_summary,
+    model_bytes,
+    nothing_left,
+    plan_embeddings,
+    quantize_blockwise,
+    quantize_embeddings,
+    starts_with_bos,
+)
+from glowq_fx.quantize.experts import find_experts
 from glowq_fx.report import GroupReport, QuantizationReport
 from glowq_fx.selective.policy import attach_group
 

@@ -1,6 +1,6 @@
 """Quantizing the experts of MoE blocks, inside ``quantize_``.
 
-``find_experts`` finds the experts modules (``modules.experts.experts_protocol``: fused 3-D
+``find_experts`` finds the experts modules (``capture.experts.experts_protocol``: fused 3-D
 weights and transformers' experts marks, no class names); their statistics are collected in the
 same calibration passes as the groups' (``calibration.experts``, block by block or whole);
 ``quantize_experts`` then quantizes every expert's weights (RTN, or GPTQ on the expert's own
@@ -19,15 +19,17 @@ import torch
 from torch import nn
 
 from glowq_fx.calibration.experts import ExpertsStatistics, TracedStatistics, pooled
+from glowq_fx.capture.experts import ExpertsProtocol, expert_weight, experts_protocol
+from glowq_fx.capture.linears import linear_weight
 from glowq_fx.config import GlowQConfig
 from glowq_fx.correction.decompose import solve
 from glowq_fx.correction.experts import experts_lowrank
 from glowq_fx.kernels.layout import pack
-from glowq_fx.modules.experts import (ExpertsProtocol, QuantizedExperts, QuantizedExpertWeights, expert_weight,
-                                      experts_protocol, quantized_experts)
+from glowq_fx.modules.experts import QuantizedExperts, QuantizedExpertWeights, quantized_experts
 from glowq_fx.modules.install import register_projection, replace_module
-from glowq_fx.modules.linear import QuantizedLinear, SharedProjection, linear_weight
-from glowq_fx.quant import quantization_error, quantize_gptq, quantize_rtn
+from glowq_fx.modules.linear import QuantizedLinear, SharedProjection
+from glowq_fx.quant import quantization_error
+from glowq_fx.registry import CORRECTIONS, QUANTIZERS
 from glowq_fx.report import GroupReport
 from passes.groups import InputGroup
 
@@ -80,18 +82,17 @@ def experts_statistics(model: nn.Module, experts: dict[str, ExpertsProtocol],
 
 
 def _quantize(Ws: list[torch.Tensor], moments: list[torch.Tensor], config: GlowQConfig) -> list:
-    if config.quantizer == "gptq":
-        return [quantize_gptq(W, S, config.group_size, bits=config.bits, symmetric=config.symmetric,
-                              damp=config.gptq_damp, block_size=config.gptq_block_size,
-                              act_order=config.gptq_act_order) for W, S in zip(Ws, moments)]
-    return [quantize_rtn(W, config.group_size, bits=config.bits, symmetric=config.symmetric) for W in Ws]
+    quantizer = QUANTIZERS[config.quantizer]
+    return [quantizer(W, S, config) for W, S in zip(Ws, moments)]
 
 
 def _row(name: str, E: int, Ws: list[torch.Tensor], weights: QuantizedExpertWeights, corrections: list,
          quantize_s: float, solve_s: float, factor_bytes: int) -> GroupReport:
     before = sum(c.report.whitened_error_before for c in corrections)
     after = sum(c.report.whitened_error_after for c in corrections)
-    err_sq = sum(float((W.double() - weights.dequantized_weight(e, torch.float64)).pow(2).sum()) for e, W in enumerate(Ws))
+    err_sq = sum(
+        float((W.double() - weights.dequantized_weight(e, torch.float64)).pow(2).sum()) for e, W in enumerate(Ws)
+    )
     w_sq = sum(float(W.double().pow(2).sum()) for W in Ws)
     return GroupReport(
         name=name, members=tuple(f"{name}[{e}]" for e in range(E)), in_features=weights.in_features,
@@ -154,7 +155,7 @@ def _factor_bytes(w: QuantizedExpertWeights) -> int:
 def joined_groups(groups: Sequence[InputGroup], stats, experts: dict, config: GlowQConfig) -> dict[str, list]:
     """Experts module name -> the dense groups that read the very same input tensor as its experts
     (a shared expert's gate/up), which GlowQ solves with the experts' first weight: one ``B``."""
-    if config.method != "glowq" or config.rank == 0:
+    if not CORRECTIONS[config.method].shared or config.rank == 0:
         return {}
     joins = {}
     for name in experts:
@@ -188,7 +189,8 @@ def quantize_experts(model: nn.Module, name: str, stats, config: GlowQConfig, fa
     layout = stats.protocol if isinstance(stats, ExpertsStatistics) else stats.layout()
     if isinstance(layout, str):
         raise ValueError(f"{name}: {layout}")
-    rank = 0 if config.method == "none" else config.rank
+    method = CORRECTIONS[config.method]
+    rank = config.rank if method.corrects else 0
     weights, pending, rows, dense = {}, [], [], []
     for w in _weight_inputs(module, stats):
         dtype, device = w.Ws[0].dtype, w.Ws[0].device
@@ -206,7 +208,7 @@ def quantize_experts(model: nn.Module, name: str, stats, config: GlowQConfig, fa
         projection, here = None, []
         if rank == 0:
             corrections = [solve("none", errors, S if S is not None else S_experts[0], 0, **kw)]
-        elif config.method == "glowq" and w.reads_input:
+        elif method.shared and w.reads_input:
             # the joined groups go with the first weight that reads the block input (one B per weight)
             here = _dense_members(model, joined, S, config) if joined and not dense else []
             dense = dense or here
@@ -217,13 +219,13 @@ def quantize_experts(model: nn.Module, name: str, stats, config: GlowQConfig, fa
                 stacked, S, min(rank, S.shape[0], sum(e.shape[0] for e in stacked)),
                 usage=[c / n_tokens for c in w.counts] + [1.0] * len(here) if config.expert_weighting == "usage"
                 else None,
-                refit=S_experts + [None] * len(here) if config.expert_refit else None, **kw)]
+                refit=S_experts + [None] * len(here) if config.expert_refit else None, method=method.name, **kw)]
             projection = SharedProjection(corrections[0].B[0].to(factor_dtype),
                                           (f"{name}.{w.name}", *(m for m, *_ in here)))
-        else:  # each expert alone (GlowQ on an expert's own input is QERA: a group of one)
-            method = "qera" if config.method == "glowq" else config.method
+        else:  # each expert alone (a shared method on an expert's own input: its ``alone`` method)
+            alone = method.alone or method.name
             r = rank if w.reads_input or config.expert_own_input_rank is None else config.expert_own_input_rank
-            corrections = [solve(method if r else "none", [E_], S if S_e is None else S_e, min(r, *E_.shape), **kw)
+            corrections = [solve(alone if r else "none", [E_], S if S_e is None else S_e, min(r, *E_.shape), **kw)
                            for E_, S_e in zip(errors, S_experts)]
         solve_s = time.perf_counter() - t0
         pending.append((w, corrections, projection, quantize_s, solve_s, here))
@@ -261,7 +263,9 @@ def _joined_rows(model: nn.Module, joined: Sequence[InputGroup], report, E: int,
     for g in joined:
         linears = [model.get_submodule(m) for m in g.members]
         Ws = [dense[index[m]][1] for m in g.members]
-        err_sq = sum(float((W.double() - q.dequantized_weight(torch.float64)).pow(2).sum()) for W, q in zip(Ws, linears))
+        err_sq = sum(
+            float((W.double() - q.dequantized_weight(torch.float64)).pow(2).sum()) for W, q in zip(Ws, linears)
+        )
         w_sq = sum(float(W.double().pow(2).sum()) for W in Ws)
         b = [before[index[m]] for m in g.members]
         a = [after[index[m]] for m in g.members]

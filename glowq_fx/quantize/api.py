@@ -39,20 +39,22 @@ from glowq_fx.calibration.calibrate import Calibration, check_given_groups, disc
 from glowq_fx.calibration.collect import collect_statistics
 from glowq_fx.calibration.moments import GroupStatistics
 from glowq_fx.capture.blocks import Blocks, assign_groups, find_blocks
+from glowq_fx.capture.groups import output_head, tied_embedding
+from glowq_fx.capture.linears import linear_weight
 from glowq_fx.capture.run import Run, check_calibration, check_model, model_device, run_batch
 from glowq_fx.config import GlowQConfig, as_config
 from glowq_fx.correction.decompose import solve, squared_norm
 from glowq_fx.errors import warn
 from glowq_fx.kernels.layout import pack
-from glowq_fx.capture.groups import output_head, tied_embedding
 from glowq_fx.modules.embedding import quantize_embedding, tie_to_int8_head
-from glowq_fx.modules.int8_linear import Int8Linear
 from glowq_fx.modules.experts import QuantizedExperts
 from glowq_fx.modules.install import replace_module
-from glowq_fx.modules.linear import QuantizedLinear, linear_weight
-from glowq_fx.quant import quantization_error, quantize_gptq, quantize_rtn
-from glowq_fx.quantize_experts import experts_statistics, find_experts, joined_groups, quantize_experts
+from glowq_fx.modules.int8_linear import Int8Linear
 from glowq_fx.modules.kernels import use_cpu_kernels
+from glowq_fx.modules.linear import QuantizedLinear
+from glowq_fx.quant import quantization_error
+from glowq_fx.quantize.experts import experts_statistics, find_experts, joined_groups, quantize_experts
+from glowq_fx.registry import CORRECTIONS, QUANTIZERS
 from glowq_fx.report import GroupReport, QuantizationReport
 from glowq_fx.selective.policy import apply_selection, attach_group, check_auto_batches, detach_group
 from passes.groups import GroupFilter, InputGroup
@@ -86,21 +88,24 @@ RELEASE_MIN_BYTES = 64 << 20
 def check_rank(groups: Sequence[InputGroup], config: GlowQConfig) -> None:
     """Warn when ``config.rank`` reaches a group's full rank: it is capped there, and a correction
     of full rank stores more values than the weights it corrects."""
-    if config.method == "none" or config.rank == 0 or not groups:
+    method = CORRECTIONS[config.method]
+    if not method.corrects or config.rank == 0 or not groups:
         return
     over, shapes = [], []
     for g in groups:
-        for m in ([sum(g.out_features)] if config.method == "glowq" else list(g.out_features)):
+        for m in ([sum(g.out_features)] if method.shared else list(g.out_features)):
             shapes.append((m, g.in_features))
             if config.rank >= min(m, g.in_features):
                 over.append((g.name, m, g.in_features))
     if over:
         name, m, d = over[0]
         useful = min(m_ * d_ // (m_ + d_) for m_, d_ in shapes)
-        warn(f"rank {config.rank} is at or above the full rank of {len(over)} of {len(groups)} groups (e.g. {name}: its "
-             f"{m} x {d} error holds rank {min(m, d)} at most): those are capped to full rank, and their correction "
-             f"stores more values than the weights it corrects; a rank below {useful} keeps every correction smaller "
-             "than its weights")
+        warn(
+            f"rank {config.rank} is at or above the full rank of {len(over)} of {len(groups)} groups (e.g. {name}: its "
+            f"{m} x {d} error holds rank {min(m, d)} at most): those are capped to full rank, and their correction "
+            f"stores more values than the weights it corrects; a rank below {useful} keeps every correction smaller "
+            "than its weights"
+        )
 
 
 class RankCheck:
@@ -244,12 +249,8 @@ def _quantize_group(model: nn.Module, g: InputGroup, S: torch.Tensor,
     dtype, device = Ws[0].dtype, Ws[0].device
     S = S.to(device)
     t_quant = time.perf_counter()
-    if config.quantizer == "gptq":
-        qws = [quantize_gptq(W, S, config.group_size, bits=config.bits, symmetric=config.symmetric,
-                             damp=config.gptq_damp, block_size=config.gptq_block_size,
-                             act_order=config.gptq_act_order) for W in Ws]
-    else:
-        qws = [quantize_rtn(W, config.group_size, bits=config.bits, symmetric=config.symmetric) for W in Ws]
+    quantizer = QUANTIZERS[config.quantizer]
+    qws = [quantizer(W, S, config) for W in Ws]
     errors = [quantization_error(W, qw) for W, qw in zip(Ws, qws)]
     quantize_time_s = time.perf_counter() - t_quant
     err_sq = sum(squared_norm(E) for E in errors)
@@ -268,10 +269,11 @@ def _quantize_group(model: nn.Module, g: InputGroup, S: torch.Tensor,
     kw = dict(shrinkage=config.shrinkage, mode=config.svd, oversample=config.oversample,
               power_iters=config.power_iters, seed=config.seed,
               dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-    # one solve per group: GlowQ's shared B is capped by what the stacked error can hold, the
-    # independent methods cap each member's rank (and whiten S once for the group); "none": rank 0
-    rank = {"glowq": min(config.rank, g.in_features, sum(g.out_features)), "none": 0}.get(config.method, config.rank)
-    corr = solve(config.method, errors, S, rank, cap_rank=config.method != "glowq", **kw)
+    # one solve per group: a shared B is capped by what the stacked error can hold, the
+    # independent methods cap each member's rank (and whiten S once for the group)
+    method = CORRECTIONS[config.method]
+    rank = method.rank_for(config.rank, g.in_features, g.out_features)
+    corr = solve(method.name, errors, S, rank, cap_rank=not method.shared, **kw)
     solved = corr.report  # one solve for the whole group
     units = [(g.members, corr.B[0], corr.A)] if corr.shared else [
         ((name,), B, [A]) for name, A, B in zip(g.members, corr.A, corr.B)]
@@ -412,11 +414,20 @@ def quantize_blockwise(model: nn.Module, blockwise: BlockwiseCalibration, groups
 def blockwise_summary(blockwise: BlockwiseCalibration, groups_of: list[list[InputGroup]], rows: dict,
                       config: GlowQConfig, device: torch.device) -> dict:
     """The report's ``calibration`` entry of a block-by-block run, with the time per block."""
-    return {"mode": "blocks", "blocks": blockwise.blocks.container, "n_blocks": len(blockwise.blocks.names),
-            "block_inputs": config.block_inputs, "activations": blockwise.place,
-            "activation_bytes": blockwise.needed_bytes, "device": str(device),
-            "times": {**blockwise.times, "quantize_s": [sum(rows[g.name].quantize_time_s for g in gs) for gs in groups_of],
-                      "solve_s": [sum(rows[g.name].solve_time_s for g in gs) for gs in groups_of]}}
+    return {
+        "mode": "blocks",
+        "blocks": blockwise.blocks.container,
+        "n_blocks": len(blockwise.blocks.names),
+        "block_inputs": config.block_inputs,
+        "activations": blockwise.place,
+        "activation_bytes": blockwise.needed_bytes,
+        "device": str(device),
+        "times": {
+            **blockwise.times,
+            "quantize_s": [sum(rows[g.name].quantize_time_s for g in gs) for gs in groups_of],
+            "solve_s": [sum(rows[g.name].solve_time_s for g in gs) for gs in groups_of],
+        },
+    }
 
 
 def nothing_left(model: nn.Module, skipped: dict[str, str]) -> ValueError:
@@ -513,8 +524,10 @@ def quantize_(
         home = model_device(model)
         device = home if device is None else torch.device(device)
         if blocks is None and device != home:
-            raise ValueError(f"device={device} computes blocks away from the model ({home}), but the model is calibrated "
-                             "whole; move the model there, or use calibration='blocks'")
+            raise ValueError(
+                f"device={device} computes blocks away from the model ({home}), but the model is calibrated "
+                "whole; move the model there, or use calibration='blocks'"
+            )
         was_training = model.training
         model.eval()  # calibration statistics without dropout
         try:
@@ -531,8 +544,10 @@ def quantize_(
                     raise ValueError(f"the experts modules {experts_outside} lie outside the repeated blocks of "
                                      f"{blocks.container}; use calibration='model'")
                 if experts_outside:
-                    warn(f"calibrating {type(model).__name__} whole, not block by block: the experts modules "
-                         f"{experts_outside} lie outside its repeated blocks")
+                    warn(
+                        f"calibrating {type(model).__name__} whole, not block by block: the experts modules "
+                        f"{experts_outside} lie outside its repeated blocks"
+                    )
                 else:
                     blockwise = _blockwise(model, blocks, batches, run, device, given, config)
             if blockwise is not None:
@@ -542,9 +557,11 @@ def quantize_(
                     check_rank(given, config)
                     groups_of, _, split = assign_groups(given, blocks)
                 if split:
-                    warn(f"{len(split)} input-sharing groups span several blocks of {blocks.container} "
-                         f"({', '.join(split[:3])}{' ...' if len(split) > 3 else ''}); each is split into one group per "
-                         "block, sharing B within the block only (GlowQConfig(calibration='model') keeps them whole)")
+                    warn(
+                        f"{len(split)} input-sharing groups span several blocks of {blocks.container} "
+                        f"({', '.join(split[:3])}{' ...' if len(split) > 3 else ''}); each is split into one group per "
+                        "block, sharing B within the block only (GlowQConfig(calibration='model') keeps them whole)"
+                    )
                 with blockwise, torch.no_grad():
                     n_tokens = quantize_blockwise(model, blockwise, groups_of, config, progress, rows, factors,
                                                   experts_of=experts_of, experts=outcome)

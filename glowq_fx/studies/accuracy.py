@@ -14,11 +14,12 @@ from dataclasses import asdict, dataclass
 from torch import Tensor, nn
 
 from glowq_fx._console import format_table
+from glowq_fx.calibration.calibrate import Calibration
 from glowq_fx.config import GlowQConfig
 from glowq_fx.evaluation.perplexity import perplexity
-from glowq_fx.calibration.calibrate import Calibration
 from glowq_fx.modules.linear import QuantizedLinear
 from glowq_fx.quantize import quantize_
+from glowq_fx.registry import CORRECTIONS
 from passes.groups import InputGroup
 
 FP16_BYTES = 2  # correction factors are reported as stored for an fp16/bf16 model
@@ -50,14 +51,12 @@ def factor_bytes(groups: Sequence[InputGroup], method: str, rank: int) -> int:
     """Bytes (fp16) of the correction factors ``method`` stores at ``rank``, ranks capped as in
     ``quantize_``: one ``B`` (r x d_in) per group plus ``A_i`` for GlowQ, ``B_i`` and ``A_i`` per
     member for the independent methods."""
-    total = 0
+    total, handler = 0, CORRECTIONS[method]
     for g in groups:
-        if method == "none" or rank == 0:
-            continue
-        if method == "glowq":
-            r = min(rank, g.in_features, sum(g.out_features))
+        if handler.shared:
+            r = handler.rank_for(rank, g.in_features, g.out_features)
             total += r * (g.in_features + sum(g.out_features))
-        else:
+        elif handler.corrects:
             total += sum(min(rank, g.in_features, n) * (g.in_features + n) for n in g.out_features)
     return total * FP16_BYTES
 
@@ -118,7 +117,9 @@ def compare_methods(model: nn.Module, tokens: Tensor, calibrated: Calibration | 
 def fill_gap_closed(rows: list[AccuracyRow]) -> None:
     """Set each row's ``gap_closed`` from the reference row and the plain RTN row, when both are there."""
     ref = next((r for r in rows if r.method == "reference"), None)
-    rtn = next((r for r in rows if r.method == "none" and r.quantizer == "rtn"), None)
+    # the gap is RTN's by definition (the papers' baseline): the uncorrected round-to-nearest row
+    rtn = next((r for r in rows if r.method in CORRECTIONS and not CORRECTIONS[r.method].corrects
+                and r.quantizer == "rtn"), None)
     if ref is None or rtn is None or rtn.perplexity == ref.perplexity:
         return
     for r in rows:

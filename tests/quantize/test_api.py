@@ -11,7 +11,6 @@ from glowq_fx import GlowQConfig, GlowQWarning, find_groups, quantize_
 from glowq_fx.modules import QuantizedLinear
 from tests_helpers import tiny_llama, token_batches
 
-
 V = 128
 
 

@@ -10,9 +10,10 @@ import torch
 import transformers as T
 
 from glowq_fx import GlowQConfig, quantize_
+from glowq_fx.capture.experts import expert_weight
 from glowq_fx.errors import GlowQWarning
 from glowq_fx.modules import QuantizedLinear
-from glowq_fx.modules.experts import QuantizedExperts, expert_weight
+from glowq_fx.modules.experts import QuantizedExperts
 from glowq_fx.quant import quantize_rtn
 from tests_helpers import token_batches
 
@@ -301,7 +302,7 @@ def test_checkpoints_round_trip_bit_exact_through_both_loaders(tmp_path, name):
 
 
 def test_quantizing_experts_from_disk_is_refused_with_the_way_out(tmp_path):
-    from glowq_fx.out_of_core import quantize_checkpoint
+    from glowq_fx.quantize.from_disk import quantize_checkpoint
 
     # transformers writes Mixtral's experts one by one (keys it merges on load): the lazy reader refuses first;
     # a checkpoint holding the fused tensors reaches the experts check; both name quantize_ as the way
@@ -324,8 +325,11 @@ def test_a_shared_expert_shares_the_experts_B():
     float_model, model, report = _quantized("qwen2_moe", **FULL)
     mlp = model.model.layers[0].mlp
     projection = mlp.experts.quantized_weights("gate_up_proj").projection
-    assert projection.members == ("model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.shared_expert.gate_proj",
-                                  "model.layers.0.mlp.shared_expert.up_proj")
+    assert projection.members == (
+        "model.layers.0.mlp.experts.gate_up_proj",
+        "model.layers.0.mlp.shared_expert.gate_proj",
+        "model.layers.0.mlp.shared_expert.up_proj",
+    )
     assert mlp.shared_expert.gate_proj.projection is projection and mlp.shared_expert.up_proj.projection is projection
     row = {g.name: g for g in report.groups}["model.layers.0.mlp.shared_expert.{gate_proj,up_proj}"]
     assert row.restored and row.error_after < 1e-9 * row.error_before and row.factor_bytes > 0
@@ -347,7 +351,7 @@ def test_the_rank_on_each_experts_own_input_can_differ():
 
 
 def test_a_convolution_is_not_taken_for_experts():
-    from glowq_fx.quantize_experts import find_experts
+    from glowq_fx.quantize.experts import find_experts
 
     model = torch.nn.Sequential(torch.nn.Conv1d(4, 8, 3), torch.nn.Linear(8, 8))
     assert find_experts(model, GlowQConfig()) == ({}, {})
