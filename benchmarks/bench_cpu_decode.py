@@ -24,7 +24,8 @@ perplexity on the first ``--ppl-tokens`` tokens of the demo text (Wikipedia, win
 eager forward of the row's model: the same kernels as its compiled step), ratios to float32 eager
 and to llama.cpp. Models: ``smollm2`` (calibrated on the news text), ``llama8b-layers`` (Llama-3-8B's
 shapes, ``--layers`` random layers: speed and bytes only, no text). Writes ``cpu_decode[_MODEL].json``,
-``.md`` and ``.png`` (decode tokens/s at batch 1) to ``--out`` with the machine, versions and command.
+``.md`` and ``.png`` (decode tokens/s at batch 1) to ``--out`` with the machine, versions and command,
+and one int4 linear at one row against the machine's read bandwidth (``one_linear_bandwidth``).
 
     python benchmarks/bench_cpu_decode.py --llama-python .bench-venv/bin/python
     python benchmarks/bench_cpu_decode.py --model llama8b-layers --layers 2 --batches 1
@@ -102,6 +103,40 @@ def peak_rss_mib() -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def one_linear_bandwidth(shape: tuple[int, int], group_size: int, repeats: int = 50) -> dict:
+    """One int4 linear at one row, as the decode step runs it (PyTorch's CPU int4 kernel, bf16
+    activations), against the machine's read bandwidth measured the same way (a sum over a
+    float32 tensor of 512 MB): the bytes it reads per second (int4 codes + bf16 scales and
+    zeros) and that as a fraction of the bandwidth."""
+    from glowq_fx.kernels import cpu_int4
+
+    def best_of(f) -> float:
+        f()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    big = torch.ones(128 * 2**20)  # 512 MB: far past the caches
+    read_Bps = big.numel() * 4 / best_of(big.sum)
+    del big
+    N, K = shape
+    reason = cpu_int4.unsupported_reason(N, group_size)
+    if reason is not None:
+        return {"read_GBps": read_Bps / 1e9, "skipped": reason}
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (N, K), dtype=torch.int32, generator=g)
+    weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    scales_zeros = torch.rand(K // group_size, N, 2, generator=g).to(cpu_int4.KERNEL_DTYPE)
+    x = torch.randn(1, K, generator=g).to(cpu_int4.KERNEL_DTYPE)
+    seconds = best_of(lambda: cpu_int4.int4_matmul(x, weight, scales_zeros, group_size))
+    nbytes = weight.numel() * weight.element_size() + scales_zeros.numel() * scales_zeros.element_size()
+    return {"read_GBps": read_Bps / 1e9, "shape": [N, K], "group_size": group_size, "ms": seconds * 1e3,
+            "GBps": nbytes / seconds / 1e9, "fraction_of_read": nbytes / seconds / read_Bps}
 
 
 def tensor_bytes(model: torch.nn.Module) -> int:
@@ -302,7 +337,9 @@ def main(argv=None) -> int:
             "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
             "model": "tiny" if args.tiny else args.model + (f" ({args.layers} layers)" if args.model == "llama8b-layers"
                                                             else ""),
-            "ppl_tokens": args.ppl_tokens, "rows": rows}
+            "ppl_tokens": args.ppl_tokens, "rows": rows,
+            "one_linear": one_linear_bandwidth((256, 256) if args.tiny else (4096, 4096), 64 if args.tiny else
+                                               args.group_size, repeats=5 if args.tiny else 50)}
     add_ratios(rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -334,6 +371,13 @@ def markdown(meta: dict) -> str:
                 if any("ppl" in r for r in meta["rows"]) else "random weights: no perplexity; ")
              + f"`{meta['command']}`", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    one = meta.get("one_linear")
+    if one is not None:
+        lines[1:1] = ["", f"One linear at one row (int4 kernel, {one['shape'][0]} x {one['shape'][1]}, group "
+                          f"{one['group_size']}): {one['ms']:.3f} ms, {one['GBps']:.1f} GB/s = "
+                          f"{one['fraction_of_read']:.0%} of the {one['read_GBps']:.1f} GB/s this machine reads "
+                          f"(a sum over 512 MB)" if "skipped" not in one else
+                          f"One linear: not measured ({one['skipped']}); reads {one['read_GBps']:.1f} GB/s"]
     for r in meta["rows"]:
         if "skipped" in r:
             lines.append(f"| {r['row']} | " + " | ".join(["-"] * (len(head) - 2)) + f" | {r['skipped']} |")

@@ -17,7 +17,15 @@ from glowq_fx.calibration.calibrate import Calibration, calibrate
 from glowq_fx.capture.groups import GroupDiscovery, find_groups
 from glowq_fx.checkpoint import load_quantized, save_quantized
 from glowq_fx.checkpoint.transformers import register as _register_with_transformers
-from glowq_fx.config import GlowQConfig
+from glowq_fx.config import (
+    CalibrationConfig,
+    CorrectionConfig,
+    ExpertsConfig,
+    GlowQConfig,
+    OnLoadDataConfig,
+    QuantizationConfig,
+    TargetsConfig,
+)
 from glowq_fx.errors import GlowQWarning
 from glowq_fx.modules.kernels import use_cpu_kernels
 from glowq_fx.quantize import quantize_
@@ -29,11 +37,17 @@ _register_with_transformers(_OnLoad)  # from_pretrained reads (and quantizes to)
 
 __all__ = [
     "Calibration",
+    "CalibrationConfig",
+    "CorrectionConfig",
+    "ExpertsConfig",
     "GlowQConfig",
     "GlowQQuantizer",
     "GlowQWarning",
     "GroupDiscovery",
+    "OnLoadDataConfig",
+    "QuantizationConfig",
     "QuantizationReport",
+    "TargetsConfig",
     "__version__",
     "calibrate",
     "find_groups",

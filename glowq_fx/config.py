@@ -1,4 +1,4 @@
-"""GlowQConfig: every knob of GlowQ quantization in one versioned dataclass.
+"""GlowQConfig: every knob of GlowQ quantization, in six validated parts, versioned.
 
 The config is saved next to a quantized checkpoint (``to_dict`` / ``from_dict`` round
 trip through JSON) and validated at construction, so a bad value fails where it was
@@ -28,119 +28,20 @@ EXPERT_WEIGHTINGS = ("none", "usage")
 
 
 @dataclass
-class GlowQConfig:
-    """How to quantize and correct a model.
+class QuantizationConfig:
+    """How weights become 4-bit codes (``glowq_fx.quant``).
 
-    Quantization (``glowq_fx.quant``):
-        bits: code width; 4 (W4A16) is the only width the packed layout and kernels support.
-        group_size: input columns sharing one scale and zero: 32, 64, 128, 256, or -1 for
-            per-channel. ``in_features`` that are not a multiple are padded (see ``quant.rtn``).
-        symmetric: symmetric codes (zero point fixed at 8) instead of asymmetric min/max.
-        quantizer: ``"rtn"`` (round to nearest) or ``"gptq"`` (driven by the group's ``S``).
-        gptq_damp: GPTQ damping as a fraction of the mean diagonal of ``S``.
-        gptq_block_size: GPTQ lazy-update block (rounded up to a multiple of group_size).
-        gptq_act_order: process columns by decreasing ``diag(S)``; group parameters are then
-            fixed up front from the unquantized weight ("static groups") so the codes keep
-            the plain contiguous group layout.
-
-    Low-rank correction (``glowq_fx.correction``):
-        method: ``"glowq"`` (one shared ``B`` per input-sharing group, whitened by ``S``),
-            ``"qera"`` (independent per linear, whitened: QERA-exact), ``"lqer"`` (independent,
-            diagonal activation scaling: L2QER), ``"svd"`` (independent, plain SVD of ``E``:
-            ZeroQuant-V2 LoRC) or ``"none"``.
-        rank: rank ``r`` of the correction (of the shared ``B`` for GlowQ, of each member for
-            the independent methods).
-        shrinkage: ``a`` in ``S <- (1 - a) S + a tr(S)/d I``.
-        svd: ``"randomized"`` (randomized SVD of the stacked whitened error, sketched member by
-            member: ``correction.decompose``) or ``"exact"``.
-        oversample, power_iters: randomized-SVD sketch width ``r + oversample`` and the number
-            of re-orthonormalized power iterations. ``oversample=None`` means ``r // 2 + 10``
-            (see ``correction.decompose.solve``); the paper's setting is ``oversample=10``.
-        seed: seed of the randomized-SVD sketch (a local generator; global RNG untouched).
-        stats_dtype: ``"float32"`` or ``"float64"`` accumulation of ``S``.
-        factor_dtype: the dtype the factors ``A`` and ``B`` are stored in. ``"auto"``: bfloat16
-            when the model is float32 (the correction is a small fraction of the output; 16-bit
-            factors halve its bytes with no measurable perplexity change on SmolLM2, see
-            docs/results.md), else the model's dtype; ``"model"``: the model's dtype; or a dtype name.
-            Narrower factors are widened where they are used.
-        selective: GlowQ-S. ``None`` restores every group's correction; otherwise groups are
-            ranked by the whitened error their correction removes per byte of factors, and
-            ``"auto"`` keeps the best ``k``, ``k`` at the knee (Kneedle) of the calibration loss
-            measured against the kept factor bytes (a causal LM's next-token loss on the first 4096
-            calibration tokens, about 16 forward passes; ``selective.corrections.loss_curve_knee``), a
-            float in (0, 1] that fraction of the groups, an int a budget of factor bytes (model
-            dtype). The others keep their 4-bit weights without correction. What a selection
-            saves is whole units (launches, latency); to save bytes, a lower ``rank`` on every
-            group measured better on SmolLM2 (``benchmarks/results/selective.md``).
-
-    The calibration pass (``glowq_fx.calibration``):
-        calibration: ``"blocks"`` runs the model one repeated block (decoder layer) at a time:
-            the inputs of the first block are cached for every batch, then each block collects
-            its groups' ``S``, is quantized, and produces the next block's inputs, so only one
-            block's ``S`` (and, with weights elsewhere, one block's weights) is on the compute
-            device at a time. ``"model"`` runs whole-model forward passes and holds every
-            group's ``S`` at once. ``"auto"``: blocks when the model has repeated blocks
-            (``capture.blocks.find_blocks``), else the whole model.
-        block_inputs: what feeds block ``i + 1`` with ``calibration="blocks"``: ``"float"`` the
-            outputs of the unquantized block ``i`` (every group sees the float model's
-            statistics, exactly as the whole-model pass), ``"quantized"`` the outputs of the
-            quantized and corrected block ``i`` (GPTQ's "true sequential" at block level: later
-            blocks are calibrated on the inputs they will really see; inside a block, its groups
-            are calibrated on the float block).
-        activations: where the cached block inputs live: ``"device"`` (the compute device),
-            ``"cpu"``, ``"disk"`` (``offload_dir``, else a temporary directory, removed after),
-            or ``"auto"``: the first that holds them in half of its measured free memory.
-        offload_dir: the directory for ``activations="disk"`` (and the fallback of ``"auto"``).
-
-    Calibration data, when the config quantizes on load (``from_pretrained(float_dir,
-    quantization_config=GlowQConfig(dataset="news", tokenizer=...))``, like transformers' GPTQ
-    integration; ``quantize_`` takes its batches directly and ignores these):
-        dataset: a built-in text (``"news"``, ``"wikipedia"``), a text file, or a list of texts.
-        tokenizer: a tokenizer or the name/path ``AutoTokenizer`` reads (default: the model's own
-            directory).
-        n_samples, seq_len: calibration windows and tokens per window.
-
-    Which linears are quantized (``passes.grouping.GroupFilter``):
-        include: regular expressions (``re.search`` on the qualified module name); when
-            non-empty only matching modules are quantized.
-        exclude: regular expressions; matching modules stay in full precision.
-        quantize_output_head: quantize the output projection (``get_output_embeddings()``,
-            else a module named ``lm_head``) with its own correction (a group of one). Off by
-            default, as in GPTQ/AWQ tools. A head tied to the input embedding is quantized only
-            together with it (``embedding_bits=4``): one 4-bit table serves both.
-        output_head_bits: ``8`` stores the output head, when ``quantize_output_head``
-            leaves it out of the 4-bit groups, as int8 with one scale per output row
-            (``modules.int8_linear``), run by PyTorch's CPU int8 kernel: on a large vocabulary
-            the float head is most of the bytes a decode step reads (SmolLM2: 113 of 166 MB in
-            float32). A tied input embedding then reads the same codes (its table follows the
-            head; ``embedding_bits`` None or 8). The default, as llama.cpp's Q4 files keep their head
-            in 6-8 bits: a 4-bit checkpoint then reads about 4 bits' bytes per token. ``None``
-            keeps the head in floating point.
-            With ``quantize_output_head=True`` the groups take the head and this does not apply.
-        embedding_bits: ``None`` (default) keeps the input embedding table in floating point;
-            4 or 8 stores it group-wise (``group_size`` along the embedding dimension, RTN,
-            asymmetric) and dequantizes the rows looked up. With a tied output head the table
-            is the head's quantized weight (``quantize_output_head=True`` and 4 bits needed).
-        min_out_features: linears with fewer outputs stay in full precision. MoE routers
-            (N = number of experts, 8-64 in Mixtral/Qwen-MoE) and scalar gates (Qwen2-MoE's
-            ``shared_expert_gate``, N = 1) steer the whole block and cost almost no memory;
-            the default 32 keeps the common ones out. Raise it for models with more experts.
-
-    MoE experts (``glowq_fx.quantize.experts``; transformers' fused experts modules):
-        experts: quantize the experts (their 3-D weights, every expert in 4 bits); False leaves
-            them in floating point.
-        The correction follows ``method``: ``"glowq"`` shares one ``B`` across the experts'
-        first projection (gate/up: they all read the block input), ``"qera"`` / ``"lqer"`` /
-        ``"svd"`` solve each expert alone (its own ``S_e`` for ``"qera"``), ``"none"`` none. Each
-        expert's second projection (down) reads its own intermediate and gets its own factors
-        (the method's, ``"glowq"`` being QERA for one member).
-        expert_weighting: ``"usage"`` scales each expert's error by the square root of its
-            routing frequency before the shared ``B`` is solved (and its ``A_e`` back after);
-            ``"none"``: every expert alike.
-        expert_refit: with the shared ``B`` fixed, refit each expert's ``A_e`` in closed form
-            against the second moment of the tokens routed to it.
-        expert_own_input_rank: the rank of each expert's correction on a weight that reads the
-            expert's own input (down); None: ``rank``.
+    bits: code width; 4 (W4A16) is the only width the packed layout and kernels support.
+    group_size: input columns sharing one scale and zero: 32, 64, 128, 256, or -1 for
+        per-channel. ``in_features`` that are not a multiple are padded (see ``quant.rtn``).
+    symmetric: symmetric codes (zero point fixed at 8) instead of asymmetric min/max.
+    quantizer: a registered base quantizer (``glowq_fx.registry.QUANTIZERS``): ``"rtn"`` (round to
+        nearest) or ``"gptq"`` (driven by the group's ``S``).
+    gptq_damp: GPTQ damping as a fraction of the mean diagonal of ``S``.
+    gptq_block_size: GPTQ lazy-update block (rounded up to a multiple of group_size).
+    gptq_act_order: process columns by decreasing ``diag(S)``; group parameters are then fixed up
+        front from the unquantized weight ("static groups") so the codes keep the plain contiguous
+        group layout.
     """
 
     bits: int = 4
@@ -150,6 +51,47 @@ class GlowQConfig:
     gptq_damp: float = 0.01
     gptq_block_size: int = 128
     gptq_act_order: bool = False
+
+    def __post_init__(self) -> None:
+        _check_choice("bits", self.bits, BITS, "glowq-fx stores INT4 codes")
+        _check_choice("group_size", self.group_size, GROUP_SIZES, "-1 means per-channel")
+        QUANTIZERS[self.quantizer]  # registered names only (glowq_fx.registry)
+        if not 0.0 <= self.gptq_damp < 1.0:
+            raise ValueError(f"gptq_damp must lie in [0, 1), got {self.gptq_damp!r}")
+        if self.gptq_block_size < 1:
+            raise ValueError(f"gptq_block_size must be positive, got {self.gptq_block_size!r}")
+
+
+@dataclass
+class CorrectionConfig:
+    """The low-rank correction (``glowq_fx.correction``).
+
+    method: a registered correction (``glowq_fx.registry.CORRECTIONS``): ``"glowq"`` (one shared
+        ``B`` per input-sharing group, whitened by ``S``), ``"qera"`` (independent per linear,
+        whitened: QERA-exact), ``"lqer"`` (independent, diagonal activation scaling: L2QER),
+        ``"svd"`` (independent, plain SVD of ``E``: ZeroQuant-V2 LoRC) or ``"none"``.
+    rank: rank ``r`` of the correction (of the shared ``B`` for GlowQ, of each member for the
+        independent methods).
+    shrinkage: ``a`` in ``S <- (1 - a) S + a tr(S)/d I``.
+    svd: ``"randomized"`` (randomized SVD of the stacked whitened error, sketched member by member:
+        ``correction.decompose``) or ``"exact"``.
+    oversample, power_iters: randomized-SVD sketch width ``r + oversample`` and the number of
+        re-orthonormalized power iterations. ``oversample=None`` means ``r // 2 + 10`` (see
+        ``correction.decompose.solve``); the paper's setting is ``oversample=10``.
+    seed: seed of the randomized-SVD sketch (a local generator; global RNG untouched).
+    stats_dtype: ``"float32"`` or ``"float64"`` accumulation of ``S``.
+    factor_dtype: the dtype ``A`` and ``B`` are stored in. ``"auto"``: bfloat16 when the model is
+        float32 (16-bit factors halve the correction's bytes with no measurable perplexity change
+        on SmolLM2, docs/results.md), else the model's dtype; ``"model"``: the model's dtype; or a
+        dtype name. Narrower factors are widened where they are used.
+    selective: GlowQ-S. ``None`` restores every group's correction; otherwise groups are ranked by
+        the whitened error their correction removes per byte of factors, and ``"auto"`` keeps the
+        best ``k``, ``k`` at the knee (Kneedle) of the calibration loss against the kept factor
+        bytes (``selective.corrections.loss_curve_knee``), a float in (0, 1] that fraction of the
+        groups, an int a budget of factor bytes (model dtype). The others keep their 4-bit
+        weights without correction.
+    """
+
     method: str = "glowq"
     rank: int = 64
     shrinkage: float = 0.05
@@ -158,59 +100,68 @@ class GlowQConfig:
     power_iters: int = 2
     seed: int = 0
     stats_dtype: str = "float32"
+    factor_dtype: str = "auto"
+    selective: str | float | int | None = None
+
+    def __post_init__(self) -> None:
+        CORRECTIONS[self.method]  # registered names only (glowq_fx.registry)
+        _check_choice("svd", self.svd, SVD_MODES)
+        _check_choice("stats_dtype", self.stats_dtype, ("float32", "float64"))
+        _check_choice("factor_dtype", self.factor_dtype, FACTOR_DTYPES)
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 0:
+            raise ValueError(f"rank must be a non-negative int, got {self.rank!r}")
+        if not 0.0 <= self.shrinkage <= 1.0:
+            raise ValueError(f"shrinkage must lie in [0, 1], got {self.shrinkage!r}")
+        if self.oversample is not None and self.oversample < 0:
+            raise ValueError(f"oversample must be >= 0 or None, got {self.oversample!r}")
+        if self.power_iters < 0:
+            raise ValueError(f"power_iters must be >= 0, got {self.power_iters!r}")
+        sel = self.selective
+        if sel is not None:
+            ok = (sel == "auto" or (isinstance(sel, float) and 0 < sel <= 1)
+                  or (isinstance(sel, int) and not isinstance(sel, bool) and sel >= 0))
+            if not ok:
+                raise ValueError(f"selective must be None, 'auto', a fraction in (0, 1] or a byte budget "
+                                 f"(int >= 0), got {sel!r}")
+            if not CORRECTIONS[self.method].corrects or self.rank == 0:
+                raise ValueError("selective chooses which corrections to keep; method='none' or rank=0 has none")
+
+
+@dataclass
+class TargetsConfig:
+    """Which modules are quantized (``passes.grouping.GroupFilter``).
+
+    include: regular expressions (``re.search`` on the qualified module name); when non-empty only
+        matching modules are quantized.
+    exclude: regular expressions; matching modules stay in full precision.
+    quantize_output_head: quantize the output projection (``get_output_embeddings()``, else a
+        module named ``lm_head``) with its own correction (a group of one). Off by default, as in
+        GPTQ/AWQ tools. A head tied to the input embedding is quantized only together with it
+        (``embedding_bits=4``): one 4-bit table serves both.
+    output_head_bits: ``8`` (the default, as llama.cpp's Q4 files keep their head in 6-8 bits)
+        stores the head, when ``quantize_output_head`` leaves it out of the 4-bit groups, as int8
+        with one scale per output row (``modules.int8_linear``): on a large vocabulary the float
+        head is most of the bytes a decode step reads. A tied input embedding then reads the same
+        codes (``embedding_bits`` None or 8). ``None`` keeps the head in floating point.
+    embedding_bits: ``None`` (default) keeps the input embedding table in floating point; 4 or 8
+        stores it group-wise (``group_size`` along the embedding dimension, RTN, asymmetric) and
+        dequantizes the rows looked up. With a tied output head the table is the head's
+        quantized weight (``quantize_output_head=True`` and 4 bits needed).
+    min_out_features: linears with fewer outputs stay in full precision: MoE routers (N = number
+        of experts) and scalar gates steer the whole block and cost almost no memory; the
+        default 32 keeps the common ones out. Raise it for models with more experts.
+    """
+
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     quantize_output_head: bool = False
     output_head_bits: int | None = 8
     embedding_bits: int | None = None
-    factor_dtype: str = "auto"
     min_out_features: int = 32
-    experts: bool = True
-    expert_weighting: str = "none"
-    expert_refit: bool = False
-    expert_own_input_rank: int | None = None
-    selective: str | float | int | None = None
-    calibration: str = "auto"
-    block_inputs: str = "float"
-    activations: str = "auto"
-    offload_dir: str | None = None
-    dataset: str | list[str] | None = None
-    tokenizer: Any = None
-    n_samples: int = 32
-    seq_len: int = 512
-    version: int = CONFIG_VERSION
-    quant_method: ClassVar[str] = "glowq"  # transformers' registry key (not a field)
 
     def __post_init__(self) -> None:
-        _check_choice("bits", self.bits, BITS, "glowq-fx stores INT4 codes")
-        _check_choice("group_size", self.group_size, GROUP_SIZES, "-1 means per-channel")
-        QUANTIZERS[self.quantizer], CORRECTIONS[self.method]  # registered names only (glowq_fx.registry)
-        _check_choice("svd", self.svd, SVD_MODES)
-        _check_choice("stats_dtype", self.stats_dtype, ("float32", "float64"))
-        _check_choice("calibration", self.calibration, CALIBRATIONS)
-        _check_choice("block_inputs", self.block_inputs, BLOCK_INPUTS)
-        _check_choice("activations", self.activations, ACTIVATION_PLACES)
-        _check_choice("factor_dtype", self.factor_dtype, FACTOR_DTYPES)
         _check_choice("embedding_bits", self.embedding_bits, EMBEDDING_BITS)
         _check_choice("output_head_bits", self.output_head_bits, OUTPUT_HEAD_BITS)
-        _check_choice("expert_weighting", self.expert_weighting, EXPERT_WEIGHTINGS)
-        own = self.expert_own_input_rank
-        if own is not None and (not isinstance(own, int) or isinstance(own, bool) or own < 0):
-            raise ValueError(f"expert_own_input_rank must be None or a non-negative int, got {own!r}")
-        if not isinstance(self.experts, bool) or not isinstance(self.expert_refit, bool):
-            raise ValueError(f"experts and expert_refit are booleans, got {self.experts!r}, {self.expert_refit!r}")
-        if not isinstance(self.rank, int) or self.rank < 0:
-            raise ValueError(f"rank must be a non-negative int, got {self.rank!r}")
-        if not 0.0 <= self.shrinkage <= 1.0:
-            raise ValueError(f"shrinkage must lie in [0, 1], got {self.shrinkage!r}")
-        if not 0.0 <= self.gptq_damp < 1.0:
-            raise ValueError(f"gptq_damp must lie in [0, 1), got {self.gptq_damp!r}")
-        if self.gptq_block_size < 1:
-            raise ValueError(f"gptq_block_size must be positive, got {self.gptq_block_size!r}")
-        if self.oversample is not None and self.oversample < 0:
-            raise ValueError(f"oversample must be >= 0 or None, got {self.oversample!r}")
-        if self.power_iters < 0:
-            raise ValueError(f"power_iters must be >= 0, got {self.power_iters!r}")
         for name in ("include", "exclude"):
             patterns = getattr(self, name)
             if isinstance(patterns, str):
@@ -223,40 +174,155 @@ class GlowQConfig:
                 except (re.error, TypeError) as exc:
                     raise ValueError(f"{name} pattern {p!r} is not a regular expression: {exc}") from None
             setattr(self, name, patterns)
-        if (
-            self.dataset is not None
-            and not isinstance(self.dataset, str)
-            and not (
-                isinstance(self.dataset, (list, tuple))
-                and self.dataset
-                and all(isinstance(t, str) for t in self.dataset)
-            )
-        ):
-            raise ValueError(
-                f"dataset must be a text name, a file path or a non-empty list of texts, got {self.dataset!r}"
-            )
+        if not isinstance(self.min_out_features, int) or self.min_out_features < 1:
+            raise ValueError(f"min_out_features must be a positive int, got {self.min_out_features!r}")
+
+
+@dataclass
+class ExpertsConfig:
+    """MoE experts (``glowq_fx.quantize.experts``; transformers' fused experts modules). The
+    correction follows ``CorrectionConfig.method``: ``"glowq"`` shares one ``B`` across the
+    experts' first projection (gate/up: they all read the block input), the independent methods
+    solve each expert alone; each expert's second projection (down) reads its own intermediate and
+    gets its own factors.
+
+    experts: quantize the experts (every expert in 4 bits); False leaves them in floating point.
+    expert_weighting: ``"usage"`` scales each expert's error by the square root of its routing
+        frequency before the shared ``B`` is solved (and its ``A_e`` back after); ``"none"``:
+        every expert alike.
+    expert_refit: with the shared ``B`` fixed, refit each expert's ``A_e`` in closed form against
+        the second moment of the tokens routed to it.
+    expert_own_input_rank: the rank of each expert's correction on a weight that reads the
+        expert's own input (down); None: ``rank``.
+    """
+
+    experts: bool = True
+    expert_weighting: str = "none"
+    expert_refit: bool = False
+    expert_own_input_rank: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_choice("expert_weighting", self.expert_weighting, EXPERT_WEIGHTINGS)
+        own = self.expert_own_input_rank
+        if own is not None and (not isinstance(own, int) or isinstance(own, bool) or own < 0):
+            raise ValueError(f"expert_own_input_rank must be None or a non-negative int, got {own!r}")
+        if not isinstance(self.experts, bool) or not isinstance(self.expert_refit, bool):
+            raise ValueError(f"experts and expert_refit are booleans, got {self.experts!r}, {self.expert_refit!r}")
+
+
+@dataclass
+class CalibrationConfig:
+    """How the calibration pass runs (``glowq_fx.calibration``).
+
+    calibration: ``"blocks"`` runs the model one repeated block (decoder layer) at a time: the
+        inputs of the first block are cached for every batch, then each block collects its groups'
+        ``S``, is quantized, and produces the next block's inputs, so only one block's ``S`` (and,
+        with weights elsewhere, one block's weights) is on the compute device at a time.
+        ``"model"`` runs whole-model forward passes and holds every group's ``S`` at once.
+        ``"auto"``: blocks when the model has repeated blocks (``capture.blocks.find_blocks``),
+        else the whole model.
+    block_inputs: what feeds block ``i + 1`` with ``calibration="blocks"``: ``"float"`` the outputs
+        of the unquantized block ``i`` (the float model's statistics, exactly as the whole-model
+        pass), ``"quantized"`` the outputs of the quantized and corrected block ``i`` (GPTQ's "true
+        sequential" at block level).
+    activations: where the cached block inputs live: ``"device"``, ``"cpu"``, ``"disk"``
+        (``offload_dir``, else a temporary directory, removed after), or ``"auto"``: the first
+        that holds them in half of its measured free memory.
+    offload_dir: the directory for ``activations="disk"`` (and the fallback of ``"auto"``).
+    """
+
+    calibration: str = "auto"
+    block_inputs: str = "float"
+    activations: str = "auto"
+    offload_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_choice("calibration", self.calibration, CALIBRATIONS)
+        _check_choice("block_inputs", self.block_inputs, BLOCK_INPUTS)
+        _check_choice("activations", self.activations, ACTIVATION_PLACES)
+
+
+@dataclass
+class OnLoadDataConfig:
+    """Calibration data when the config quantizes on load (``from_pretrained(float_dir,
+    quantization_config=GlowQConfig(dataset="news", tokenizer=...))``, like transformers' GPTQ
+    integration; ``quantize_`` takes its batches directly and ignores these).
+
+    dataset: a built-in text (``"news"``, ``"wikipedia"``), a text file, or a list of texts.
+    tokenizer: a tokenizer or the name/path ``AutoTokenizer`` reads (default: the model's own
+        directory).
+    n_samples, seq_len: calibration windows and tokens per window.
+    """
+
+    dataset: str | list[str] | None = None
+    tokenizer: Any = None
+    n_samples: int = 32
+    seq_len: int = 512
+
+    def __post_init__(self) -> None:
+        texts = self.dataset
+        if texts is not None and not isinstance(texts, str) and not (
+                isinstance(texts, (list, tuple)) and texts and all(isinstance(t, str) for t in texts)):
+            raise ValueError(f"dataset must be a text name, a file path or a non-empty list of texts, got {texts!r}")
         if not isinstance(self.n_samples, int) or self.n_samples < 1 or not isinstance(self.seq_len, int) \
                 or self.seq_len < 2:
             raise ValueError(f"n_samples must be >= 1 and seq_len >= 2, got {self.n_samples!r}, {self.seq_len!r}")
-        if not isinstance(self.min_out_features, int) or self.min_out_features < 1:
-            raise ValueError(f"min_out_features must be a positive int, got {self.min_out_features!r}")
-        sel = self.selective
-        if sel is not None:
-            ok = (sel == "auto" or (isinstance(sel, float) and 0 < sel <= 1)
-                  or (isinstance(sel, int) and not isinstance(sel, bool) and sel >= 0))
-            if not ok:
-                raise ValueError(f"selective must be None, 'auto', a fraction in (0, 1] or a byte budget "
-                                 f"(int >= 0), got {sel!r}")
-            if not CORRECTIONS[self.method].corrects or self.rank == 0:
-                raise ValueError("selective chooses which corrections to keep; method='none' or rank=0 has none")
-        if self.version > CONFIG_VERSION:
-            raise ValueError(
-                f"config version {self.version} is newer than this glowq-fx understands "
-                f"({CONFIG_VERSION}); upgrade glowq-fx to load it"
-            )
+
+
+PARTS = {"quantization": QuantizationConfig, "correction": CorrectionConfig, "targets": TargetsConfig,
+         "moe": ExpertsConfig, "calibration_run": CalibrationConfig, "on_load": OnLoadDataConfig}
+# flat keyword -> the part that holds it: the flat names are the checkpoint metadata's keys
+FLAT_FIELDS = {f.name: part for part, cls in PARTS.items() for f in dataclasses.fields(cls)}
+
+
+@dataclass(init=False)
+class GlowQConfig:
+    """How to quantize and correct a model: six parts, each a small validated dataclass
+    (``QuantizationConfig``, ``CorrectionConfig``, ``TargetsConfig``, ``ExpertsConfig``,
+    ``CalibrationConfig``, ``OnLoadDataConfig``; their docstrings describe every option).
+
+    Built from parts, from flat keywords, or both (a flat keyword overrides its part's value)::
+
+        GlowQConfig(rank=32, quantizer="gptq")
+        GlowQConfig(correction=CorrectionConfig(rank=32), quantization=QuantizationConfig(quantizer="gptq"))
+
+    Every option also reads and writes as a flat attribute (``config.rank``), and ``to_dict`` /
+    ``from_dict`` use the flat names, so checkpoint metadata keeps one format (``version``)."""
+
+    quantization: QuantizationConfig
+    correction: CorrectionConfig
+    targets: TargetsConfig
+    moe: ExpertsConfig
+    calibration_run: CalibrationConfig
+    on_load: OnLoadDataConfig
+    version: int = CONFIG_VERSION
+    quant_method: ClassVar[str] = "glowq"  # transformers' registry key (not a field)
+
+    def __init__(self, *, quantization: QuantizationConfig | None = None, correction: CorrectionConfig | None = None,
+                 targets: TargetsConfig | None = None, moe: ExpertsConfig | None = None,
+                 calibration_run: CalibrationConfig | None = None, on_load: OnLoadDataConfig | None = None,
+                 version: int = CONFIG_VERSION, **options: Any) -> None:
+        unknown = sorted(set(options) - set(FLAT_FIELDS))
+        if unknown:
+            raise ValueError(f"unknown GlowQConfig options {unknown}; known: {sorted(FLAT_FIELDS)} and the parts "
+                             f"{sorted(PARTS)}")
+        given = dict(quantization=quantization, correction=correction, targets=targets, moe=moe,
+                     calibration_run=calibration_run, on_load=on_load)
+        for name, cls in PARTS.items():
+            part = given[name]
+            if part is not None and not isinstance(part, cls):
+                raise ValueError(f"{name} must be a {cls.__name__}, got {type(part).__name__}")
+            own = {k: v for k, v in options.items() if FLAT_FIELDS[k] == name}
+            setattr(self, name, dataclasses.replace(part, **own) if part is not None else cls(**own))
+        if version > CONFIG_VERSION:
+            raise ValueError(f"config version {version} is newer than this glowq-fx understands ({CONFIG_VERSION}); "
+                             f"upgrade glowq-fx to load it")
+        self.version = version
 
     def to_dict(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        """The flat options (the checkpoint's ``quantization_config``)."""
+        out = {name: getattr(getattr(self, part), name) for name, part in FLAT_FIELDS.items()}
+        out["version"] = self.version
         out["include"], out["exclude"] = list(self.include), list(self.exclude)
         if out["tokenizer"] is not None and not isinstance(out["tokenizer"], str):  # an object: its name
             out["tokenizer"] = getattr(out["tokenizer"], "name_or_path", type(out["tokenizer"]).__name__)
@@ -271,12 +337,37 @@ class GlowQConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "GlowQConfig":
-        data = {k: v for k, v in data.items() if k != "quant_method"}  # as transformers writes it
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        """From ``to_dict``'s flat options (every version so far), with ``quant_method`` as
+        transformers writes it; a part may also come as a nested dict."""
+        data = {k: v for k, v in data.items() if k != "quant_method"}
+        unknown = sorted(set(data) - set(FLAT_FIELDS) - set(PARTS) - {"version"})
         if unknown:
-            raise ValueError(f"unknown GlowQConfig fields {unknown}; known fields: {sorted(known)}")
+            raise ValueError(f"unknown GlowQConfig fields {unknown}; known fields: {sorted(FLAT_FIELDS)}")
+        for name, part_cls in PARTS.items():
+            if isinstance(data.get(name), dict):
+                data[name] = part_cls(**data[name])
         return cls(**data)
+
+
+class _FlatOption:
+    """``config.<option>``: reads and writes its part's field (a write rebuilds the part, so it is
+    validated); on the class, the field's default, as a plain dataclass field reads."""
+
+    def __init__(self, name: str, part: str):
+        self.name, self.part = name, part
+        field = next(f for f in dataclasses.fields(PARTS[part]) if f.name == name)
+        self.default = field.default
+        self.__doc__ = f"``{part}.{name}``"
+
+    def __get__(self, obj, owner=None):
+        return self.default if obj is None else getattr(getattr(obj, self.part), self.name)
+
+    def __set__(self, obj, value) -> None:
+        setattr(obj, self.part, dataclasses.replace(getattr(obj, self.part), **{self.name: value}))
+
+
+for _name, _part in FLAT_FIELDS.items():
+    setattr(GlowQConfig, _name, _FlatOption(_name, _part))
 
 
 def _check_choice(name: str, value: Any, choices: tuple, why: str = "") -> None:

@@ -1,13 +1,13 @@
 """Where the methods live: a name -> handler table per kind of method (torchao's
 ``register_quantize_module_handler`` in spirit).
 
-Two tables: ``QUANTIZERS`` (the base 4-bit quantizers: a function ``(W, S, config) ->
-QuantizedWeight``, ``glowq_fx.quant``) and ``CORRECTIONS`` (the low-rank corrections: a
-``correction.methods.CorrectionMethod``). Each handler registers itself in its own file, which
-its package imports, so the names are known once ``glowq_fx`` is imported. ``GlowQConfig`` checks
-its ``quantizer`` and ``method`` against these tables, ``quantize_`` and the solvers look the
-handler up here: adding a method is one new file that registers it (and its test). A name is never
-compared anywhere else.
+Two tables: ``QUANTIZERS`` (the base 4-bit quantizers: a function ``(W, S, quantization) ->
+QuantizedWeight`` of the config's ``QuantizationConfig`` part, ``glowq_fx.quant``) and
+``CORRECTIONS`` (the low-rank corrections: a ``correction.methods.CorrectionMethod``). Each
+handler registers itself in its own file, which its package imports, so the names are known once
+``glowq_fx`` is imported. ``GlowQConfig`` checks its ``quantizer`` and ``method`` against these
+tables, ``quantize_`` and the solvers look the handler up here: adding a method is one new file
+that registers it (and its test). A name is never compared anywhere else.
 """
 from __future__ import annotations
 

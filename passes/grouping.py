@@ -203,6 +203,19 @@ def _weight_source(node: fx.Node) -> tuple[fx.Node, int]:
         node = node.args[0]
 
 
+def positional_arguments(node: fx.Node) -> list:
+    """``node``'s arguments in its op's parameter order: keywords are placed by the op's schema
+    (a ``torch.ops`` overload), so callers can read a parameter by its position in the contract
+    they know (``passes.rewrite.QuantizedOps``) however the traced call passed it."""
+    args = list(node.args)
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return args + list(node.kwargs.values())
+    for a in schema.arguments[len(args):]:
+        args.append(node.kwargs.get(a.name, a.default_value if a.has_default_value() else None))
+    return args
+
+
 def _match_linear(node: fx.Node, modules: Mapping[str, nn.Module], packed_linears: Collection[object] = ()):
     """``(x, weight operand, weight source, stored (in, out), form)`` when ``node`` is a linear.
 
@@ -210,7 +223,7 @@ def _match_linear(node: fx.Node, modules: Mapping[str, nn.Module], packed_linear
     of transposes flips the storage layout.
     """
     if node.op == "call_function" and node.target in packed_linears:
-        x, packed = node.args[:2]
+        x, packed = positional_arguments(node)[:2]
         return x, packed, packed, False, "packed"
     if node.op == "call_function" and node.target in _LINEAR_FUNCTIONS:
         x = node.args[0] if node.args else node.kwargs.get("input")
@@ -371,70 +384,81 @@ def find_input_sharing_groups(
     sharing = nx.DiGraph()
     sites: dict[str, list[LinearSite]] = {}
     skipped: dict[str, str] = {}
-    order: dict[str, tuple[int, int]] = {}
-    unmapped_placeholders = []
-
+    unmapped_placeholders: list[str] = []
     for p, piece in enumerate(pieces):
         for node in piece.gm.graph.nodes:
             match = _match_linear(node, res.modules[p], res.packed_linears)
             if match is None:
                 continue
-            x, w, src, stored_transposed, form = match
-            names = res.parameter_names(p, src, buffer=form == "packed")
-            tensor, _ = res.tensor_of(p, src)
             where = f"piece {p} node {node.name}" if len(pieces) > 1 else f"node {node.name}"
-            if not names:
-                if src.op == "placeholder" and src.name not in res.inputs[p]:
-                    if form == "linear" or not stored_transposed:  # surely a weight operand
-                        unmapped_placeholders.append(src.name)
-                    continue
-                why = res.describe_computed_weight(p, w)
-                if why is None and form == "linear":
-                    why = "weight is an activation, not a parameter of the model: left as is"
-                if why is not None:
-                    skipped[where] = why
-                continue  # otherwise a product of activations (attention scores), not a linear
-            module, why = owner_of(names, res.module_types, filter.tied_to_embedding)
-            if why is not None:
-                why = filter.skip.get(module, why)  # the caller's reason names its own fix
-                skipped[module] = why
+            site = _site(res, p, node, match, where, filter, skipped, unmapped_placeholders)
+            if site is None:
                 continue
-            W = tensor if isinstance(tensor, torch.Tensor) else _value(src)
-            if W is None or W.dim() != 2:
-                skipped[module] = f"weight {names[0]} is not 2-D: not a linear layer"
-                continue
-            if form == "packed":  # (..., N); the input's width is the real in_features
-                xv = _value(x)
-                if xv is None:
-                    skipped[module] = (f"the packed linear at {where} has no shape metadata on its input, so its "
-                                       "in_features is unknown: group a Dynamo or AOTAutograd graph")
-                    continue
-                out_f, in_f = W.shape[-1], xv.shape[-1]
-            else:
-                out_f, in_f = (W.shape[1], W.shape[0]) if stored_transposed else (W.shape[0], W.shape[1])
-            why = filter.reason(module, int(out_f))
-            if why is not None:
-                skipped[module] = why
-                continue
-            producer, through = res.producer(p, x)
-            site = LinearSite(module, names[0], p, node, producer, through, int(in_f), int(out_f), form,
-                              stored_transposed)
+            module = site.module
             sites.setdefault(module, []).append(site)
-            order.setdefault(module, (p, res.positions[p][node.name]))
             # readers of one producer with different widths cannot share (only possible when a
             # graph has no shape metadata and a width-changing view was trusted)
-            key = f"{producer[0]}:{producer[1]}:{int(in_f)}"
+            key = f"{site.producer[0]}:{site.producer[1]}:{site.in_features}"
             sharing.add_node(key, kind="input")
-            sharing.add_node(module, kind="linear", in_features=int(in_f), out_features=int(out_f),
-                             order=order[module])
-            sharing.add_edge(key, module, through=through)
-
+            if module not in sharing:
+                sharing.add_node(module, kind="linear", in_features=site.in_features,
+                                 out_features=site.out_features, order=(p, res.positions[p][node.name]))
+            sharing.add_edge(key, module, through=site.through)
     if unmapped_placeholders:
         raise ValueError(
             f"linear weights are graph inputs {unmapped_placeholders[:3]} but no tensors were given for "
             "them: pass example_inputs (the tensors bound to the placeholders) and model="
         )
+    groups, notes = _groups_of(sharing, sites)
+    log.debug("grouping: %d linears in %d groups, %d skipped", len(sites), len(groups), len(skipped))
+    return SharingAnalysis(groups, sites, skipped, notes, sharing)
 
+
+def _site(res: "_Resolver", p: int, node: fx.Node, match: tuple, where: str, filter: GroupFilter,
+          skipped: dict[str, str], unmapped_placeholders: list[str]) -> LinearSite | None:
+    """The linear ``match`` at ``node`` of piece ``p`` as a ``LinearSite``, or None with the reason
+    in ``skipped`` (a product of two activations, attention scores, is no linear and not listed)."""
+    x, w, src, stored_transposed, form = match
+    names = res.parameter_names(p, src, buffer=form == "packed")
+    tensor, _ = res.tensor_of(p, src)
+    if not names:
+        if src.op == "placeholder" and src.name not in res.inputs[p]:
+            if form == "linear" or not stored_transposed:  # surely a weight operand
+                unmapped_placeholders.append(src.name)
+            return None
+        why = res.describe_computed_weight(p, w)
+        if why is None and form == "linear":
+            why = "weight is an activation, not a parameter of the model: left as is"
+        if why is not None:
+            skipped[where] = why
+        return None
+    module, why = owner_of(names, res.module_types, filter.tied_to_embedding)
+    if why is not None:
+        skipped[module] = filter.skip.get(module, why)  # the caller's reason names its own fix
+        return None
+    W = tensor if isinstance(tensor, torch.Tensor) else _value(src)
+    if W is None or W.dim() != 2:
+        skipped[module] = f"weight {names[0]} is not 2-D: not a linear layer"
+        return None
+    if form == "packed":  # (..., N); the input's width is the real in_features
+        xv = _value(x)
+        if xv is None:
+            skipped[module] = (f"the packed linear at {where} has no shape metadata on its input, so its "
+                               "in_features is unknown: group a Dynamo or AOTAutograd graph")
+            return None
+        out_f, in_f = W.shape[-1], xv.shape[-1]
+    else:
+        out_f, in_f = (W.shape[1], W.shape[0]) if stored_transposed else (W.shape[0], W.shape[1])
+    why = filter.reason(module, int(out_f))
+    if why is not None:
+        skipped[module] = why
+        return None
+    producer, through = res.producer(p, x)
+    return LinearSite(module, names[0], p, node, producer, through, int(in_f), int(out_f), form, stored_transposed)
+
+
+def _groups_of(sharing: nx.DiGraph, sites: dict[str, list[LinearSite]]) -> tuple[list[InputGroup], list[str]]:
+    """The groups (graph order): the readers of each input; a linear reading several inputs alone."""
     by_order = lambda n: sharing.nodes[n]["order"]
     alone = sorted((m for m in sites if sharing.in_degree(m) > 1), key=by_order)
     notes = [f"{m} reads {sharing.in_degree(m)} different inputs; it gets its own group" for m in alone]
@@ -443,8 +467,7 @@ def find_input_sharing_groups(
         if kind == "input":
             member_sets.append(sorted((m for m in sharing.successors(key) if m not in alone), key=by_order))
     groups = sorted((_make_group(ms, sharing) for ms in member_sets if ms), key=lambda g: by_order(g.members[0]))
-    log.debug("grouping: %d linears in %d groups, %d skipped", len(sites), len(groups), len(skipped))
-    return SharingAnalysis(groups, sites, skipped, notes, sharing)
+    return groups, notes
 
 
 def _make_group(members: list[str], sharing: nx.DiGraph) -> InputGroup:

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
-from passes.grouping import find_input_sharing_groups
+from passes.grouping import find_input_sharing_groups, positional_arguments
 from passes.groups import GroupFilter
 
 log = logging.getLogger(__name__)
@@ -116,15 +116,29 @@ class RewriteReport:
         return "\n".join(lines)
 
 
+# the ops' parameters, in the order of ``QuantizedOps``' signatures (their own names may differ)
+LINEAR_PARAMS = ("x", "qweight", "scales", "zeros", "bias", "A", "R")
+GROUP_PARAMS = ("x", "qweights", "scales", "zeros", "biases", "As", "R")
+PROJECTION_PARAMS = ("x", "B")
+WEIGHT_PARAMS = LINEAR_PARAMS[1:6]  # what a member brings to its group node
+
+
+def arguments(node: fx.Node, params: tuple[str, ...]) -> dict:
+    """``node``'s arguments by the contract's parameter names, however the call passed them."""
+    bound = dict.fromkeys(params)
+    bound.update(zip(params, positional_arguments(node)))
+    return bound
+
+
 def _r_of(node: fx.Node) -> fx.Node | None:
-    """The ``R`` argument of a ``w4a16_linear`` node."""
-    return node.args[6] if len(node.args) > 6 else node.kwargs.get("R")
+    """The ``R`` argument of a linear node."""
+    return arguments(node, LINEAR_PARAMS)["R"]
 
 
 def _b_of(R: fx.Node | None, ops: QuantizedOps) -> fx.Node | None:
     """The ``B`` node of ``R`` when ``R`` is a ``shared_projection`` (else None)."""
     if isinstance(R, fx.Node) and R.op == "call_function" and R.target is ops.projection:
-        return R.args[1]
+        return arguments(R, PROJECTION_PARAMS)["B"]
     return None
 
 
@@ -165,7 +179,8 @@ def fuse_shared_projections(
         # members fused together: same op, same input node, same R (or none)
         parts: dict[tuple, list] = {}
         for s in sites:
-            parts.setdefault((s.node.target, s.node.args[0], _r_of(s.node)), []).append(s)
+            member = arguments(s.node, LINEAR_PARAMS)
+            parts.setdefault((s.node.target, member["x"], member["R"]), []).append(s)
         for (target, x, R), part in parts.items():
             if target is ops.linear:
                 _rewrite_part(graph, part, x, R, position, report, ops)
@@ -216,10 +231,10 @@ def _share_projections(graph: fx.Graph, sites: list, report: RewriteReport, ops:
             anchors[B] = (R, s)
             continue
         R0, s0 = anchors[B]
-        x = s.node.args[0]
+        x = arguments(s.node, LINEAR_PARAMS)["x"]
         if R is R0:
             continue
-        if x is R0.args[0]:
+        if x is arguments(R0, PROJECTION_PARAMS)["x"]:
             s.node.replace_input_with(R, R0)
         elif set(s.through) <= _ORDER_KEEPING and set(s0.through) <= _ORDER_KEEPING:
             if (R0, x) not in reshaped:
@@ -238,11 +253,14 @@ def _absorb_projections(graph: fx.Graph, report: RewriteReport, ops: QuantizedOp
     for node in list(graph.nodes):
         if node.target is not ops.group:
             continue
-        x, R = node.args[0], node.args[6]
-        if _b_of(R, ops) is None or R.args[0] is not x or len(R.users) != 1 or any(a is None for a in node.args[5]):
+        group = arguments(node, GROUP_PARAMS)
+        R = group["R"]
+        B = _b_of(R, ops)
+        if (B is None or arguments(R, PROJECTION_PARAMS)["x"] is not group["x"] or len(R.users) != 1
+                or any(a is None for a in group["As"])):
             continue
         with graph.inserting_before(node):
-            made = graph.call_function(ops.projected_group, (*node.args[:6], R.args[1]))
+            made = graph.call_function(ops.projected_group, (*(group[p] for p in GROUP_PARAMS[:-1]), B))
         node.replace_all_uses_with(made)
         graph.erase_node(node)
         graph.erase_node(R)
@@ -256,8 +274,9 @@ def _rewrite_part(graph: fx.Graph, part: list, x: fx.Node, R, position, report: 
                   ops: QuantizedOps) -> None:
     first = part[0].node
     # a member whose weights are computed after the first member cannot move up to it
+    weights = {id(s): [arguments(s.node, LINEAR_PARAMS)[p] for p in WEIGHT_PARAMS] for s in part}
     fusable = [s for s in part if all(not isinstance(a, fx.Node) or position[a] < position[first]
-                                      for a in s.node.args[1:6])]
+                                      for a in weights[id(s)])]
     for s in part:
         if s not in fusable:
             report.left[s.module] = "its weights are computed inside the graph after the group's first member"
@@ -265,7 +284,7 @@ def _rewrite_part(graph: fx.Graph, part: list, x: fx.Node, R, position, report: 
     if len(fusable) < 2:
         report.groups.append(FusedGroup(tuple(s.module for s in part), x.name, None if R is None else R.name, None))
         return
-    args = [[s.node.args[j] if len(s.node.args) > j else None for s in fusable] for j in range(1, 6)]
+    args = [[weights[id(s)][j] for s in fusable] for j in range(len(WEIGHT_PARAMS))]  # one list per parameter
     with graph.inserting_before(first):
         fused = graph.call_function(ops.group, (x, *args, R))
     for i, s in enumerate(fusable):

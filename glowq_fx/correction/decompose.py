@@ -143,7 +143,9 @@ def whitening(S: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def default_oversample(rank: int) -> int:
-    """Sketch oversampling used when none is given: the paper's 10 plus half the rank."""
+    """Sketch oversampling used when none is given: the paper's 10 plus half the rank. The fixed 10
+    left the solved objective 0.4-1.2% above exact on slowly decaying whitened spectra; the sketch
+    is only d x (r + p), so the wider one costs little."""
     return rank // 2 + 10
 
 
@@ -335,11 +337,7 @@ def solve(
         rank: r (of the shared B, or of each member's independent factors).
         mode: ``"randomized"`` (the randomized SVD of the stacked whitened error, member by member)
             or ``"exact"``.
-        oversample: extra sketch columns; None means ``rank // 2 + 10``. The paper's fixed 10
-            leaves the solved objective 0.4-1.2% above exact on slowly decaying whitened
-            spectra (test groups and the 8B benchmark), at the edge of a 1% budget; r/2 + 10
-            brings the test groups to ~0.01%. The sketch is only d x (r + p), so the wider
-            default costs little: the sketch's products are ``m d_in w`` each.
+        oversample: extra sketch columns; None means ``default_oversample(rank)``.
         seed: seed of a local generator for the sketch (global RNG untouched).
         dtype: compute dtype of the factorization of S (float64 where float32 cannot factor it),
             the sketch and the SVD.
@@ -355,39 +353,51 @@ def solve(
     device = errors[0].device
     S = S.to(device)
     Es = [E.to(dtype) for E in errors]
-    generator = torch.Generator(device=device).manual_seed(seed)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
-    whitening_s = 0.0
-
     if not handler.corrects or rank == 0:
         A = [E.new_zeros(E.shape[0], 0) for E in Es]
         B = [E.new_zeros(0, E.shape[1]) for E in Es[: 1 if handler.shared else len(Es)]]
-        s_kept: list[Tensor] = []
+        s_kept, whitening_s = [], 0.0
     else:
-        t_white = time.perf_counter()
-        whitened = handler.whiten(S, dtype, shrinkage)
-        whitening_s = time.perf_counter() - t_white
-        if oversample is None:
-            oversample = default_oversample(rank)
-        kw = dict(mode=mode, oversample=oversample, power_iters=power_iters, generator=generator)
-        if handler.shared:
-            A, B_shared, s = scaled_lowrank(Es, whitened, rank, **kw)
-            B, s_kept = [B_shared], [s]
-        else:
-            solved = []
-            for E in Es:  # each member's sketch from the seed: its factors do not depend on member order
-                generator.manual_seed(seed)
-                A_i, B_i, s_i = scaled_lowrank([E], whitened, min(rank, *E.shape) if cap_rank else rank, **kw)
-                solved.append((A_i[0], B_i, s_i))
-            A, B, s_kept = (list(x) for x in zip(*solved))
-        del whitened  # its d x d factor: the reports below need only S
+        sketch = dict(mode=mode, oversample=default_oversample(rank) if oversample is None else oversample,
+                      power_iters=power_iters, seed=seed)
+        A, B, s_kept, whitening_s = _factors(handler, Es, S, rank, shrinkage, dtype, cap_rank, sketch)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - t0
+    report = _solve_report(handler, Es, S, A, B, s_kept, shrinkage, dtype)
+    report.time_s, report.whitening_time_s = elapsed, whitening_s
+    return LowRankCorrection(A=A, B=B, shared=handler.shared, report=report)
 
-    shared = handler.shared
+
+def _factors(handler, Es: list[Tensor], S: Tensor, rank: int, shrinkage: float, dtype: torch.dtype, cap_rank: bool,
+             sketch: dict) -> tuple[list[Tensor], list[Tensor], list[Tensor], float]:
+    """``(A, B, kept singular values, whitening seconds)``: one shared ``B`` for a shared method,
+    else one per member, each member's sketch drawn from the seed (its factors do not depend on
+    member order)."""
+    t_white = time.perf_counter()
+    whitened = handler.whiten(S, dtype, shrinkage)
+    whitening_s = time.perf_counter() - t_white
+    seed = sketch.pop("seed")
+    generator = torch.Generator(device=Es[0].device).manual_seed(seed)
+    if handler.shared:
+        A, B_shared, s = scaled_lowrank(Es, whitened, rank, generator=generator, **sketch)
+        return A, [B_shared], [s], whitening_s
+    solved = []
+    for E in Es:
+        generator.manual_seed(seed)
+        A_i, B_i, s_i = scaled_lowrank([E], whitened, min(rank, *E.shape) if cap_rank else rank,
+                                       generator=generator, **sketch)
+        solved.append((A_i[0], B_i, s_i))
+    A, B, s_kept = (list(x) for x in zip(*solved))
+    return A, B, s_kept, whitening_s
+
+
+def _solve_report(handler, Es: list[Tensor], S: Tensor, A: list[Tensor], B: list[Tensor], s_kept: list[Tensor],
+                  shrinkage: float, dtype: torch.dtype) -> SolveReport:
+    """The whitened errors (raw ``S``) and the shrunk objective before and after the correction."""
     S_eval = S.to(dtype)  # no float64 copy of S outlives the whitening
     iso = shrinkage * float(torch.diagonal(S).to(torch.float64).sum()) / S.shape[0]
 
@@ -404,24 +414,22 @@ def solve(
     if all(a.shape[1] == 0 for a in A):  # nothing subtracted: the errors stay as they were
         members_after, obj_after = members_before, obj_before
     else:
-        members_after, obj_after = errors_of(torch.addmm(E, A[i], B[0 if shared else i], alpha=-1)
+        members_after, obj_after = errors_of(torch.addmm(E, A[i], B[0 if handler.shared else i], alpha=-1)
                                              for i, E in enumerate(Es))
-    before, after = sum(members_before), sum(members_after)
-    report = SolveReport(
+    return SolveReport(
         method=handler.name,
         rank=max((a.shape[1] for a in A), default=0),  # as solved: capped per member
-        whitened_error_before=before,
-        whitened_error_after=after,
+        whitened_error_before=sum(members_before),
+        whitened_error_after=sum(members_after),
         objective_before=obj_before,
         objective_after=obj_after,
         captured_energy=float(sum((s.double() ** 2).sum() for s in s_kept)),
         member_errors_before=members_before,
         member_errors_after=members_after,
         singular_values=[s.float().cpu() for s in s_kept],
-        time_s=elapsed,
-        whitening_time_s=whitening_s,
+        time_s=0.0,
+        whitening_time_s=0.0,
     )
-    return LowRankCorrection(A=A, B=B, shared=shared, report=report)
 
 
 def shared_lowrank(errors: Sequence[Tensor], S: Tensor, rank: int, **kwargs) -> LowRankCorrection:

@@ -10,7 +10,9 @@ one needs no GPU and compiles nothing.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -21,15 +23,109 @@ from glowq_fx.kernels.fastest_path import FASTEST
 from glowq_fx.kernels.layout import group_size_of
 
 
+def w4a16_forms(M: int) -> tuple[str, ...]:
+    """Which kernel forms can serve ``M`` rows (the dispatch table, as gemlite's
+    ``get_matmul_type``): the first is the default; where two are listed they compute the same
+    product and the faster on this shape is kept (``FASTEST``). The bounds are measured on the H100."""
+    from glowq_fx.kernels import w4a16 as kernels
+
+    if M >= kernels.DEQUANT_MATMUL_MIN_M:
+        return ("dequant_cublas",)  # compute-bound: the dequantization is amortized over the rows
+    if M == 1:
+        return ("gemv", "gemv_split_k")  # split-K for short outputs with long rows
+    if M <= kernels.SMALL_M:
+        return ("small_m_gemm", "rows_gemv")
+    return ("gemm",)
+
+
+@dataclass
+class _Launch:
+    """One launch's arguments: the rows ``x2`` (and ``R2``), the members' kernel slots and outputs."""
+
+    x2: Tensor
+    R2: Optional[Tensor]
+    ys: list
+    slots: list
+    Ns: list
+    rank: int
+    group_size: int
+    common: dict
+
+    @property
+    def head(self) -> tuple:
+        x2, R2 = self.x2, self.R2
+        has_a = self.common["HAS_A"]
+        return (x2, R2 if has_a else x2, x2.stride(0), R2.stride(0) if has_a else 0, x2.shape[0], x2.shape[1],
+                self.rank)
+
+    def blocks(self, meta) -> int:
+        return sum(_cdiv(n, meta["BLOCK_N"]) for n in self.Ns)
+
+    def tile_group(self, n_groups: int) -> int:
+        from glowq_fx.kernels import w4a16 as kernels
+        return kernels.tile_group(self.group_size, n_groups)
+
+
+def _launch_gemv(L: _Launch, n_groups: int) -> list:
+    from glowq_fx.kernels import w4a16 as kernels
+    x2 = L.x2
+    wrap_triton(kernels.gemv_kernel)[lambda meta: (L.blocks(meta), 1, meta["SPLIT_K"])](
+        *L.head, x2, x2, 0, *L.slots, **L.common, TILE_GROUP=L.tile_group(n_groups))
+    return L.ys
+
+
+def _launch_gemv_split_k(L: _Launch, n_groups: int) -> list:
+    from glowq_fx.kernels import w4a16 as kernels
+    ws, arrivals, ws_stride = split_k_scratch(L.x2, L.Ns)
+    wrap_triton(kernels.gemv_split_k_kernel)[lambda meta: (L.blocks(meta), 1, meta["SPLIT_K"])](
+        *L.head, ws, arrivals, ws_stride, *L.slots, **L.common, TILE_GROUP=L.tile_group(n_groups))
+    return L.ys
+
+
+def _launch_gemm(L: _Launch, n_groups: int) -> list:
+    from glowq_fx.kernels import w4a16 as kernels
+    M = L.x2.shape[0]
+    kernel = kernels.small_m_kernel if M <= kernels.SMALL_M else kernels.gemm_kernel
+    # every kernel argument is passed explicitly: Inductor's analysis of user kernels does not see
+    # Python defaults
+    upcast = kernels.interpreting() and L.x2.dtype == torch.bfloat16
+    wrap_triton(kernel)[lambda meta: (_cdiv(M, meta["BLOCK_M"]), L.blocks(meta))](
+        *L.head, *L.slots, **L.common, UPCAST_DOT=upcast)
+    return L.ys
+
+
+def _launch_rows_gemv(L: _Launch, n_groups: int) -> list:
+    from glowq_fx.kernels import w4a16 as kernels
+    M = L.x2.shape[0]
+    block_m = min(kernels.ROWS_GEMV_MAX_BLOCK_M, 1 << (M - 1).bit_length())
+    wrap_triton(kernels.rows_gemv_kernel)[lambda meta: (L.blocks(meta), _cdiv(M, block_m))](
+        *L.head, *L.slots, **L.common, BLOCK_M=block_m, TILE_GROUP=L.tile_group(n_groups))
+    return L.ys
+
+
+LAUNCHERS = {"gemv": _launch_gemv, "gemv_split_k": _launch_gemv_split_k, "small_m_gemm": _launch_gemm,
+             "gemm": _launch_gemm, "rows_gemv": _launch_rows_gemv}
+
+
+def _forced_form(M: int, split_k: Optional[bool], rows_gemv: Optional[bool]) -> Optional[str]:
+    """The form a caller's ``split_k`` / ``rows_gemv`` asks for at ``M`` rows (None: not forced)."""
+    forms = w4a16_forms(M)
+    if M == 1 and split_k is not None:
+        return forms[1] if split_k else forms[0]
+    if "rows_gemv" in forms and rows_gemv is not None:
+        return "rows_gemv" if rows_gemv else forms[0]
+    return None if len(forms) > 1 else forms[0]
+
+
 def launch_w4a16(x: Tensor, qweights: Sequence[Tensor], scales: Sequence[Tensor], zeros: Sequence[Tensor],
                  biases: Sequence[Optional[Tensor]], As: Sequence[Optional[Tensor]], R: Optional[Tensor],
                  outs: Optional[Sequence[Tensor]] = None, split_k: Optional[bool] = None,
                  rows_gemv: Optional[bool] = None) -> list[Tensor]:
-    """Run the Triton kernels for members that read ``x`` (checked by the caller): below
-    ``DEQUANT_MATMUL_MIN_M`` rows one launch per ``MAX_MEMBERS`` members of one kind (bias and
-    correction present or not, group size), from there a dequantize + cuBLAS per member. Returns each member's output
-    ``x.shape[:-1] + (N_i,)``, written into ``outs[i]`` (contiguous, (rows, N_i)) when given.
-    Works on CPU tensors under ``TRITON_INTERPRET=1``.
+    """Run the Triton kernels for members that read ``x`` (checked by the caller), in the form
+    ``w4a16_forms`` names for its rows: one launch per ``MAX_MEMBERS`` members of one kind (bias
+    and correction present or not, group size), or from ``DEQUANT_MATMUL_MIN_M`` rows a dequantize
+    + cuBLAS per member. Returns each member's output ``x.shape[:-1] + (N_i,)``, written into
+    ``outs[i]`` (contiguous, (rows, N_i)) when given. Works on CPU tensors under ``TRITON_INTERPRET=1``.
 
     ``split_k`` (one row only): True / False force the split-K / plain GEMV; None times both once
     per shape on the GPU and keeps the faster (the plain one under the interpreter). ``rows_gemv``
@@ -38,87 +134,55 @@ def launch_w4a16(x: Tensor, qweights: Sequence[Tensor], scales: Sequence[Tensor]
     from glowq_fx.kernels import w4a16 as kernels
 
     K = x.shape[-1]
-    x2 = x.reshape(-1, K)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = _dense_rows(x.reshape(-1, K))
     M = x2.shape[0]
-    R2 = None if R is None else R.reshape(-1, R.shape[-1])
-    if R2 is not None and R2.stride(-1) != 1:
-        R2 = R2.contiguous()
+    R2 = None if R is None else _dense_rows(R.reshape(-1, R.shape[-1]))
     # the kernels index the weights as dense row-major: a strided view (a transposed A, a column
     # slice of scales) would be read as the wrong elements, so such a tensor is copied once here
     qweights, scales, zeros, biases, As = ([_dense(t) for t in ts] for ts in (qweights, scales, zeros, biases, As))
-    results: list[Optional[Tensor]] = [None] * len(qweights)
-    shape = lambda i: (*x.shape[:-1], qweights[i].shape[1])
+    n = len(qweights)
+    ys = [x2.new_empty(M, qweights[i].shape[1]) if outs is None else outs[i] for i in range(n)]
+    results = [ys[i].view(*x.shape[:-1], qweights[i].shape[1]) for i in range(n)]
     if M == 0:  # nothing to launch (and no shape to time)
-        return [
-            (x2.new_empty(0, q.shape[1]) if outs is None else outs[i]).view(shape(i)) for i, q in enumerate(qweights)
-        ]
-    if M >= kernels.DEQUANT_MATMUL_MIN_M:  # one dequantize + cuBLAS per member, no fused launch
-        for i in range(len(qweights)):
-            y = x2.new_empty(M, qweights[i].shape[1]) if outs is None else outs[i]
-            _dequantized_matmul(x2, qweights[i], scales[i], zeros[i], biases[i], As[i], R2, y)
-            results[i] = y.view(shape(i))
-        return results  # type: ignore[return-value]
-    kinds: dict[tuple[bool, bool, int], list[int]] = {}  # one kernel specialisation per kind
-    for i in range(len(qweights)):
-        kinds.setdefault((biases[i] is not None, As[i] is not None, group_size_of(qweights[i], scales[i])), []).append(
-            i
-        )
-    for (has_bias, has_a, gs), idx in kinds.items():
-        for c in range(0, len(idx), kernels.MAX_MEMBERS):
-            chunk = idx[c:c + kernels.MAX_MEMBERS]
-            ys = [x2.new_empty(M, qweights[i].shape[1]) if outs is None else outs[i] for i in chunk]
-            slots = _member_slots(chunk, qweights, scales, zeros, biases, As, ys, has_a, has_bias)
+        return results
+    if w4a16_forms(M) == ("dequant_cublas",):
+        for i in range(n):
+            _dequantized_matmul(x2, qweights[i], scales[i], zeros[i], biases[i], As[i], R2, ys[i])
+        return results
+    form = _forced_form(M, split_k, rows_gemv)
+    for (has_bias, has_a, gs), members in _kinds(qweights, scales, biases, As).items():
+        for c in range(0, len(members), kernels.MAX_MEMBERS):
+            chunk = members[c:c + kernels.MAX_MEMBERS]
+            chunk_ys = [ys[i] for i in chunk]
             rank = 0 if R2 is None or not has_a else R2.shape[1]
-            common = dict(NUM_MEMBERS=len(chunk), GROUP_SIZE=gs, HAS_A=has_a, HAS_BIAS=has_bias)
-            # every kernel argument is passed explicitly: Inductor's analysis of user kernels does
-            # not see Python defaults
-            tile_group = kernels.tile_group(gs, scales[chunk[0]].shape[0])  # the GEMVs' scale slab
-            gemm_only = dict(UPCAST_DOT=kernels.interpreting() and x.dtype == torch.bfloat16)
-            Ns = [qweights[i].shape[1] for i in chunk]
-            blocks = lambda meta: sum(_cdiv(n, meta["BLOCK_N"]) for n in Ns)
-            head = (x2, R2 if has_a else x2, x2.stride(0), R2.stride(0) if has_a else 0, M, K, rank)
-            if M == 1:
-                grid = lambda meta: (blocks(meta), M, meta["SPLIT_K"])
+            L = _Launch(x2, R2, chunk_ys, _member_slots(chunk, qweights, scales, zeros, biases, As, chunk_ys, has_a,
+                                                        has_bias),
+                        [qweights[i].shape[1] for i in chunk], rank, gs,
+                        dict(NUM_MEMBERS=len(chunk), GROUP_SIZE=gs, HAS_A=has_a, HAS_BIAS=has_bias))
+            n_groups = scales[chunk[0]].shape[0]  # the GEMVs' scale slab
+            chosen = form
+            if chosen is None:  # decided per launch: each has its own shape and agreement check
+                forms = w4a16_forms(M)
+                tag = "gemv" if M == 1 else "small_m"
+                key = (tag, x2.device, x2.dtype, *((M,) if M > 1 else ()), K, tuple(L.Ns), rank, gs, has_a,
+                       has_bias)
+                chosen = FASTEST.choose(key, {f: functools.partial(LAUNCHERS[f], L, n_groups) for f in forms},
+                                        fallback=forms[0])
+            LAUNCHERS[chosen](L, n_groups)
+    return results
 
-                def plain():
-                    wrap_triton(kernels.gemv_kernel)[grid](*head, x2, x2, 0, *slots, **common, TILE_GROUP=tile_group)
-                    return ys
 
-                def split():
-                    ws, arrivals, ws_stride = split_k_scratch(x2, Ns)
-                    wrap_triton(kernels.gemv_split_k_kernel)[grid](*head, ws, arrivals, ws_stride, *slots, **common,
-                                                                   TILE_GROUP=tile_group)
-                    return ys
+def _kinds(qweights, scales, biases, As) -> dict[tuple[bool, bool, int], list[int]]:
+    """Members by kind (bias present, correction present, group size): one kernel specialisation each."""
+    kinds: dict[tuple[bool, bool, int], list[int]] = {}
+    for i in range(len(qweights)):
+        kind = (biases[i] is not None, As[i] is not None, group_size_of(qweights[i], scales[i]))
+        kinds.setdefault(kind, []).append(i)
+    return kinds
 
-                use_split = split_k  # decided per launch: each has its own shape and agreement check
-                if use_split is None:
-                    key = ("gemv", x2.device, x2.dtype, K, tuple(Ns), rank, gs, has_a, has_bias)
-                    use_split = FASTEST.choose(key, {"split": split, "plain": plain}, fallback="plain") == "split"
-                (split if use_split else plain)()
-            else:
-                kernel = kernels.small_m_kernel if M <= kernels.SMALL_M else kernels.gemm_kernel
 
-                def gemm():
-                    wrap_triton(kernel)[lambda meta: (_cdiv(M, meta["BLOCK_M"]), blocks(meta))](
-                        *head, *slots, **common, **gemm_only)
-                    return ys
-
-                def rows():
-                    block_m = min(kernels.ROWS_GEMV_MAX_BLOCK_M, 1 << (M - 1).bit_length())
-                    wrap_triton(kernels.rows_gemv_kernel)[lambda meta: (blocks(meta), _cdiv(M, block_m))](
-                        *head, *slots, **common, BLOCK_M=block_m, TILE_GROUP=tile_group)
-                    return ys
-
-                use_rows = False if M > kernels.SMALL_M else rows_gemv  # decided per launch, as above
-                if use_rows is None:
-                    key = ("small_m", x2.device, x2.dtype, M, K, tuple(Ns), rank, gs, has_a, has_bias)
-                    use_rows = FASTEST.choose(key, {"rows": rows, "gemm": gemm}, fallback="gemm") == "rows"
-                (rows if use_rows else gemm)()
-            for i, y in zip(chunk, ys):
-                results[i] = y.view(shape(i))
-    return results  # type: ignore[return-value]
+def _dense_rows(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _member_slots(chunk: Sequence[int], qweights, scales, zeros, biases, As, ys, has_a: bool, has_bias: bool) -> list:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from glowq_fx._checks import all_finite
+from glowq_fx.config import QuantizationConfig
 from glowq_fx.quant.rtn import (
     QuantizedWeight,
     check_bits,
@@ -128,7 +129,7 @@ def quantize_gptq(
 
 
 @QUANTIZERS.register("gptq")
-def gptq_quantizer(W: Tensor, S: Tensor, config) -> QuantizedWeight:
+def gptq_quantizer(W: Tensor, S: Tensor, config: QuantizationConfig) -> QuantizedWeight:
     """``GlowQConfig(quantizer="gptq")``: GPTQ driven by the group's second moment ``S``."""
     return quantize_gptq(W, S, config.group_size, bits=config.bits, symmetric=config.symmetric,
                          damp=config.gptq_damp, block_size=config.gptq_block_size, act_order=config.gptq_act_order)

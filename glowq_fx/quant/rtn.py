@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from glowq_fx._checks import all_finite
-from glowq_fx.config import BITS, EMBEDDING_BITS, GROUP_SIZES
+from glowq_fx.config import BITS, EMBEDDING_BITS, GROUP_SIZES, QuantizationConfig
 from glowq_fx.registry import QUANTIZERS
 
 
@@ -192,6 +192,6 @@ def quantize_int8_rows(W: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @QUANTIZERS.register("rtn")
-def rtn_quantizer(W: Tensor, S: Tensor | None, config) -> QuantizedWeight:
+def rtn_quantizer(W: Tensor, S: Tensor | None, config: QuantizationConfig) -> QuantizedWeight:
     """``GlowQConfig(quantizer="rtn")``: round to nearest on the config's grid (``S`` unused)."""
     return quantize_rtn(W, config.group_size, bits=config.bits, symmetric=config.symmetric)

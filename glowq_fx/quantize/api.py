@@ -250,7 +250,7 @@ def _quantize_group(model: nn.Module, g: InputGroup, S: torch.Tensor,
     S = S.to(device)
     t_quant = time.perf_counter()
     quantizer = QUANTIZERS[config.quantizer]
-    qws = [quantizer(W, S, config) for W in Ws]
+    qws = [quantizer(W, S, config.quantization) for W in Ws]
     errors = [quantization_error(W, qw) for W, qw in zip(Ws, qws)]
     quantize_time_s = time.perf_counter() - t_quant
     err_sq = sum(squared_norm(E) for E in errors)
@@ -488,123 +488,158 @@ def quantize_(
     """
     t0 = time.perf_counter()
     config = as_config(config)
-    rows: dict[str, GroupReport] = {}
-    factors: dict[str, list] = {}
-    outcome = ExpertsOutcome()  # the experts' corrections are always kept (GlowQ-S ranks the dense groups)
     if device is not None:
         device = check_device(device, "device")
     if not isinstance(calibration, Calibration):
         check_model(model)
     tables = plan_embeddings(model, config)  # before any work: a table that cannot be stored is refused
     bytes_before = model_bytes(model)
+    done = _Done()
     if isinstance(calibration, Calibration):
         if groups is not None:
             raise ValueError("pass groups to calibrate(), not to quantize_() with a Calibration")
-        calibration.check_belongs_to(model)
-        if config.selective == "auto":
-            check_auto_batches(calibration.batches)
-        batches, order, skipped, breaks = calibration.batches, calibration.groups, calibration.skipped, \
-            calibration.graph_breaks
-        n_tokens, how = calibration.n_tokens, {"mode": "model", "reused": True}
-        skipped = dict(skipped)
-        skipped.update({name: "MoE experts need the calibration batches (a Calibration holds no expert statistics); "
-                              "pass the batches to quantize_" for name in find_experts(model, config)[0]})
-        check_rank(order, config)
-        with torch.no_grad():
-            _quantize_groups(model, order, calibration.statistics, config, rows,
-                             factors, keep=True)
+        _quantize_calibrated(model, calibration, config, done)
     else:
-        batches = check_calibration(model, calibration)
+        done.batches = check_calibration(model, calibration)
         if config.selective == "auto":
-            check_auto_batches(batches)  # before any work
-        blocks = None if config.calibration == "model" else find_blocks(model)
-        if config.calibration == "blocks" and blocks is None:
-            raise ValueError(f"calibration='blocks', but {type(model).__name__} has no list of repeated blocks holding "
-                             "linears; use calibration='model' (or 'auto')")
-        home = model_device(model)
-        device = home if device is None else torch.device(device)
-        if blocks is None and device != home:
-            raise ValueError(
-                f"device={device} computes blocks away from the model ({home}), but the model is calibrated "
-                "whole; move the model there, or use calibration='blocks'"
-            )
+            check_auto_batches(done.batches)  # before any work
         was_training = model.training
         model.eval()  # calibration statistics without dropout
         try:
-            experts, experts_skipped = find_experts(model, config)
-            unusual = {k: v for k, v in experts_skipped.items() if "cannot run" in v}
-            if unusual:
-                warn(f"leaving {len(unusual)} modules with 3-D weights in floating point: "
-                     + "; ".join(f"{k}: {v}" for k, v in list(unusual.items())[:2]))
-            given = None if groups is None else check_given_groups(model, groups)
-            blockwise = None
-            if blocks is not None:
-                experts_of, experts_outside = experts_by_block(experts, blocks)
-                if experts_outside and config.calibration == "blocks":
-                    raise ValueError(f"the experts modules {experts_outside} lie outside the repeated blocks of "
-                                     f"{blocks.container}; use calibration='model'")
-                if experts_outside:
-                    warn(
-                        f"calibrating {type(model).__name__} whole, not block by block: the experts modules "
-                        f"{experts_outside} lie outside its repeated blocks"
-                    )
-                else:
-                    blockwise = _blockwise(model, blocks, batches, run, device, given, config)
-            if blockwise is not None:
-                # given groups are split by block; found ones come from each block's own graph at its turn
-                groups_of, split = [None] * len(blocks.names), []
-                if given is not None:
-                    check_rank(given, config)
-                    groups_of, _, split = assign_groups(given, blocks)
-                if split:
-                    warn(
-                        f"{len(split)} input-sharing groups span several blocks of {blocks.container} "
-                        f"({', '.join(split[:3])}{' ...' if len(split) > 3 else ''}); each is split into one group per "
-                        "block, sharing B within the block only (GlowQConfig(calibration='model') keeps them whole)"
-                    )
-                with blockwise, torch.no_grad():
-                    n_tokens = quantize_blockwise(model, blockwise, groups_of, config, progress, rows, factors,
-                                                  experts_of=experts_of, experts=outcome)
-                order = [g for part in ([blockwise.head_groups], groups_of, [blockwise.tail_groups]) for gs in part
-                         for g in gs]
-                skipped, breaks = {**blockwise.skipped, **experts_skipped}, blockwise.graph_breaks
-                if not order and not experts:  # nothing was changed
-                    raise nothing_left(model, skipped)
-                how = blockwise_summary(blockwise, groups_of, rows, config, device)
-            else:
-                order, skipped, breaks = discover_groups(model, batches, config, given, run)
-                if given is None:  # a graph was captured
-                    release_capture(model)
-                skipped = {**dict(skipped), **experts_skipped}
-                if not order and not experts:
-                    raise nothing_left(model, skipped)
-                check_rank(order, config)
-                stats = collect_statistics(model, order, batches, run, dtype=config.stats_dtype,
-                                           progress=progress_bar(progress, "calibration", len(batches)),
-                                           experts=experts_statistics(model, experts, config))
-                n_tokens = max([*(stats[g.name].n_tokens for g in order),
-                                *(getattr(e.S, "n_tokens", 0) for e in stats.experts.values())], default=0)
-                with torch.no_grad():
-                    _quantize_with_experts(model, order, stats, config, rows, factors, outcome)
-                how = {"mode": "model"}
+            _calibrate_and_quantize(model, groups, run, device, config, progress, done)
         finally:
             model.train(was_training)
-    ranked = [g for g in order if g.name not in outcome.joined]
+    return _finish(model, done, tables, config, progress, bytes_before, t0)
+
+
+@dataclass
+class _Done:
+    """What the quantization stages of ``quantize_`` hand on to its report."""
+
+    batches: list = field(default_factory=list)
+    order: list = field(default_factory=list)  # the dense groups, in model order
+    rows: dict = field(default_factory=dict)  # group name -> GroupReport
+    factors: dict = field(default_factory=dict)  # group name -> its factors, for GlowQ-S
+    experts: ExpertsOutcome = field(default_factory=ExpertsOutcome)  # always kept (GlowQ-S ranks dense groups)
+    skipped: dict = field(default_factory=dict)
+    breaks: list = field(default_factory=list)
+    n_tokens: int = 0
+    how: dict = field(default_factory=dict)
+
+
+def _quantize_calibrated(model: nn.Module, calibration: Calibration, config: GlowQConfig, done: _Done) -> None:
+    """A ``Calibration`` reused: its statistics, no forward pass."""
+    calibration.check_belongs_to(model)
+    if config.selective == "auto":
+        check_auto_batches(calibration.batches)
+    done.batches, done.order, done.breaks = calibration.batches, calibration.groups, calibration.graph_breaks
+    done.n_tokens, done.how = calibration.n_tokens, {"mode": "model", "reused": True}
+    done.skipped = dict(calibration.skipped)
+    done.skipped.update({name: "MoE experts need the calibration batches (a Calibration holds no expert "
+                               "statistics); pass the batches to quantize_" for name in find_experts(model, config)[0]})
+    check_rank(done.order, config)
     with torch.no_grad():
-        selection = apply_selection(model, [rows[g.name] for g in ranked], [factors[g.name] for g in ranked],
-                                    config.selective, batches, progress)
-        embeddings = quantize_embeddings(model, tables, config, dict(skipped))
-    report_rows = [rows[g.name] for g in order]
-    skipped = {**dict(skipped), **outcome.skipped}
+        _quantize_groups(model, done.order, calibration.statistics, config, done.rows, done.factors, keep=True)
+
+
+def _calibrate_and_quantize(model: nn.Module, groups, run: Run, device, config: GlowQConfig, progress: bool,
+                            done: _Done) -> None:
+    """Calibration batches: block by block where the model has repeated blocks (and the config
+    allows), else the whole model at once."""
+    blocks = None if config.calibration == "model" else find_blocks(model)
+    if config.calibration == "blocks" and blocks is None:
+        raise ValueError(f"calibration='blocks', but {type(model).__name__} has no list of repeated blocks holding "
+                         "linears; use calibration='model' (or 'auto')")
+    home = model_device(model)
+    device = home if device is None else torch.device(device)
+    if blocks is None and device != home:
+        raise ValueError(f"device={device} computes blocks away from the model ({home}), but the model is calibrated "
+                         "whole; move the model there, or use calibration='blocks'")
+    experts, experts_skipped = find_experts(model, config)
+    unusual = {k: v for k, v in experts_skipped.items() if "cannot run" in v}
+    if unusual:
+        warn(f"leaving {len(unusual)} modules with 3-D weights in floating point: "
+             + "; ".join(f"{k}: {v}" for k, v in list(unusual.items())[:2]))
+    given = None if groups is None else check_given_groups(model, groups)
+    blockwise, experts_of = None, None
+    if blocks is not None:
+        experts_of, experts_outside = experts_by_block(experts, blocks)
+        if experts_outside and config.calibration == "blocks":
+            raise ValueError(f"the experts modules {experts_outside} lie outside the repeated blocks of "
+                             f"{blocks.container}; use calibration='model'")
+        if experts_outside:
+            warn(f"calibrating {type(model).__name__} whole, not block by block: the experts modules "
+                 f"{experts_outside} lie outside its repeated blocks")
+        else:
+            blockwise = _blockwise(model, blocks, done.batches, run, device, given, config)
+    if blockwise is not None:
+        _quantize_by_blocks(model, blockwise, blocks, given, experts_of, device, config, progress, done)
+    else:
+        _quantize_whole(model, given, experts, run, config, progress, done)
+    done.skipped.update(experts_skipped)
+    if not done.order and not experts:  # nothing was changed
+        raise nothing_left(model, done.skipped)
+
+
+def _quantize_by_blocks(model: nn.Module, blockwise: BlockwiseCalibration, blocks, given, experts_of, device,
+                        config: GlowQConfig, progress: bool, done: _Done) -> None:
+    # given groups are split by block; found ones come from each block's own graph at its turn
+    groups_of, split = [None] * len(blocks.names), []
+    if given is not None:
+        check_rank(given, config)
+        groups_of, _, split = assign_groups(given, blocks)
+    if split:
+        warn(f"{len(split)} input-sharing groups span several blocks of {blocks.container} "
+             f"({', '.join(split[:3])}{' ...' if len(split) > 3 else ''}); each is split into one group per "
+             "block, sharing B within the block only (GlowQConfig(calibration='model') keeps them whole)")
+    with blockwise, torch.no_grad():
+        done.n_tokens = quantize_blockwise(model, blockwise, groups_of, config, progress, done.rows, done.factors,
+                                           experts_of=experts_of, experts=done.experts)
+    done.order = [g for part in ([blockwise.head_groups], groups_of, [blockwise.tail_groups]) for gs in part
+                  for g in gs]
+    done.skipped, done.breaks = dict(blockwise.skipped), blockwise.graph_breaks
+    done.how = blockwise_summary(blockwise, groups_of, done.rows, config, device)
+
+
+def _quantize_whole(model: nn.Module, given, experts, run: Run, config: GlowQConfig, progress: bool,
+                    done: _Done) -> None:
+    done.order, skipped, done.breaks = discover_groups(model, done.batches, config, given, run)
+    if given is None:  # a graph was captured
+        release_capture(model)
+    done.skipped = dict(skipped)
+    if not done.order and not experts:
+        return  # the caller says why nothing was quantized
+    check_rank(done.order, config)
+    stats = collect_statistics(model, done.order, done.batches, run, dtype=config.stats_dtype,
+                               progress=progress_bar(progress, "calibration", len(done.batches)),
+                               experts=experts_statistics(model, experts, config))
+    done.n_tokens = max([*(stats[g.name].n_tokens for g in done.order),
+                         *(getattr(e.S, "n_tokens", 0) for e in stats.experts.values())], default=0)
+    with torch.no_grad():
+        _quantize_with_experts(model, done.order, stats, config, done.rows, done.factors, done.experts)
+    done.how = {"mode": "model"}
+
+
+def _finish(model: nn.Module, done: _Done, tables, config: GlowQConfig, progress: bool, bytes_before: int,
+            t0: float) -> QuantizationReport:
+    """GlowQ-S, the embedding tables, the checkpoint attachment and the report."""
+    ranked = [g for g in done.order if g.name not in done.experts.joined]
+    with torch.no_grad():
+        selection = apply_selection(model, [done.rows[g.name] for g in ranked],
+                                    [done.factors[g.name] for g in ranked], config.selective, done.batches, progress)
+        embeddings = quantize_embeddings(model, tables, config, dict(done.skipped))
+    skipped = {**done.skipped, **done.experts.skipped}
     # the graph pass lists an experts module's 3-D weights as not linears; quantize_experts took them
-    done = [n for n, m in model.named_modules() if isinstance(m, QuantizedExperts)]
-    skipped = {k: v for k, v in dict(skipped).items() if not any(k.startswith(n + ".") for n in done)}
-    bos = starts_with_bos(model, batches)
-    how = how if bos is None else {**how, "windows_start_with_bos": bos}
+    experts_done = [n for n, m in model.named_modules() if isinstance(m, QuantizedExperts)]
+    skipped = {k: v for k, v in skipped.items() if not any(k.startswith(n + ".") for n in experts_done)}
+    bos = starts_with_bos(model, done.batches)
+    how = done.how if bos is None else {**done.how, "windows_start_with_bos": bos}
     from glowq_fx.checkpoint.transformers import attach  # transformers' save_pretrained then writes our format
 
     attach(model, config.to_dict())
     bytes_after = model_bytes(model)  # the stored model, before the machine's kernel copies below
-    return QuantizationReport(config, report_rows + outcome.rows, dict(skipped), list(breaks), len(batches), n_tokens,
-                              time.perf_counter() - t0, selection, how, embeddings,
-                              (bytes_before, bytes_after), use_cpu_kernels(model))
+    return QuantizationReport(
+        config=config, groups=[done.rows[g.name] for g in done.order] + done.experts.rows, skipped=skipped,
+        graph_breaks=list(done.breaks), n_batches=len(done.batches), n_tokens=done.n_tokens,
+        time_s=time.perf_counter() - t0, selection=selection, calibration=how, embeddings=embeddings,
+        model_bytes=(bytes_before, bytes_after), kernels=use_cpu_kernels(model))

@@ -83,7 +83,7 @@ def experts_statistics(model: nn.Module, experts: dict[str, ExpertsProtocol],
 
 def _quantize(Ws: list[torch.Tensor], moments: list[torch.Tensor], config: GlowQConfig) -> list:
     quantizer = QUANTIZERS[config.quantizer]
-    return [quantizer(W, S, config) for W, S in zip(Ws, moments)]
+    return [quantizer(W, S, config.quantization) for W, S in zip(Ws, moments)]
 
 
 def _row(name: str, E: int, Ws: list[torch.Tensor], weights: QuantizedExpertWeights, corrections: list,

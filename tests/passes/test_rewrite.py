@@ -169,3 +169,31 @@ def test_absorbing_needs_the_op_to_emit(gen):
     gm = torch.fx.symbolic_trace(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="projected_group"):
         fuse_shared_projections(gm, [], ops=ops, absorb=True)
+
+
+class KeywordMember(Member):
+    """A member whose call passes the weights, ``A`` and ``R`` (and the projection's ``B``) by keyword."""
+
+    def forward(self, x):
+        R = None if self.A is None else _projection(x, B=self.B)
+        return _linear(x, weight=self.weight, scales=self.scales, zeros=self.zeros, bias=None, A=self.A, R=R)
+
+
+def test_the_rewrite_reads_arguments_by_name_whether_passed_by_position_or_keyword(gen):
+    block = Block(gen)
+    block.q.__class__ = block.k.__class__ = KeywordMember  # v keeps positional arguments
+    x = torch.randn(2, 3, 16, generator=gen)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        report = fuse_shared_projections(gm, example_inputs, ops=OPS)
+        graphs.append(report)
+        return gm.forward
+
+    compiled = torch.compile(block, backend=backend, fullgraph=True)
+    torch.testing.assert_close(compiled(x), block(x), rtol=1e-5, atol=1e-5)
+    gm, report = graphs
+    assert any(n.kwargs.get("R") is not None for n in gm.graph.nodes if n.target is OPS.linear) or \
+        report.linears_fused == 3  # the traced graph kept some keywords, or they were bound and fused
+    assert report.projections_after == 1 and report.linears_fused == 3
