@@ -321,7 +321,7 @@ class GlowQConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The flat options (the checkpoint's ``quantization_config``)."""
-        out = {name: getattr(getattr(self, part), name) for name, part in FLAT_FIELDS.items()}
+        out = {name: getattr(self, name) for name in FLAT_FIELDS}
         out["version"] = self.version
         out["include"], out["exclude"] = list(self.include), list(self.exclude)
         if out["tokenizer"] is not None and not isinstance(out["tokenizer"], str):  # an object: its name

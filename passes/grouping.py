@@ -29,6 +29,7 @@ set of readers: it becomes a group of its own (its ``S`` then covers all its inp
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import operator
 from collections.abc import Collection, Mapping, Sequence
@@ -205,14 +206,21 @@ def _weight_source(node: fx.Node) -> tuple[fx.Node, int]:
 
 def positional_arguments(node: fx.Node) -> list:
     """``node``'s arguments in its op's parameter order: keywords are placed by the op's schema
-    (a ``torch.ops`` overload), so callers can read a parameter by its position in the contract
-    they know (``passes.rewrite.QuantizedOps``) however the traced call passed it."""
+    (a ``torch.ops`` overload) or a Python callable's signature, so callers can read a parameter by
+    its position in the contract they know (``passes.rewrite.QuantizedOps``) however the traced
+    call passed it. An absent parameter reads as its default, else None."""
     args = list(node.args)
     schema = getattr(node.target, "_schema", None)
-    if schema is None:
-        return args + list(node.kwargs.values())
-    for a in schema.arguments[len(args):]:
-        args.append(node.kwargs.get(a.name, a.default_value if a.has_default_value() else None))
+    if schema is not None:
+        for a in schema.arguments[len(args):]:
+            args.append(node.kwargs.get(a.name, a.default_value if a.has_default_value() else None))
+        return args
+    try:
+        parameters = list(inspect.signature(node.target).parameters.values())
+    except (TypeError, ValueError):  # no signature to place keywords by
+        return args
+    for param in parameters[len(args):]:
+        args.append(node.kwargs.get(param.name, None if param.default is inspect.Parameter.empty else param.default))
     return args
 
 

@@ -274,9 +274,9 @@ def _rewrite_part(graph: fx.Graph, part: list, x: fx.Node, R, position, report: 
                   ops: QuantizedOps) -> None:
     first = part[0].node
     # a member whose weights are computed after the first member cannot move up to it
-    weights = {id(s): [arguments(s.node, LINEAR_PARAMS)[p] for p in WEIGHT_PARAMS] for s in part}
-    fusable = [s for s in part if all(not isinstance(a, fx.Node) or position[a] < position[first]
-                                      for a in weights[id(s)])]
+    weights = [[arguments(s.node, LINEAR_PARAMS)[p] for p in WEIGHT_PARAMS] for s in part]
+    movable = [all(not isinstance(a, fx.Node) or position[a] < position[first] for a in w) for w in weights]
+    fusable = [s for s, ok in zip(part, movable) if ok]
     for s in part:
         if s not in fusable:
             report.left[s.module] = "its weights are computed inside the graph after the group's first member"
@@ -284,7 +284,7 @@ def _rewrite_part(graph: fx.Graph, part: list, x: fx.Node, R, position, report: 
     if len(fusable) < 2:
         report.groups.append(FusedGroup(tuple(s.module for s in part), x.name, None if R is None else R.name, None))
         return
-    args = [[weights[id(s)][j] for s in fusable] for j in range(len(WEIGHT_PARAMS))]  # one list per parameter
+    args = [list(column) for column in zip(*(w for w, ok in zip(weights, movable) if ok))]  # one list per parameter
     with graph.inserting_before(first):
         fused = graph.call_function(ops.group, (x, *args, R))
     for i, s in enumerate(fusable):

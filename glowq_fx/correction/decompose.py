@@ -362,25 +362,23 @@ def solve(
         s_kept, whitening_s = [], 0.0
     else:
         sketch = dict(mode=mode, oversample=default_oversample(rank) if oversample is None else oversample,
-                      power_iters=power_iters, seed=seed)
-        A, B, s_kept, whitening_s = _factors(handler, Es, S, rank, shrinkage, dtype, cap_rank, sketch)
+                      power_iters=power_iters)
+        A, B, s_kept, whitening_s = _factors(handler, Es, S, rank, shrinkage, dtype, cap_rank, seed, sketch)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - t0
-    report = _solve_report(handler, Es, S, A, B, s_kept, shrinkage, dtype)
-    report.time_s, report.whitening_time_s = elapsed, whitening_s
+    report = _solve_report(handler, Es, S, A, B, s_kept, shrinkage, dtype, elapsed, whitening_s)
     return LowRankCorrection(A=A, B=B, shared=handler.shared, report=report)
 
 
 def _factors(handler, Es: list[Tensor], S: Tensor, rank: int, shrinkage: float, dtype: torch.dtype, cap_rank: bool,
-             sketch: dict) -> tuple[list[Tensor], list[Tensor], list[Tensor], float]:
+             seed: int, sketch: dict) -> tuple[list[Tensor], list[Tensor], list[Tensor], float]:
     """``(A, B, kept singular values, whitening seconds)``: one shared ``B`` for a shared method,
     else one per member, each member's sketch drawn from the seed (its factors do not depend on
     member order)."""
     t_white = time.perf_counter()
     whitened = handler.whiten(S, dtype, shrinkage)
     whitening_s = time.perf_counter() - t_white
-    seed = sketch.pop("seed")
     generator = torch.Generator(device=Es[0].device).manual_seed(seed)
     if handler.shared:
         A, B_shared, s = scaled_lowrank(Es, whitened, rank, generator=generator, **sketch)
@@ -396,7 +394,7 @@ def _factors(handler, Es: list[Tensor], S: Tensor, rank: int, shrinkage: float, 
 
 
 def _solve_report(handler, Es: list[Tensor], S: Tensor, A: list[Tensor], B: list[Tensor], s_kept: list[Tensor],
-                  shrinkage: float, dtype: torch.dtype) -> SolveReport:
+                  shrinkage: float, dtype: torch.dtype, time_s: float, whitening_time_s: float) -> SolveReport:
     """The whitened errors (raw ``S``) and the shrunk objective before and after the correction."""
     S_eval = S.to(dtype)  # no float64 copy of S outlives the whitening
     iso = shrinkage * float(torch.diagonal(S).to(torch.float64).sum()) / S.shape[0]
@@ -427,8 +425,8 @@ def _solve_report(handler, Es: list[Tensor], S: Tensor, A: list[Tensor], B: list
         member_errors_before=members_before,
         member_errors_after=members_after,
         singular_values=[s.float().cpu() for s in s_kept],
-        time_s=0.0,
-        whitening_time_s=0.0,
+        time_s=time_s,
+        whitening_time_s=whitening_time_s,
     )
 
 

@@ -48,7 +48,7 @@ class _Launch:
     slots: list
     Ns: list
     rank: int
-    group_size: int
+    tile_group: int  # the GEMVs' scale slab
     common: dict
 
     @property
@@ -61,28 +61,24 @@ class _Launch:
     def blocks(self, meta) -> int:
         return sum(_cdiv(n, meta["BLOCK_N"]) for n in self.Ns)
 
-    def tile_group(self, n_groups: int) -> int:
-        from glowq_fx.kernels import w4a16 as kernels
-        return kernels.tile_group(self.group_size, n_groups)
 
-
-def _launch_gemv(L: _Launch, n_groups: int) -> list:
+def _launch_gemv(L: _Launch) -> list:
     from glowq_fx.kernels import w4a16 as kernels
     x2 = L.x2
     wrap_triton(kernels.gemv_kernel)[lambda meta: (L.blocks(meta), 1, meta["SPLIT_K"])](
-        *L.head, x2, x2, 0, *L.slots, **L.common, TILE_GROUP=L.tile_group(n_groups))
+        *L.head, x2, x2, 0, *L.slots, **L.common, TILE_GROUP=L.tile_group)
     return L.ys
 
 
-def _launch_gemv_split_k(L: _Launch, n_groups: int) -> list:
+def _launch_gemv_split_k(L: _Launch) -> list:
     from glowq_fx.kernels import w4a16 as kernels
     ws, arrivals, ws_stride = split_k_scratch(L.x2, L.Ns)
     wrap_triton(kernels.gemv_split_k_kernel)[lambda meta: (L.blocks(meta), 1, meta["SPLIT_K"])](
-        *L.head, ws, arrivals, ws_stride, *L.slots, **L.common, TILE_GROUP=L.tile_group(n_groups))
+        *L.head, ws, arrivals, ws_stride, *L.slots, **L.common, TILE_GROUP=L.tile_group)
     return L.ys
 
 
-def _launch_gemm(L: _Launch, n_groups: int) -> list:
+def _launch_gemm(L: _Launch) -> list:
     from glowq_fx.kernels import w4a16 as kernels
     M = L.x2.shape[0]
     kernel = kernels.small_m_kernel if M <= kernels.SMALL_M else kernels.gemm_kernel
@@ -94,12 +90,12 @@ def _launch_gemm(L: _Launch, n_groups: int) -> list:
     return L.ys
 
 
-def _launch_rows_gemv(L: _Launch, n_groups: int) -> list:
+def _launch_rows_gemv(L: _Launch) -> list:
     from glowq_fx.kernels import w4a16 as kernels
     M = L.x2.shape[0]
     block_m = min(kernels.ROWS_GEMV_MAX_BLOCK_M, 1 << (M - 1).bit_length())
     wrap_triton(kernels.rows_gemv_kernel)[lambda meta: (L.blocks(meta), _cdiv(M, block_m))](
-        *L.head, *L.slots, **L.common, BLOCK_M=block_m, TILE_GROUP=L.tile_group(n_groups))
+        *L.head, *L.slots, **L.common, BLOCK_M=block_m, TILE_GROUP=L.tile_group)
     return L.ys
 
 
@@ -157,18 +153,17 @@ def launch_w4a16(x: Tensor, qweights: Sequence[Tensor], scales: Sequence[Tensor]
             rank = 0 if R2 is None or not has_a else R2.shape[1]
             L = _Launch(x2, R2, chunk_ys, _member_slots(chunk, qweights, scales, zeros, biases, As, chunk_ys, has_a,
                                                         has_bias),
-                        [qweights[i].shape[1] for i in chunk], rank, gs,
+                        [qweights[i].shape[1] for i in chunk], rank, kernels.tile_group(gs, scales[chunk[0]].shape[0]),
                         dict(NUM_MEMBERS=len(chunk), GROUP_SIZE=gs, HAS_A=has_a, HAS_BIAS=has_bias))
-            n_groups = scales[chunk[0]].shape[0]  # the GEMVs' scale slab
             chosen = form
             if chosen is None:  # decided per launch: each has its own shape and agreement check
                 forms = w4a16_forms(M)
                 tag = "gemv" if M == 1 else "small_m"
                 key = (tag, x2.device, x2.dtype, *((M,) if M > 1 else ()), K, tuple(L.Ns), rank, gs, has_a,
                        has_bias)
-                chosen = FASTEST.choose(key, {f: functools.partial(LAUNCHERS[f], L, n_groups) for f in forms},
+                chosen = FASTEST.choose(key, {f: functools.partial(LAUNCHERS[f], L) for f in forms},
                                         fallback=forms[0])
-            LAUNCHERS[chosen](L, n_groups)
+            LAUNCHERS[chosen](L)
     return results
 
 
