@@ -19,9 +19,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/glowq demo
 
+# one pytest worker per core (pytest-xdist; tests/conftest.py gives each its share of the threads)
+TEST_WORKERS ?= auto
 test: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=15
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow

@@ -15,7 +15,10 @@ its peak resident memory is its own:
   ``GlowQ eager``, ``GlowQ compiled``, ``GlowQ-S compiled`` (``selective="auto"``), ``GlowQ compiled
   float head`` (``output_head_bits=None``), ``GlowQ compiled cpp_wrapper``: ours, W4
   ``--group-size``, rank ``--rank``, the default int8 head, compiled with ``glowq_backend``
-  (PyTorch's CPU int4 kernel lowered by Inductor).
+  (PyTorch's CPU int4 kernel lowered by Inductor). Each set of options is quantized once, in its
+  own process (its time is the row's ``quantize_s``), saved with ``save_quantized``, and each row
+  loads it as a user does (``load_quantized``: the CPU layout is made there), so its peak memory is
+  the loaded model's.
 
 Columns: decode tokens/s at each ``--batches`` (prompt ``--prompt`` tokens, ``--new-tokens`` new),
 time to first token of the ``--ttft-prompt``-token prompt at batch 1, peak resident memory of the
@@ -47,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 
-from glowq_fx import GlowQConfig, glowq_backend, quantize_  # noqa: E402
+from glowq_fx import GlowQConfig, glowq_backend, load_quantized, quantize_, save_quantized  # noqa: E402
 from glowq_fx.evaluation.speed import compile_model, time_decode  # noqa: E402
 
 FLOAT_ROWS = {"float32 eager": (torch.float32, False), "float32 compiled": (torch.float32, True),
@@ -201,7 +204,7 @@ def measure(model, step, args) -> dict:
 
 
 def build_row(name: str, model, batches, args):
-    """``(model, step or None for eager, extra fields)`` of row ``name``."""
+    """``(model, step or None for eager, extra fields)`` of float or peer row ``name``."""
     if name in FLOAT_ROWS:
         dtype, compiled = FLOAT_ROWS[name]
         m = model.to(dtype)
@@ -213,27 +216,52 @@ def build_row(name: str, model, batches, args):
         m = model.to(torch.bfloat16)
         torchao_quantize_(m, PrototypeInt4WeightOnlyConfig(group_size=args.group_size, set_inductor_config=False))
         return m, compile_model(m, "inductor"), {}
-    options, backend_options = OURS[name]
+    raise ValueError(f"row {name!r} is one of ours: it is loaded from its quantized checkpoint (load_ours)")
+
+
+def quantize_to(name: str, args, directory: Path) -> None:
+    """Quantize the model as row ``name`` asks, save it to ``directory`` and its quantization time
+    and kernels beside it (``directory.json``): the rows that share these options load it."""
+    model, tokenizer, _ = load(args)
+    batches, _, _ = texts(args, model, tokenizer)
     t0 = time.perf_counter()
-    report = quantize_(model, batches, GlowQConfig(group_size=args.group_size, rank=args.rank, **options),
+    report = quantize_(model, batches, GlowQConfig(group_size=args.group_size, rank=args.rank, **OURS[name][0]),
                        progress=False)
-    step = None if backend_options is None else compile_model(model, glowq_backend, options=backend_options)
+    seconds = time.perf_counter() - t0
+    save_quantized(model, directory, report=report, tokenizer=tokenizer)
     kernels = {k: sum(v == k for v in report.kernels.values()) for k in set(report.kernels.values())}
-    return model, step, {"quantize_s": time.perf_counter() - t0, "kernels": kernels}
+    directory.with_suffix(".json").write_text(json.dumps({"quantize_s": seconds, "kernels": kernels}))
+
+
+def load_ours(name: str, directory: Path):
+    """``(model, step or None for eager, tokenizer or None, extra fields)`` of our row ``name``,
+    from the checkpoint ``quantize_to`` wrote (loaded as a user loads one: the CPU layout is made here)."""
+    model = load_quantized(directory)
+    tokenizer = None
+    if (directory / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    backend_options = OURS[name][1]
+    step = None if backend_options is None else compile_model(model, glowq_backend, options=backend_options)
+    return model, step, tokenizer, json.loads(directory.with_suffix(".json").read_text())
 
 
 def run_row(name: str, args) -> dict:
     """One row, measured in this process."""
     from glowq_fx.evaluation.perplexity import perplexity
 
-    model, tokenizer, _ = load(args)
-    batches, tokens, bos = texts(args, model, tokenizer)
-    if name == "torchao int4":
-        try:
-            import torchao  # noqa: F401
-        except ImportError as e:
-            return {"row": name, "kind": "peer", "skipped": f"torchao does not import here ({e})"}
-    model, step, extra = build_row(name, model, batches, args)
+    if name in OURS:
+        model, step, tokenizer, extra = load_ours(name, Path(args.checkpoint))
+        _, tokens, bos = texts(args, model, tokenizer)
+    else:
+        model, tokenizer, _ = load(args)
+        batches, tokens, bos = texts(args, model, tokenizer)
+        if name == "torchao int4":
+            try:
+                import torchao  # noqa: F401
+            except ImportError as e:
+                return {"row": name, "kind": "peer", "skipped": f"torchao does not import here ({e})"}
+        model, step, extra = build_row(name, model, batches, args)
     row = {"row": name, "kind": "ours" if name in OURS else "peer" if name == "torchao int4" else "float",
            **measure(model, step, args), **extra, "bytes": tensor_bytes(model)}
     if tokens is not None:
@@ -263,11 +291,13 @@ def llama_cpp_row(args, gguf: Path, tokens, bos) -> dict:
             **({"ppl": out["ppl"]} if out["ppl"] is not None else {})}
 
 
-def in_own_process(name: str, argv: list[str]) -> dict:
-    """Row ``name`` measured by a fresh process running this script (``--one-row``)."""
+def in_own_process(name: str, argv: list[str], checkpoint: Path | None) -> dict:
+    """Row ``name`` measured by a fresh process running this script (``--one-row``); ours load
+    ``checkpoint``."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "row.json"
-        done = subprocess.run([sys.executable, __file__, *argv, "--one-row", name, "--row-out", str(out)],
+        where = [] if checkpoint is None else ["--checkpoint", str(checkpoint)]
+        done = subprocess.run([sys.executable, __file__, *argv, "--one-row", name, "--row-out", str(out), *where],
                               capture_output=True, text=True)
         if done.returncode or not out.is_file():
             tail = done.stderr.strip().splitlines()[-3:]
@@ -278,6 +308,24 @@ def in_own_process(name: str, argv: list[str]) -> dict:
         print(f"{name:28s} " + " ".join(f"b{b} {r:7.2f} tok/s" for b, r in row["decode_tok_s"].items())
               + f"  ttft {row['ttft_s']:.3f} s" + (f"  ppl {row['ppl']:.3f}" if "ppl" in row else ""), flush=True)
     return row
+
+
+def quantize_once(want: list[str], argv: list[str], checkpoints: Path) -> dict[str, Path | None]:
+    """Our rows' quantized models, each set of quantization options quantized once (in its own
+    process) and saved under ``checkpoints``: row -> checkpoint directory (None: it failed)."""
+    by_options: dict[str, Path | None] = {}
+    out = {}
+    for name in (n for n in want if n in OURS):
+        key = json.dumps(OURS[name][0], sort_keys=True)
+        if key not in by_options:
+            directory = checkpoints / f"quantized{len(by_options)}"
+            done = subprocess.run([sys.executable, __file__, *argv, "--one-row", name, "--quantize-to", str(directory)],
+                                  capture_output=True, text=True)
+            if done.returncode:
+                print(f"quantizing as {name!r} failed: {' | '.join(done.stderr.strip().splitlines()[-3:])}", flush=True)
+            by_options[key] = None if done.returncode else directory
+        out[name] = by_options[key]
+    return out
 
 
 def parse(argv):
@@ -299,6 +347,8 @@ def parse(argv):
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     p.add_argument("--one-row", default=None, help=argparse.SUPPRESS)  # internal: measure one row, here
     p.add_argument("--row-out", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)  # internal: our row's quantized model
+    p.add_argument("--quantize-to", default=None, help=argparse.SUPPRESS)  # internal: quantize as --one-row asks
     args = p.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
     if args.tiny:
@@ -314,6 +364,9 @@ def parse(argv):
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse(argv)
+    if args.quantize_to:
+        quantize_to(args.one_row, args, Path(args.quantize_to))
+        return 0
     if args.one_row:
         Path(args.row_out).write_text(json.dumps(run_row(args.one_row, args)))
         return 0
@@ -322,14 +375,18 @@ def main(argv=None) -> int:
     _, tokens, bos = texts(args, model, tokenizer)
     del model
     rows = []
-    for name in want:
-        if name == "llama.cpp":
-            if gguf is not None:
-                rows.append(llama_cpp_row(args, gguf, tokens, bos))
+    with tempfile.TemporaryDirectory() as checkpoints:
+        quantized = quantize_once(want, argv, Path(checkpoints))
+        for name in want:
+            if name == "llama.cpp":
+                if gguf is not None:
+                    rows.append(llama_cpp_row(args, gguf, tokens, bos))
+                else:
+                    rows.append({"row": name, "kind": "llama.cpp", "skipped": f"no GGUF file of {args.model} here"})
+            elif name in OURS and quantized.get(name) is None:
+                rows.append({"row": name, "kind": "error", "skipped": "its quantization failed (printed above)"})
             else:
-                rows.append({"row": name, "kind": "llama.cpp", "skipped": f"no GGUF file of {args.model} here"})
-            continue
-        rows.append(in_own_process(name, argv))
+                rows.append(in_own_process(name, argv, quantized.get(name)))
     import transformers
 
     meta = {"command": " ".join([Path(sys.argv[0]).name, *argv]), "machine": platform.processor() or platform.machine(),

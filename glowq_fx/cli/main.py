@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from glowq_fx._console import format_table
@@ -52,15 +53,44 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+@dataclass
+class _SelectStudy:
+    """What ``glowq select`` measured: the sweeps, the lower-rank baselines, the 'auto' pick."""
+    config: GlowQConfig
+    evaluated_tokens: int
+    studies: list
+    ranks: dict
+    latency: object
+    auto_point: object
+    auto_groups: list[str]
+    auto_selection: object
+
+    @property
+    def full(self):
+        return self.studies[0].points[-1]
+
+    @property
+    def none(self):
+        return self.studies[0].points[0]
+
+
 def _select(args: argparse.Namespace) -> int:
     """GlowQ-S study: full GlowQ once, each score's top-k sweep, elbows, the quantize-time 'auto' pick."""
-    import copy
-    import dataclasses
-    import json
-    import platform
     import time
 
-    import torch
+    t_start = time.perf_counter()
+    run = _select_study(args)
+    headers, rows = _select_table(run)
+    print(f"\nfull GlowQ {run.full.perplexity:.3f}, none restored (RTN) {run.none.perplexity:.3f}")
+    print(format_table(headers, rows))
+    meta = _select_meta(args, run, time.perf_counter() - t_start)
+    _write_select(args, run, meta, headers, rows)
+    return 0
+
+
+def _select_study(args: argparse.Namespace) -> _SelectStudy:
+    import copy
+    import dataclasses
 
     from glowq_fx import calibrate, quantize_
     from glowq_fx.data.batches import text_calibration_batches, tokenize
@@ -68,9 +98,8 @@ def _select(args: argparse.Namespace) -> int:
     from glowq_fx.data.models import load_model
     from glowq_fx.evaluation.perplexity import perplexity
     from glowq_fx.selective.corrections import Corrections
-    from glowq_fx.studies.selective import SweepPoint, correction_latency, plot_studies, rank_sweep, study
+    from glowq_fx.studies.selective import SweepPoint, correction_latency, rank_sweep, study
 
-    t_start = time.perf_counter()
     config = GlowQConfig(group_size=args.group_size, rank=args.rank, method="glowq")
     _check_devices(args)
     _check_text(args.text, "--text")
@@ -101,56 +130,76 @@ def _select(args: argparse.Namespace) -> int:
                           desc="selective='auto'").perplexity
     auto_point = SweepPoint(len(auto), auto_report.total("factor_bytes"), auto_ppl,
                             None if unit_ms is None else sum(unit_ms[n] for n in auto))
-    full = studies[0].points[-1]
-    none = studies[0].points[0]
+    return _SelectStudy(config, int(min(tokens.numel(), args.eval_tokens or tokens.numel())), studies, ranks, latency,
+                        auto_point, auto, auto_report.selection)
+
+
+def _select_table(run: _SelectStudy) -> tuple[list[str], list[list[str]]]:
+    """Each elbow, the 'auto' pick and the lower ranks against full GlowQ."""
+    full, none, first = run.full, run.none, run.studies[0]
+    elbows = [(f"elbow of the {st.score} sweep (bytes)", st.elbow) for st in run.studies]
+    if run.latency is not None:
+        elbows += [(f"elbow of the {st.score} sweep (latency)", st.latency_elbow) for st in run.studies]
+    lower = [(f"every group at rank {r}", run.ranks[r]) for r in sorted(run.ranks, reverse=True)]
     rows = []
-    elbows = [(f"elbow of the {st.score} sweep (bytes)", st.elbow) for st in studies]
-    if latency is not None:
-        elbows += [(f"elbow of the {st.score} sweep (latency)", st.latency_elbow) for st in studies]
-    lower = [(f"every group at rank {r}", ranks[r]) for r in sorted(ranks, reverse=True)]
-    for label, point in [*elbows, ("selective='auto' (at quantization)", auto_point), *lower]:
+    for label, point in [*elbows, ("selective='auto' (at quantization)", run.auto_point), *lower]:
         if point is None:
             rows.append([label] + ["-"] * 6)
             continue
-        rows.append([label, f"{point.k}/{studies[0].units}", f"{point.factor_bytes / studies[0].total_bytes:.2f}",
+        rows.append([label, f"{point.k}/{first.units}", f"{point.factor_bytes / first.total_bytes:.2f}",
                      "-" if point.latency_ms is None else f"{point.latency_ms / full.latency_ms:.2f}",
                      f"{point.perplexity:.3f}", f"{100 * (point.perplexity / full.perplexity - 1):+.2f}%",
                      f"{100 * (none.perplexity - point.perplexity) / (none.perplexity - full.perplexity):.0f}%"])
     headers = ["selection", "groups kept", "bytes kept", "latency kept", "perplexity", "vs full GlowQ",
                "of GlowQ's gain"]
-    table = format_table(headers, rows)
-    print(f"\nfull GlowQ {full.perplexity:.3f}, none restored (RTN) {none.perplexity:.3f}")
-    print(table)
-    meta = {"command": "glowq " + " ".join(args.argv),
+    return headers, rows
+
+
+def _select_meta(args: argparse.Namespace, run: _SelectStudy, seconds: float) -> dict:
+    import platform
+    import time
+
+    import torch
+
+    return {"command": "glowq " + " ".join(args.argv),
             "machine": (f"{torch.cuda.get_device_name(args.device)}, {args.dtype}" if args.device.startswith("cuda")
                         else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads "
                              f"(CPU), {args.dtype}"),
-            "torch": torch.__version__, "model": args.model, "config": config.to_dict(),
-            "evaluated_tokens": int(min(tokens.numel(), args.eval_tokens or tokens.numel())), "seq_len": args.seq_len,
+            "torch": torch.__version__, "model": args.model, "config": run.config.to_dict(),
+            "evaluated_tokens": run.evaluated_tokens, "seq_len": args.seq_len,
             "calibration": f"{args.calib_samples} x {args.calib_len} tokens of {args.calib}",
             "measured_score_batches": f"{args.measure_samples} x {args.measure_len} tokens of {args.calib}",
-            "full_glowq_perplexity": full.perplexity, "rtn_perplexity": none.perplexity,
-            "auto": {**auto_point.to_dict(), "groups": auto, "loss_curve": auto_report.selection},
-            "studies": [st.to_dict() for st in studies],
-            "lower_ranks": {str(r): p.to_dict() for r, p in sorted(ranks.items())},
-            "latency": None if latency is None else latency.to_dict(),
-            "time_s": time.perf_counter() - t_start, "date": time.strftime("%Y-%m-%d")}
+            "full_glowq_perplexity": run.full.perplexity, "rtn_perplexity": run.none.perplexity,
+            "auto": {**run.auto_point.to_dict(), "groups": run.auto_groups, "loss_curve": run.auto_selection},
+            "studies": [st.to_dict() for st in run.studies],
+            "lower_ranks": {str(r): p.to_dict() for r, p in sorted(run.ranks.items())},
+            "latency": None if run.latency is None else run.latency.to_dict(),
+            "time_s": seconds, "date": time.strftime("%Y-%m-%d")}
+
+
+def _write_select(args: argparse.Namespace, run: _SelectStudy, meta: dict, headers: list[str],
+                  rows: list[list[str]]) -> None:
+    """The study's JSON, markdown table and plot at ``args.out``."""
+    import json
+
+    from glowq_fx.studies.selective import plot_studies
+
     out = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(meta, indent=1))
+    full = run.full
     md = [f"# GlowQ-S on {args.model}", "", f"`{meta['command']}`", "",
           f"GlowQ rank {args.rank}, W4 g{args.group_size}; perplexity over {meta['evaluated_tokens']:,} tokens of "
           f"{args.text} (windows of {args.seq_len}); sweep step {args.step}; {meta['machine']}, torch "
-          f"{meta['torch']}, {meta['date']}. Full GlowQ {full.perplexity:.3f}, RTN {none.perplexity:.3f}.", "",
-          *_latency_lines(latency, full),
+          f"{meta['torch']}, {meta['date']}. Full GlowQ {full.perplexity:.3f}, RTN {run.none.perplexity:.3f}.", "",
+          *_latency_lines(run.latency, full),
           "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     md += ["| " + " | ".join(r) + " |" for r in rows]
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
-    plot_studies(studies, out.with_suffix(".png"), f"GlowQ-S, {args.model}, rank {args.rank}",
-                 latency_device=meta["machine"], marks=[("selective='auto'", auto_point)],
-                 ranks={**ranks, args.rank: full} if ranks else None)
+    plot_studies(run.studies, out.with_suffix(".png"), f"GlowQ-S, {args.model}, rank {args.rank}",
+                 latency_device=meta["machine"], marks=[("selective='auto'", run.auto_point)],
+                 ranks={**run.ranks, args.rank: full} if run.ranks else None)
     print(f"wrote {out.with_suffix('.json')}, .md, .png ({meta['time_s']:.0f} s)")
-    return 0
 
 
 def _latency_lines(latency, full) -> list[str]:
@@ -398,16 +447,10 @@ def _device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="where the model lives (cpu, cuda, cuda:N)")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="glowq", description="GlowQ: 4-bit LLMs with group-shared low-rank correction"
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    defaults = argparse.ArgumentDefaultsHelpFormatter  # --help shows every default
-
+def _add_demo(sub, formatter) -> None:
     demo = sub.add_parser(
         "demo",
-        formatter_class=defaults,
+        formatter_class=formatter,
         help="SmolLM2 on Wikipedia text: groups, perplexity of RTN / independent / GlowQ, "
         "eager vs compiled, a PNG plot",
     )
@@ -419,7 +462,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--out", type=Path, default=Path("glowq-demo"), help="where the table and the plot go")
     demo.set_defaults(func=_demo)
 
-    quantize = sub.add_parser("quantize", formatter_class=defaults, help="quantize a model and save the checkpoint")
+
+def _add_quantize(sub, formatter) -> None:
+    quantize = sub.add_parser("quantize", formatter_class=formatter, help="quantize a model and save the checkpoint")
     quantize.add_argument("model", help="smollm2 (built in), a local model directory, a .gguf file (or a directory "
                                         "holding one) or a hub name")
     quantize.add_argument("--out", type=Path, required=True, help="the checkpoint directory to write")
@@ -431,7 +476,9 @@ def main(argv: list[str] | None = None) -> int:
     _device_args(quantize)
     quantize.set_defaults(func=_quantize)
 
-    evaluate = sub.add_parser("eval", formatter_class=defaults, help="perplexity of a model or a quantized checkpoint")
+
+def _add_eval(sub, formatter) -> None:
+    evaluate = sub.add_parser("eval", formatter_class=formatter, help="perplexity of a model or a quantized checkpoint")
     evaluate.add_argument("model", help="a quantized checkpoint directory, smollm2, a model directory, a .gguf file or "
                                         "a hub name")
     evaluate.add_argument("--text", default="wikipedia", help="wikipedia, news or a text file")
@@ -442,7 +489,9 @@ def main(argv: list[str] | None = None) -> int:
     _device_args(evaluate)
     evaluate.set_defaults(func=_eval)
 
-    bench = sub.add_parser("bench", formatter_class=defaults,
+
+def _add_bench(sub, formatter) -> None:
+    bench = sub.add_parser("bench", formatter_class=formatter,
                            help="greedy decoding speed of a quantized checkpoint, eager vs glowq_backend")
     bench.add_argument("model", help="a quantized checkpoint directory")
     bench.add_argument("--tokens", type=int, default=128, help="prompt tokens per row")
@@ -452,9 +501,11 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--device", default="cpu", help="where the model runs")
     bench.set_defaults(func=_bench)
 
+
+def _add_select(sub, formatter) -> None:
     select = sub.add_parser(
         "select",
-        formatter_class=defaults,
+        formatter_class=formatter,
         help="GlowQ-S: sweep top-k restored groups per score, find the elbows, write a table and a PNG",
     )
     select.add_argument("model", nargs="?", default="smollm2", help="as for quantize")
@@ -483,8 +534,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="path stem of the JSON, markdown and PNG written")
     select.set_defaults(func=_select)
 
+
+def _add_groups(sub, formatter) -> None:
     groups = sub.add_parser(
-        "groups", formatter_class=defaults, help="print the input-sharing groups found in a model's graph"
+        "groups", formatter_class=formatter, help="print the input-sharing groups found in a model's graph"
     )
     groups.add_argument(
         "model", help="smollm2, a transformers model type (llama, gpt2, ...), a local model directory or a .gguf file"
@@ -498,7 +551,19 @@ def main(argv: list[str] | None = None) -> int:
     groups.add_argument("--exclude", action="append", default=[], help="regex of modules to leave out (repeatable)")
     groups.add_argument("--quantize-output-head", action="store_true", help="count the output head as a group")
     groups.set_defaults(func=_groups)
-    args = parser.parse_args(argv)
+
+
+def parser() -> argparse.ArgumentParser:
+    """The ``glowq`` command line: one sub-command per job."""
+    top = argparse.ArgumentParser(prog="glowq", description="GlowQ: 4-bit LLMs with group-shared low-rank correction")
+    sub = top.add_subparsers(dest="command", required=True)
+    for add in (_add_demo, _add_quantize, _add_eval, _add_bench, _add_select, _add_groups):
+        add(sub, argparse.ArgumentDefaultsHelpFormatter)  # --help shows every default
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])  # for the command line written with results
     try:
         return args.func(args)

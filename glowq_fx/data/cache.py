@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -40,13 +41,18 @@ def _checksum_path(path: Path) -> Path:
 
 
 def write_checked(path: Path, data: bytes) -> Path:
-    """Write ``data`` atomically (temporary file, then rename) with its checksum beside it."""
+    """Write ``data`` atomically (temporary file, then rename) with its checksum beside it; the
+    temporary files are this process's own, so processes writing the same entry do not collide."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    _checksum_path(path).write_text(hashlib.sha256(data).hexdigest() + "\n")
+    _replace_with(path, data)
+    _replace_with(_checksum_path(path), (hashlib.sha256(data).hexdigest() + "\n").encode())
     return path
+
+
+def _replace_with(path: Path, data: bytes) -> None:
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name + ".", suffix=".tmp", delete=False) as f:
+        f.write(data)
+    os.replace(f.name, path)
 
 
 def read_checked(path: Path) -> bytes | None:

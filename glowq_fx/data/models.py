@@ -22,6 +22,7 @@ import importlib.util
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -98,12 +99,13 @@ def gguf_dir(gguf: str | Path, name: str | None = None) -> Path:
     architecture = gguf_architecture(gguf)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=target.name + ".", suffix=".tmp"))  # this process's own
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except (ValueError, KeyError, OSError, RuntimeError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise ValueError(f"transformers could not load the {architecture} GGUF {gguf} ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else ''}); convert it to a transformers checkpoint "
                          "directory and pass that instead") from None
@@ -117,7 +119,12 @@ def gguf_dir(gguf: str | Path, name: str | None = None) -> Path:
     (tmp / _SOURCE).write_text(json.dumps({"gguf": str(gguf), "gguf_sha256": gguf_sha, "architecture": architecture,
                                            "weights_sha256": _weight_checksums(tmp)}, indent=1))
     shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process put its conversion there first: the same one
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (source.is_file() and json.loads(source.read_text()).get("gguf_sha256") == gguf_sha):
+            raise
     return target
 
 

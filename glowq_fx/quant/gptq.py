@@ -58,13 +58,7 @@ def quantize_gptq(
     if not all_finite(S):
         raise ValueError("S contains NaN or Inf; the calibration activations were not finite")
     g, n_groups = group_geometry(K, group_size)
-
-    W_work = W.float().clone()
-    H = S.to(device=W.device, dtype=torch.float32).clone()
-    dead = torch.diagonal(H) == 0  # inputs never active: weight irrelevant, quantize it as 0
-    H[dead, dead] = 1
-    W_work[:, dead] = 0
-
+    W_work, H = _without_dead_inputs(W, S)
     scales = torch.empty(N, n_groups, device=W.device)
     zeros = torch.empty(N, n_groups, device=W.device)
     if act_order:
@@ -78,40 +72,8 @@ def quantize_gptq(
     else:
         perm = torch.arange(K, device=W.device)
         block = -(-block_size // g) * g  # groups never straddle a block
-
-    H += damp * torch.mean(torch.diagonal(H)) * torch.eye(K, device=H.device)
-    try:
-        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    except torch.linalg.LinAlgError as exc:
-        raise ValueError(
-            f"GPTQ: S + damping is not positive definite (damp={damp}); raise GlowQConfig.gptq_damp "
-            "or calibrate on more tokens"
-        ) from exc
-
-    codes = torch.empty(N, K, device=W.device)
-    for i1 in range(0, K, block):
-        i2 = min(i1 + block, K)
-        W1 = W_work[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if not act_order and col % g == 0:
-                # group parameters from the weight as updated by all earlier columns
-                gi = col // g
-                scales[:, gi], zeros[:, gi] = group_params(
-                    W1[:, i : i + g], bits=bits, symmetric=symmetric, dtype=W.dtype
-                )
-            gi = int(perm[col]) // g
-            s, z = scales[:, gi], zeros[:, gi]
-            w = W1[:, i]
-            q = codes_for(w.unsqueeze(-1), s, z, bits).squeeze(-1)
-            codes[:, col] = q
-            err = (w - (q - z) * s) / Hinv1[i, i]
-            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-        W_work[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-
+    codes = _gptq_columns(W_work, _upper_inverse_factor(H, damp), scales, zeros, perm, g, block,
+                          bits=bits, symmetric=symmetric, static_groups=act_order, dtype=W.dtype)
     codes_orig = torch.empty_like(codes)
     codes_orig[:, perm] = codes
     # padded columns hold their group's zero point, exactly as RTN lays them out
@@ -126,6 +88,60 @@ def quantize_gptq(
         in_features=K,
         bits=bits,
     )
+
+
+def _without_dead_inputs(W: Tensor, S: Tensor) -> tuple[Tensor, Tensor]:
+    """``(W, H)`` in float32, with inputs never active (zero diagonal of ``S``) given a unit
+    diagonal and a zero weight: their weight is irrelevant, quantized as 0."""
+    W_work = W.float().clone()
+    H = S.to(device=W.device, dtype=torch.float32).clone()
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1
+    W_work[:, dead] = 0
+    return W_work, H
+
+
+def _upper_inverse_factor(H: Tensor, damp: float) -> Tensor:
+    """The upper Cholesky factor of ``(H + damp * mean(diag H) I)^-1`` (changes ``H`` in place)."""
+    H += damp * torch.mean(torch.diagonal(H)) * torch.eye(H.shape[0], device=H.device)
+    try:
+        return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    except torch.linalg.LinAlgError as exc:
+        raise ValueError(
+            f"GPTQ: S + damping is not positive definite (damp={damp}); raise GlowQConfig.gptq_damp "
+            "or calibrate on more tokens"
+        ) from exc
+
+
+def _gptq_columns(W_work: Tensor, Hinv: Tensor, scales: Tensor, zeros: Tensor, perm: Tensor, g: int, block: int, *,
+                  bits: int, symmetric: bool, static_groups: bool, dtype: torch.dtype) -> Tensor:
+    """The codes of each column in turn (permuted order), each column's rounding error spread over
+    the columns after it through ``Hinv``, lazily in blocks of ``block`` columns. Without
+    ``static_groups`` each group's scale and zero are fitted (into ``scales``/``zeros``) when its
+    first column is reached, from the weight as the earlier columns left it."""
+    N, K = W_work.shape
+    codes = torch.empty(N, K, device=W_work.device)
+    for i1 in range(0, K, block):
+        i2 = min(i1 + block, K)
+        W1 = W_work[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if not static_groups and col % g == 0:
+                gi = col // g
+                scales[:, gi], zeros[:, gi] = group_params(W1[:, i : i + g], bits=bits, symmetric=symmetric,
+                                                           dtype=dtype)
+            gi = int(perm[col]) // g
+            s, z = scales[:, gi], zeros[:, gi]
+            w = W1[:, i]
+            q = codes_for(w.unsqueeze(-1), s, z, bits).squeeze(-1)
+            codes[:, col] = q
+            err = (w - (q - z) * s) / Hinv1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W_work[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return codes
 
 
 @QUANTIZERS.register("gptq")

@@ -189,70 +189,97 @@ def quantize_experts(model: nn.Module, name: str, stats, config: GlowQConfig, fa
     layout = stats.protocol if isinstance(stats, ExpertsStatistics) else stats.layout()
     if isinstance(layout, str):
         raise ValueError(f"{name}: {layout}")
-    method = CORRECTIONS[config.method]
-    rank = config.rank if method.corrects else 0
-    weights, pending, rows, dense = {}, [], [], []
+    weights, solved, dense = {}, [], []
     for w in _weight_inputs(module, stats):
-        dtype, device = w.Ws[0].dtype, w.Ws[0].device
-        S = None if w.S is None else w.S.to(device)
-        S_experts = [None if m is None else m.to(device) for m in w.S_experts]
-        kw = dict(shrinkage=config.shrinkage, mode=config.svd, oversample=config.oversample,
-                  power_iters=config.power_iters, seed=config.seed,
-                  dtype=torch.float64 if dtype == torch.float64 else torch.float32)
         t0 = time.perf_counter()
+        S = None if w.S is None else w.S.to(w.Ws[0].device)
+        S_experts = [None if m is None else m.to(w.Ws[0].device) for m in w.S_experts]
         qs = _quantize(w.Ws, [S if m is None else m for m in S_experts], config)
         quantize_s = time.perf_counter() - t0
-        errors = [quantization_error(W, q) for W, q in zip(w.Ws, qs)]
         weights[w.name] = QuantizedExpertWeights([pack(q) for q in qs], w.bias)
+        # the joined groups go with the first weight that reads the block input (one B per weight)
+        here = _dense_members(model, joined, S, config) if joined and not dense and _shares_input(w, config) else []
+        dense = dense or here
         t0 = time.perf_counter()
-        projection, here = None, []
-        if rank == 0:
-            corrections = [solve("none", errors, S if S is not None else S_experts[0], 0, **kw)]
-        elif method.shared and w.reads_input:
-            # the joined groups go with the first weight that reads the block input (one B per weight)
-            here = _dense_members(model, joined, S, config) if joined and not dense else []
-            dense = dense or here
-            d_errors = [quantization_error(W, q) for _, W, _, q in here]
-            n_tokens = stats.S.n_tokens
-            stacked = errors + d_errors
-            corrections = [experts_lowrank(  # usage: the share of tokens each expert sees; a dense member sees all
-                stacked, S, min(rank, S.shape[0], sum(e.shape[0] for e in stacked)),
-                usage=[c / n_tokens for c in w.counts] + [1.0] * len(here) if config.expert_weighting == "usage"
-                else None,
-                refit=S_experts + [None] * len(here) if config.expert_refit else None, method=method.name, **kw)]
-            projection = SharedProjection(corrections[0].B[0].to(factor_dtype),
-                                          (f"{name}.{w.name}", *(m for m, *_ in here)))
-        else:  # each expert alone (a shared method on an expert's own input: its ``alone`` method)
-            alone = method.alone or method.name
-            r = rank if w.reads_input or config.expert_own_input_rank is None else config.expert_own_input_rank
-            corrections = [solve(alone if r else "none", [E_], S if S_e is None else S_e, min(r, *E_.shape), **kw)
-                           for E_, S_e in zip(errors, S_experts)]
-        solve_s = time.perf_counter() - t0
-        pending.append((w, corrections, projection, quantize_s, solve_s, here))
-
-    new = quantized_experts(module, weights, layout)
-    replace_module(model, name, new)
-    joined_rows = {}
-    for w, corrections, projection, quantize_s, solve_s, here in pending:
-        target = weights[w.name]
-        E = len(w.Ws)
-        if rank:
-            if projection is not None:
-                register_projection(model, projection)
-                As = corrections[0].A
-                target.set_correction(torch.stack(As[:E]).to(factor_dtype), projection=projection)
-                for (m, W, bias, q), A in zip(here, As[E:]):
-                    linear = QuantizedLinear(pack(q), bias)
-                    replace_module(model, m, linear)
-                    linear.set_correction(A.to(factor_dtype), projection)
-            elif corrections[0].A[0].shape[1]:  # each expert's own B (not at rank 0: expert_own_input_rank=0)
-                target.set_correction(torch.stack([c.A[0] for c in corrections]).to(factor_dtype),
-                                      B=torch.stack([c.B[0] for c in corrections]).to(factor_dtype))
-        rows.append(_row(f"{name}.{w.name}", E, w.Ws, target, corrections, quantize_s, solve_s,
-                         _factor_bytes(target)))
-        if projection is not None and here:
-            joined_rows = _joined_rows(model, joined, corrections[0].report, E, here)
+        corrections, projection = _corrections(f"{name}.{w.name}", w, qs, S, S_experts, here, stats, config,
+                                               factor_dtype)
+        solved.append(_Solved(w, corrections, projection, quantize_s, time.perf_counter() - t0, here))
+    replace_module(model, name, quantized_experts(module, weights, layout))
+    rows, joined_rows = [], {}
+    for done in solved:
+        target = weights[done.w.name]
+        _install(model, target, done, len(done.w.Ws), config, factor_dtype)
+        rows.append(_row(f"{name}.{done.w.name}", len(done.w.Ws), done.w.Ws, target, done.corrections,
+                         done.quantize_s, done.solve_s, _factor_bytes(target)))
+        if done.projection is not None and done.here:
+            joined_rows = _joined_rows(model, joined, done.corrections[0].report, len(done.w.Ws), done.here)
     return rows, joined_rows
+
+
+@dataclass
+class _Solved:
+    """One 3-D weight's quantization and correction, before it is installed."""
+    w: object
+    corrections: list
+    projection: SharedProjection | None
+    quantize_s: float
+    solve_s: float
+    here: list  # the dense members solved with it: (name, W, bias, quantized)
+
+
+def _rank(config: GlowQConfig) -> int:
+    return config.rank if CORRECTIONS[config.method].corrects else 0
+
+
+def _shares_input(w, config: GlowQConfig) -> bool:
+    """Whether weight ``w``'s experts get one shared ``B`` (a shared method on the block input)."""
+    return bool(_rank(config)) and CORRECTIONS[config.method].shared and w.reads_input
+
+
+def _corrections(name: str, w, qs, S, S_experts, here, stats, config: GlowQConfig, factor_dtype: torch.dtype):
+    """``(corrections, SharedProjection or None)`` of weight ``w``: one shared ``B`` across its
+    experts (and the dense members ``here``), each expert's own, or none at rank 0."""
+    method = CORRECTIONS[config.method]
+    rank = _rank(config)
+    errors = [quantization_error(W, q) for W, q in zip(w.Ws, qs)]
+    dtype = w.Ws[0].dtype
+    kw = dict(shrinkage=config.shrinkage, mode=config.svd, oversample=config.oversample,
+              power_iters=config.power_iters, seed=config.seed,
+              dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    if rank == 0:
+        return [solve("none", errors, S if S is not None else S_experts[0], 0, **kw)], None
+    if _shares_input(w, config):
+        stacked = errors + [quantization_error(W, q) for _, W, _, q in here]
+        n_tokens = stats.S.n_tokens
+        corrections = [experts_lowrank(  # usage: the share of tokens each expert sees; a dense member sees all
+            stacked, S, min(rank, S.shape[0], sum(e.shape[0] for e in stacked)),
+            usage=[c / n_tokens for c in w.counts] + [1.0] * len(here) if config.expert_weighting == "usage"
+            else None,
+            refit=S_experts + [None] * len(here) if config.expert_refit else None, method=method.name, **kw)]
+        return corrections, SharedProjection(corrections[0].B[0].to(factor_dtype), (name, *(m for m, *_ in here)))
+    # each expert alone (a shared method on an expert's own input: its ``alone`` method)
+    alone = method.alone or method.name
+    r = rank if w.reads_input or config.expert_own_input_rank is None else config.expert_own_input_rank
+    return [solve(alone if r else "none", [E_], S if S_e is None else S_e, min(r, *E_.shape), **kw)
+            for E_, S_e in zip(errors, S_experts)], None
+
+
+def _install(model: nn.Module, target: QuantizedExpertWeights, done: _Solved, E: int, config: GlowQConfig,
+             factor_dtype: torch.dtype) -> None:
+    """Set ``done``'s correction on the installed experts weight ``target`` (and its dense members)."""
+    if not _rank(config):
+        return
+    if done.projection is not None:
+        register_projection(model, done.projection)
+        As = done.corrections[0].A
+        target.set_correction(torch.stack(As[:E]).to(factor_dtype), projection=done.projection)
+        for (m, W, bias, q), A in zip(done.here, As[E:]):
+            linear = QuantizedLinear(pack(q), bias)
+            replace_module(model, m, linear)
+            linear.set_correction(A.to(factor_dtype), done.projection)
+    elif done.corrections[0].A[0].shape[1]:  # each expert's own B (not at rank 0: expert_own_input_rank=0)
+        target.set_correction(torch.stack([c.A[0] for c in done.corrections]).to(factor_dtype),
+                              B=torch.stack([c.B[0] for c in done.corrections]).to(factor_dtype))
 
 
 def _joined_rows(model: nn.Module, joined: Sequence[InputGroup], report, E: int, dense: list) -> dict[str, GroupReport]:

@@ -39,6 +39,35 @@ from glowq_fx.report import GroupReport, QuantizationReport
 from glowq_fx.selective.policy import attach_group
 
 
+def _refuse_whole_model_options(config: GlowQConfig) -> None:
+    if config.selective is not None:
+        raise ValueError("quantize_checkpoint writes each block as soon as it is quantized, so GlowQ-S cannot choose "
+                         "among all groups afterwards: use selective=None (or load the model and call quantize_)")
+    if config.calibration == "model":
+        raise ValueError("quantize_checkpoint calibrates block by block; calibration='model' needs the whole model in "
+                         "memory (load it and call quantize_)")
+
+
+def _open_blocks(directory: str | Path, dtype: torch.dtype | None, config: GlowQConfig):
+    """``(lazy checkpoint, its blocks)``: everything outside the blocks and the first block loaded
+    on the CPU (the first for the shape of a block's output), the other blocks left on disk."""
+    lazy = LazyCheckpoint(directory, dtype)
+    model = lazy.model
+    blocks = find_blocks(model)
+    if blocks is None:
+        raise ValueError(f"{type(model).__name__} has no list of repeated blocks to read one at a time; load it with "
+                         "from_pretrained and call quantize_")
+    experts, _ = find_experts(model, config)
+    if experts:
+        raise ValueError(f"{type(model).__name__} has MoE experts ({next(iter(experts))}, ...), which quantizing from "
+                         "disk does not handle yet: load the model and call quantize_ (calibration='blocks' keeps one "
+                         "block's statistics at a time), or pass GlowQConfig(experts=False) to keep them in floating "
+                         "point")
+    lazy.load(torch.device("cpu"), exclude=blocks.names)  # embeddings, final norm, head
+    lazy.load(torch.device("cpu"), [blocks.names[0]])
+    return lazy, blocks
+
+
 def quantize_checkpoint(directory: str | Path, out: str | Path, calibration: Iterable[object],
                         config: GlowQConfig | None = None, *, device: str | torch.device = "cpu",
                         dtype: torch.dtype | None = None, tokenizer=None,
@@ -59,32 +88,14 @@ def quantize_checkpoint(directory: str | Path, out: str | Path, calibration: Ite
     """
     t0 = time.perf_counter()
     config = as_config(config)
-    if config.selective is not None:
-        raise ValueError("quantize_checkpoint writes each block as soon as it is quantized, so GlowQ-S cannot choose "
-                         "among all groups afterwards: use selective=None (or load the model and call quantize_)")
-    if config.calibration == "model":
-        raise ValueError("quantize_checkpoint calibrates block by block; calibration='model' needs the whole model in "
-                         "memory (load it and call quantize_)")
+    _refuse_whole_model_options(config)
     device = check_device(device)
-    lazy = LazyCheckpoint(directory, dtype)
+    lazy, blocks = _open_blocks(directory, dtype, config)
     model = lazy.model
-    blocks = find_blocks(model)
-    if blocks is None:
-        raise ValueError(f"{type(model).__name__} has no list of repeated blocks to read one at a time; load it with "
-                         "from_pretrained and call quantize_")
-    home = torch.device("cpu")
-    lazy.load(home, exclude=blocks.names)  # embeddings, final norm, head
-    lazy.load(home, [blocks.names[0]])  # for the shape of a block's output
     check_model(model)
     tables = plan_embeddings(model, config)
     bytes_before = model_bytes(model)
     batches = check_calibration(model, calibration)
-    experts, _ = find_experts(model, config)
-    if experts:
-        raise ValueError(f"{type(model).__name__} has MoE experts ({next(iter(experts))}, ...), which quantizing from "
-                         "disk does not handle yet: load the model and call quantize_ (calibration='blocks' keeps one "
-                         "block's statistics at a time), or pass GlowQConfig(experts=False) to keep them in floating "
-                         "point")
     try:  # the groups outside the blocks from the model's graph with its blocks stubbed; each block's from its own
         blockwise = BlockwiseCalibration(model, blocks, batches, run, device, None, stats_dtype=config.stats_dtype,
                                          block_inputs=config.block_inputs, activations=config.activations,

@@ -28,6 +28,8 @@ def test_tiny_run_writes_its_table(tmp_path):
     # each row in its own process: its own peak memory; the bytes of its tensors, the int8 head's included
     assert ours["peak_rss_mib"] > 0 and ours["bytes"] < measured["float32 eager"]["bytes"]
     assert "vs float32 eager" in ours
+    # GlowQ eager and compiled load the one checkpoint their shared options were quantized to
+    assert measured["GlowQ eager"]["quantize_s"] == ours["quantize_s"] > 0
     assert "| GlowQ compiled |" in (tmp_path / "cpu_decode_tiny.md").read_text()
     assert (tmp_path / "cpu_decode_tiny.png").stat().st_size > 0
 

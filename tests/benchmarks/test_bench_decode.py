@@ -56,6 +56,7 @@ def test_tinygemm_refuses_what_it_cannot_run():
         tinygemm.swap_to_tinygemm(torch.nn.Sequential(torch.nn.Linear(4, 4)))
 
 
+@pytest.mark.slow  # a benchmark script end to end, 35-60 s (make test-slow)
 def test_decode_benchmark_runs_every_row_compiled_where_it_says(tmp_path):
     """A tiny Qwen2 (biases: tinygemm adds them itself) through every row on the CPU: each
     compiled row compiled graphs in its warm-up and agrees with its eager model, the ratios in the

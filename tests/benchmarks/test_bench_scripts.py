@@ -79,6 +79,7 @@ def test_w4a16_benchmark_table_and_chosen_paths(tmp_path):
     assert json.loads((tmp_path / "w4a16_gpu.json").read_text())["chosen_paths"] == results["chosen_paths"]
 
 
+@pytest.mark.slow  # a benchmark script end to end, 35-60 s (make test-slow)
 def test_blockwise_memory_benchmark_measures_both_modes_in_child_processes(tmp_path):
     bench = _load("bench_blockwise")
     assert bench.main(["--layers", "2", "--tiny", "--tokens", "32", "--batches", "2", "--repeats", "2", "--out",
@@ -93,6 +94,7 @@ def test_blockwise_memory_benchmark_measures_both_modes_in_child_processes(tmp_p
 
 
 
+@pytest.mark.slow  # a benchmark script end to end, 35-60 s (make test-slow)
 def test_calibration_logits_benchmark_compares_computed_and_spared_logits(tmp_path):
     bench = _load("bench_calibration_logits")
     assert (
