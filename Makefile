@@ -19,11 +19,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/glowq demo
 
-# one pytest worker per core (pytest-xdist; tests/conftest.py gives each its share of the threads)
+# one pytest worker per core, at most 4 (pytest-xdist; tests/conftest.py gives each its share of
+# the threads); TEST_WORKERS=0 runs them in this process
 TEST_WORKERS ?= auto
 test: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=15
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4 --dist worksteal --durations=15
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
@@ -48,8 +49,8 @@ $(BENCH_VENV)/.installed: pyproject.toml
 	touch $@
 
 bench-cpu: $(BENCH_VENV)/.installed
-	$(BENCH_PY) benchmarks/bench_cpu_decode.py --llama-python $(BENCH_PY)
-	$(BENCH_PY) benchmarks/bench_cpu_decode.py --model llama8b-layers --layers 2 --batches 1 --ttft-prompt 128 \
+	$(BENCH_PY) benchmarks/bench_cpu_decode.py --llama-python $(BENCH_PY) --repeats 2 --ppl-tokens 2048
+	$(BENCH_PY) benchmarks/bench_cpu_decode.py --model llama8b-layers --layers 2 --batches 1 --ttft-prompt 128 --repeats 2 \
 		--rows "float32 eager,bfloat16 eager,bfloat16 compiled,torchao int4,W4 compiled,GlowQ eager,GlowQ compiled"
 
 # On a CUDA machine that already has torch >= 2.11, triton, transformers, networkx and pytest (no

@@ -287,8 +287,10 @@ def llama_cpp_row(args, gguf: Path, tokens, bos) -> dict:
     if done.returncode:
         return {**row, "skipped": f"llama-cpp-python failed: {done.stderr.strip().splitlines()[-1:]}"}
     out = json.loads(done.stdout.strip().splitlines()[-1])
-    return {**row, "decode_tok_s": {"1": out["decode"]}, "ttft_s": out["ttft"], "bytes": gguf.stat().st_size,
-            **({"ppl": out["ppl"]} if out["ppl"] is not None else {})}
+    row = {**row, "decode_tok_s": {"1": out["decode"]}, "ttft_s": out["ttft"], "bytes": gguf.stat().st_size,
+           **({"ppl": out["ppl"]} if out["ppl"] is not None else {})}
+    print_row(row)
+    return row
 
 
 def in_own_process(name: str, argv: list[str], checkpoint: Path | None) -> dict:
@@ -304,10 +306,14 @@ def in_own_process(name: str, argv: list[str], checkpoint: Path | None) -> dict:
             print(f"{name:28s} failed: {' | '.join(tail)}", flush=True)
             return {"row": name, "kind": "error", "skipped": f"the row's process failed: {' | '.join(tail)}"}
         row = json.loads(out.read_text())
-    if "decode_tok_s" in row:
-        print(f"{name:28s} " + " ".join(f"b{b} {r:7.2f} tok/s" for b, r in row["decode_tok_s"].items())
-              + f"  ttft {row['ttft_s']:.3f} s" + (f"  ppl {row['ppl']:.3f}" if "ppl" in row else ""), flush=True)
+    print_row(row)
     return row
+
+
+def print_row(row: dict) -> None:
+    if "decode_tok_s" in row:
+        print(f"{row['row']:28s} " + " ".join(f"b{b} {r:7.2f} tok/s" for b, r in row["decode_tok_s"].items())
+              + f"  ttft {row['ttft_s']:.3f} s" + (f"  ppl {row['ppl']:.3f}" if "ppl" in row else ""), flush=True)
 
 
 def quantize_once(want: list[str], argv: list[str], checkpoints: Path) -> dict[str, Path | None]:

@@ -45,7 +45,8 @@ def anisotropic_second_moment(d: int, gen: torch.Generator, *, n_tokens: int = 4
 # Under pytest-xdist (`make test` runs one worker per core) each worker gets its share of the cores:
 # two workers each running two intra-op threads on a 2-core machine would fight for them.
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 # Without a GPU the Triton kernels run in Triton's CPU interpreter. triton.jit reads this when
 # glowq_fx.kernels.w4a16 is imported, which only the kernel tests (and CUDA launches) do.

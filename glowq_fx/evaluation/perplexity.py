@@ -15,6 +15,7 @@ token is predicted, the first one from the BOS; the papers' protocol is ``bos=No
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -22,6 +23,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+
+log = logging.getLogger(__name__)
 
 
 def windows(tokens: Tensor, seq_len: int, max_tokens: int | None = None, bos: int | None = None) -> list[Tensor]:
@@ -86,6 +89,97 @@ def window_nll(model: nn.Module, batch: Tensor) -> Tensor:
     return token_nll(model, batch).sum(dim=1)
 
 
+# Logits scored at a time by ``chunked_token_nll``: 64 MB in float32, whatever the vocabulary (a
+# 262,144-token head at 1024 positions would otherwise make 1 GB of logits, and more in the softmax).
+LOGITS_PER_CHUNK = 2**24
+
+
+def _logit_transform(model: nn.Module):
+    """What transformers' forwards do to the head's output, from the config: Gemma's final
+    soft-capping, Granite's ``logits_scaling``, Cohere's ``logit_scale`` (``chunked_nll_or_none``
+    checks the result against the model's own logits)."""
+    configs = [c for c in (getattr(model, "config", None), getattr(getattr(model, "config", None), "text_config", None))
+               if c is not None]
+
+    def first(name):
+        return next((getattr(c, name) for c in configs if getattr(c, name, None) is not None), None)
+
+    cap, divide, multiply = first("final_logit_softcapping"), first("logits_scaling"), first("logit_scale")
+
+    def transform(logits: Tensor) -> Tensor:
+        if multiply is not None:
+            logits = logits * multiply
+        if divide is not None:
+            logits = logits / divide
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+    return transform
+
+
+def chunked_token_nll(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    """``token_nll`` without the whole logits tensor: the model runs with its output head
+    (``get_output_embeddings()``) returning nothing, and the head is applied to the hidden states
+    ``LOGITS_PER_CHUNK`` logits at a time, each chunk scored and freed."""
+    head = model.get_output_embeddings()
+    seen = []
+
+    def capture(x):  # the head's input, kept; its output left empty
+        seen.append(x)
+        return x.new_empty(*x.shape[:-1], 0)
+
+    head.forward = capture  # this instance only, for this one call
+    try:
+        model(input_ids=input_ids) if attention_mask is None else model(input_ids=input_ids,
+                                                                         attention_mask=attention_mask)
+    finally:
+        del head.forward
+    if len(seen) != 1 or seen[0].shape[:2] != input_ids.shape:
+        raise ValueError(f"{type(model).__name__}'s output head was called {len(seen)} time(s), not once on every "
+                         "position: score it with token_nll")
+    hidden, transform = seen[0], _logit_transform(model)
+    B, T = input_ids.shape
+    vocab = getattr(head, "out_features", None) or getattr(getattr(model, "config", None), "vocab_size", None) or 1
+    step = max(1, LOGITS_PER_CHUNK // (B * vocab))
+    nll = torch.empty(B, T - 1, dtype=torch.promote_types(hidden.dtype, torch.float32), device=input_ids.device)
+    for t in range(0, T - 1, step):
+        logits = transform(head(hidden[:, t:min(t + step, T - 1)]))  # the last position predicts nothing
+        end = t + logits.shape[1]
+        nll[:, t:end] = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)).transpose(1, 2),
+                                        input_ids[:, t + 1:end + 1], reduction="none")
+    return nll
+
+
+def chunked_nll_or_none(model: nn.Module, probe: Tensor, tolerance: float = 1e-3) -> str | None:
+    """None when ``chunked_token_nll`` equals ``token_nll`` on ``probe`` (B, L) for ``model``
+    (within ``tolerance`` of each token's NLL), else why it cannot be used."""
+    if not callable(getattr(model, "get_output_embeddings", None)) or model.get_output_embeddings() is None:
+        return "the model has no output head module (get_output_embeddings)"
+    try:
+        chunked = chunked_token_nll(model, probe)
+    except (ValueError, RuntimeError, TypeError, IndexError) as exc:
+        return f"its forward does not run with the head's output left empty ({type(exc).__name__}: {exc})"
+    full = token_nll(model, probe)
+    if not torch.allclose(chunked.float(), full.float(), rtol=tolerance, atol=tolerance):
+        return (f"its forward changes the head's output in a way glowq does not know (NLL differs by "
+                f"{float((chunked.float() - full.float()).abs().max()):.3g})")
+    return None
+
+
+PROBE_TOKENS = 64  # positions on which the chunked NLL is checked against the model's own logits
+
+
+def _scorer(model: nn.Module, probe: Tensor):
+    """``chunked_token_nll`` where it equals the model's own logits on ``probe``, else ``token_nll``
+    (said once: the whole logits tensor is then made per batch)."""
+    why = chunked_nll_or_none(model, probe)
+    if why is None:
+        return chunked_token_nll
+    log.warning("glowq: perplexity of %s scores the whole logits tensor per batch (batch x positions x vocabulary "
+                "in float32): %s", type(model).__name__, why)
+    return token_nll
+
+
 def perplexity(model: nn.Module, tokens: Tensor, seq_len: int = 2048, *, batch_size: int = 1,
                max_tokens: int | None = None, progress: bool = True, desc: str = "perplexity",
                bos: int | None = None) -> PerplexityResult:
@@ -111,8 +205,9 @@ def perplexity(model: nn.Module, tokens: Tensor, seq_len: int = 2048, *, batch_s
     model.eval()
     try:
         with torch.inference_mode():
+            score = _scorer(model, batches[0][:1, :PROBE_TOKENS].to(device))
             for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
-                nll = window_nll(model, batch.to(device))
+                nll = score(model, batch.to(device)).sum(dim=1)
                 total += nll.double().sum().item()
                 count += batch.shape[0] * (batch.shape[1] - 1)
     finally:

@@ -1,4 +1,5 @@
 """Perplexity protocol and calibration windows."""
+import logging
 import math
 
 import pytest
@@ -6,6 +7,7 @@ import torch
 import transformers as T
 from torch import nn
 
+from glowq_fx.evaluation import perplexity as ppl
 from glowq_fx.evaluation.perplexity import perplexity, window_nll, windows
 from tests_helpers import tiny_llama_config
 
@@ -103,3 +105,57 @@ def test_perplexity_refuses_empty_streams_and_batches(model):
         perplexity(model, _stream(1), 16, progress=False)
     with pytest.raises(ValueError, match="batch_size"):
         perplexity(model, _stream(50), 16, batch_size=0, progress=False)
+
+
+def test_chunked_nll_equals_the_whole_logits_one_chunk_at_a_time(model, monkeypatch):
+    """The head applied to a few positions at a time (here 2 per chunk at batch 2) gives each
+    token's NLL exactly as the whole logits tensor does; no call makes more logits than a chunk."""
+    monkeypatch.setattr(ppl, "LOGITS_PER_CHUNK", 2 * 2 * model.config.vocab_size)
+    ids = torch.stack([_stream(38), _stream(38)])  # 37 predicted positions: the last chunk holds one
+    shapes = []
+    hook = model.lm_head.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape)))
+    try:
+        with torch.no_grad():
+            chunked = ppl.chunked_token_nll(model, ids)
+    finally:
+        hook.remove()
+    with torch.no_grad():
+        full = ppl.token_nll(model, ids)
+    assert chunked.dtype == full.dtype == torch.float64 and torch.allclose(chunked, full, rtol=1e-12, atol=1e-12)
+    assert shapes[0] == (2, 38, 0)  # the model's own call: nothing made
+    assert all(s[1] <= 2 for s in shapes[1:]) and sum(s[1] for s in shapes[1:]) == 37
+
+
+def test_a_softcapped_head_is_scored_in_chunks_like_its_own_logits():
+    torch.manual_seed(0)
+    config = T.Gemma2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=16, final_logit_softcapping=2.0)
+    gemma = T.Gemma2ForCausalLM(config).double().eval()
+    tokens = _stream(200)
+    with torch.no_grad():
+        assert ppl.chunked_nll_or_none(gemma, tokens[None, :64]) is None
+        expected = ppl.token_nll(gemma, tokens[None, :100]).mean()
+    r = perplexity(gemma, tokens[:100], 100, progress=False)
+    assert r.nll == pytest.approx(float(expected), rel=1e-9)
+
+
+class _Rescaled(T.LlamaForCausalLM):
+    """A head whose output the forward changes in a way glowq does not know."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits * 3 + 1
+        return out
+
+
+def test_an_unknown_logit_change_falls_back_to_the_whole_logits_and_says_so(caplog):
+    torch.manual_seed(0)
+    rescaled = _Rescaled(tiny_llama_config()).double().eval()
+    tokens = _stream(130)
+    with torch.no_grad():
+        assert "glowq does not know" in ppl.chunked_nll_or_none(rescaled, tokens[None, :64])
+        expected = ppl.token_nll(rescaled, tokens[None, :65]).sum() + ppl.token_nll(rescaled, tokens[None, 65:]).sum()
+    with caplog.at_level(logging.WARNING, logger="glowq_fx"):
+        r = perplexity(rescaled, tokens, 65, progress=False)
+    assert r.nll == pytest.approx(float(expected) / 128, rel=1e-9)
+    assert "scores the whole logits tensor" in caplog.text and "glowq does not know" in caplog.text
