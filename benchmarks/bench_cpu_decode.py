@@ -44,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
@@ -229,7 +230,7 @@ def quantize_to(name: str, args, directory: Path) -> None:
                        progress=False)
     seconds = time.perf_counter() - t0
     save_quantized(model, directory, report=report, tokenizer=tokenizer)
-    kernels = {k: sum(v == k for v in report.kernels.values()) for k in set(report.kernels.values())}
+    kernels = dict(Counter(report.kernels.values()))
     directory.with_suffix(".json").write_text(json.dumps({"quantize_s": seconds, "kernels": kernels}))
 
 
@@ -302,12 +303,15 @@ def in_own_process(name: str, argv: list[str], checkpoint: Path | None) -> dict:
         done = subprocess.run([sys.executable, __file__, *argv, "--one-row", name, "--row-out", str(out), *where],
                               capture_output=True, text=True)
         if done.returncode or not out.is_file():
-            tail = done.stderr.strip().splitlines()[-3:]
-            print(f"{name:28s} failed: {' | '.join(tail)}", flush=True)
-            return {"row": name, "kind": "error", "skipped": f"the row's process failed: {' | '.join(tail)}"}
+            print(f"{name:28s} failed: {stderr_tail(done)}", flush=True)
+            return {"row": name, "kind": "error", "skipped": f"the row's process failed: {stderr_tail(done)}"}
         row = json.loads(out.read_text())
     print_row(row)
     return row
+
+
+def stderr_tail(done: subprocess.CompletedProcess) -> str:
+    return " | ".join(done.stderr.strip().splitlines()[-3:])
 
 
 def print_row(row: dict) -> None:
@@ -328,7 +332,7 @@ def quantize_once(want: list[str], argv: list[str], checkpoints: Path) -> dict[s
             done = subprocess.run([sys.executable, __file__, *argv, "--one-row", name, "--quantize-to", str(directory)],
                                   capture_output=True, text=True)
             if done.returncode:
-                print(f"quantizing as {name!r} failed: {' | '.join(done.stderr.strip().splitlines()[-3:])}", flush=True)
+                print(f"quantizing as {name!r} failed: {stderr_tail(done)}", flush=True)
             by_options[key] = None if done.returncode else directory
         out[name] = by_options[key]
     return out

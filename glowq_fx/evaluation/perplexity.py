@@ -73,15 +73,24 @@ def _model_device(model: nn.Module) -> torch.device:
 def token_nll(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
     """NLL of every predicted token (B, L - 1) of a causal LM returning ``.logits``: token t scored
     from tokens < t, in float32 at least (half-precision logits are upcast)."""
-    out = model(input_ids=input_ids) if attention_mask is None else model(input_ids=input_ids,
-                                                                          attention_mask=attention_mask)
+    out = _forward(model, input_ids, attention_mask)
     logits = getattr(out, "logits", None)
     if logits is None or logits.shape[:2] != input_ids.shape:
         got = "no .logits" if logits is None else f"logits of shape {tuple(logits.shape)}"
         raise ValueError(f"expected a causal LM returning .logits (B, T, vocab) for input {tuple(input_ids.shape)}, "
                          f"got {got}")
-    return F.cross_entropy(logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32)).transpose(1, 2),
-                           input_ids[:, 1:], reduction="none")
+    return _nll(logits[:, :-1], input_ids[:, 1:])
+
+
+def _forward(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None):
+    return model(input_ids=input_ids) if attention_mask is None else model(input_ids=input_ids,
+                                                                           attention_mask=attention_mask)
+
+
+def _nll(logits: Tensor, targets: Tensor) -> Tensor:
+    """Each target's NLL under ``logits`` (B, T, vocab), in float32 at least."""
+    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)).transpose(1, 2), targets,
+                           reduction="none")
 
 
 def window_nll(model: nn.Module, batch: Tensor) -> Tensor:
@@ -130,8 +139,7 @@ def chunked_token_nll(model: nn.Module, input_ids: Tensor, attention_mask: Tenso
 
     head.forward = capture  # this instance only, for this one call
     try:
-        model(input_ids=input_ids) if attention_mask is None else model(input_ids=input_ids,
-                                                                         attention_mask=attention_mask)
+        _forward(model, input_ids, attention_mask)
     finally:
         del head.forward
     if len(seen) != 1 or seen[0].shape[:2] != input_ids.shape:
@@ -145,15 +153,15 @@ def chunked_token_nll(model: nn.Module, input_ids: Tensor, attention_mask: Tenso
     for t in range(0, T - 1, step):
         logits = transform(head(hidden[:, t:min(t + step, T - 1)]))  # the last position predicts nothing
         end = t + logits.shape[1]
-        nll[:, t:end] = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)).transpose(1, 2),
-                                        input_ids[:, t + 1:end + 1], reduction="none")
+        nll[:, t:end] = _nll(logits, input_ids[:, t + 1:end + 1])
     return nll
 
 
 def chunked_nll_or_none(model: nn.Module, probe: Tensor, tolerance: float = 1e-3) -> str | None:
     """None when ``chunked_token_nll`` equals ``token_nll`` on ``probe`` (B, L) for ``model``
     (within ``tolerance`` of each token's NLL), else why it cannot be used."""
-    if not callable(getattr(model, "get_output_embeddings", None)) or model.get_output_embeddings() is None:
+    heads = getattr(model, "get_output_embeddings", None)
+    if not callable(heads) or heads() is None:
         return "the model has no output head module (get_output_embeddings)"
     try:
         chunked = chunked_token_nll(model, probe)
