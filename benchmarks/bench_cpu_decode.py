@@ -13,9 +13,11 @@ its peak resident memory is its own:
   same aten kernel as ours) on the bfloat16 model, compiled with Inductor, when torchao imports;
 - ``W4 compiled`` (``method="none"``), ``independent compiled`` (QERA, one ``B_i`` per linear),
   ``GlowQ eager``, ``GlowQ compiled``, ``GlowQ-S compiled`` (``selective="auto"``), ``GlowQ compiled
-  float head`` (``output_head_bits=None``), ``GlowQ compiled cpp_wrapper``: ours, W4
-  ``--group-size``, rank ``--rank``, the default int8 head, compiled with ``glowq_backend``
-  (PyTorch's CPU int4 kernel lowered by Inductor). Each set of options is quantized once, in its
+  float head`` (``output_head_bits=None``), ``GlowQ compiled PyTorch kernels`` (PyTorch's int4 and
+  int8 kernels instead of our GEMVs): ours, W4 ``--group-size``, rank ``--rank``, the default int8
+  head, compiled with ``glowq_backend`` (our CPU GEMVs called from Inductor's code, one call per
+  group; ``compile_model`` leaves out Dynamo's guards on the modules, for every compiled row).
+  Each set of options is quantized once, in its
   own process (its time is the row's ``quantize_s``), saved with ``save_quantized``, and each row
   loads it as a user does (``load_quantized``: the CPU layout is made there), so its peak memory is
   the loaded model's.
@@ -53,18 +55,20 @@ import torch  # noqa: E402
 
 from glowq_fx import GlowQConfig, glowq_backend, load_quantized, quantize_, save_quantized  # noqa: E402
 from glowq_fx.evaluation.speed import compile_model, time_decode  # noqa: E402
+from glowq_fx.modules.kernels import use_cpu_kernels  # noqa: E402
 
 FLOAT_ROWS = {"float32 eager": (torch.float32, False), "float32 compiled": (torch.float32, True),
               "bfloat16 eager": (torch.bfloat16, False), "bfloat16 compiled": (torch.bfloat16, True)}
-# row -> (GlowQConfig options, glowq_backend options: None runs eager)
-OURS = {"W4 compiled": (dict(method="none"), {}),
-        "independent compiled": (dict(method="qera"), {}),
-        "GlowQ eager": (dict(method="glowq"), None),
-        "GlowQ compiled": (dict(method="glowq"), {}),
-        "GlowQ-S compiled": (dict(method="glowq", selective="auto"), {}),
-        "GlowQ compiled float head": (dict(method="glowq", output_head_bits=None), {}),
-        # Inductor's C++ wrapper: no Python between the kernels of a step
-        "GlowQ compiled cpp_wrapper": (dict(method="glowq"), {"cpp_wrapper": True})}
+# row -> (GlowQConfig options, glowq_backend options: None runs eager, CPU kernels: use_cpu_kernels')
+OURS = {"W4 compiled": (dict(method="none"), {}, "auto"),
+        "independent compiled": (dict(method="qera"), {}, "auto"),
+        "GlowQ eager": (dict(method="glowq"), None, "auto"),
+        "GlowQ compiled": (dict(method="glowq"), {}, "auto"),
+        "GlowQ-S compiled": (dict(method="glowq", selective="auto"), {}, "auto"),
+        "GlowQ compiled float head": (dict(method="glowq", output_head_bits=None), {}, "auto"),
+        "GlowQ compiled PyTorch kernels": (dict(method="glowq"), {}, "aten")}
+# Not a row: Inductor's C++ wrapper (cpp_wrapper, its wrapper built apart at -O1) compiled SmolLM2's
+# GlowQ step in ~6 min and decoded no faster (41.6 against 42.6 tok/s, two probes on 2026-12-04).
 ROWS = ["llama.cpp", *FLOAT_ROWS, "torchao int4", *OURS]
 # Llama-3-8B's shapes (its config.json), a few layers of them
 LLAMA_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
@@ -110,11 +114,13 @@ def peak_rss_mib() -> float:
 
 
 def one_linear_bandwidth(shape: tuple[int, int], group_size: int, repeats: int = 50) -> dict:
-    """One int4 linear at one row, as the decode step runs it (PyTorch's CPU int4 kernel, bf16
-    activations), against the machine's read bandwidth measured the same way (a sum over a
-    float32 tensor of 512 MB): the bytes it reads per second (int4 codes + bf16 scales and
-    zeros) and that as a fraction of the bandwidth."""
+    """One 4-bit linear at one row, as the decode step runs it (each CPU kernel that loads here:
+    our GEMV on float32 activations, PyTorch's int4 kernel on bfloat16 ones), against the
+    machine's read bandwidth measured the same way (a sum over a float32 tensor of 512 MB): the
+    bytes each reads per second (codes + scales and zeros) and that as a fraction of the bandwidth."""
     from glowq_fx.kernels import cpu_int4
+    from glowq_fx.kernels.layout import pack
+    from glowq_fx.quant.rtn import quantize_rtn
 
     def best_of(f) -> float:
         f()
@@ -129,18 +135,25 @@ def one_linear_bandwidth(shape: tuple[int, int], group_size: int, repeats: int =
     read_Bps = big.numel() * 4 / best_of(big.sum)
     del big
     N, K = shape
-    reason = cpu_int4.unsupported_reason(N, group_size)
-    if reason is not None:
-        return {"read_GBps": read_Bps / 1e9, "skipped": reason}
+    result = {"read_GBps": read_Bps / 1e9, "shape": [N, K], "group_size": group_size, "kernels": {}}
     g = torch.Generator().manual_seed(0)
-    codes = torch.randint(0, 16, (N, K), dtype=torch.int32, generator=g)
-    weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-    scales_zeros = torch.rand(K // group_size, N, 2, generator=g).to(cpu_int4.KERNEL_DTYPE)
-    x = torch.randn(1, K, generator=g).to(cpu_int4.KERNEL_DTYPE)
-    seconds = best_of(lambda: cpu_int4.int4_matmul(x, weight, scales_zeros, group_size))
-    nbytes = weight.numel() * weight.element_size() + scales_zeros.numel() * scales_zeros.element_size()
-    return {"read_GBps": read_Bps / 1e9, "shape": [N, K], "group_size": group_size, "ms": seconds * 1e3,
-            "GBps": nbytes / seconds / 1e9, "fraction_of_read": nbytes / seconds / read_Bps}
+    packed = pack(quantize_rtn(torch.randn(N, K, generator=g), group_size))
+    x = torch.randn(1, K, generator=g)
+    for kernel in ("glowq", "aten"):
+        try:
+            reason = cpu_int4.unsupported_reason(N, group_size, kernel)
+        except RuntimeError as e:  # ours cannot load here
+            reason = str(e)
+        if reason is not None:
+            result["kernels"][kernel] = {"skipped": reason}
+            continue
+        weight, params = cpu_int4.convert(packed.qweight, packed.scales, packed.zeros, kernel)
+        xk = x if kernel == "glowq" else x.to(cpu_int4.KERNEL_DTYPE)
+        seconds = best_of(lambda: cpu_int4.int4_matmul(xk, weight, params, group_size))
+        nbytes = weight.numel() * weight.element_size() + params.numel() * params.element_size()
+        result["kernels"][kernel] = {"ms": seconds * 1e3, "GBps": nbytes / seconds / 1e9,
+                                     "fraction_of_read": nbytes / seconds / read_Bps}
+    return result
 
 
 def tensor_bytes(model: torch.nn.Module) -> int:
@@ -238,6 +251,8 @@ def load_ours(name: str, directory: Path):
     """``(model, step or None for eager, tokenizer or None, extra fields)`` of our row ``name``,
     from the checkpoint ``quantize_to`` wrote (loaded as a user loads one: the CPU layout is made here)."""
     model = load_quantized(directory)
+    if OURS[name][2] != "auto":
+        use_cpu_kernels(model, kernel=OURS[name][2])
     tokenizer = None
     if (directory / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer
@@ -440,11 +455,13 @@ def markdown(meta: dict) -> str:
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     one = meta.get("one_linear")
     if one is not None:
-        lines[1:1] = ["", f"One linear at one row (int4 kernel, {one['shape'][0]} x {one['shape'][1]}, group "
-                          f"{one['group_size']}): {one['ms']:.3f} ms, {one['GBps']:.1f} GB/s = "
-                          f"{one['fraction_of_read']:.0%} of the {one['read_GBps']:.1f} GB/s this machine reads "
-                          f"(a sum over 512 MB)" if "skipped" not in one else
-                          f"One linear: not measured ({one['skipped']}); reads {one['read_GBps']:.1f} GB/s"]
+        names = {"glowq": "our GEMV", "aten": "PyTorch's int4 kernel"}
+        said = [f"{names[k]}: not measured ({v['skipped']})" if "skipped" in v else
+                f"{names[k]} {v['ms']:.3f} ms, {v['GBps']:.1f} GB/s = {v['fraction_of_read']:.0%}"
+                for k, v in one["kernels"].items()]
+        lines[1:1] = ["", f"One linear at one row ({one['shape'][0]} x {one['shape'][1]}, group {one['group_size']}): "
+                          + "; ".join(said) + f" of the {one['read_GBps']:.1f} GB/s this machine reads "
+                          "(a sum over 512 MB)"]
     for r in meta["rows"]:
         if "skipped" in r:
             lines.append(f"| {r['row']} | " + " | ".join(["-"] * (len(head) - 2)) + f" | {r['skipped']} |")

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.library import custom_op
 
-from glowq_fx.kernels import cpu_int4
+from glowq_fx.kernels import cpu_gemv, cpu_int4
 from glowq_fx.kernels.launch import (
     launch_experts_projection,
     launch_projection,
@@ -125,6 +125,14 @@ def shared_projection(x: Tensor, B: Tensor) -> Tensor:
     _check_projection(x, B)
     if _uses_kernels(x):
         return launch_projection(x, widen_factor(B, x))
+    return projection_product(x, B)
+
+
+def projection_product(x: Tensor, B: Tensor) -> Tensor:
+    """``x B^T`` off the GPU kernels: our CPU GEMV for decode rows (it reads ``B`` as stored),
+    else ``F.linear`` in ``x``'s dtype."""
+    if cpu_gemv.serves(x):
+        return cpu_gemv.project(x, B)
     return F.linear(x, widen_factor(B, x))
 
 
@@ -171,7 +179,7 @@ def w4a16_group_projected(x: Tensor, qweights: list[Tensor], scales: list[Tensor
     if _uses_kernels(x):
         return launch_w4a16_projected(x, qweights, scales, zeros, biases, [widen_factor(A, x) for A in As],
                                       widen_factor(B, x))
-    return reference_group(x, qweights, scales, zeros, biases, As, F.linear(x, widen_factor(B, x)))
+    return reference_group(x, qweights, scales, zeros, biases, As, projection_product(x, B))
 
 
 def _check_projected(x: Tensor, qweights, scales, zeros, biases, As, B: Tensor) -> Tensor:
@@ -214,32 +222,36 @@ def _(x, qweights, scales, zeros, biases, As, R):
 
 
 def _check_int4pack(x: Tensor, qweight: Tensor, int4pack: Tensor, scales_zeros: Tensor) -> None:
+    """The converted weight must be one CPU kernel's layout of this weight (``cpu_int4.convert``):
+    uint8 (N, K_pad / 2) codes, and float32 (2, N, n_groups) ``[s, s z]`` (our GEMV) or bfloat16
+    (n_groups, N, 2) ``[scale, zero]`` (PyTorch's kernel)."""
     N, K = qweight.shape[1], padded_in_features(qweight)
     if int4pack.dtype != torch.uint8 or tuple(int4pack.shape) != (N, K // 2):
-        raise ValueError(
-            f"int4pack must be uint8 ({N}, {K // 2}) (aten._convert_weight_to_int4pack_for_cpu of this "
-            f"weight), got {int4pack.dtype} {tuple(int4pack.shape)}"
-        )
-    if (
-        scales_zeros.dim() != 3
-        or tuple(scales_zeros.shape[1:]) != (N, 2)
-        or scales_zeros.dtype != cpu_int4.KERNEL_DTYPE
-    ):
-        raise ValueError(f"scales_zeros must be {cpu_int4.KERNEL_DTYPE} (n_groups, {N}, 2), got "
-                         f"{scales_zeros.dtype} {tuple(scales_zeros.shape)}")
+        raise ValueError(f"int4pack must be uint8 ({N}, {K // 2}) (cpu_int4.convert of this weight), got "
+                         f"{int4pack.dtype} {tuple(int4pack.shape)}")
+    expected = {torch.float32: (2, N), cpu_int4.KERNEL_DTYPE: (N, 2)}
+    shape = tuple(scales_zeros.shape)
+    if scales_zeros.dtype not in expected or scales_zeros.dim() != 3 or \
+            (shape[:2] if scales_zeros.dtype == torch.float32 else shape[1:]) != expected[scales_zeros.dtype]:
+        raise ValueError(f"scales_zeros must be float32 (2, {N}, n_groups) (our CPU GEMV) or "
+                         f"{cpu_int4.KERNEL_DTYPE} (n_groups, {N}, 2) (PyTorch's int4 kernel), got "
+                         f"{scales_zeros.dtype} {shape}")
     for name, t in (("int4pack", int4pack), ("scales_zeros", scales_zeros)):
         _check_device("", name, t, x)
 
 
 def int4pack_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Optional[Tensor],
                     A: Optional[Tensor], R: Optional[Tensor], int4pack: Tensor, scales_zeros: Tensor) -> Tensor:
-    """``glowq::w4a16_linear_int4pack``'s arithmetic in aten ops (its body, and the decomposition
-    ``glowq_backend`` hands Inductor on the CPU): decode rows through the int4 kernel, with the bias
-    and ``R A^T`` added in ``x``'s dtype; more rows dequantize and run the float GEMM."""
+    """``glowq::w4a16_linear_int4pack``'s arithmetic (its body, and the decomposition
+    ``glowq_backend`` hands Inductor on the CPU): decode rows through the CPU kernel the weight was
+    converted for: our GEMV adds the bias and ``R A^T`` inside, in float32; after PyTorch's kernel
+    they are added in ``x``'s dtype. More rows dequantize and run the float GEMM."""
     _check_member(-1, x, qweight, scales, zeros, bias, A, R)
     _check_int4pack(x, qweight, int4pack, scales_zeros)
-    if not cpu_int4.prefers_int4_kernel(x.numel() // max(x.shape[-1], 1)):
+    if not cpu_int4.prefers_int4_kernel(x.numel() // max(x.shape[-1], 1), scales_zeros):
         return reference_linear(x, qweight, scales, zeros, bias, A, R)
+    if cpu_int4.kernel_of(scales_zeros) == "glowq":
+        return cpu_gemv.matmul(x, int4pack, scales_zeros, group_size_of(qweight, scales), bias, A, R)
     y = cpu_int4.int4_matmul(x, int4pack, scales_zeros, group_size_of(qweight, scales))
     if bias is not None:
         y = y + bias

@@ -1,11 +1,15 @@
 """What ``quantize_`` did, per group and in total: ``QuantizationReport``."""
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from glowq_fx._console import format_table
 from glowq_fx.config import GlowQConfig
 from glowq_fx.registry import CORRECTIONS
+
+KERNEL_NAMES = {"cpu_gemv": "glowq's 4-bit CPU GEMV", "cpu_int4": "PyTorch's int4 kernel",
+                "cpu_gemv8": "glowq's int8 CPU GEMV", "cpu_int8": "PyTorch's int8 kernel"}
 
 
 @dataclass
@@ -58,7 +62,8 @@ class QuantizationReport:
     calibration: dict | None = None  # how S was collected: {"mode": "blocks" | "model", ...}
     embeddings: dict = field(default_factory=dict)  # quantized tables: name -> bits, bytes, tied head
     model_bytes: tuple[int, int] | None = None  # the whole model's bytes before and after, each storage once
-    kernels: dict = field(default_factory=dict)  # quantized linear -> "cpu_int4" or "reference: <why>" (this machine)
+    # quantized linear -> "cpu_gemv" / "cpu_int4" / "cpu_gemv8" / "cpu_int8" or "reference: <why>" (this machine)
+    kernels: dict = field(default_factory=dict)
 
     def total(self, key: str) -> int:
         return sum(getattr(g, key) for g in self.groups)
@@ -109,9 +114,10 @@ class QuantizationReport:
             lines.append(f"embedding {name} {e['shape'][0]} x {e['shape'][1]}: INT{e['bits']} g{e['group_size']}"
                          f"{shared}")
         if self.kernels:
-            fast = sum(k.startswith("cpu_int") for k in self.kernels.values())
-            reasons = sorted({k.split(": ", 1)[1] for k in self.kernels.values() if not k.startswith("cpu_int")})
-            lines.append(f"on this CPU: {fast} of {len(self.kernels)} quantized linears run PyTorch's int4/int8 kernels"
+            counts = Counter(k for k in self.kernels.values() if not k.startswith("reference: "))
+            reasons = sorted({k.split(": ", 1)[1] for k in self.kernels.values() if k.startswith("reference: ")})
+            lines.append(f"on this CPU, of {len(self.kernels)} quantized linears: "
+                         + ", ".join(f"{n} run {KERNEL_NAMES.get(k, k)}" for k, n in sorted(counts.items()))
                          + "".join(f"; reference path: {r}" for r in reasons))
         lines.append(self.table())
         c = self.calibration or {}

@@ -26,6 +26,7 @@ from torch import fx
 
 from glowq_fx import ops  # noqa: F401  (registers the glowq:: ops named below)
 from glowq_fx.backend._inductor import compile_with_inductor, mode_options
+from glowq_fx.backend.cpu_gemv_groups import merge_gemv_members
 from glowq_fx.backend.cpu_lowering import lower_to_aten
 from passes.rewrite import QuantizedOps, RewriteReport, fuse_shared_projections
 
@@ -80,5 +81,6 @@ def glowq_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: st
     # on the CPU Inductor lowers what the ops compute (int4 matmul, projection, epilogue);
     # on CUDA it calls them, and they launch the Triton kernels
     if lower and not on_cuda:
+        merge_gemv_members(gm)
         lower_to_aten(gm)
     return compile_with_inductor(gm, example_inputs, patches)

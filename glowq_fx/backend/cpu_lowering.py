@@ -2,7 +2,9 @@
 
 On the CPU ``glowq_backend`` replaces each dense ``glowq::`` op node of the rewritten graph by a
 call of its decomposition (``lower_to_aten``), which AOTAutograd traces into aten ops, so that
-Inductor lowers what they compute itself: PyTorch's int4 matmul
+Inductor lowers what they compute itself. Where our CPU GEMVs load (``kernels.cpu_gemv``), decode
+rows become their extern calls: one ``R = x B^T`` per group (``dense_gemv``) and per member one
+``w4a16_gemv`` with the bias and ``R A^T`` added inside; else PyTorch's int4 matmul
 (``aten._weight_int4pack_mm_for_cpu``, which Inductor lowers to its own int4 kernel call, or
 autotunes against its C++ micro-GEMM under ``max-autotune`` on AVX-512), the group's one
 ``R = x B^T``, and the bias and ``R A_i^T`` as an epilogue it fuses with the casts; for decode rows
@@ -17,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from glowq_fx import ops
+from glowq_fx.kernels import cpu_gemv, cpu_int4
 
 # Decode rows: a low-rank product (rank r, a few rows) as a broadcast multiply and a sum over r,
 # which Inductor compiles into one vectorised loop fused with the factor's widening and the add;
@@ -40,6 +43,8 @@ def _with_epilogue(y, A, R):
 
 def _projection(x, B):
     ops._check_projection(x, B)
+    if cpu_gemv.serves(x):  # our GEMV, as the eager op runs it
+        return ops.projection_product(x, B)
     return low_rank_product(x, B)
 
 
@@ -50,6 +55,8 @@ def _linear(x, qweight, scales, zeros, bias, A, R):
 
 def _int4pack_linear(x, qweight, scales, zeros, bias, A, R, int4pack, scales_zeros):
     ops._check_member(-1, x, qweight, scales, zeros, bias, A, R)
+    if cpu_int4.kernel_of(scales_zeros) == "glowq":  # our GEMV adds the correction inside
+        return ops.int4pack_linear(x, qweight, scales, zeros, bias, A, R, int4pack, scales_zeros)
     y = ops.int4pack_linear(x, qweight, scales, zeros, bias, None, None, int4pack, scales_zeros)
     return _with_epilogue(y, A, R)
 

@@ -99,8 +99,8 @@ def run_demo(settings: DemoSettings | None = None, *, say: Callable[[str], None]
         say(format_table(["run", "decode tokens/s", "first token s", "vs eager"], timing.rows()))
         say(
             f"compile {timing.compile_s:.0f} s; greedy tokens agree {timing.tokens_agree:.0%}. On the CPU the "
-            "quantized linears run PyTorch's int4 kernel, lowered by Inductor when compiled; on CUDA the Triton "
-            "kernels."
+            "quantized linears run glowq's CPU GEMV (PyTorch's int4 kernel where it cannot be built), called "
+            "from Inductor's code when compiled; on CUDA the Triton kernels."
         )
     result["time_s"] = time.perf_counter() - t_start
     (s.out / "demo.json").write_text(json.dumps(result, indent=1))

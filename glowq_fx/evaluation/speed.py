@@ -50,8 +50,20 @@ def decode_step(model: nn.Module) -> Callable:
     return step
 
 
-def compile_model(model: nn.Module, backend: object = "inductor", **options) -> Callable:
-    """The decode step of ``model`` compiled with ``backend`` (static shapes)."""
+def compile_model(model: nn.Module, backend: object = "inductor", *, skip_module_guards: bool = True,
+                  **options) -> Callable:
+    """The decode step of ``model`` compiled with ``backend`` (static shapes).
+
+    ``skip_module_guards``: a serving loop does not change the model between steps, so Dynamo's
+    guards on the modules' attributes (checked before every step: ~2 ms per token for SmolLM2's
+    30 layers on the 2-core machine, 12% of a 4-bit step) are left out, as gpt-fast-style loops
+    do (``torch.compiler.skip_guard_on_all_nn_modules_unsafe``); guards on the inputs stay. Pass
+    False where the model's modules change between calls (then the step recompiles).
+    """
+    if skip_module_guards:
+        compile_options = dict(options.pop("options", None) or {})
+        compile_options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
+        options["options"] = compile_options
     return torch.compile(decode_step(model), backend=backend, dynamic=False, **options)
 
 

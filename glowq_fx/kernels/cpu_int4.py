@@ -1,6 +1,12 @@
-"""PyTorch's CPU int4 kernel (``aten._weight_int4pack_mm_for_cpu``) for our packed codes.
+"""The CPU int4 kernels for our packed codes: our GEMV, else PyTorch's int4 kernel.
 
-The kernel reads its own weight layout, made by ``aten._convert_weight_to_int4pack_for_cpu`` from
+Two kernels serve decode rows on the CPU. Ours (``cpu_gemv``: AVX2 integer dot products against
+activations rounded to int16, 2-3x faster than PyTorch's here and closer to float) is used wherever
+it builds and loads; PyTorch's (``aten._weight_int4pack_mm_for_cpu``) where it does not, or when
+asked for (``kernel="aten"``). ``convert`` makes one kernel's layout, ``int4_matmul`` runs whichever
+layout it is given (ours: float32 parameters; PyTorch's: bfloat16).
+
+PyTorch's kernel reads its own weight layout, made by ``aten._convert_weight_to_int4pack_for_cpu`` from
 (N, K) int32 codes. That layout depends on the instruction set PyTorch dispatches to in the
 process that converts (AVX-512 interleaves 64 output rows, AVX2 32), so it is made on the
 machine that runs the model, at quantize or load time, and never stored in a checkpoint.
@@ -20,9 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from glowq_fx.kernels import cpu_gemv
 from glowq_fx.kernels.layout import unpacked_codes
 
-KERNEL_DTYPE = torch.bfloat16
+KERNELS = ("auto", "glowq", "aten")  # convert's choices: ours where it loads, ours, PyTorch's
+KERNEL_DTYPE = torch.bfloat16  # PyTorch's kernel: activations, scales and zeros
 GROUP_SIZES = (32, 64, 128, 256)  # the group sizes the kernel is built for
 ROWS_MULTIPLE = 16  # the kernel tiles output rows in blocks of 16 to 64
 VECTORISED = ("AVX2", "AVX512")  # dispatch capabilities with a vectorised kernel
@@ -42,10 +50,31 @@ def capability() -> str:
     return torch.backends.cpu.get_cpu_capability()
 
 
-def unsupported_reason(out_features: int, group_size: int) -> str | None:
-    """Why a packed linear cannot run the CPU int4 kernel on this machine, or None when it can.
-    (An ``in_features`` that is not a multiple of the group size is no obstacle: the kernel reads
+def chosen_kernel(kernel: str = "auto") -> str:
+    """The kernel ``kernel`` ("auto", "glowq", "aten") stands for here: "auto" is ours where it
+    loads, else PyTorch's; "glowq" raises where ours cannot load, saying why."""
+    if kernel not in KERNELS:
+        raise ValueError(f"CPU kernel must be one of {KERNELS}, got {kernel!r}")
+    if kernel == "aten":
+        return kernel
+    why = cpu_gemv.unavailable_reason()
+    if why is not None and kernel == "glowq":
+        raise RuntimeError(f"glowq's CPU GEMV is not available here: {why}")
+    return "aten" if why is not None else "glowq"
+
+
+def unsupported_reason(out_features: int, group_size: int, kernel: str = "auto") -> str | None:
+    """Why a packed linear cannot run a CPU int4 kernel on this machine, or None when it can.
+    (An ``in_features`` that is not a multiple of the group size is no obstacle: the kernels read
     the padded codes, and the activations are padded with zeros.)"""
+    if chosen_kernel(kernel) == "glowq":
+        if group_size % cpu_gemv.BLOCK:
+            return f"group size {group_size} (the CPU GEMV takes multiples of {cpu_gemv.BLOCK})"
+        return None
+    return _aten_unsupported_reason(out_features, group_size)
+
+
+def _aten_unsupported_reason(out_features: int, group_size: int) -> str | None:
     if not _kernel_available():
         return f"torch {torch.__version__} has no aten._weight_int4pack_mm_for_cpu"
     if capability() not in VECTORISED:
@@ -65,21 +94,30 @@ def scales_and_zeros(scales: Tensor, zeros: Tensor) -> Tensor:
     return torch.stack([s, (8.0 - zeros.float()) * s], dim=-1).to(KERNEL_DTYPE).contiguous()
 
 
-def convert(qweight: Tensor, scales: Tensor, zeros: Tensor) -> tuple[Tensor, Tensor]:
-    """(weight in the kernel's layout for this process's CPU, ``scales_and_zeros``)."""
+def convert(qweight: Tensor, scales: Tensor, zeros: Tensor, kernel: str = "auto") -> tuple[Tensor, Tensor]:
+    """(weight in the chosen kernel's layout for this process's CPU, its scales and zeros)."""
+    if chosen_kernel(kernel) == "glowq":
+        return cpu_gemv.convert(qweight, scales, zeros)
     codes = unpacked_codes(qweight).T.contiguous()  # (N, K_pad), as the converter takes them
     weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
     return weight, scales_and_zeros(scales, zeros)
 
 
-def prefers_int4_kernel(rows: int) -> bool:
+def kernel_of(scales_zeros: Tensor) -> str:
+    """Which kernel's layout a converted weight is in, told by its parameters' dtype."""
+    return "glowq" if scales_zeros.dtype == torch.float32 else "aten"
+
+
+def prefers_int4_kernel(rows: int, scales_zeros: Tensor) -> bool:
     """True where the int4 kernel beats dequantize + GEMM (``rows`` may be symbolic: a guard)."""
-    return rows <= MAX_ROWS
+    return rows <= (cpu_gemv.MAX_ROWS if kernel_of(scales_zeros) == "glowq" else MAX_ROWS)
 
 
 def int4_matmul(x: Tensor, weight: Tensor, scales_zeros: Tensor, group_size: int) -> Tensor:
-    """``x deq(W)^T`` in ``x``'s dtype through the kernel (bfloat16 inside); ``weight`` holds
-    ``K_pad >= K`` columns, the last ones multiplied by zeros."""
+    """``x deq(W)^T`` in ``x``'s dtype through the kernel whose layout ``weight`` is in (PyTorch's
+    runs in bfloat16); ``weight`` holds ``K_pad >= K`` columns, the last ones multiplied by zeros."""
+    if kernel_of(scales_zeros) == "glowq":
+        return cpu_gemv.matmul(x, weight, scales_zeros, group_size)
     K, K_pad = x.shape[-1], 2 * weight.shape[1]
     x2 = x.reshape(-1, K).to(KERNEL_DTYPE)
     x2 = (F.pad(x2, (0, K_pad - K)) if K_pad != K else x2).contiguous()

@@ -4,7 +4,7 @@ On models with a large vocabulary the head is most of the bytes a decode step re
 49152 x 576, 113 MB in float32 against 53 MB for the 4-bit body), so leaving it in floating point
 caps the decode speed of a 4-bit model. Stored int8 with one scale per output row
 (``quant.rtn.quantize_int8_rows``; torchao's int8 weight-only convention) it reads a quarter of
-float32's bytes, and PyTorch's CPU int8 kernel runs it (``kernels.cpu_int8``); elsewhere the
+float32's bytes, and a CPU int8 kernel runs it (``kernels.cpu_int8``); elsewhere the
 forward dequantizes and runs the float GEMM. A tied input embedding reads the same codes
 (``modules.embedding``, the per-row int8 layout).
 """
@@ -26,8 +26,8 @@ class Int8Linear(nn.Module):
         scales: (out_features,) in the model dtype.
         bias: (out_features,) in the model dtype, or None.
 
-    ``use_cpu_int8_kernel`` (called by ``modules.kernels.use_cpu_kernels``) turns the CPU kernel
-    on where the machine has it, with the scales in the kernel's dtype (``kernel_scales``,
+    ``use_cpu_int8_kernel`` (called by ``modules.kernels.use_cpu_kernels``) turns a CPU kernel
+    (our GEMV, else PyTorch's) on where the machine has it, with the scales in the kernel's dtype (``kernel_scales``,
     non-persistent): a cast inside the graph would reach Inductor's int8 lowering as an unrealized
     node, which it cannot take (torch 2.13).
     """
@@ -48,6 +48,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", scales)
         self.register_buffer("bias", None if bias is None else bias.detach().to(scales.dtype).clone())
         self.register_buffer("kernel_scales", None, persistent=False)
+        self.cpu_kernel = "auto"  # the CPU kernel asked for (cpu_int4.KERNELS), kept across moves
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
@@ -55,20 +56,29 @@ class Int8Linear(nn.Module):
         qweight, scales = quantize_int8_rows(linear.weight.detach())
         return cls(qweight, scales, linear.bias)
 
-    def cpu_int8_unsupported(self) -> str | None:
-        """Why this linear cannot run PyTorch's CPU int8 kernel here, or None when it can."""
+    def cpu_int8_unsupported(self, kernel: str = "auto") -> str | None:
+        """Why this linear cannot run a CPU int8 kernel (``kernel``: cpu_int4.KERNELS) here, or None when it can."""
         if self.qweight.device.type != "cpu":
             return f"on {self.qweight.device.type}, not the CPU"
         if hasattr(self.qweight, "to_local"):
             return "a tensor-parallel shard"
-        return cpu_int8.unsupported_reason()
+        return cpu_int8.unsupported_reason(kernel)
 
-    def use_cpu_int8_kernel(self, enable: bool = True) -> str | None:
-        """Run the CPU int8 kernel (``enable=False``: the dequantize + GEMM path). Returns why the
-        kernel cannot be used, or None when it is."""
-        why = self.cpu_int8_unsupported() if enable else "disabled"
-        self.kernel_scales = cpu_int8.kernel_scales(self.scales) if why is None else None
+    def use_cpu_int8_kernel(self, enable: bool = True, kernel: str = "auto") -> str | None:
+        """Run a CPU int8 kernel, ``kernel`` "auto" (ours where it loads, else PyTorch's), "glowq"
+        or "aten" (``enable=False``: the dequantize + GEMM path). Returns why the kernel cannot be
+        used, or None when it is."""
+        self.cpu_kernel = kernel
+        why = self.cpu_int8_unsupported(kernel) if enable else "disabled"
+        self.kernel_scales = cpu_int8.kernel_scales(self.scales, kernel) if why is None else None
         return why
+
+    @property
+    def kernel_name(self) -> str:
+        """"cpu_gemv8" (ours), "cpu_int8" (PyTorch's int8 kernel) or "reference" (dequantize + matmul)."""
+        if self.kernel_scales is None:
+            return "reference"
+        return "cpu_gemv8" if self.kernel_scales.dtype == torch.float32 else "cpu_int8"
 
     def _apply(self, fn, recurse=True):
         # the kernel's scales belong to the device they were made for: made again after a move
@@ -77,13 +87,13 @@ class Int8Linear(nn.Module):
         self.kernel_scales = None
         out = super()._apply(fn, recurse)
         if converted:
-            self.use_cpu_int8_kernel()
+            self.use_cpu_int8_kernel(kernel=self.cpu_kernel)
         return out
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
         if self.kernel_scales is not None:  # the scales changed under the kernel's copy
-            self.use_cpu_int8_kernel()
+            self.use_cpu_int8_kernel(kernel=self.cpu_kernel)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         """The float weight (out_features, in_features) in ``dtype`` (default: the scales')."""

@@ -15,17 +15,14 @@ from glowq_fx.modules.linear import QuantizedLinear
 
 log = logging.getLogger("glowq_fx")
 
-CPU_INT4 = "cpu_int4"
-CPU_INT8 = "cpu_int8"
+def use_cpu_kernels(model: nn.Module, enable: bool = True, kernel: str = "auto") -> dict[str, str]:
+    """Give every quantized linear on the CPU a 4-bit kernel (an int8 head: an int8 kernel) where it
+    can take it: ``kernel`` "auto" (our GEMVs where they build, else PyTorch's int4 / int8
+    kernels), "glowq" (ours, or an error saying why not) or "aten" (PyTorch's).
 
-
-def use_cpu_kernels(model: nn.Module, enable: bool = True) -> dict[str, str]:
-    """Give every quantized linear on the CPU PyTorch's int4 kernel (an int8 head: its int8
-    kernel) where it can take it.
-
-    Returns module name -> ``"cpu_int4"``, ``"cpu_int8"`` or ``"reference: <why>"`` for every quantized linear on
-    the CPU; the linears left on the reference path (dequantize + GEMM at every call) are said in
-    one warning per reason, with how many they are.
+    Returns module name -> ``"cpu_gemv"``, ``"cpu_int4"``, ``"cpu_gemv8"``, ``"cpu_int8"`` or
+    ``"reference: <why>"`` for every quantized linear on the CPU; the linears left on the reference
+    path (dequantize + GEMM at every call) are said in one warning per reason, with how many they are.
     """
     kernels: dict[str, str] = {}
     left: dict[str, list[str]] = {}
@@ -33,8 +30,8 @@ def use_cpu_kernels(model: nn.Module, enable: bool = True) -> dict[str, str]:
         if not isinstance(module, (QuantizedLinear, Int8Linear)) or module.qweight.device.type != "cpu":
             continue
         int8 = isinstance(module, Int8Linear)
-        why = module.use_cpu_int8_kernel(enable) if int8 else module.use_cpu_int4_kernel(enable)
-        kernels[name] = (CPU_INT8 if int8 else CPU_INT4) if why is None else f"reference: {why}"
+        why = module.use_cpu_int8_kernel(enable, kernel) if int8 else module.use_cpu_int4_kernel(enable, kernel)
+        kernels[name] = module.kernel_name if why is None else f"reference: {why}"
         if why is not None and enable:
             left.setdefault(why, []).append(name)
     for why, names in left.items():

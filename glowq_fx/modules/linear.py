@@ -62,10 +62,10 @@ class QuantizedLinear(nn.Module):
     ``projection`` is the group's ``SharedProjection`` (not a registered child: it is registered
     once, on the group's common ancestor, so its ``B`` is stored once).
 
-    On the CPU, ``use_cpu_int4_kernel`` adds the codes in the layout of PyTorch's int4 kernel
-    (``int4pack``, ``scales_zeros``: non-persistent, since that layout depends on the CPU that
-    converts them; see ``glowq_fx.kernels.cpu_int4``), and the forward runs that kernel. The
-    canonical buffers stay: checkpoints and prefill (dequantize + GEMM) read them.
+    On the CPU, ``use_cpu_int4_kernel`` adds the codes in the layout of a CPU int4 kernel, our
+    GEMV or PyTorch's (``int4pack``, ``scales_zeros``: non-persistent, since the layout depends on
+    the CPU that converts them; see ``glowq_fx.kernels.cpu_int4``), and the forward runs that
+    kernel. The canonical buffers stay: checkpoints and prefill (dequantize + GEMM) read them.
     """
 
     glowq_quantized = True  # capture.run.check_model: not quantized twice
@@ -86,24 +86,28 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("A", None)
         self.register_buffer("int4pack", None, persistent=False)
         self.register_buffer("scales_zeros", None, persistent=False)
+        self.cpu_kernel = "auto"  # the CPU kernel asked for (cpu_int4.KERNELS), kept across moves
         object.__setattr__(self, "projection", None)
         self.set_correction(A, projection)
 
-    def cpu_int4_unsupported(self) -> str | None:
-        """Why this linear cannot run PyTorch's CPU int4 kernel here, or None when it can."""
+    def cpu_int4_unsupported(self, kernel: str = "auto") -> str | None:
+        """Why this linear cannot run a CPU int4 kernel (``kernel``: cpu_int4.KERNELS) here, or None when it can."""
         q = self.qweight
         if q.device.type != "cpu":
             return f"on {q.device.type}, not the CPU"
         if hasattr(q, "to_local"):
             return "a tensor-parallel shard"
-        return cpu_int4.unsupported_reason(self.out_features, group_size_of(q, self.scales))
+        return cpu_int4.unsupported_reason(self.out_features, group_size_of(q, self.scales), kernel)
 
-    def use_cpu_int4_kernel(self, enable: bool = True) -> str | None:
-        """Convert the codes for PyTorch's CPU int4 kernel (``enable=False``: drop that copy and
-        run the reference path). Returns why the kernel cannot be used, or None when it is."""
-        why = self.cpu_int4_unsupported() if enable else "disabled"
+    def use_cpu_int4_kernel(self, enable: bool = True, kernel: str = "auto") -> str | None:
+        """Convert the codes for a CPU int4 kernel: ``kernel`` "auto" (our GEMV where it loads,
+        else PyTorch's), "glowq" or "aten" (``enable=False``: drop that copy and run the reference
+        path). Returns why the kernel cannot be used, or None when it is."""
+        cpu_int4.chosen_kernel(kernel)  # a bad name raises here, whatever the device
+        self.cpu_kernel = kernel
+        why = self.cpu_int4_unsupported(kernel) if enable else "disabled"
         if why is None:
-            self.int4pack, self.scales_zeros = cpu_int4.convert(self.qweight, self.scales, self.zeros)
+            self.int4pack, self.scales_zeros = cpu_int4.convert(self.qweight, self.scales, self.zeros, kernel)
         else:
             self.int4pack = self.scales_zeros = None
         return why
@@ -115,13 +119,13 @@ class QuantizedLinear(nn.Module):
         self.int4pack = self.scales_zeros = None
         out = super()._apply(fn, recurse)
         if converted:
-            self.use_cpu_int4_kernel()
+            self.use_cpu_int4_kernel(kernel=self.cpu_kernel)
         return out
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
         if self.int4pack is not None:  # the codes changed under the converted copy
-            self.use_cpu_int4_kernel()
+            self.use_cpu_int4_kernel(kernel=self.cpu_kernel)
 
     def set_correction(self, A: Tensor | None, projection: SharedProjection | None) -> None:
         """Attach ``A_i`` and the group's projection, or remove the correction with ``(None, None)``
@@ -171,4 +175,11 @@ class QuantizedLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"group_size={self.group_size}, rank={self.rank}, bias={self.bias is not None}"
-                + (", kernel=cpu_int4" if self.int4pack is not None else ""))
+                + (f", kernel={self.kernel_name}" if self.int4pack is not None else ""))
+
+    @property
+    def kernel_name(self) -> str:
+        """"cpu_gemv" (ours), "cpu_int4" (PyTorch's int4 kernel) or "reference" (dequantize + matmul)."""
+        if self.int4pack is None:
+            return "reference"
+        return "cpu_gemv" if cpu_int4.kernel_of(self.scales_zeros) == "glowq" else "cpu_int4"

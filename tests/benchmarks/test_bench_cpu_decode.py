@@ -24,7 +24,8 @@ def test_tiny_run_writes_its_table(tmp_path):
     assert all(r is None or r["decode_tok_s"]["1"] > 0 and r["ttft_s"] > 0 for r in measured.values())
     # the tiny model scores random tokens: a perplexity, of no meaning, on every row
     assert all(r is None or r["ppl"] > 1 for r in measured.values())
-    assert ours["kernels"] == {"cpu_int4": 14, "cpu_int8": 1}  # every linear of the tiny Llama, the int8 head
+    # every linear of the tiny Llama and the int8 head: our GEMVs where they build, else PyTorch's kernels
+    assert ours["kernels"] in ({"cpu_gemv": 14, "cpu_gemv8": 1}, {"cpu_int4": 14, "cpu_int8": 1})
     # each row in its own process: its own peak memory; the bytes of its tensors, the int8 head's included
     assert ours["peak_rss_mib"] > 0 and ours["bytes"] < measured["float32 eager"]["bytes"]
     assert "vs float32 eager" in ours

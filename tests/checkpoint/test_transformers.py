@@ -87,8 +87,10 @@ def test_the_loaded_model_compiles_with_the_glowq_backend(tmp_path):
     loaded = T.AutoModelForCausalLM.from_pretrained(tmp_path)
     ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(1))
     compiled = torch.compile(loaded, backend=glowq_fx.glowq_backend)
+    # 1e-4: the CPU GEMV rounds its activations to int16 (one step ~3e-5 of a block's largest), and
+    # Inductor's fused norms can move an activation across a rounding boundary
     with torch.no_grad():
-        torch.testing.assert_close(compiled(input_ids=ids).logits, loaded(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(compiled(input_ids=ids).logits, loaded(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
 
 
 def test_bad_checkpoints_are_refused_by_from_pretrained(tmp_path):

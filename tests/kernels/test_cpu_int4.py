@@ -1,4 +1,5 @@
-"""PyTorch's CPU int4 kernel on our packed codes: the layout conversion, the op, the module."""
+"""PyTorch's CPU int4 kernel on our packed codes (``kernel="aten"``; our GEMV is tests/kernels/test_cpu_gemv.py):
+the layout conversion, the op, the module."""
 import logging
 
 import pytest
@@ -11,8 +12,8 @@ from glowq_fx.modules.kernels import use_cpu_kernels
 from glowq_fx.modules.linear import QuantizedLinear, SharedProjection
 from glowq_fx.quant.rtn import quantize_rtn
 
-pytestmark = pytest.mark.skipif(cpu_int4.unsupported_reason(64, 64) is not None,
-                                reason=f"no CPU int4 kernel here: {cpu_int4.unsupported_reason(64, 64)}")
+pytestmark = pytest.mark.skipif(cpu_int4.unsupported_reason(64, 64, "aten") is not None,
+                                reason=f"no CPU int4 kernel here: {cpu_int4.unsupported_reason(64, 64, 'aten')}")
 
 
 def _packed(N, K, gs, seed, dtype=torch.float32):
@@ -23,7 +24,7 @@ def _packed(N, K, gs, seed, dtype=torch.float32):
 def _kernel_weight(p):
     """The kernel's dequantized weight (K_pad, N): the identity through the kernel (one nonzero
     product per output, so the only rounding is the kernel's own)."""
-    weight, sz = cpu_int4.convert(p.qweight, p.scales, p.zeros)
+    weight, sz = cpu_int4.convert(p.qweight, p.scales, p.zeros, "aten")
     K_pad = padded_in_features(p.qweight)
     return torch.ops.aten._weight_int4pack_mm_for_cpu(torch.eye(K_pad, dtype=torch.bfloat16), weight, p.group_size, sz)
 
@@ -53,11 +54,13 @@ def test_zero_form_matches_our_dequantization(gs):
 
 
 def test_reasons_for_shapes_the_kernel_cannot_take(monkeypatch):
-    assert cpu_int4.unsupported_reason(40, 64) == "out_features 40 is not a multiple of 16"
-    assert "group size 16" in cpu_int4.unsupported_reason(64, 16)
-    assert "group size 512" in cpu_int4.unsupported_reason(64, 512)
+    assert cpu_int4.unsupported_reason(40, 64, "aten") == "out_features 40 is not a multiple of 16"
+    assert "group size 16" in cpu_int4.unsupported_reason(64, 16, "aten")
+    assert "group size 512" in cpu_int4.unsupported_reason(64, 512, "aten")
     monkeypatch.setattr(cpu_int4, "capability", lambda: "DEFAULT")
-    assert "AVX2" in cpu_int4.unsupported_reason(64, 64)
+    assert "AVX2" in cpu_int4.unsupported_reason(64, 64, "aten")
+    with pytest.raises(ValueError, match="CPU kernel must be one of"):
+        cpu_int4.unsupported_reason(64, 64, "fast")
 
 
 def _member(N, K, gs, rank, bias, seed):
@@ -77,7 +80,7 @@ def test_op_decode_rows_run_the_kernel(rows, rank, bias):
     p, b, A, R_of = _member(64, 200, 64, rank, bias, seed=rows)
     x = torch.randn(2, rows, 200)
     R = R_of(x)
-    weight, sz = cpu_int4.convert(p.qweight, p.scales, p.zeros)
+    weight, sz = cpu_int4.convert(p.qweight, p.scales, p.zeros, "aten")
     y = ops.w4a16_linear_int4pack(x, p.qweight, p.scales, p.zeros, b, A, R, weight, sz)
     W = _kernel_weight(p).double()[:200]  # (K, N)
     expected = x.to(torch.bfloat16).double() @ W
@@ -94,14 +97,14 @@ def test_op_prefill_rows_run_the_reference():
     p, b, A, R_of = _member(64, 256, 32, 4, True, seed=7)
     x = torch.randn(cpu_int4.MAX_ROWS + 1, 256)
     R = R_of(x)
-    weight, sz = cpu_int4.convert(p.qweight, p.scales, p.zeros)
+    weight, sz = cpu_int4.convert(p.qweight, p.scales, p.zeros, "aten")
     y = ops.w4a16_linear_int4pack(x, p.qweight, p.scales, p.zeros, b, A, R, weight, sz)
     assert torch.equal(y, ops.reference_linear(x, p.qweight, p.scales, p.zeros, b, A, R))
 
 
 def test_op_checks_the_converted_weight():
     p, *_ = _member(64, 256, 32, 0, False, seed=1)
-    weight, sz = cpu_int4.convert(p.qweight, p.scales, p.zeros)
+    weight, sz = cpu_int4.convert(p.qweight, p.scales, p.zeros, "aten")
     x = torch.randn(1, 256)
     with pytest.raises(ValueError, match="int4pack must be uint8"):
         ops.w4a16_linear_int4pack(x, p.qweight, p.scales, p.zeros, None, None, None, weight[:32], sz)
@@ -121,12 +124,13 @@ def test_module_converts_keeps_its_state_and_follows_casts():
     x = torch.randn(1, 192)
     reference = lin(x)
     keys = set(lin.state_dict())
-    assert lin.use_cpu_int4_kernel() is None and lin.int4pack is not None
+    assert lin.use_cpu_int4_kernel(kernel="aten") is None and lin.kernel_name == "cpu_int4"
     assert set(lin.state_dict()) == keys  # the machine's layout never reaches a checkpoint
     y = lin(x)
     assert (y - reference).abs().max() <= 1e-2 * reference.abs().max()
-    lin.to(torch.bfloat16)  # made again from the cast scales and zeros
-    assert lin.int4pack is not None and torch.equal(lin.scales_zeros, cpu_int4.scales_and_zeros(lin.scales, lin.zeros))
+    lin.to(torch.bfloat16)  # made again, for the same kernel, from the cast scales and zeros
+    assert lin.kernel_name == "cpu_int4"
+    assert torch.equal(lin.scales_zeros, cpu_int4.scales_and_zeros(lin.scales, lin.zeros))
     lin.to("meta")
     assert lin.int4pack is None and "meta" in lin.cpu_int4_unsupported()
 
@@ -134,15 +138,15 @@ def test_module_converts_keeps_its_state_and_follows_casts():
 def test_loading_new_codes_converts_them_again():
     lin, other = _linear(), _linear(K=192, gs=64)
     other.load_state_dict({k: torch.zeros_like(v) if k == "qweight" else v for k, v in other.state_dict().items()})
-    lin.use_cpu_int4_kernel()
+    lin.use_cpu_int4_kernel(kernel="aten")
     lin.load_state_dict(other.state_dict())
-    assert torch.equal(lin.int4pack, cpu_int4.convert(other.qweight, other.scales, other.zeros)[0])
+    assert torch.equal(lin.int4pack, cpu_int4.convert(other.qweight, other.scales, other.zeros, "aten")[0])
 
 
 def test_use_cpu_kernels_says_why_once_per_reason(caplog):
     model = torch.nn.ModuleDict({"a": _linear(N=40), "b": _linear(N=40), "c": _linear(N=64)})
     with caplog.at_level(logging.WARNING, logger="glowq_fx"):
-        kernels = use_cpu_kernels(model)
+        kernels = use_cpu_kernels(model, kernel="aten")
     assert kernels == {"a": "reference: out_features 40 is not a multiple of 16",
                        "b": "reference: out_features 40 is not a multiple of 16", "c": "cpu_int4"}
     said = [r.getMessage() for r in caplog.records]
