@@ -4,7 +4,8 @@ On x86 CPUs with AVX2 (AVX-512 machines too) it multiplies a few rows of activat
 codes with integer dot products, two ``madd_epi16`` per 32 codes, as llama.cpp does with int8
 activations; the activations are rounded to int16 with one scale per 32 columns (relative error
 ~2e-5, smaller than bfloat16's 4e-3). On the 2-core AVX2 machine it reads a 4096 x 4096 matrix at
-one row in 0.48 ms (17.6 GB/s), where PyTorch's int4 kernel takes 1.18 ms.
+one row in 0.48-0.70 ms (noisy machine), where PyTorch's int4 kernel takes 1.17 ms (the bench's run:
+0.699 against 1.168 ms).
 
 The C++ source is compiled on first use with the machine's C++ compiler (the one Inductor uses for
 its CPU kernels) against this torch, into ``<cache>/cpu_kernels/<hash>/`` (``glowq_fx.data.cache``:
