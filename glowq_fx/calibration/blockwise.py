@@ -119,12 +119,14 @@ class BlockwiseCalibration:
             each block's groups then come from its own graph (``find_block_groups``).
         find: the ``GlowQConfig`` whose filters the found groups follow (with ``outside=None``).
         stats_dtype: accumulation dtype of ``S``.
+        first_position_weight: ``GlowQConfig.first_position_weight``.
         block_inputs: ``"float"`` or ``"quantized"`` (``GlowQConfig.block_inputs``).
         activations, offload_dir: where the cached inputs live (``GlowQConfig.activations``).
     """
 
     def __init__(self, model: nn.Module, blocks: Blocks, batches: Sequence[object], run: Run, device: torch.device,
-                 outside: Sequence[InputGroup] | None, *, stats_dtype: str = "float32", block_inputs: str = "float",
+                 outside: Sequence[InputGroup] | None, *, stats_dtype: str = "float32",
+                 first_position_weight: float = 1.0, block_inputs: str = "float",
                  activations: str = "auto", offload_dir: str | None = None, find: GlowQConfig | None = None):
         self.model, self.blocks, self.batches, self.run = model, blocks, list(batches), run
         self.device = torch.device(device)
@@ -133,6 +135,7 @@ class BlockwiseCalibration:
         # (on meta: its owner reads it from disk when its turn comes), the compute device
         self.homes = [self.device if _device_of(m).type == "meta" else _device_of(m) for m in self.modules]
         self.stats_dtype, self.block_inputs = stats_dtype, block_inputs
+        self.first_position_weight = first_position_weight
         self._activations, self._offload_dir = activations, offload_dir
         self.place: str | None = None
         self._stores: list[ActivationStore] = []
@@ -170,7 +173,8 @@ class BlockwiseCalibration:
             return hook
 
         outside_hooks = [modules[g.members[0]].register_forward_pre_hook(note(g.name)) for g in outside]
-        head_stats = GroupStatistics(((g.name, g.in_features) for g in outside), dtype=self.stats_dtype)
+        head_stats = GroupStatistics(((g.name, g.in_features) for g in outside), dtype=self.stats_dtype,
+                                     first_position_weight=self.first_position_weight)
         last = len(self.modules) - 1
         current: dict = {}
 
@@ -326,7 +330,8 @@ class BlockwiseCalibration:
         with float block inputs its outputs are kept for ``advance``."""
         t0 = time.perf_counter()
         self.modules[i].to(self.device)
-        stats = GroupStatistics(((g.name, g.in_features) for g in groups), dtype=self.stats_dtype, experts=experts)
+        stats = GroupStatistics(((g.name, g.in_features) for g in groups), dtype=self.stats_dtype, experts=experts,
+                                first_position_weight=self.first_position_weight)
         with feeding(self.model, groups, stats) as set_mask, torch.no_grad():
             for b, batch in enumerate(self.batches):
                 set_mask(batch_mask(batch))
@@ -353,7 +358,8 @@ class BlockwiseCalibration:
     # -- step 3 ----------------------------------------------------------------------------------
     def tail_statistics(self) -> GroupStatistics:
         """The ``S`` of the groups after the last block, from the final streams."""
-        stats = GroupStatistics(((g.name, g.in_features) for g in self.tail_groups), dtype=self.stats_dtype)
+        stats = GroupStatistics(((g.name, g.in_features) for g in self.tail_groups), dtype=self.stats_dtype,
+                                first_position_weight=self.first_position_weight)
         if not self.tail_groups:
             return stats
         last, home = len(self.modules) - 1, self.homes[-1]

@@ -126,6 +126,7 @@ def calibrate(
     try:
         groups, skipped, breaks = discover_groups(model, batches, config, groups, run)
         stats = collect_statistics(model, groups, batches, run, dtype=config.stats_dtype,
+                                   first_position_weight=config.first_position_weight,
                                    progress=progress_bar(progress, "calibration", len(batches)))
     finally:
         model.train(was_training)

@@ -106,12 +106,15 @@ def collect_statistics(
     run: Callable[[nn.Module, object], object],
     *,
     dtype: str = "float32",
+    first_position_weight: float = 1.0,
     progress: Callable[[Iterable], Iterable] = lambda it: it,
     experts: dict | None = None,
 ) -> GroupStatistics:
     """One ``S`` per group over ``batches`` (and the statistics of ``experts``, by experts module
-    name: ``calibration.experts``); ``run(model, batch)`` does one forward pass."""
-    stats = GroupStatistics(((g.name, g.in_features) for g in groups), dtype=dtype, experts=experts)
+    name: ``calibration.experts``); ``run(model, batch)`` does one forward pass; the first position of
+    each window counts ``first_position_weight`` times (``GlowQConfig.first_position_weight``)."""
+    stats = GroupStatistics(((g.name, g.in_features) for g in groups), dtype=dtype, experts=experts,
+                            first_position_weight=first_position_weight)
     with feeding(model, groups, stats, stop_at=output_module(model)) as set_mask, torch.no_grad():
         for batch in progress(batches):
             set_mask(batch_mask(batch))

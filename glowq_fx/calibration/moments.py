@@ -7,6 +7,7 @@ stored, memory is O(d_in^2) per group.
 """
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable, Mapping
 
@@ -29,12 +30,14 @@ class SecondMoment:
     The sum lives on the device of the first batch (the activations' device).
     """
 
-    def __init__(self, d_in: int, name: str = "group", dtype: torch.dtype = torch.float32):
+    def __init__(self, d_in: int, name: str = "group", dtype: torch.dtype = torch.float32,
+                 first_position_weight: float = 1.0):
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"{name}: accumulate S in float32 or float64, got {dtype}")
         self.d_in = d_in
         self.name = name
         self.dtype = dtype
+        self.first_position_weight = first_position_weight
         self._sum: Tensor | None = None
         self.n_tokens = 0
         self.n_batches = 0
@@ -53,6 +56,8 @@ class SecondMoment:
             )
         if not x.is_floating_point():
             raise ValueError(f"{self.name}: activations must be floating point, got {x.dtype}")
+        if self.first_position_weight != 1:
+            x = self._first_position_weighted(x, attention_mask)
         tokens = x.reshape(-1, self.d_in)
         if attention_mask is not None:
             if tuple(attention_mask.shape) != tuple(x.shape[:-1]):
@@ -77,6 +82,22 @@ class SecondMoment:
         self._sum.addmm_(t.T, t)
         self.n_tokens += t.shape[0]
         self.n_batches += 1
+
+    def _first_position_weighted(self, x: Tensor, attention_mask: Tensor | None) -> Tensor:
+        """``x`` with each sequence's first (unmasked) position scaled by ``sqrt(c)``, so that it
+        counts ``c = first_position_weight`` times in ``sum_t x_t x_t^T`` (``n_tokens`` still counts
+        it once: a uniform scale of ``S``, which neither GPTQ nor the whitened solve depends on)."""
+        if x.dim() < 3:
+            raise ValueError(f"{self.name}: first_position_weight={self.first_position_weight} needs inputs shaped "
+                             f"(batch, positions, features), got {tuple(x.shape)}; use first_position_weight=1 "
+                             "for this model")
+        first = torch.zeros(x.shape[:-1], dtype=torch.long, device=x.device)
+        if attention_mask is not None and tuple(attention_mask.shape) == tuple(x.shape[:-1]):
+            first = attention_mask.to(device=x.device).bool().long().argmax(dim=-1, keepdim=True).expand(x.shape[:-1])
+        positions = torch.arange(x.shape[-2], device=x.device).expand(x.shape[:-1])
+        scale = torch.ones(x.shape[:-1], dtype=x.dtype, device=x.device)
+        scale[positions == first] = math.sqrt(self.first_position_weight)
+        return x * scale[..., None]
 
     def value(self) -> Tensor:
         """``S`` (d_in, d_in) in the accumulation dtype."""
@@ -104,12 +125,14 @@ class GroupStatistics(Mapping[str, SecondMoment]):
     Args:
         groups: (name, d_in) for each group.
         dtype: ``"float32"`` or ``"float64"`` (``GlowQConfig.stats_dtype``).
+        first_position_weight: ``GlowQConfig.first_position_weight`` (each ``SecondMoment``).
     """
 
-    def __init__(self, groups: Iterable[tuple[str, int]], dtype: str = "float32", experts: Mapping | None = None):
+    def __init__(self, groups: Iterable[tuple[str, int]], dtype: str = "float32", experts: Mapping | None = None,
+                 first_position_weight: float = 1.0):
         if dtype not in _STATS_DTYPES:
             raise ValueError(f"stats dtype must be one of {list(_STATS_DTYPES)}, got {dtype!r}")
-        self._stats = {name: SecondMoment(d, name, _STATS_DTYPES[dtype]) for name, d in groups}
+        self._stats = {name: SecondMoment(d, name, _STATS_DTYPES[dtype], first_position_weight) for name, d in groups}
         # experts module name -> calibration.experts.ExpertsStatistics, fed beside the groups
         self.experts = dict(experts or {})
         # group or experts module -> the identity of the tensor it read first (which read the very same input)

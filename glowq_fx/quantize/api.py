@@ -444,6 +444,7 @@ def _blockwise(model: nn.Module, blocks: Blocks, batches: list, run: Run, device
     outside = None if given is None else assign_groups(given, blocks)[1]
     try:
         return BlockwiseCalibration(model, blocks, batches, run, device, outside, stats_dtype=config.stats_dtype,
+                                    first_position_weight=config.first_position_weight,
                                     block_inputs=config.block_inputs, activations=config.activations,
                                     offload_dir=config.offload_dir, find=config if given is None else None)
     except BlockwiseUnsupported as exc:
@@ -611,6 +612,7 @@ def _quantize_whole(model: nn.Module, given, experts, run: Run, config: GlowQCon
         return  # the caller says why nothing was quantized
     check_rank(done.order, config)
     stats = collect_statistics(model, done.order, done.batches, run, dtype=config.stats_dtype,
+                               first_position_weight=config.first_position_weight,
                                progress=progress_bar(progress, "calibration", len(done.batches)),
                                experts=experts_statistics(model, experts, config))
     done.n_tokens = max([*(stats[g.name].n_tokens for g in done.order),

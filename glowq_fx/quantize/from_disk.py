@@ -98,6 +98,7 @@ def quantize_checkpoint(directory: str | Path, out: str | Path, calibration: Ite
     batches = check_calibration(model, calibration)
     try:  # the groups outside the blocks from the model's graph with its blocks stubbed; each block's from its own
         blockwise = BlockwiseCalibration(model, blocks, batches, run, device, None, stats_dtype=config.stats_dtype,
+                                         first_position_weight=config.first_position_weight,
                                          block_inputs=config.block_inputs, activations=config.activations,
                                          offload_dir=config.offload_dir, find=config)
     except BlockwiseUnsupported as exc:

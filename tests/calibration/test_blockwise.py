@@ -385,3 +385,29 @@ def test_a_block_that_runs_a_linear_not_its_own_is_named_with_the_fix(gen):
     report = quantize_(Borrowing().eval(), batches, GlowQConfig(group_size=32, rank=4, calibration="model"),
                        progress=False)
     assert "proj" in {m for g in report.groups for m in g.members}
+
+
+def test_first_position_weight_reaches_both_calibration_paths(monkeypatch):
+    """The S each group is solved with: block by block equals whole-model with the weight, and the
+    weight changes it (the first positions really counted more)."""
+    import glowq_fx.quantize.api as quantize_module
+
+    model, batches = tiny_llama(), token_batches(2)
+    used: dict[str, dict[str, torch.Tensor]] = {}
+    solve_group = quantize_module._quantize_group
+
+    def spy(tag):
+        def record(model, g, S, config):
+            used.setdefault(tag, {})[g.name] = S.clone()
+            return solve_group(model, g, S, config)
+        return record
+
+    for tag, options in [("blocks", dict(calibration="blocks", first_position_weight=16.0)),
+                         ("model", dict(calibration="model", first_position_weight=16.0)),
+                         ("plain", dict(calibration="model"))]:
+        monkeypatch.setattr(quantize_module, "_quantize_group", spy(tag))
+        quantize_(copy.deepcopy(model), batches, GlowQConfig(group_size=32, rank=8, **options), progress=False)
+    assert used["blocks"].keys() == used["model"].keys() == used["plain"].keys()
+    for name in used["model"]:
+        torch.testing.assert_close(used["blocks"][name], used["model"][name], rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(used["model"][name], used["plain"][name]), name

@@ -65,3 +65,35 @@ def test_group_statistics_keyed_by_group(gen):
         stats.add_batch("o_proj", x)
     with pytest.raises(ValueError, match="stats dtype"):
         GroupStatistics([("a", 4)], dtype="float16")
+
+
+def test_first_position_weight_counts_each_sequences_first_token_c_times(gen):
+    """S * n = sum_t x_t x_t^T + (c - 1) sum_sequences x_first x_first^T, exactly; with left
+    padding the first unmasked position is the one weighted."""
+    c = 7.0
+    x = torch.randn(3, 5, 8, generator=gen, dtype=torch.float64)
+    acc = SecondMoment(8, "g", dtype=torch.float64, first_position_weight=c)
+    acc.add_batch(x)
+    flat, first = x.reshape(-1, 8), x[:, 0]
+    torch.testing.assert_close(acc.value() * 15, flat.T @ flat + (c - 1) * first.T @ first, rtol=1e-12, atol=1e-12)
+    assert acc.n_tokens == 15
+
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 1, 1, 1, 1]])
+    padded = SecondMoment(8, "g", dtype=torch.float64, first_position_weight=c)
+    padded.add_batch(x, attention_mask=mask)
+    kept = x[mask.bool()]
+    firsts = torch.stack([x[0, 2], x[1, 0], x[2, 1]])
+    torch.testing.assert_close(padded.value() * kept.shape[0], kept.T @ kept + (c - 1) * firsts.T @ firsts,
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_first_position_weight_needs_positions_and_a_positive_number(gen):
+    from glowq_fx import GlowQConfig
+
+    acc = SecondMoment(8, "layers.0.attn", first_position_weight=4.0)
+    with pytest.raises(ValueError, match=r"layers\.0\.attn.*\(batch, positions, features\).*first_position_weight=1"):
+        acc.add_batch(torch.randn(10, 8, generator=gen))
+    SecondMoment(8, "g").add_batch(torch.randn(10, 8, generator=gen))  # weight 1: flattened inputs are fine
+    for bad in (0, -2.0, float("nan"), True, "32"):
+        with pytest.raises(ValueError, match="first_position_weight must be a positive number"):
+            GlowQConfig(first_position_weight=bad)

@@ -1,0 +1,87 @@
+"""The peers benchmark's accounting, on a tiny model and without the peers installed: the bits per
+weight it plans for GlowQ equal what the quantized model stores, the configurations it picks fit
+under their targets, a peer's bits follow its format, and a peer that is not here gets a reason."""
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tests_helpers import tiny_llama_config, token_batches
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return _load("bench_peers")
+
+
+def _model(hidden: int = 96, seed: int = 0):
+    import transformers as T
+
+    torch.manual_seed(seed)
+    return T.LlamaForCausalLM(tiny_llama_config(hidden_size=hidden, intermediate_size=160)).eval()
+
+
+@pytest.mark.parametrize("group_size,rank", [(32, 0), (64, 5), (128, 8), (-1, 3)])
+def test_planned_bits_equal_the_stored_bits_of_the_quantized_model(bench, group_size, rank):
+    """hidden 96 is not a multiple of 64 or 128: the padded last group is counted in both."""
+    from glowq_fx import GlowQConfig, find_groups, quantize_
+
+    model, batches = _model(), token_batches(2)
+    groups = [g for g in find_groups(model, batches[0]).groups if all(".layers." in m for m in g.members)]
+    shapes = {n: tuple(m.weight.shape) for n, m in bench.block_linears(model).items()}
+    planned = bench.planned_bits(groups, group_size, rank)
+    quantize_(model, batches, GlowQConfig(group_size=group_size, rank=rank, method="glowq" if rank else "none",
+                                          output_head_bits=None), progress=False)
+    assert bench.our_bits(model, shapes) == pytest.approx(planned, rel=1e-12)
+    codes = sum(N * (math.ceil(K / group_size) * group_size if group_size > 0 else K) for N, K in shapes.values())
+    assert planned >= 4 * codes / sum(N * K for N, K in shapes.values())  # at least the codes
+
+
+def test_configs_fit_under_their_targets_and_take_the_largest_rank(bench):
+    from glowq_fx import find_groups
+
+    model, batches = _model(), token_batches(2)
+    groups = find_groups(model, batches[0]).groups
+    targets = [4.6, 4.61, 5.5]  # 4.61 is met by 4.6's configurations (within 2%)
+    configs = bench.glowq_configs_for(groups, targets)
+    assert configs
+    for g, rank in configs:
+        bits = bench.planned_bits(groups, g, rank)
+        assert rank > 0 and bits <= max(targets) * 1.02
+        fits = [t for t in (4.6, 5.5) if bits <= t * 1.02]
+        # the rank is the largest under the smallest target it was chosen for
+        assert any(bench.planned_bits(groups, g, rank + 1) > t * 1.02 for t in fits)
+
+
+def test_peer_bits_count_codes_groups_and_float_linears(bench):
+    shapes = {"a": (8, 96), "b": (4, 64)}
+    bits = bench.peer_bits(shapes, {"a": 32}, meta_bits=20)  # b left float
+    assert bits == pytest.approx((4 * 8 * 96 + 20 * 8 * 3 + 16 * 4 * 64) / (8 * 96 + 4 * 64))
+    assert bench.peer_bits(shapes, {"a": 128, "b": 128}, 16) == pytest.approx(
+        (4 * (8 * 96 + 4 * 64) + 16 * (8 + 4)) / (8 * 96 + 4 * 64))  # a partial last group is one group
+
+
+def test_a_peer_that_is_not_installed_gets_its_row_with_the_reason(bench, tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "prefix", str(tmp_path))
+    monkeypatch.setattr(bench.importlib.metadata, "version", lambda p: (_ for _ in ()).throw(
+        bench.importlib.metadata.PackageNotFoundError(p)))
+    (tmp_path / "install-failures.txt").write_text("gptqmodel gptqmodel 7.7.0 depends on torch>=2.14.1\n")
+    assert bench.install_failure("GPTQModel") == "gptqmodel did not install: gptqmodel 7.7.0 depends on torch>=2.14.1"
+    assert "is not installed" in bench.install_failure("HQQ")
+    assert bench.in_own_process("GPTQModel g128", [])["skipped"].startswith("gptqmodel did not install")
+
+
+def test_our_row_names_round_trip(bench):
+    for quantizer, g, rank in [("rtn", 128, 0), ("gptq", 64, 12), ("rtn", -1, 7)]:
+        assert bench.parse_ours(bench.glowq_row_name(quantizer, g, rank)) == (quantizer, g, rank)
