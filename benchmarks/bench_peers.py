@@ -292,10 +292,33 @@ def parse_ours(name: str) -> tuple[str, int, int]:
 
 def run_ours(name: str, model, tokenizer, batches, args):
     quantizer, g, rank = parse_ours(name)
+    weight = args.first_position_weight.get(quantizer, 1.0)
     config = GlowQConfig(group_size=g, rank=rank, method="glowq" if rank else "none", quantizer=quantizer,
-                         output_head_bits=None)
+                         output_head_bits=None, first_position_weight=weight)
     quantize_(model, batches, config, progress=False)
-    return model, None, (f"quantize_({quantizer}, group {g}, " + (f"GlowQ rank {rank})" if rank else "no correction)"))
+    return model, None, (f"quantize_({quantizer}, group {g}, " + (f"GlowQ rank {rank}" if rank else "no correction")
+                         + f", first position x{weight:g})")
+
+
+def choose_first_position_weight(quantizer: str, args) -> dict:
+    """The ``first_position_weight`` for our rows on ``quantizer`` codes, chosen on calibration
+    data only: GlowQ r64 g128 quantized with each candidate, scored by its NLL on held-out windows
+    of the calibration text (other seeded offsets than the calibration windows)."""
+    import copy
+
+    model, tokenizer, _, batches = setting(args)
+    held_out = text_calibration_batches(tokenizer, args.calib_text, args.held_out_samples, args.calib_len, seed=1,
+                                        bos="off")
+    stream = torch.cat([b["input_ids"] for b in held_out]).reshape(-1)
+    nll = {}
+    for c in args.first_position_candidates:
+        subject = copy.deepcopy(model)
+        quantize_(subject, batches, GlowQConfig(group_size=128, rank=64, quantizer=quantizer, output_head_bits=None,
+                                                first_position_weight=c), progress=False)
+        nll[c] = perplexity(subject, stream, args.calib_len, batch_size=args.batch_size, progress=False).nll
+    best = min(nll, key=nll.get)
+    return {"row": f"choose first_position_weight ({quantizer})", "choice": best, "held_out_nll": nll,
+            "held_out": f"{args.held_out_samples} x {args.calib_len} tokens of {args.calib_text} (seed 1)"}
 
 
 # ---------------------------------------------------------------- one row, in its own process
@@ -322,6 +345,8 @@ def not_driven(peer: str) -> str | None:
 
 
 def run_row(name: str, args) -> dict:
+    if name.startswith("choose first_position_weight ("):
+        return choose_first_position_weight(name[len("choose first_position_weight ("):-1], args)
     model, tokenizer, tokens, batches = setting(args)
     shapes = {n: tuple(m.weight.shape) for n, m in block_linears(model).items()}
     peer, _, g = name.rpartition(" g")
@@ -401,6 +426,8 @@ def markdown(meta: dict) -> str:
              "| settings |",
              "|---|---:|---:|---:|---:|---|---|"]
     for r in rows:
+        if "choice" in r:
+            continue
         if "skipped" in r:
             lines.append(f"| {r['row']} | - | - | - | - | - | {r['skipped']} |")
             continue
@@ -408,6 +435,10 @@ def markdown(meta: dict) -> str:
         versus = "" if not mate else f"{mate['row']} ({mate['bits_per_weight']:.3f}): {mate['ppl_bos']:.3f}"
         lines.append(f"| {r['row']} | {r['bits_per_weight']:.3f} | {r['ppl_bos']:.3f} | {r['ppl_no_bos']:.3f} | "
                      f"{r['quantize_s']:.0f} | {versus} | {r['settings']} |")
+    for r in rows:
+        if "choice" in r:
+            nll = ", ".join(f"x{float(c):g}: {v:.4f}" for c, v in r["held_out_nll"].items())
+            lines += ["", f"{r['row']}: x{r['choice']:g}, by the NLL of GlowQ r64 g128 on {r['held_out']} ({nll})."]
     return "\n".join(lines) + "\n"
 
 
@@ -457,6 +488,10 @@ def parse(argv):
     p.add_argument("--group-sizes", default="128,32")
     p.add_argument("--autoround-iters", type=int, default=200, help="AutoRound's default: 200")
     p.add_argument("--base-quantizers", default="rtn,gptq", help="our base quantizers under GlowQ")
+    p.add_argument("--first-position-candidates", default="1,32",
+                   help="first_position_weight values tried per base quantizer (chosen on held-out calibration text)")
+    p.add_argument("--held-out-samples", type=int, default=8)
+    p.add_argument("--first-position-weight", default="", help=argparse.SUPPRESS)  # internal: quantizer=c,...
     p.add_argument("--rows", default="all", help="comma-separated row names (peers as 'HQQ g128'), or all")
     p.add_argument("--resume", action="store_true", help="keep the rows --out already holds (not the skipped)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "peers")
@@ -464,6 +499,9 @@ def parse(argv):
     p.add_argument("--row-out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.group_sizes = [int(g) for g in args.group_sizes.split(",")]
+    args.first_position_candidates = [float(c) for c in args.first_position_candidates.split(",")]
+    args.first_position_weight = {q: float(c) for q, c in (kv.split("=") for kv in args.first_position_weight.split(",")
+                                                           if kv)}
     return args
 
 
@@ -492,7 +530,7 @@ def main(argv=None) -> int:
     del model
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
-    def add(name: str, ours: bool = False) -> None:
+    def add(name: str, ours: bool = False, argv: list[str] = argv) -> None:
         if (wanted is not None and name not in wanted) or name in done:
             return
         row = {**in_own_process(name, argv), **({"ours": True} if ours else {})}
@@ -512,9 +550,19 @@ def main(argv=None) -> int:
     targets = sorted({r["bits_per_weight"] for r in meta["rows"] if "bits_per_weight" in r
                       and r["row"] != "float32 reference" and r["bits_per_weight"] < 8})
     configs = {(128, 64), *[(g, 0) for g in args.group_sizes], *glowq_configs_for(groups, targets)}
+    chosen = {}
+    for quantizer in args.base_quantizers.split(","):
+        pick = next((r for r in meta["rows"] if r["row"] == f"choose first_position_weight ({quantizer})"), None)
+        if pick is None:
+            pick = in_own_process(f"choose first_position_weight ({quantizer})", argv)
+            meta["rows"].append(pick)
+            print(f"{pick['row']}: " + (pick.get("skipped") or f"{pick['choice']:g} (held-out NLL "
+                                        f"{pick['held_out_nll']})"), flush=True)
+        chosen[quantizer] = pick.get("choice", 1.0)
+    with_weights = [*argv, "--first-position-weight", ",".join(f"{q}={c:g}" for q, c in chosen.items())]
     for quantizer in args.base_quantizers.split(","):
         for g, rank in sorted(configs, key=lambda c: (c[0] if c[0] > 0 else 1 << 20, c[1])):
-            add(glowq_row_name(quantizer, g, rank), ours=True)
+            add(glowq_row_name(quantizer, g, rank), ours=True, argv=with_weights)
     if any("ppl_bos" in r for r in meta["rows"]):
         plot(meta, args.out.with_suffix(".png"))
     print(markdown(meta))

@@ -85,3 +85,24 @@ def test_a_peer_that_is_not_installed_gets_its_row_with_the_reason(bench, tmp_pa
 def test_our_row_names_round_trip(bench):
     for quantizer, g, rank in [("rtn", 128, 0), ("gptq", 64, 12), ("rtn", -1, 7)]:
         assert bench.parse_ours(bench.glowq_row_name(quantizer, g, rank)) == (quantizer, g, rank)
+
+
+def test_the_table_pairs_each_peer_with_our_best_row_at_no_more_bytes(bench):
+    rows = [{"row": "float32 reference", "bits_per_weight": 32.0, "ppl_bos": 20.0, "ppl_no_bos": 19.0,
+             "quantize_s": 0, "settings": "float"},
+            {"row": "HQQ g128", "bits_per_weight": 4.3, "ppl_bos": 28.0, "ppl_no_bos": 27.0, "quantize_s": 8,
+             "settings": "hqq"},
+            {"row": "GPTQModel g128", "skipped": "gptqmodel did not install: needs torch>=2.14.1"},
+            {"row": "choose first_position_weight (rtn)", "choice": 32.0, "held_out_nll": {"1.0": 3.1, "32.0": 3.0},
+             "held_out": "8 x 512 tokens of news (seed 1)"},
+            {"row": "RTN + GlowQ g64 r3", "ours": True, "bits_per_weight": 4.38, "ppl_bos": 26.0, "ppl_no_bos": 25.0,
+             "quantize_s": 50, "settings": "ours"},  # within 2% of 4.3: it counts
+            {"row": "RTN + GlowQ g64 r9", "ours": True, "bits_per_weight": 4.6, "ppl_bos": 24.0, "ppl_no_bos": 23.0,
+             "quantize_s": 60, "settings": "ours"}]  # more bytes: it does not
+    assert bench.best_below(rows, 4.3, "bos")["row"] == "RTN + GlowQ g64 r3"
+    md = bench.markdown({"model": "smollm2", "evaluated_tokens": 8192, "text": "wikipedia", "seq_len": 1024,
+                         "command": "python bench_peers.py", "machine": "x86_64", "versions": {"torch": "2.13.0"},
+                         "calibration": "32 x 512 tokens of news", "date": "2026-12-04", "rows": rows})
+    assert "| HQQ g128 | 4.300 | 28.000 | 27.000 | 8 | RTN + GlowQ g64 r3 (4.380): 26.000 | hqq |" in md
+    assert "| GPTQModel g128 | - | - | - | - | - | gptqmodel did not install: needs torch>=2.14.1 |" in md
+    assert "choose first_position_weight (rtn): x32" in md and "x1: 3.1000, x32: 3.0000" in md
