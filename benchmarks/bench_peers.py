@@ -306,6 +306,9 @@ def choose_first_position_weight(quantizer: str, args) -> dict:
     of the calibration text (other seeded offsets than the calibration windows)."""
     import copy
 
+    if len(args.first_position_candidates) == 1:  # nothing to choose
+        return {"row": f"choose first_position_weight ({quantizer})", "choice": args.first_position_candidates[0],
+                "held_out_nll": {}, "held_out": "not scored: one candidate"}
     model, tokenizer, _, batches = setting(args)
     held_out = text_calibration_batches(tokenizer, args.calib_text, args.held_out_samples, args.calib_len, seed=1,
                                         bos="off")
@@ -438,7 +441,8 @@ def markdown(meta: dict) -> str:
     for r in rows:
         if "choice" in r:
             nll = ", ".join(f"x{float(c):g}: {v:.4f}" for c, v in r["held_out_nll"].items())
-            lines += ["", f"{r['row']}: x{r['choice']:g}, by the NLL of GlowQ r64 g128 on {r['held_out']} ({nll})."]
+            how = (f", by the NLL of GlowQ r64 g128 on {r['held_out']} ({nll}).") if nll else " (the one given)."
+            lines += ["", f"{r['row']}: x{r['choice']:g}{how}"]
     return "\n".join(lines) + "\n"
 
 
