@@ -17,7 +17,8 @@ at group size 128 and 32; a peer that cannot install or run here gets its row wi
   the input width, as ``QModuleMixin`` picks)
 
 and ours: RTN, GlowQ at the default (r64 g128), and GlowQ at the ranks and group sizes whose bytes
-match each peer's (``glowq_configs_for``), on RTN and on GPTQ codes.
+match each peer's (``glowq_configs_for``), on RTN, clipped-RTN (``quant.clip``) and GPTQ codes, each
+with the ``first_position_weight`` chosen on held-out calibration windows.
 
 Bits per weight count, over the transformer blocks' linears (the tied embedding/head stays float
 for every method), the 4-bit codes as each format stores them (ours keep a padded last group:
@@ -276,15 +277,18 @@ RUNNERS = {"AutoRound": run_autoround, "GPTQ (llm-compressor)": run_llmc_gptq, "
 
 # ---------------------------------------------------------------- ours
 
+BASES = {"rtn": "RTN", "clip": "RTN-clip", "gptq": "GPTQ"}  # our base quantizers' names in the rows
+
+
 def glowq_row_name(quantizer: str, g: int, rank: int) -> str:
-    base = "RTN" if quantizer == "rtn" else "GPTQ"
+    base = BASES[quantizer]
     return f"{base} g{g}" if rank == 0 else f"{base} + GlowQ g{g} r{rank}"
 
 
 def parse_ours(name: str) -> tuple[str, int, int]:
     """(quantizer, group size, rank) of one of our rows' names (``glowq_row_name``)."""
     words = name.replace("+ GlowQ ", "").split()
-    quantizer = {"RTN": "rtn", "GPTQ": "gptq"}[words[0]]
+    quantizer = {name: q for q, name in BASES.items()}[words[0]]
     g = int(words[1][1:])
     rank = int(words[2][1:]) if len(words) > 2 else 0
     return quantizer, g, rank
@@ -459,8 +463,8 @@ def plot(meta: dict, path: Path) -> None:
     for r in done:
         if r["row"] == "float32 reference":
             ax.axhline(r["ppl_bos"], color="gray", linestyle="--", label=f"float32 {r['ppl_bos']:.2f}")
-    for base in ("RTN", "GPTQ"):
-        ours = sorted((r for r in done if r.get("ours") and r["row"].startswith(base)),
+    for base in BASES.values():
+        ours = sorted((r for r in done if r.get("ours") and r["row"].split()[0] == base),
                       key=lambda r: r["bits_per_weight"])
         if ours:
             ax.plot([r["bits_per_weight"] for r in ours], [r["ppl_bos"] for r in ours], "o-",
@@ -491,7 +495,7 @@ def parse(argv):
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--group-sizes", default="128,32")
     p.add_argument("--autoround-iters", type=int, default=200, help="AutoRound's default: 200")
-    p.add_argument("--base-quantizers", default="rtn,gptq", help="our base quantizers under GlowQ")
+    p.add_argument("--base-quantizers", default="rtn,clip,gptq", help="our base quantizers under GlowQ")
     p.add_argument("--first-position-candidates", default="1,32",
                    help="first_position_weight values tried per base quantizer (chosen on held-out calibration text)")
     p.add_argument("--held-out-samples", type=int, default=8)

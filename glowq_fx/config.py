@@ -37,7 +37,8 @@ class QuantizationConfig:
         per-channel. ``in_features`` that are not a multiple are padded (see ``quant.rtn``).
     symmetric: symmetric codes (zero point fixed at 8) instead of asymmetric min/max.
     quantizer: a registered base quantizer (``glowq_fx.registry.QUANTIZERS``): ``"rtn"`` (round to
-        nearest) or ``"gptq"`` (driven by the group's ``S``).
+        nearest), ``"clip"`` (round to nearest on each group's clipped grid, the clipping chosen by
+        the ``diag(S)``-weighted error: ``quant.clip``) or ``"gptq"`` (driven by the group's ``S``).
     gptq_damp: GPTQ damping as a fraction of the mean diagonal of ``S``.
     gptq_block_size: GPTQ lazy-update block (rounded up to a multiple of group_size).
     gptq_act_order: process columns by decreasing ``diag(S)``; group parameters are then fixed up

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from tests_helpers import tiny_llama_config, token_batches
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,7 +84,7 @@ def test_a_peer_that_is_not_installed_gets_its_row_with_the_reason(bench, tmp_pa
 
 
 def test_our_row_names_round_trip(bench):
-    for quantizer, g, rank in [("rtn", 128, 0), ("gptq", 64, 12), ("rtn", -1, 7)]:
+    for quantizer, g, rank in [("rtn", 128, 0), ("gptq", 64, 12), ("rtn", -1, 7), ("clip", 32, 3)]:
         assert bench.parse_ours(bench.glowq_row_name(quantizer, g, rank)) == (quantizer, g, rank)
 
 
