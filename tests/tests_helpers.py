@@ -1,6 +1,19 @@
 """Shared builders for tests (not fixtures: plain functions any test file can import)."""
+import importlib.util
+from pathlib import Path
+
 import torch
 import transformers as T
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_benchmark(name: str):
+    """``benchmarks/<name>.py`` as a fresh module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_llama_config(**overrides) -> T.LlamaConfig:

@@ -1,29 +1,18 @@
 """The peers benchmark's accounting, on a tiny model and without the peers installed: the bits per
 weight it plans for GlowQ equal what the quantized model stores, the configurations it picks fit
 under their targets, a peer's bits follow its format, and a peer that is not here gets a reason."""
-import importlib.util
 import math
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests_helpers import tiny_llama_config, token_batches
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests_helpers import load_benchmark, tiny_llama_config, token_batches
 
 
 @pytest.fixture(scope="module")
 def bench():
-    return _load("bench_peers")
+    return load_benchmark("bench_peers")
 
 
 def _model(hidden: int = 96, seed: int = 0):

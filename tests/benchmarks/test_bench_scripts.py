@@ -1,17 +1,8 @@
 """The GPU benchmark scripts' code paths, run small on the CPU (their numbers come from the GPU)."""
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests_helpers import ROOT
+from tests_helpers import load_benchmark as _load
 
 
 @pytest.mark.slow
