@@ -294,6 +294,14 @@ def parse_ours(name: str) -> tuple[str, int, int]:
     return quantizer, g, rank
 
 
+def is_ours(name: str) -> bool:
+    try:
+        parse_ours(name)
+    except (KeyError, ValueError, IndexError):
+        return False
+    return True
+
+
 def run_ours(name: str, model, tokenizer, batches, args):
     quantizer, g, rank = parse_ours(name)
     weight = args.first_position_weight.get(quantizer, 1.0)
@@ -568,9 +576,10 @@ def main(argv=None) -> int:
                                         f"{pick['held_out_nll']})"), flush=True)
         chosen[quantizer] = pick.get("choice", 1.0)
     with_weights = [*argv, "--first-position-weight", ",".join(f"{q}={c:g}" for q, c in chosen.items())]
-    for quantizer in args.base_quantizers.split(","):
-        for g, rank in sorted(configs, key=lambda c: (c[0] if c[0] > 0 else 1 << 20, c[1])):
-            add(glowq_row_name(quantizer, g, rank), ours=True, argv=with_weights)
+    names = [glowq_row_name(q, g, rank) for q in args.base_quantizers.split(",")
+             for g, rank in sorted(configs, key=lambda c: (c[0] if c[0] > 0 else 1 << 20, c[1]))]
+    for name in [*names, *sorted(n for n in wanted or () if n not in names and is_ours(n))]:
+        add(name, ours=True, argv=with_weights)
     if any("ppl_bos" in r for r in meta["rows"]):
         plot(meta, args.out.with_suffix(".png"))
     print(markdown(meta))

@@ -75,6 +75,8 @@ def test_a_peer_that_is_not_installed_gets_its_row_with_the_reason(bench, tmp_pa
 def test_our_row_names_round_trip(bench):
     for quantizer, g, rank in [("rtn", 128, 0), ("gptq", 64, 12), ("rtn", -1, 7), ("clip", 32, 3)]:
         assert bench.parse_ours(bench.glowq_row_name(quantizer, g, rank)) == (quantizer, g, rank)
+        assert bench.is_ours(bench.glowq_row_name(quantizer, g, rank))
+    assert not bench.is_ours("HQQ g128") and not bench.is_ours("float32 reference")
 
 
 def test_the_table_pairs_each_peer_with_our_best_row_at_no_more_bytes(bench):
