@@ -578,7 +578,9 @@ def main(argv=None) -> int:
     with_weights = [*argv, "--first-position-weight", ",".join(f"{q}={c:g}" for q, c in chosen.items())]
     names = [glowq_row_name(q, g, rank) for q in args.base_quantizers.split(",")
              for g, rank in sorted(configs, key=lambda c: (c[0] if c[0] > 0 else 1 << 20, c[1]))]
-    for name in [*names, *sorted(n for n in wanted or () if n not in names and is_ours(n))]:
+    if wanted is not None:  # rows named: ours in the order given (a long run does the first ones first)
+        names = [n for n in args.rows.split(",") if is_ours(n)]
+    for name in names:
         add(name, ours=True, argv=with_weights)
     if any("ppl_bos" in r for r in meta["rows"]):
         plot(meta, args.out.with_suffix(".png"))
