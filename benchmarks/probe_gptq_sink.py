@@ -33,7 +33,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from glowq_fx import GlowQConfig, calibrate, quantize_  # noqa: E402
+from glowq_fx.calibration.collect import collect_statistics  # noqa: E402
 from glowq_fx.calibration.moments import GroupStatistics  # noqa: E402
+from glowq_fx.capture.run import run_batch  # noqa: E402
 from glowq_fx.data.batches import text_calibration_batches, tokenize  # noqa: E402
 from glowq_fx.data.corpus import load_text  # noqa: E402
 from glowq_fx.data.models import load_model  # noqa: E402
@@ -44,27 +46,9 @@ KINDS = {"q/k/v": r"self_attn\.(q|k|v)_proj", "o": r"o_proj", "gate/up": r"mlp\.
 
 
 def first_token_weighted(model, calibrated, batches, c: float) -> GroupStatistics:
-    """Each group's ``S`` with the first position of every window counted ``c`` times (as
-    ``sum_t w_t x_t x_t^T``, by feeding ``sqrt(w_t) x_t`` to the accumulator)."""
-    stats = GroupStatistics([(g.name, g.in_features) for g in calibrated.groups])
-
-    def hook(name):
-        def record(module, args):
-            x = args[0].detach()
-            w = torch.ones(x.shape[:-1], dtype=x.dtype, device=x.device)
-            w[..., 0] = c
-            stats.add_batch(name, x * w.sqrt()[..., None])
-        return record
-
-    handles = [model.get_submodule(g.members[0]).register_forward_pre_hook(hook(g.name)) for g in calibrated.groups]
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                model(**batch)
-    finally:
-        for h in handles:
-            h.remove()
-    return stats
+    """Each group's ``S`` with the first position of every window counted ``c`` times (the library's
+    ``first_position_weight``, here also at ``c = 0``: the first position left out)."""
+    return collect_statistics(model, calibrated.groups, batches, run_batch, first_position_weight=c)
 
 
 def main(argv: list[str] | None = None) -> int:
