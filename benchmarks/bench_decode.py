@@ -27,8 +27,11 @@ Medians. Peak memory: the most allocated during the timed runs beyond what was a
 the variant was built (its weights, caches, activations, CUDA-graph pools).
 
 Checked before timing, on the first shape: each compiled row's first-step logits against the
-same variant run eagerly (relative error under ``1e-3`` in float32, ``5e-2`` in bf16), and the
-tinygemm model's against ``W4A16``'s (same codes); the greedy tokens' agreement is printed.
+same variant run eagerly, and the tinygemm model's against ``W4A16``'s (same codes); the greedy
+tokens' agreement is printed. The float model compiled by stock Inductor measures how far
+compiled rounding alone drifts on this model: it must stay under 4x the base tolerance (``1e-3``
+in float32, ``5e-2`` in bf16; a wrong graph is off by order 1), every other row under twice the
+float row's drift and never under the base tolerance.
 
 Writes ``decode.json``, ``decode.md`` and ``decode.png`` (bars of decode throughput) to ``--out``.
 
@@ -184,6 +187,7 @@ def run_model(name: str, args, device: str, dtype: torch.dtype) -> list[dict]:
     calibrated = calibrate(base, calib, GlowQConfig(group_size=group_size), progress=False)
     print(f"{name}: calibrated {len(calibrated.groups)} groups in {time.perf_counter() - t0:.0f}s", flush=True)
     rows, reference = [], {}  # reference: variant -> (tokens, first-step logits) of the eager model on shapes[0]
+    drift = {}  # "float" -> stock Inductor's first-step logits error against the eager float model
     for variant, config, modes in variants(args, group_size):
         if variant not in args.variants:
             continue
@@ -230,18 +234,28 @@ def run_model(name: str, args, device: str, dtype: torch.dtype) -> list[dict]:
                     if variant not in reference:
                         reference[variant] = (tokens, logits)
                     ref_tokens, ref_logits = reference[variant]
-                    entry["logits_error_vs_eager"] = relative_error(logits, ref_logits)
+                    err = entry["logits_error_vs_eager"] = relative_error(logits, ref_logits)
                     entry["tokens_agree_with_eager"] = float((tokens == ref_tokens).float().mean())
-                    if entry["logits_error_vs_eager"] > tol:
-                        raise SystemExit(f"{name} {row}: first-step logits differ from the eager model's by "
-                                         f"{entry['logits_error_vs_eager']:.2e} (relative), over {tol:g}")
+                    if compiler is not None:
+                        # Stock Inductor on the float model measures how far compiled rounding alone drifts
+                        # on this model (6.4e-2 on the random 32-layer bf16 Llama-3-8B, H200): the float row
+                        # only has to be far from a wrong graph (off by order 1); every other row may drift
+                        # up to twice what the float row did, and never less than the base tolerance.
+                        limit = 4 * tol if variant == "float" else max(tol, 2 * drift.get("float", 0.0))
+                        entry["logits_tolerance"] = limit
+                        if variant == "float":
+                            drift["float"] = err
+                        if err > limit:
+                            raise SystemExit(f"{name} {row}: first-step logits differ from the eager model's by "
+                                             f"{err:.2e} (relative), over {limit:.2g}")
                     if variant == "int4 tinygemm" and "W4A16" in reference:
                         err = relative_error(logits, reference["W4A16"][1])
                         entry["logits_error_vs_w4a16"] = err
                         # on the CPU W4A16 runs PyTorch's CPU int4 kernel on bf16 activations
-                        if err > (2e-2 if device == "cpu" else tol):
+                        limit = 2e-2 if device == "cpu" else max(tol, 2 * drift.get("float", 0.0))
+                        if err > limit:
                             raise SystemExit(f"{name}: tinygemm's logits differ from W4A16's (same codes) by "
-                                             f"{err:.2e} (relative), over {tol:g}")
+                                             f"{err:.2e} (relative), over {limit:.2g}")
                 if device == "cuda":
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()

@@ -183,9 +183,15 @@ def test_debug_option_prints_groups_and_graph(capsys):
 def test_the_backend_is_registered_by_name(capsys):
     """``torch.compile(model, backend="glowq")`` reaches glowq_backend through the
     ``torch_dynamo_backends`` entry point that ``pip install`` registers (pyproject.toml)."""
+    import importlib.metadata
+
     import glowq_fx
 
     assert glowq_fx.glowq_backend is glowq_backend
+    try:
+        importlib.metadata.distribution("glowq-fx")
+    except importlib.metadata.PackageNotFoundError:  # a checkout on PYTHONPATH, as on the GPU machine
+        pytest.skip("glowq-fx is not pip-installed here, so its entry point is not registered (pip install -e .)")
     assert "glowq" in torch._dynamo.list_backends(), "the entry point is missing: pip install -e . registers it"
     model, _ = quantized("cpu")
     ids = _ids(7)

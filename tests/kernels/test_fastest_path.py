@@ -152,19 +152,38 @@ def test_split_k_kernel_agrees_with_the_plain_gemv(dtype, gen):
     assert agreeing(("gemv", dtype), _group(gen, dtype), fallback="plain") == ["plain", "split"]
 
 
-def test_a_split_k_reduction_that_misses_a_split_is_left_out(gen, monkeypatch):
-    """Counters that start at 1 make a column block's second-to-last program run the reduction
-    before the last split's partial exists (here the last split is empty: the stale NaN it has not
-    yet overwritten is what gets read): what a broken arrival count would do on hardware."""
+def _miscounted_split_k(monkeypatch, start: int) -> None:
+    """Every split-K launch gets stale (NaN) partials and arrival counters that start at ``start``."""
     fresh = launch.split_k_scratch
 
     def miscounted(x2, Ns):
         ws, counters, stride = fresh(x2, Ns)
-        return ws.fill_(float("nan")), counters.fill_(1), stride  # stale partials, as fresh memory may hold
+        return ws.fill_(float("nan")), counters.fill_(start), stride  # stale partials, as fresh memory may hold
 
     monkeypatch.setattr(launch, "split_k_scratch", miscounted)
+
+
+def test_a_split_k_reduction_that_misses_a_split_is_left_out(gen, monkeypatch):
+    """Counters that start at 1 make a column block's second-to-last program run the reduction
+    before the last split's partial exists (here the last split is empty: the stale NaN it has not
+    yet overwritten is what gets read): what a broken arrival count would do on hardware.
+    Interpreter only: on a GPU the autotuner runs each launch many times on the same buffers, and
+    the reducing program's reset puts the counters right for every run after the first, so the
+    result it keeps is right (the H200 run of 2026-12-04 failed this test there)."""
+    if not kernels.interpreting():
+        pytest.skip("compiled Triton: the autotuner's repeated runs reset a count that starts at 1")
+    _miscounted_split_k(monkeypatch, 1)
     with pytest.warns(GlowQWarning, match="'split' path .* disagrees"):
         assert agreeing(("gemv", "miscounted"), _group(gen, torch.float16), fallback="plain") == ["plain"]
+
+
+def test_a_split_k_reduction_that_never_runs_is_left_out(gen, monkeypatch):
+    """Counters far past the split count: no program ever sees itself last, so no reduction runs
+    and nothing resets them, on every launch and every autotuner run alike; the output the
+    agreement check poisoned stays unwritten."""
+    _miscounted_split_k(monkeypatch, 1 << 20)
+    with pytest.warns(GlowQWarning, match="'split' path .* disagrees"):
+        assert agreeing(("gemv", "never-reduced"), _group(gen, torch.float16), fallback="plain") == ["plain"]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
