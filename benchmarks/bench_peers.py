@@ -17,7 +17,8 @@ at group size 128 and 32; a peer that cannot install or run here gets its row wi
   the input width, as ``QModuleMixin`` picks)
 
 and ours: RTN, GlowQ at the default (r64 g128), and GlowQ at the ranks and group sizes whose bytes
-match each peer's (``glowq_configs_for``), on RTN, clipped-RTN (``quant.clip``) and GPTQ codes, each
+match each peer's (``glowq_configs_for``), on RTN, clipped-RTN (``quant.clip``), fitted-grid RTN
+(``quant.fitted``: least-squares scale, fractional zero point) and GPTQ codes, each
 with the ``first_position_weight`` chosen on held-out calibration windows.
 
 Bits per weight count, over the transformer blocks' linears (the tied embedding/head stays float
@@ -79,7 +80,8 @@ STORAGE = {"AutoRound": "fp16 scale + packed 4-bit zero per group (GPTQ-style ex
            "HQQ": "fp16 scale + fp16 zero per group",
            "torchao int4": "bf16 scale + bf16 zero per group",
            "quanto qint4": "fp16 scale + fp16 shift per group",
-           "ours": "bf16 scale + bf16 integer zero per group (codes of a padded last group); A, B bf16"}
+           "ours": "bf16 scale + bf16 zero per group (an integer; a multiple of 1/16 for RTN-fitted; codes of a "
+                   "padded last group); A, B bf16"}
 GROUP_SIZES = (128, 32)
 FLOAT_BITS = 16  # a linear left unquantized, in a 16-bit deployment
 
@@ -201,19 +203,30 @@ def _w4_scheme(g: int, symmetric: bool) -> dict:
                                                            "strategy": "group", "group_size": g}}}
 
 
+def _divisible(model, g: int) -> tuple[dict[str, int], list[str]]:
+    """(block linears whose width is a multiple of ``g`` -> ``g``, the others' names): llm-compressor
+    refuses the others (its fake-quantized forward cannot take a partial last group, even with
+    ``bypass_divisibility_checks``), and its error says to list them in ``ignore``: they stay float."""
+    linears = block_linears(model)
+    return ({n: g for n, m in linears.items() if m.in_features % g == 0},
+            [n for n, m in linears.items() if m.in_features % g])
+
+
 def run_llmc_gptq(model, tokenizer, batches, g: int, args):
     from llmcompressor.modifiers.gptq import GPTQModifier
 
-    recipe = GPTQModifier(config_groups=_w4_scheme(g, True), ignore=["lm_head"])
-    return (_llmcompressor(model, batches, recipe), {n: g for n in block_linears(model)},
+    group_of, indivisible = _divisible(model, g)
+    recipe = GPTQModifier(config_groups=_w4_scheme(g, True), ignore=["lm_head", *indivisible])
+    return (_llmcompressor(model, batches, recipe), group_of,
             "GPTQModifier W4A16 (symmetric), its default dampening and ordering")
 
 
 def run_llmc_awq(model, tokenizer, batches, g: int, args):
     from llmcompressor.modifiers.awq import AWQModifier
 
-    recipe = AWQModifier(config_groups=_w4_scheme(g, False), ignore=["lm_head"])
-    return (_llmcompressor(model, batches, recipe), {n: g for n in block_linears(model)},
+    group_of, indivisible = _divisible(model, g)
+    recipe = AWQModifier(config_groups=_w4_scheme(g, False), ignore=["lm_head", *indivisible])
+    return (_llmcompressor(model, batches, recipe), group_of,
             "AWQModifier W4A16_ASYM, its default grid (n_grid=20, duo scaling)")
 
 
@@ -277,7 +290,8 @@ RUNNERS = {"AutoRound": run_autoround, "GPTQ (llm-compressor)": run_llmc_gptq, "
 
 # ---------------------------------------------------------------- ours
 
-BASES = {"rtn": "RTN", "clip": "RTN-clip", "gptq": "GPTQ"}  # our base quantizers' names in the rows
+# our base quantizers' names in the rows
+BASES = {"rtn": "RTN", "clip": "RTN-clip", "fitted": "RTN-fitted", "gptq": "GPTQ"}
 
 
 def glowq_row_name(quantizer: str, g: int, rank: int) -> str:
@@ -503,7 +517,7 @@ def parse(argv):
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--group-sizes", default="128,32")
     p.add_argument("--autoround-iters", type=int, default=200, help="AutoRound's default: 200")
-    p.add_argument("--base-quantizers", default="rtn,clip,gptq", help="our base quantizers under GlowQ")
+    p.add_argument("--base-quantizers", default="rtn,clip,fitted,gptq", help="our base quantizers under GlowQ")
     p.add_argument("--first-position-candidates", default="1,32",
                    help="first_position_weight values tried per base quantizer (chosen on held-out calibration text)")
     p.add_argument("--held-out-samples", type=int, default=8)

@@ -38,7 +38,9 @@ class QuantizationConfig:
     symmetric: symmetric codes (zero point fixed at 8) instead of asymmetric min/max.
     quantizer: a registered base quantizer (``glowq_fx.registry.QUANTIZERS``): ``"rtn"`` (round to
         nearest), ``"clip"`` (round to nearest on each group's clipped grid, the clipping chosen by
-        the ``diag(S)``-weighted error: ``quant.clip``) or ``"gptq"`` (driven by the group's ``S``).
+        the ``diag(S)``-weighted error: ``quant.clip``), ``"fitted"`` (round to nearest on each
+        group's least-squares grid with a fractional zero point, ``diag(S)``-weighted:
+        ``quant.fitted``) or ``"gptq"`` (driven by the group's ``S``).
     gptq_damp: GPTQ damping as a fraction of the mean diagonal of ``S``.
     gptq_block_size: GPTQ lazy-update block (rounded up to a multiple of group_size).
     gptq_act_order: process columns by decreasing ``diag(S)``; group parameters are then fixed up

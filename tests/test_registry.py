@@ -93,7 +93,7 @@ def test_unknown_names_are_refused_with_the_registered_ones():
     with pytest.raises(ValueError, match=r"unknown method 'lora': choose one of \['glowq', 'qera', 'lqer', 'svd', "
                                          r"'none'.*register"):
         GlowQConfig(method="lora")
-    with pytest.raises(ValueError, match=r"unknown quantizer 'awq': choose one of \['rtn', 'clip', 'gptq'"):
+    with pytest.raises(ValueError, match=r"unknown quantizer 'awq': choose one of \['rtn', 'clip', 'fitted', 'gptq'"):
         GlowQConfig(quantizer="awq")
 
 

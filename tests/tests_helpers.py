@@ -8,6 +8,17 @@ import transformers as T
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def weighted_group_error(W, qw, d):
+    """``sum_k d_k E_k^2`` per (row, group) of ``W``'s quantization error under ``qw``."""
+    from glowq_fx.quant import group_geometry, quantization_error
+
+    E = quantization_error(W, qw)
+    g, n = group_geometry(W.shape[1], qw.group_size if qw.group_size != W.shape[1] else -1)
+    E = torch.nn.functional.pad(E, (0, g * n - W.shape[1])).view(W.shape[0], n, g)
+    d = torch.nn.functional.pad(d, (0, g * n - W.shape[1])).view(1, n, g)
+    return (E.square() * d).sum(-1)
+
+
 def load_benchmark(name: str):
     """``benchmarks/<name>.py`` as a fresh module (the scripts are not a package)."""
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")

@@ -38,7 +38,8 @@ class QuantizedWeight:
         codes: uint8 (N, K_pad), values in ``[0, 2**bits - 1]``; columns ``>= in_features``
             are padding and hold the zero point of their group.
         scales: model dtype (N, n_groups).
-        zeros: model dtype (N, n_groups), integer-valued zero points.
+        zeros: model dtype (N, n_groups), zero points: integers, except on the fitted grids
+            (``quant.fitted``: multiples of 1/16); either way in ``[0, 2**bits - 1]``.
         group_size: columns per group in ``codes`` (``K`` for per-channel).
         in_features: K, the number of real input columns.
         bits: code width (4).

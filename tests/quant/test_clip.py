@@ -2,17 +2,8 @@ import pytest
 import torch
 
 from glowq_fx import GlowQConfig, quantize_
-from glowq_fx.quant import group_geometry, quantization_error, quantize_clipped, quantize_rtn
-from tests_helpers import tiny_llama, token_batches
-
-
-def _weighted_group_error(W, qw, d):
-    """sum_k d_k E_k^2 per (row, group)."""
-    E = quantization_error(W, qw)
-    g, n = group_geometry(W.shape[1], qw.group_size if qw.group_size != W.shape[1] else -1)
-    E = torch.nn.functional.pad(E, (0, g * n - W.shape[1])).view(W.shape[0], n, g)
-    d = torch.nn.functional.pad(d, (0, g * n - W.shape[1])).view(1, n, g)
-    return (E.square() * d).sum(-1)
+from glowq_fx.quant import quantize_clipped, quantize_rtn
+from tests_helpers import tiny_llama, token_batches, weighted_group_error
 
 
 @pytest.mark.parametrize("group_size", [32, 128, -1])
@@ -27,7 +18,7 @@ def test_no_group_rounds_worse_than_rtn_and_heavy_tails_round_better(group_size,
     d = torch.diagonal(S)
     clipped, rtn = quantize_clipped(W, S, group_size, symmetric=symmetric), quantize_rtn(W, group_size,
                                                                                          symmetric=symmetric)
-    e_clip, e_rtn = _weighted_group_error(W, clipped, d), _weighted_group_error(W, rtn, d)
+    e_clip, e_rtn = weighted_group_error(W, clipped, d), weighted_group_error(W, rtn, d)
     assert torch.all(e_clip <= e_rtn * (1 + 1e-6) + 1e-12)
     assert e_clip.sum() < 0.95 * e_rtn.sum()
     assert clipped.codes.max() <= 15 and clipped.codes.dtype == torch.uint8
