@@ -4,8 +4,9 @@
 weights and transformers' experts marks, no class names); their statistics are collected in the
 same calibration passes as the groups' (``calibration.experts``, block by block or whole);
 ``quantize_experts`` then quantizes every expert's weights (RTN, or GPTQ on the expert's own
-tokens), solves the correction (``correction.experts``: one ``B`` across the experts' first
-projection for GlowQ; each expert alone for the other methods; each expert's second projection
+tokens), solves the correction (``correction.experts``: for GlowQ one ``B`` across the experts of
+every weight that reads the block input, a fused gate_up or gate and up apart, and the dense groups
+reading that same input; each expert alone for the other methods; each expert's second projection
 alone, on its own intermediate), and swaps in a ``QuantizedExperts`` with the same forward.
 """
 from __future__ import annotations
@@ -86,10 +87,8 @@ def _quantize(Ws: list[torch.Tensor], moments: list[torch.Tensor], config: GlowQ
     return [quantizer(W, S, config.quantization) for W, S in zip(Ws, moments)]
 
 
-def _row(name: str, E: int, Ws: list[torch.Tensor], weights: QuantizedExpertWeights, corrections: list,
+def _row(name: str, E: int, Ws: list[torch.Tensor], weights: QuantizedExpertWeights, before: float, after: float,
          quantize_s: float, solve_s: float, factor_bytes: int) -> GroupReport:
-    before = sum(c.report.whitened_error_before for c in corrections)
-    after = sum(c.report.whitened_error_after for c in corrections)
     err_sq = sum(
         float((W.double() - weights.dequantized_weight(e, torch.float64)).pow(2).sum()) for e, W in enumerate(Ws)
     )
@@ -189,42 +188,51 @@ def quantize_experts(model: nn.Module, name: str, stats, config: GlowQConfig, fa
     layout = stats.protocol if isinstance(stats, ExpertsStatistics) else stats.layout()
     if isinstance(layout, str):
         raise ValueError(f"{name}: {layout}")
-    weights, solved, dense = {}, [], []
+    weights, quantized = {}, []
     for w in _weight_inputs(module, stats):
         t0 = time.perf_counter()
         S = None if w.S is None else w.S.to(w.Ws[0].device)
         S_experts = [None if m is None else m.to(w.Ws[0].device) for m in w.S_experts]
         qs = _quantize(w.Ws, [S if m is None else m for m in S_experts], config)
-        quantize_s = time.perf_counter() - t0
         weights[w.name] = QuantizedExpertWeights([pack(q) for q in qs], w.bias)
-        # the joined groups go with the first weight that reads the block input (one B per weight)
-        here = _dense_members(model, joined, S, config) if joined and not dense and _shares_input(w, config) else []
-        dense = dense or here
-        t0 = time.perf_counter()
-        corrections, projection = _corrections(f"{name}.{w.name}", w, qs, S, S_experts, here, stats, config,
-                                               factor_dtype)
-        solved.append(_Solved(w, corrections, projection, quantize_s, time.perf_counter() - t0, here))
+        quantized.append((w, qs, S, S_experts, time.perf_counter() - t0))
+    # every weight that reads the block input (a fused gate_up, or gate and up apart) and the
+    # joined dense groups: one B for all of them; the others each on their own
+    sharing = [q for q in quantized if _shares_input(q[0], config)]
+    here = _dense_members(model, joined, sharing[0][2], config) if joined and sharing else []
+    solved = _shared_correction(name, sharing, here, stats, config, factor_dtype) if sharing else []
+    for w, qs, S, S_experts, quantize_s in quantized:
+        if not _shares_input(w, config):
+            t0 = time.perf_counter()
+            corrections = _corrections(w, qs, S, S_experts, config)
+            before = sum(c.report.whitened_error_before for c in corrections)
+            after = sum(c.report.whitened_error_after for c in corrections)
+            solved.append(_Solved(w, corrections, None, quantize_s, time.perf_counter() - t0, [], before, after))
     replace_module(model, name, quantized_experts(module, weights, layout))
-    rows, joined_rows = [], {}
+    rows, joined_rows = {}, {}
     for done in solved:
         target = weights[done.w.name]
-        _install(model, target, done, len(done.w.Ws), config, factor_dtype)
-        rows.append(_row(f"{name}.{done.w.name}", len(done.w.Ws), done.w.Ws, target, done.corrections,
-                         done.quantize_s, done.solve_s, _factor_bytes(target)))
-        if done.projection is not None and done.here:
-            joined_rows = _joined_rows(model, joined, done.corrections[0].report, len(done.w.Ws), done.here)
-    return rows, joined_rows
+        _install(model, target, done, config, factor_dtype)
+        rows[done.w.name] = _row(f"{name}.{done.w.name}", len(done.w.Ws), done.w.Ws, target, done.before,
+                                 done.after, done.quantize_s, done.solve_s, _factor_bytes(target))
+        if done.here:
+            joined_rows = _joined_rows(model, joined, done.corrections[0].report, done.first_dense, done.here)
+    return [rows[w.name] for w, *_ in quantized], joined_rows
 
 
 @dataclass
 class _Solved:
     """One 3-D weight's quantization and correction, before it is installed."""
     w: object
-    corrections: list
+    corrections: list  # one shared correction (its members: this weight's experts among others), or each expert's
     projection: SharedProjection | None
     quantize_s: float
     solve_s: float
     here: list  # the dense members solved with it: (name, W, bias, quantized)
+    before: float  # this weight's whitened errors before and after its correction, summed over its experts
+    after: float
+    first: int = 0  # where its experts' members start in a shared correction
+    first_dense: int = 0  # where the dense members start in it
 
 
 def _rank(config: GlowQConfig) -> int:
@@ -236,44 +244,71 @@ def _shares_input(w, config: GlowQConfig) -> bool:
     return bool(_rank(config)) and CORRECTIONS[config.method].shared and w.reads_input
 
 
-def _corrections(name: str, w, qs, S, S_experts, here, stats, config: GlowQConfig, factor_dtype: torch.dtype):
-    """``(corrections, SharedProjection or None)`` of weight ``w``: one shared ``B`` across its
-    experts (and the dense members ``here``), each expert's own, or none at rank 0."""
+def _shared_correction(name: str, sharing: list, here: list, stats, config: GlowQConfig,
+                       factor_dtype: torch.dtype) -> list[_Solved]:
+    """One ``B`` across the experts of every weight in ``sharing`` ((weight, codes, S, S_experts,
+    quantize time), all reading the block input) and the dense members ``here``; one ``_Solved``
+    per weight, the first carrying ``here``."""
+    t0 = time.perf_counter()
+    S = sharing[0][2]
+    n_tokens = stats.S.n_tokens
+    errors, usage, refit = [], [], []
+    for w, qs, _, S_experts, _ in sharing:
+        errors += [quantization_error(W, q) for W, q in zip(w.Ws, qs)]
+        usage += [c / n_tokens for c in w.counts]  # the share of tokens each expert sees
+        refit += S_experts
+    errors += [quantization_error(W, q) for _, W, _, q in here]
+    usage += [1.0] * len(here)  # a dense member sees every token
+    refit += [None] * len(here)
+    correction = experts_lowrank(
+        errors, S, min(_rank(config), S.shape[0], sum(e.shape[0] for e in errors)),
+        usage=usage if config.expert_weighting == "usage" else None, refit=refit if config.expert_refit else None,
+        method=CORRECTIONS[config.method].name, **_solve_kwargs(sharing[0][0].Ws[0].dtype, config))
+    members = (*(f"{name}.{w.name}" for w, *_ in sharing), *(m for m, *_ in here))
+    projection = SharedProjection(correction.B[0].to(factor_dtype), members)
+    solve_s = time.perf_counter() - t0
+    report, solved, first = correction.report, [], 0
+    for i, (w, _, _, _, quantize_s) in enumerate(sharing):
+        E = len(w.Ws)
+        solved.append(_Solved(w, [correction], projection, quantize_s, solve_s if i == 0 else 0.0,
+                              here if i == 0 else [], sum(report.member_errors_before[first:first + E]),
+                              sum(report.member_errors_after[first:first + E]), first, len(errors) - len(here)))
+        first += E
+    return solved
+
+
+def _solve_kwargs(dtype: torch.dtype, config: GlowQConfig) -> dict:
+    return dict(shrinkage=config.shrinkage, mode=config.svd, oversample=config.oversample,
+                power_iters=config.power_iters, seed=config.seed,
+                dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+
+
+def _corrections(w, qs, S, S_experts, config: GlowQConfig) -> list:
+    """Each expert's own correction of weight ``w`` (a shared method on an expert's own input: its
+    ``alone`` method), or none at rank 0."""
     method = CORRECTIONS[config.method]
     rank = _rank(config)
     errors = [quantization_error(W, q) for W, q in zip(w.Ws, qs)]
-    dtype = w.Ws[0].dtype
-    kw = dict(shrinkage=config.shrinkage, mode=config.svd, oversample=config.oversample,
-              power_iters=config.power_iters, seed=config.seed,
-              dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    kw = _solve_kwargs(w.Ws[0].dtype, config)
     if rank == 0:
-        return [solve("none", errors, S if S is not None else S_experts[0], 0, **kw)], None
-    if _shares_input(w, config):
-        stacked = errors + [quantization_error(W, q) for _, W, _, q in here]
-        n_tokens = stats.S.n_tokens
-        corrections = [experts_lowrank(  # usage: the share of tokens each expert sees; a dense member sees all
-            stacked, S, min(rank, S.shape[0], sum(e.shape[0] for e in stacked)),
-            usage=[c / n_tokens for c in w.counts] + [1.0] * len(here) if config.expert_weighting == "usage"
-            else None,
-            refit=S_experts + [None] * len(here) if config.expert_refit else None, method=method.name, **kw)]
-        return corrections, SharedProjection(corrections[0].B[0].to(factor_dtype), (name, *(m for m, *_ in here)))
-    # each expert alone (a shared method on an expert's own input: its ``alone`` method)
+        return [solve("none", errors, S if S is not None else S_experts[0], 0, **kw)]
     alone = method.alone or method.name
     r = rank if w.reads_input or config.expert_own_input_rank is None else config.expert_own_input_rank
     return [solve(alone if r else "none", [E_], S if S_e is None else S_e, min(r, *E_.shape), **kw)
-            for E_, S_e in zip(errors, S_experts)], None
+            for E_, S_e in zip(errors, S_experts)]
 
 
-def _install(model: nn.Module, target: QuantizedExpertWeights, done: _Solved, E: int, config: GlowQConfig,
+def _install(model: nn.Module, target: QuantizedExpertWeights, done: _Solved, config: GlowQConfig,
              factor_dtype: torch.dtype) -> None:
     """Set ``done``'s correction on the installed experts weight ``target`` (and its dense members)."""
     if not _rank(config):
         return
     if done.projection is not None:
-        register_projection(model, done.projection)
+        register_projection(model, done.projection)  # under one key: every weight that reads it registers the same
         As = done.corrections[0].A
-        target.set_correction(torch.stack(As[:E]).to(factor_dtype), projection=done.projection)
-        for (m, W, bias, q), A in zip(done.here, As[E:]):
+        E = len(done.w.Ws)
+        target.set_correction(torch.stack(As[done.first:done.first + E]).to(factor_dtype), projection=done.projection)
+        for (m, W, bias, q), A in zip(done.here, As[done.first_dense:]):
             linear = QuantizedLinear(pack(q), bias)
             replace_module(model, m, linear)
             linear.set_correction(A.to(factor_dtype), done.projection)
@@ -283,7 +318,8 @@ def _install(model: nn.Module, target: QuantizedExpertWeights, done: _Solved, E:
 
 
 def _joined_rows(model: nn.Module, joined: Sequence[InputGroup], report, E: int, dense: list) -> dict[str, GroupReport]:
-    """The joined groups' report rows (their errors from the joint solve; ``B`` counted in the experts' row)."""
+    """The joined groups' report rows (their errors from the joint solve, whose dense members start
+    at ``E``; ``B`` counted in the experts' row)."""
     before, after = report.member_errors_before[E:], report.member_errors_after[E:]
     index = {m: i for i, (m, *_) in enumerate(dense)}
     rows = {}

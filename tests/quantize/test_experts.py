@@ -208,6 +208,66 @@ def test_a_novel_experts_module_is_traced_and_quantized(tmp_path):
     assert torch.equal(_logits(loaded), _logits(model))
 
 
+class SeparateGateUpExperts(NovelExperts):
+    """SwiGLU experts with the gate and up weights apart (each (E, out, in), both reading the
+    input) and a loop of their own: GlowQ gives both weights' experts one ``B``."""
+
+    def __init__(self, n=4, d=64, m=48):
+        super().__init__(n, d, m)
+        self.w_gate = torch.nn.Parameter(torch.randn(n, m, d) / 8)
+
+    def forward(self, x, index, weights):
+        out = torch.zeros_like(x)
+        for e in range(self.w_in.shape[0]):
+            token, slot = torch.where(index == e)
+            h = torch.nn.functional.silu(x[token] @ self.w_gate[e].T) * (x[token] @ self.w_in[e].T)
+            out.index_add_(0, token, (h @ self.w_out[e]) * weights[token, slot, None])
+        return out
+
+
+def test_every_weight_that_reads_the_input_shares_one_B(tmp_path):
+    """Gate and up apart, both reading the block input: one projection for both weights' experts
+    (stored once), solved jointly, so each weight's correction lowers its error; the down weight
+    keeps each expert's own ``B``; the checkpoint round trip and the compiled model give the same
+    logits. (The module's own loop graph-breaks at each product, so each product projects its
+    expert's rows itself: one ``B`` stored, ``x B^T`` made per weight.)"""
+    from glowq_fx import glowq_backend, load_quantized, save_quantized
+
+    model = _with(SeparateGateUpExperts)
+    float_model = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GlowQWarning)
+        report = quantize_(model, token_batches(4), GlowQConfig(group_size=32, rank=8, output_head_bits=None),
+                           progress=False)
+    for layer in model.model.layers:
+        experts = layer.mlp.experts
+        gate, up, down = (experts.quantized_weights(w) for w in ("w_gate", "w_in", "w_out"))
+        assert gate.projection is not None and gate.projection is up.projection
+        assert set(gate.projection.members) == {f"{_name(model, experts)}.w_gate", f"{_name(model, experts)}.w_in"}
+        assert down.projection is None and down.B.shape[0] == 4
+    keys = [k for k in model.state_dict() if k.startswith("model.layers.0.mlp.experts.") and k.endswith(".B")]
+    assert sorted(keys) == ["model.layers.0.mlp.experts.glowq_projections.{w_in,w_gate}.B",
+                            "model.layers.0.mlp.experts.w_out.B"]
+    rows = {g.name: g for g in report.groups}
+    for w in ("w_gate", "w_in"):
+        row = rows[f"model.layers.0.mlp.experts.{w}"]
+        assert row.error_after < row.error_before
+    eager = _logits(model)
+    assert (eager - _logits(float_model)).abs().max() > 0  # quantized, not the float model
+    save_quantized(model, tmp_path / "q", report=report)
+    loaded = load_quantized(tmp_path / "q", _with(SeparateGateUpExperts))
+    l_gate, l_up = (loaded.model.layers[0].mlp.experts.quantized_weights(w) for w in ("w_gate", "w_in"))
+    assert l_gate.projection is l_up.projection
+    assert torch.equal(_logits(loaded), eager)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, backend=glowq_backend)(input_ids=IDS).logits, eager,
+                                   rtol=1e-4, atol=1e-4)
+
+
+def _name(model, module):
+    return next(n for n, m in model.named_modules() if m is module)
+
+
 def test_a_novel_experts_module_at_rank_zero_is_its_rtn_self():
     model = _with(NovelExperts)
     rtn = copy.deepcopy(model)
