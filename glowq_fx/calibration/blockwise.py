@@ -393,7 +393,8 @@ class BlockwiseCalibration:
         for store in (*self._stores, *([self._outputs] if self._outputs is not None else [])):
             store.close()
         for module, home in zip(self.modules, self.homes):
-            if _device_of(module).type != "meta":  # a released block stays released
+            # a released block stays released, and one left partly read by a failed read stays as it is
+            if not any(t.is_meta for t in (*module.parameters(), *module.buffers())):
                 module.to(home)
 
     def __enter__(self) -> "BlockwiseCalibration":

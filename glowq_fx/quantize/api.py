@@ -343,6 +343,13 @@ def _quantize_with_experts(model: nn.Module, groups: Sequence[InputGroup], stats
             outcome.joined.add(g.name)
 
 
+def without_expert_weights(model: nn.Module, skipped: dict[str, str]) -> dict[str, str]:
+    """``skipped`` less the 3-D weights of quantized experts modules: the graph pass lists them as
+    not linears, and ``quantize_experts`` took them."""
+    done = [n for n, m in model.named_modules() if isinstance(m, QuantizedExperts)]
+    return {k: v for k, v in skipped.items() if not any(k.startswith(n + ".") for n in done)}
+
+
 def experts_by_block(experts: dict, blocks: Blocks) -> tuple[list[dict], list[str]]:
     """Each block's experts modules (by name prefix), and those outside every block."""
     of = [{} for _ in blocks.names]
@@ -630,10 +637,7 @@ def _finish(model: nn.Module, done: _Done, tables, config: GlowQConfig, progress
         selection = apply_selection(model, [done.rows[g.name] for g in ranked],
                                     [done.factors[g.name] for g in ranked], config.selective, done.batches, progress)
         embeddings = quantize_embeddings(model, tables, config, dict(done.skipped))
-    skipped = {**done.skipped, **done.experts.skipped}
-    # the graph pass lists an experts module's 3-D weights as not linears; quantize_experts took them
-    experts_done = [n for n, m in model.named_modules() if isinstance(m, QuantizedExperts)]
-    skipped = {k: v for k, v in skipped.items() if not any(k.startswith(n + ".") for n in experts_done)}
+    skipped = without_expert_weights(model, {**done.skipped, **done.experts.skipped})
     bos = starts_with_bos(model, done.batches)
     how = done.how if bos is None else {**done.how, "windows_start_with_bos": bos}
     from glowq_fx.checkpoint.transformers import attach  # transformers' save_pretrained then writes our format

@@ -6,9 +6,12 @@ The float model is built without its weights (``data.lazy_model``); what lies ou
 model's graph with its blocks stubbed; then block by block (``calibration.blockwise``) each block
 is read from the safetensors onto the compute device, its groups found on its own graph,
 calibrated, quantized and corrected, written into the output shards (``checkpoint.CheckpointWriter``)
-and released. At any time memory holds the outside weights, one block, its ``S`` and the cached
-block inputs. The result loads with ``load_quantized`` and equals ``quantize_`` of the same model
-block by block, bit for bit.
+and released. An MoE block's experts are read the same way (their per-expert checkpoint keys merged
+into the model's 3-D weights as transformers merges them, ``data.lazy_model.KeyConversions``),
+their statistics collected with the block's and released with it. At any time memory holds the
+outside weights, one block, its ``S`` (and its experts' statistics) and the cached block inputs.
+The result loads with ``load_quantized`` and equals ``quantize_`` of the same model block by block,
+bit for bit.
 """
 from __future__ import annotations
 
@@ -26,13 +29,16 @@ from glowq_fx.checkpoint.quantized import DEFAULT_MAX_SHARD_SIZE, CheckpointWrit
 from glowq_fx.config import GlowQConfig, as_config
 from glowq_fx.data.lazy_model import LazyCheckpoint, release
 from glowq_fx.quantize.api import (
+    ExpertsOutcome,
     blockwise_summary,
+    experts_by_block,
     model_bytes,
     nothing_left,
     plan_embeddings,
     quantize_blockwise,
     quantize_embeddings,
     starts_with_bos,
+    without_expert_weights,
 )
 from glowq_fx.quantize.experts import find_experts
 from glowq_fx.report import GroupReport, QuantizationReport
@@ -57,15 +63,15 @@ def _open_blocks(directory: str | Path, dtype: torch.dtype | None, config: GlowQ
     if blocks is None:
         raise ValueError(f"{type(model).__name__} has no list of repeated blocks to read one at a time; load it with "
                          "from_pretrained and call quantize_")
-    experts, _ = find_experts(model, config)
-    if experts:
-        raise ValueError(f"{type(model).__name__} has MoE experts ({next(iter(experts))}, ...), which quantizing from "
-                         "disk does not handle yet: load the model and call quantize_ (calibration='blocks' keeps one "
-                         "block's statistics at a time), or pass GlowQConfig(experts=False) to keep them in floating "
-                         "point")
+    experts, experts_skipped = find_experts(model, config)
+    experts_of, outside = experts_by_block(experts, blocks)
+    if outside:
+        raise ValueError(f"the experts modules {outside} lie outside the repeated blocks of {type(model).__name__}, "
+                         "which quantizing from disk reads one at a time: load the model and call quantize_, or pass "
+                         "GlowQConfig(experts=False) to keep them in floating point")
     lazy.load(torch.device("cpu"), exclude=blocks.names)  # embeddings, final norm, head
     lazy.load(torch.device("cpu"), [blocks.names[0]])
-    return lazy, blocks
+    return lazy, blocks, experts_of, experts_skipped
 
 
 def quantize_checkpoint(directory: str | Path, out: str | Path, calibration: Iterable[object],
@@ -90,7 +96,7 @@ def quantize_checkpoint(directory: str | Path, out: str | Path, calibration: Ite
     config = as_config(config)
     _refuse_whole_model_options(config)
     device = check_device(device)
-    lazy, blocks = _open_blocks(directory, dtype, config)
+    lazy, blocks, experts_of, experts_skipped = _open_blocks(directory, dtype, config)
     model = lazy.model
     check_model(model)
     tables = plan_embeddings(model, config)
@@ -118,20 +124,23 @@ def quantize_checkpoint(directory: str | Path, out: str | Path, calibration: Ite
         writer.add(model, blocks.names[i])
         release(model.get_submodule(blocks.names[i]))
 
+    experts = ExpertsOutcome()
     with blockwise, torch.no_grad():
         n_tokens = quantize_blockwise(model, blockwise, groups_of, config, progress, rows, factors,
-                                      before_block=load, after_block=write)
+                                      before_block=load, after_block=write, experts_of=experts_of, experts=experts)
         for g in (*blockwise.head_groups, *blockwise.tail_groups):
             attach_group(model, rows[g.name], factors[g.name])
-        skipped, breaks = blockwise.skipped, blockwise.graph_breaks
+        breaks = blockwise.graph_breaks
+        skipped = {**without_expert_weights(model, blockwise.skipped), **experts_skipped, **experts.skipped}
         embeddings = quantize_embeddings(model, tables, config, skipped)
     order = [*blockwise.head_groups, *(g for gs in groups_of for g in gs), *blockwise.tail_groups]
-    if not order:
+    if not order and not experts.rows:
         raise nothing_left(model, skipped)
     how = {**blockwise_summary(blockwise, groups_of, rows, config, device), "read_from": str(directory)}
     if (bos := starts_with_bos(model, batches)) is not None:
         how["windows_start_with_bos"] = bos
-    report = QuantizationReport(config, [rows[g.name] for g in order], skipped, breaks, len(batches), n_tokens,
-                                time.perf_counter() - t0, None, how, embeddings, (bytes_before, model_bytes(model)))
+    report = QuantizationReport(config, [rows[g.name] for g in order] + experts.rows, skipped, breaks, len(batches),
+                                n_tokens, time.perf_counter() - t0, None, how, embeddings,
+                                (bytes_before, model_bytes(model)))
     writer.close(model, config=config, report=report, tokenizer=tokenizer)
     return report

@@ -114,3 +114,67 @@ def test_bad_inputs_are_named(float_dir, tmp_path):
     (renamed / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(ValueError, match="its keys are not the model's parameter names"):
         quantize_checkpoint(renamed, tmp_path / "q", batches)
+
+
+MOE = dict(vocab_size=128, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)
+MOE_CONFIGS = {  # per-expert keys on disk (what save_pretrained writes), 3-D experts in the model
+    "qwen2_moe": lambda: T.Qwen2MoeConfig(**MOE, intermediate_size=128, moe_intermediate_size=48,
+                                          shared_expert_intermediate_size=96, num_experts=4, num_experts_per_tok=2,
+                                          decoder_sparse_step=1),
+    "mixtral": lambda: T.MixtralConfig(**MOE, intermediate_size=96, num_local_experts=4, num_experts_per_tok=2),
+}
+
+
+def _moe_dir(tmp_path, name, max_shard_size="100KB"):
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(MOE_CONFIGS[name]()).eval()
+    path = tmp_path / name
+    model.save_pretrained(path, max_shard_size=max_shard_size)
+    return model, path
+
+
+@pytest.mark.parametrize("name", sorted(MOE_CONFIGS))
+def test_an_moe_model_from_disk_equals_quantize_by_blocks(name, tmp_path):
+    """Per-expert keys read block by block into the 3-D experts (transformers' own conversion), the
+    experts' statistics collected with their block: the checkpoint equals quantize_ by blocks."""
+    from safetensors import safe_open
+
+    model, path = _moe_dir(tmp_path, name)
+    keys = [k for f in path.glob("*.safetensors") for k in safe_open(str(f), "pt").keys()]
+    assert any(".experts.3." in k for k in keys) and not any(k.endswith("experts.down_proj") for k in keys)
+    batches = token_batches(2)
+    config = GlowQConfig(group_size=32, rank=8, block_inputs="quantized")
+    report = quantize_checkpoint(path, tmp_path / "q", batches, config, progress=False)
+    reference = copy.deepcopy(model)
+    expected = quantize_(reference, batches, GlowQConfig(group_size=32, rank=8, block_inputs="quantized",
+                                                         calibration="blocks"), progress=False)
+    assert [g.name for g in report.groups] == [g.name for g in expected.groups]
+    assert any(".experts." in g.name for g in report.groups)
+    assert report.skipped == expected.skipped
+    _assert_same(reference, load_quantized(tmp_path / "q"))
+
+
+def test_an_incomplete_or_mismatched_moe_checkpoint_is_named_before_anything_loads(tmp_path):
+    """A lost expert key, or experts of unequal shapes: the tensor, the expert and the fix are
+    named when the checkpoint is opened, before any block is read or anything written."""
+    from safetensors.torch import load_file, save_file
+
+    _, path = _moe_dir(tmp_path, "mixtral", max_shard_size="1GB")
+    shard = path / "model.safetensors"
+    state = load_file(str(shard))
+    # Mixtral's original keys: block_sparse_moe.experts.{i}.w1 (gate), w3 (up), w2 (down)
+    lost = {k: v for k, v in state.items() if k != "model.layers.1.block_sparse_moe.experts.2.w3.weight"}
+    save_file(lost, str(shard), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"model.layers.1.mlp.experts.gate_up_proj: the checkpoint's experts are "
+                                         r"incomplete: model.layers.1.block_sparse_moe.experts.\{i\}.w3.weight is "
+                                         r"missing for i in \[2\].*write it again"):
+        quantize_checkpoint(path, tmp_path / "q", token_batches(1), GlowQConfig(group_size=32, rank=4),
+                            progress=False)
+    assert not (tmp_path / "q").exists()
+    odd = dict(state)
+    odd["model.layers.0.block_sparse_moe.experts.1.w2.weight"] = torch.zeros(64, 80)
+    save_file(odd, str(shard), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp.experts.down_proj: the checkpoint's experts have "
+                                         r"unequal shapes .*experts.1.w2.weight \(64, 80\).*config"):
+        quantize_checkpoint(path, tmp_path / "q2", token_batches(1), GlowQConfig(group_size=32, rank=4),
+                            progress=False)
