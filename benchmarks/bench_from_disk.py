@@ -1,14 +1,22 @@
 """A model whose float weights are larger than 1.5x the memory its process may use, quantized from
 disk to a sharded checkpoint that then loads and evaluates, all under that limit.
 
-A random Llama-shaped float32 model (hidden 1536, MLP 4096, vocab 8192: about 100 MB per layer) is
-saved as safetensors shards; a child process, in a memory cgroup (v1 ``memory.limit_in_bytes``, no
-swap on these machines), runs ``quantize_checkpoint`` (one block in memory at a time), then
+A random Llama-shaped float32 model (hidden 1536, MLP 4096, vocab 8192: about 100 MB per layer),
+or with ``--arch qwen3_moe`` a random Qwen3-MoE-shaped one (hidden 512, 16 experts of 384, 4 per
+token: about 40 MB per layer, its experts stored per expert as transformers writes them), is saved
+as safetensors shards; a child process, in a memory cgroup (v1 ``memory.limit_in_bytes``, no swap
+on these machines), runs ``quantize_checkpoint`` (one block in memory at a time), then
 ``load_quantized`` and a perplexity over random tokens. The cgroup's peak usage
 (``memory.max_usage_in_bytes``, page cache of the read shards included) is reported. Needs root
 and a writable memory cgroup; says so and stops otherwise.
 
+``--depths 8,16,32`` instead quantizes the model at each depth without a limit and reports the
+child's peak resident memory per depth: one block in memory at a time means flat in depth.
+
     python benchmarks/bench_from_disk.py --layers 48 --limit-gb 3   # writes benchmarks/results/from_disk.{json,md}
+    python benchmarks/bench_from_disk.py --arch qwen3_moe --layers 48 --limit-gb 1.2 \\
+        --out benchmarks/results/from_disk_moe
+    python benchmarks/bench_from_disk.py --arch qwen3_moe --depths 8,16,32 --out benchmarks/results/from_disk_moe_depth
 """
 from __future__ import annotations
 
@@ -26,8 +34,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 CGROUP = Path("/sys/fs/cgroup/memory")
-SHAPE = dict(hidden_size=1536, intermediate_size=4096, num_attention_heads=12, num_key_value_heads=4,
-             vocab_size=8192, tie_word_embeddings=False)
+SHAPES = {
+    "llama": dict(hidden_size=1536, intermediate_size=4096, num_attention_heads=12, num_key_value_heads=4,
+                  vocab_size=8192, tie_word_embeddings=False),
+    "qwen3_moe": dict(hidden_size=512, intermediate_size=1024, moe_intermediate_size=384, num_experts=16,
+                      num_experts_per_tok=4, decoder_sparse_step=1, num_attention_heads=8, num_key_value_heads=2,
+                      head_dim=64, vocab_size=8192, tie_word_embeddings=False),
+}
 
 CHILD = r"""
 import json, resource, sys, time, torch
@@ -43,7 +56,9 @@ report = quantize_checkpoint(float_dir, out_dir, batches, GlowQConfig(group_size
 quantize_s = time.perf_counter() - t0
 model = load_quantized(out_dir)
 ppl = perplexity(model, torch.randint(0, 8192, (2048,), generator=gen), 512, progress=False).perplexity
-print(json.dumps({"child_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+experts = sum(".experts." in g.name for g in report.groups)
+print(json.dumps({"expert_groups": experts,
+                  "child_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                   "quantize_s": quantize_s, "perplexity_random_tokens": ppl, "groups": len(report.groups),
                   "calibration": {k: v for k, v in report.calibration.items() if k != "times"}}))
 """
@@ -58,45 +73,102 @@ def _cgroup(limit: int) -> Path:
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
+def _float_dir(work: Path, arch: str, layers: int) -> tuple[Path, int]:
+    """A random float32 model of ``arch`` and depth ``layers`` saved in ``work``: (its directory, weight bytes)."""
     import torch
     import transformers as T
 
+    torch.manual_seed(0)
+    cls = {"llama": T.LlamaConfig, "qwen3_moe": T.Qwen3MoeConfig}[arch]
+    model = T.AutoModelForCausalLM.from_config(cls(num_hidden_layers=layers, max_position_embeddings=2048,
+                                                   **SHAPES[arch]))
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    path = work / f"float-{layers}"
+    model.save_pretrained(path, max_shard_size="500MB")
+    return path, weight_bytes
+
+
+def _child(float_dir: Path, out_dir: Path, tokens: int, group: Path | None = None):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    enter = None if group is None else (lambda: (group / "cgroup.procs").write_text(str(os.getpid())))
+    return subprocess.run([sys.executable, "-c", CHILD, str(float_dir), str(out_dir), str(tokens)], env=env,
+                          capture_output=True, text=True, preexec_fn=enter)
+
+
+def _failed(done, peak: int | None = None) -> SystemExit:
+    at = "" if peak is None else f", peak {peak / 2**30:.2f} GiB"
+    return SystemExit(f"the child failed (exit {done.returncode}{at}):\n{done.stderr[-3000:]}")
+
+
+def _meta(args, argv) -> dict:
+    import torch
+
+    return {"command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+            "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads (CPU)",
+            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "arch": args.arch,
+            "shape": SHAPES[args.arch]}
+
+
+def _depths(args, argv) -> int:
+    """The child's peak resident memory at each depth, no limit: flat if one block is in memory at a time."""
+    work = Path(tempfile.mkdtemp(prefix="glowq-from-disk-"))
+    rows = []
+    for layers in args.depths:
+        float_dir, weight_bytes = _float_dir(work, args.arch, layers)
+        done = _child(float_dir, work / f"q-{layers}", args.tokens)
+        if done.returncode != 0:
+            raise _failed(done)
+        child = json.loads(done.stdout.strip().splitlines()[-1])
+        rows.append({"layers": layers, "float_weight_bytes": weight_bytes, **child})
+        print(f"{layers} layers: float {weight_bytes / 2**30:.2f} GiB, peak RSS "
+              f"{child['child_peak_rss_bytes'] / 2**30:.2f} GiB, {child['quantize_s']:.0f} s", flush=True)
+    peaks = [r["child_peak_rss_bytes"] for r in rows]
+    results = {**_meta(args, argv), "rows": rows, "peak_spread": max(peaks) / min(peaks)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    lines = ["# Quantizing from disk: peak memory against depth", "", f"`{results['command']}`", "",
+             f"{results['machine']}, torch {results['torch']}, {results['date']}. Random {args.arch} float32 models "
+             f"({SHAPES[args.arch]}), GlowQ rank 32, W4 g128, calibration 4 x {args.tokens} random tokens; the "
+             "child's peak resident memory (ru_maxrss) while it quantizes from disk, loads the result and "
+             "evaluates it.", "",
+             "| layers | float weights GiB | peak RSS GiB | quantize s | expert groups |", "|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['layers']} | {r['float_weight_bytes'] / 2**30:.2f} | {r['child_peak_rss_bytes'] / 2**30:.2f} | "
+              f"{r['quantize_s']:.0f} | {r['expert_groups']} |" for r in rows]
+    lines += ["", f"Largest peak / smallest: {results['peak_spread']:.2f}x, while the weights grew "
+              f"{rows[-1]['float_weight_bytes'] / rows[0]['float_weight_bytes']:.1f}x."]
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", choices=sorted(SHAPES), default="llama")
     ap.add_argument("--layers", type=int, default=48)
     ap.add_argument("--limit-gb", type=float, default=3.0)
+    ap.add_argument("--depths", default=None, help="comma-separated depths: peak memory per depth, no limit")
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "from_disk")
     args = ap.parse_args(argv)
+    if args.depths is not None:
+        args.depths = [int(d) for d in args.depths.split(",") if d]
+        return _depths(args, argv)
     limit = int(args.limit_gb * 2**30)
     work = Path(tempfile.mkdtemp(prefix="glowq-from-disk-"))
-    torch.manual_seed(0)
-    config = T.LlamaConfig(num_hidden_layers=args.layers, max_position_embeddings=2048, **SHAPE)
-    model = T.LlamaForCausalLM(config)
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    model.save_pretrained(work / "float", max_shard_size="500MB")
-    del model
+    float_dir, weight_bytes = _float_dir(work, args.arch, args.layers)
     group = _cgroup(limit)
     try:
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        done = subprocess.run([sys.executable, "-c", CHILD, str(work / "float"), str(work / "q"), str(args.tokens)],
-                              env=env, capture_output=True, text=True,
-                              preexec_fn=lambda: (group / "cgroup.procs").write_text(str(os.getpid())))
+        done = _child(float_dir, work / "q", args.tokens, group)
         peak = int((group / "memory.max_usage_in_bytes").read_text())
         failcnt = int((group / "memory.failcnt").read_text())
     finally:
         group.rmdir()
     if done.returncode != 0:
-        raise SystemExit(
-            f"the child failed (exit {done.returncode}, peak {peak / 2**30:.2f} GiB):\n{done.stderr[-3000:]}"
-        )
+        raise _failed(done, peak)
     child = json.loads(done.stdout.strip().splitlines()[-1])
     out_bytes = sum(p.stat().st_size for p in (work / "q").glob("*.safetensors"))
-    results = {"command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
-               "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads (CPU)",
-               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "shape": {**SHAPE, "layers": args.layers},
-               "float_weight_bytes": weight_bytes, "limit_bytes": limit, "peak_bytes": peak, "limit_hits": failcnt,
-               "quantized_bytes": out_bytes, **child}
+    results = {**_meta(args, argv), "layers": args.layers, "float_weight_bytes": weight_bytes, "limit_bytes": limit,
+               "peak_bytes": peak, "limit_hits": failcnt, "quantized_bytes": out_bytes, **child}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=1))
     lines = [
@@ -104,8 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"`{results['command']}`",
         "",
-        f"{results['machine']}, torch {results['torch']}, {results['date']}. Random Llama-shaped float32 model "
-        f"({args.layers} layers, {SHAPE}), GlowQ rank 32, W4 g128, calibration 4 x {args.tokens} random tokens.",
+        f"{results['machine']}, torch {results['torch']}, {results['date']}. Random {args.arch}-shaped float32 model "
+        f"({args.layers} layers, {SHAPES[args.arch]}), GlowQ rank 32, W4 g128, calibration 4 x {args.tokens} random "
+        "tokens.",
         "",
         "| | GiB |",
         "|---|---:|",
@@ -117,9 +190,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{child['child_peak_rss_bytes'] / 2**30:.2f} |",
         f"| quantized checkpoint | {out_bytes / 2**30:.2f} |",
         "",
-        f"Quantized in {child['quantize_s']:.0f} s ({child['groups']} groups); the loaded checkpoint's perplexity "
-        f"on random tokens: {child['perplexity_random_tokens']:.1f} (finite: it runs); the limit was reached "
-        f"{failcnt} times (reclaimed page cache, no failure).",
+        f"Quantized in {child['quantize_s']:.0f} s ({child['groups']} groups, {child['expert_groups']} of them "
+        f"experts); the loaded checkpoint's perplexity on random tokens: {child['perplexity_random_tokens']:.1f} "
+        f"(finite: it runs); the limit was reached {failcnt} times (reclaimed page cache, no failure).",
     ]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
