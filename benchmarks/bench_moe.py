@@ -74,6 +74,7 @@ def rows(rank: int, equal_rank: int) -> list[tuple[str, GlowQConfig | None]]:
         (f"GlowQ across experts r{rank}", GlowQConfig(**common, rank=rank)),
         (f"GlowQ across experts r{rank}, usage-weighted", GlowQConfig(**common, rank=rank, expert_weighting="usage")),
         (f"GlowQ across experts r{rank}, A_e refit", GlowQConfig(**common, rank=rank, expert_refit=True)),
+        (f"GlowQ-S across experts r{rank} (automatic elbow)", GlowQConfig(**common, rank=rank, selective="auto")),
         (
             f"GlowQ across experts r{equal_rank} (equal gate/up bytes)",
             GlowQConfig(**common, rank=equal_rank, expert_own_input_rank=rank),

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from glowq_fx.modules.experts import QuantizedExpertWeights
 from glowq_fx.modules.linear import QuantizedLinear, SharedProjection
 from passes.groups import group_name
 
@@ -52,25 +53,48 @@ def remove_projection(model: nn.Module, members: Sequence[str]) -> None:
         delattr(ancestor, PROJECTIONS)
 
 
-def attach_correction(model: nn.Module, members: Sequence[str], B: Tensor, As: Sequence[Tensor]) -> SharedProjection:
-    """Give the ``QuantizedLinear``s ``members`` the correction ``A_i (B x)``: one projection of
-    ``B`` registered for all of them, each member's ``A_i`` set. Returns the projection."""
+def attach_correction(model: nn.Module, members: Sequence[str], B: Tensor,
+                      As: Sequence[Tensor]) -> SharedProjection | None:
+    """Give the ``members`` the correction ``A_i (B x)``: one projection of ``B`` registered for all
+    of them, each member's ``A_i`` set. A member is a ``QuantizedLinear`` or an experts weight
+    (``QuantizedExpertWeights``: its ``A_i`` stacked (E, N, r), one per expert). A lone experts
+    weight whose ``B`` is 3-D (E, r, K) has each expert's own ``B``: no projection. Returns the
+    projection (None for each expert's own)."""
+    if B.dim() == 3:
+        (name,), (A,) = members, As
+        _correctable(model, name).set_correction(A, B=B)
+        return None
     projection = SharedProjection(B, tuple(members))
     register_projection(model, projection)
     for name, A in zip(members, As, strict=True):
-        _quantized(model, name).set_correction(A, projection)
+        module = _correctable(model, name)
+        if isinstance(module, QuantizedLinear):
+            module.set_correction(A, projection)
+        else:
+            module.set_correction(A, projection=projection)
     return projection
 
 
 def detach_correction(model: nn.Module, members: Sequence[str]) -> None:
     """Undo ``attach_correction``: the members lose their correction, the projection leaves the tree."""
+    shared = False
     for name in members:
-        _quantized(model, name).set_correction(None, None)
-    remove_projection(model, members)
+        module = _correctable(model, name)
+        if isinstance(module, QuantizedLinear):
+            module.set_correction(None, None)
+            shared = True
+        else:
+            shared = shared or module.projection is not None
+            module.set_correction(None)
+    if shared:
+        remove_projection(model, members)
 
 
-def _quantized(model: nn.Module, name: str) -> QuantizedLinear:
-    module = model.get_submodule(name)
-    if not isinstance(module, QuantizedLinear):
-        raise ValueError(f"{name} is a {type(module).__name__}, not a QuantizedLinear: quantize it first")
+def _correctable(model: nn.Module, name: str) -> QuantizedLinear | QuantizedExpertWeights:
+    parent, _, child = name.rpartition(".")
+    # the registered child, not the attribute: a traced experts module shows its weight through a view
+    module = (model.get_submodule(parent) if parent else model)._modules.get(child)
+    if not isinstance(module, (QuantizedLinear, QuantizedExpertWeights)):
+        raise ValueError(f"{name} is a {type(module).__name__}, not a QuantizedLinear or quantized experts weight: "
+                         "quantize it first")
     return module

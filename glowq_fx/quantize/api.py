@@ -309,12 +309,16 @@ def _quantize_groups(model: nn.Module, groups: Sequence[InputGroup],
 
 @dataclass
 class ExpertsOutcome:
-    """What quantizing the experts gave: their report rows, the modules left in floating point (why),
-    and the dense groups solved with them (``quantize_experts.joined_groups``: GlowQ-S does not rank them)."""
+    """What quantizing the experts gave: their report rows and each row's correction as a GlowQ-S
+    unit (``factors``, [] where the row is no unit of its own), the modules left in floating point
+    (why), the dense groups solved with them (``quantize_experts.joined_groups``: GlowQ-S ranks them
+    with the experts' unit) and the rows that follow each unit's fate."""
 
     rows: list = field(default_factory=list)
+    factors: list = field(default_factory=list)
     skipped: dict = field(default_factory=dict)
     joined: set = field(default_factory=set)
+    followers: dict = field(default_factory=dict)
 
 
 def _quantize_with_experts(model: nn.Module, groups: Sequence[InputGroup], stats: GroupStatistics,
@@ -336,10 +340,12 @@ def _quantize_with_experts(model: nn.Module, groups: Sequence[InputGroup], stats
         with_it = joins.get(name, [])
         for g in with_it:
             stats.pop(g.name)  # released: a joined group's S is the experts' own (the very same input)
-        expert_rows, joined_rows = quantize_experts(model, name, found, config, factor_dtype(config, dtype), with_it)
-        outcome.rows.extend(expert_rows)
+        done = quantize_experts(model, name, found, config, factor_dtype(config, dtype), with_it)
+        outcome.rows.extend(done.rows)
+        outcome.factors.extend(done.factors)
+        outcome.followers.update(done.followers)
         for g in with_it:
-            rows[g.name], factors[g.name] = joined_rows[g.name], []
+            rows[g.name], factors[g.name] = done.joined_rows[g.name], []
             outcome.joined.add(g.name)
 
 
@@ -528,7 +534,7 @@ class _Done:
     order: list = field(default_factory=list)  # the dense groups, in model order
     rows: dict = field(default_factory=dict)  # group name -> GroupReport
     factors: dict = field(default_factory=dict)  # group name -> its factors, for GlowQ-S
-    experts: ExpertsOutcome = field(default_factory=ExpertsOutcome)  # always kept (GlowQ-S ranks dense groups)
+    experts: ExpertsOutcome = field(default_factory=ExpertsOutcome)
     skipped: dict = field(default_factory=dict)
     breaks: list = field(default_factory=list)
     n_tokens: int = 0
@@ -629,13 +635,39 @@ def _quantize_whole(model: nn.Module, given, experts, run: Run, config: GlowQCon
     done.how = {"mode": "model"}
 
 
+def _select(model: nn.Module, rows: list, factors: list, done: _Done, config: GlowQConfig, progress: bool):
+    """GlowQ-S over the dense groups and the experts' units together. The experts' corrections were
+    attached as they were solved: taken off first, for the policy to put back those it keeps. A
+    row that follows a unit (another weight, or a dense group, sharing its ``B``) keeps its
+    correction exactly when the unit does."""
+    experts = done.experts
+    if config.selective is not None:
+        for row, unit in zip(experts.rows, experts.factors):
+            if unit:
+                detach_group(model, row, unit)
+    by_name = {r.name: r for r in (*experts.rows, *(done.rows[g] for g in experts.joined))}
+    kept = {name: (by_name[name].error_after, by_name[name].rank, by_name[name].factor_bytes)
+            for names in experts.followers.values() for name in names}
+    selection = apply_selection(model, [*rows, *experts.rows], [*factors, *experts.factors], config.selective,
+                                done.batches, progress)
+    for leader, names in experts.followers.items():
+        for name in names:
+            row = by_name[name]
+            if by_name[leader].restored:
+                row.error_after, row.rank, row.factor_bytes = kept[name]
+                row.restored = True
+            else:
+                row.error_after, row.rank, row.factor_bytes, row.restored = row.error_before, 0, 0, False
+    return selection
+
+
 def _finish(model: nn.Module, done: _Done, tables, config: GlowQConfig, progress: bool, bytes_before: int,
             t0: float) -> QuantizationReport:
     """GlowQ-S, the embedding tables, the checkpoint attachment and the report."""
     ranked = [g for g in done.order if g.name not in done.experts.joined]
     with torch.no_grad():
-        selection = apply_selection(model, [done.rows[g.name] for g in ranked],
-                                    [done.factors[g.name] for g in ranked], config.selective, done.batches, progress)
+        selection = _select(model, [done.rows[g.name] for g in ranked], [done.factors[g.name] for g in ranked],
+                            done, config, progress)
         embeddings = quantize_embeddings(model, tables, config, dict(done.skipped))
     skipped = without_expert_weights(model, {**done.skipped, **done.experts.skipped})
     bos = starts_with_bos(model, done.batches)

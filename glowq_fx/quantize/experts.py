@@ -177,13 +177,13 @@ def _dense_members(model: nn.Module, groups: Sequence[InputGroup], S: torch.Tens
 
 
 def quantize_experts(model: nn.Module, name: str, stats, config: GlowQConfig, factor_dtype: torch.dtype,
-                     joined: Sequence[InputGroup] = ()) -> tuple[list[GroupReport], dict[str, GroupReport]]:
+                     joined: Sequence[InputGroup] = ()) -> ExpertsQuantized:
     """Quantize the experts module ``name`` in place from its calibration ``stats``
     (``ExpertsStatistics`` or ``TracedStatistics``, module docstring), and with it the dense
     groups ``joined`` (``joined_groups``: their linears share the experts' ``B``). Returns one
-    report row per 3-D weight (the experts as its members) and one per joined group. A traced
-    module whose layout could not be read raises ``ValueError`` with the reason
-    (``stats.layout()``; callers check it first)."""
+    report row per 3-D weight (the experts as its members) and one per joined group, and each
+    correction as a GlowQ-S unit (``ExpertsQuantized``). A traced module whose layout could not be
+    read raises ``ValueError`` with the reason (``stats.layout()``; callers check it first)."""
     module = model.get_submodule(name)
     layout = stats.protocol if isinstance(stats, ExpertsStatistics) else stats.layout()
     if isinstance(layout, str):
@@ -217,7 +217,50 @@ def quantize_experts(model: nn.Module, name: str, stats, config: GlowQConfig, fa
                                  done.after, done.quantize_s, done.solve_s, _factor_bytes(target))
         if done.here:
             joined_rows = _joined_rows(model, joined, done.corrections[0].report, done.first_dense, done.here)
-    return [rows[w.name] for w, *_ in quantized], joined_rows
+    units, followers = _selection_units(model, name, solved, weights, rows, joined_rows)
+    return ExpertsQuantized([rows[w.name] for w, *_ in quantized], joined_rows,
+                            [units.get(w.name, []) for w, *_ in quantized], followers)
+
+
+@dataclass
+class ExpertsQuantized:
+    """What ``quantize_experts`` made of one experts module: a report row per 3-D weight, the rows
+    of the dense groups solved with them, and for GlowQ-S each row's correction as ``Factors``
+    (``selective.policy``; [] for a row that is not a unit of its own) and the rows that follow a
+    unit's fate (the other weights and dense groups sharing its ``B``), by the unit's row name."""
+
+    rows: list[GroupReport]
+    joined_rows: dict[str, GroupReport]
+    factors: list[list]
+    followers: dict[str, list[str]]
+
+
+def _selection_units(model: nn.Module, name: str, solved: list, weights: dict, rows: dict,
+                     joined_rows: dict) -> tuple[dict[str, list], dict[str, list[str]]]:
+    """Each correction as one GlowQ-S unit: a shared ``B`` with every weight and dense linear that
+    reads it (carried by the first weight's row, which ranks for all of them), or one weight with
+    each expert's own ``B``."""
+    units, followers = {}, {}
+    for done in solved:
+        target = weights[done.w.name]
+        if done.projection is not None and done.first == 0:
+            sharing = [d for d in solved if d.projection is done.projection]
+            leader, others = rows[done.w.name], [rows[d.w.name] for d in sharing[1:]]
+            dense = [model.get_submodule(m) for m in done.projection.members[len(sharing):]]
+            As = [weights[d.w.name].A for d in sharing] + [linear.A for linear in dense]
+            leader.candidate_factor_bytes = leader.factor_bytes = (done.projection.B.nbytes
+                                                                   + sum(A.nbytes for A in As))
+            leader.restore_gain = sum(r.error_before - r.error_after for r in (leader, *others)) + sum(
+                r.restore_gain for r in joined_rows.values())
+            for r in others:  # ranked with the first weight's row, and their B counted there
+                r.candidate_factor_bytes, r.factor_bytes = 0, weights[r.name.rsplit(".", 1)[-1]].A.nbytes
+            for r in joined_rows.values():
+                r.candidate_factor_bytes = 0
+            units[done.w.name] = [(done.projection.members, done.projection.B, As)]
+            followers[leader.name] = [r.name for r in others] + list(joined_rows)
+        elif done.projection is None and target.A is not None:
+            units[done.w.name] = [((f"{name}.{done.w.name}",), target.B, [target.A])]
+    return units, followers
 
 
 @dataclass

@@ -4,8 +4,9 @@ calibration loss along a ranking (what ``GlowQConfig(selective="auto")`` runs in
 The paper's code reloads and re-quantizes the model for every k. Here a fully corrected model is
 quantized once; ``Corrections`` detaches and re-attaches each unit's ``A_i`` / ``B`` on the live
 modules, so a point of a sweep costs one evaluation and nothing else. A unit is one
-``SharedProjection``: a GlowQ group (one ``B`` shared by its members) or, for the independent
-methods, one linear.
+``SharedProjection``: a GlowQ group (one ``B`` shared by its members: linears, or the experts of an
+MoE block's weights reading its input) or, for the independent methods, one linear; or an MoE
+experts weight with each expert's own ``B``.
 """
 from __future__ import annotations
 
@@ -17,23 +18,32 @@ import torch
 from torch import Tensor, nn
 
 from glowq_fx.evaluation.perplexity import token_nll
+from glowq_fx.modules.experts import QuantizedExpertWeights
 from glowq_fx.modules.linear import QuantizedLinear, SharedProjection
 from glowq_fx.selective.knee import find_knee
 from passes.groups import group_name
 
 
 class Corrections:
-    """Every correction of a quantized model, by unit name (``group_name`` of its members)."""
+    """Every correction of a quantized model, by unit name (``group_name`` of its members): a
+    ``SharedProjection`` with its members (``QuantizedLinear``s, experts weights reading it), or an
+    experts weight with each expert's own ``B``."""
 
     def __init__(self, model: nn.Module):
-        units: dict[int, tuple[SharedProjection, list[tuple[QuantizedLinear, Tensor]]]] = {}
-        for m in model.modules():
+        units: dict[int, tuple[tuple[str, ...], SharedProjection | None, list]] = {}
+        for name, m in model.named_modules():
             if isinstance(m, QuantizedLinear) and m.projection is not None:
-                units.setdefault(id(m.projection), (m.projection, []))[1].append((m, m.A))
+                units.setdefault(id(m.projection), (m.projection.members, m.projection, []))[2].append((m, m.A, None))
+            elif isinstance(m, QuantizedExpertWeights) and m.A is not None:
+                if m.projection is not None:
+                    units.setdefault(id(m.projection), (m.projection.members, m.projection, []))[2].append(
+                        (m, m.A, None))
+                else:  # each expert's own B: a unit of its own
+                    units[id(m)] = ((name,), None, [(m, m.A, m.B)])
         if not units:
             raise ValueError("the model has no low-rank corrections to select from: quantize it with a correcting "
                              "method (glowq, qera, lqer, svd) and selective=None")
-        self._units = {group_name(p.members): (p, members) for p, members in units.values()}
+        self._units = {group_name(members): (members, p, held) for members, p, held in units.values()}
         self._on = set(self._units)
 
     @property
@@ -45,16 +55,17 @@ class Corrections:
         return set(self._on)
 
     def members(self, name: str) -> tuple[str, ...]:
-        return self._units[name][0].members
+        return self._units[name][0]
 
-    def modules(self, name: str) -> list[QuantizedLinear]:
-        """The unit's ``QuantizedLinear``s, in member order."""
-        return [module for module, _ in self._units[name][1]]
+    def modules(self, name: str) -> list[nn.Module]:
+        """The unit's quantized modules (``QuantizedLinear``s, experts weights), in member order."""
+        return [module for module, _, _ in self._units[name][2]]
 
     def nbytes(self, name: str) -> int:
-        """Bytes of the unit's factors (its ``B`` and every member's ``A_i``), in the model dtype."""
-        projection, members = self._units[name]
-        return projection.B.nbytes + sum(A.nbytes for _, A in members)
+        """Bytes of the unit's factors (its ``B`` and every member's ``A_i``)."""
+        _, projection, held = self._units[name]
+        shared = 0 if projection is None else projection.B.nbytes
+        return shared + sum(A.nbytes + (0 if B is None else B.nbytes) for _, A, B in held)
 
     def set(self, enabled: Iterable[str]) -> None:
         """Keep exactly the units in ``enabled`` corrected (in place)."""
@@ -62,12 +73,17 @@ class Corrections:
         unknown = enabled - set(self._units)
         if unknown:
             raise ValueError(f"unknown correction units {sorted(unknown)[:3]}; known: {self.names[:3]} ...")
-        for name, (projection, members) in self._units.items():
-            for module, A in members:
-                if name in enabled:
-                    module.set_correction(A, projection)
+        for name, (_, projection, held) in self._units.items():
+            on = name in enabled
+            for module, A, B in held:
+                if isinstance(module, QuantizedLinear):
+                    module.set_correction(A if on else None, projection if on else None)
+                elif not on:
+                    module.set_correction(None)
+                elif B is not None:
+                    module.set_correction(A, B=B)
                 else:
-                    module.set_correction(None, None)
+                    module.set_correction(A, projection=projection)
         self._on = enabled
 
     @contextlib.contextmanager
