@@ -72,6 +72,11 @@ class LatencyModel:
 def unit_shape(members: list[QuantizedLinear]) -> UnitShape:
     """The shape of a unit whose members share one projection."""
     first = members[0]
+    if not all(isinstance(m, QuantizedLinear) for m in members):
+        raise ValueError("the latency model times units of linears; this unit holds MoE experts weights "
+                         f"({type(next(m for m in members if not isinstance(m, QuantizedLinear))).__name__}), whose "
+                         "launches it does not model: rank MoE models by removed error per byte (selective='auto' "
+                         "or a fraction)")
     if first.projection is None:
         raise ValueError("a unit's members must carry their correction (A and projection) to be timed")
     return UnitShape(first.in_features, tuple(m.out_features for m in members), first.projection.rank,
