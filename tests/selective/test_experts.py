@@ -110,3 +110,13 @@ def test_the_live_switch_holds_the_experts_units():
     assert corrections.nbytes(next(n for n in names if "layers.0.mlp.experts.down_proj" in n)) == (
         experts.quantized_weights("down_proj").A.nbytes + experts.quantized_weights("down_proj").B.nbytes)
     copy.deepcopy(model)  # still a plain module tree
+
+
+def test_the_latency_model_names_experts_units_as_out_of_its_scope():
+    from glowq_fx.selective.latency import unit_shape
+
+    model, _ = _quantized("mixtral")
+    corrections = Corrections(model)
+    unit = next(n for n in corrections.names if "experts" in n)
+    with pytest.raises(ValueError, match="holds MoE experts weights .* selective='auto' or a fraction"):
+        unit_shape(corrections.modules(unit))
