@@ -51,6 +51,12 @@ def _checkpoints(root: Path) -> dict[str, Path]:
             shared_expert_intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             num_experts=4, num_experts_per_tok=2)).eval()
     save("qwen2_moe", moe)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        mixtral = T.MixtralForCausalLM(T.MixtralConfig(
+            vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)).eval()
+    save("mixtral", mixtral)
     _llama().save_pretrained(root / "float")
     made["quantize_on_load"] = root / "float"
     return made
@@ -64,6 +70,7 @@ def ranks(tmp_path_factory):
     jobs = [{"dir": str(d), "out": str(root / f"{name}.out"), "ids": IDS,
              "how": "tp_plan" if name == "llama" else "distributed_config",
              **({"resave": str(root / "llama_resaved"), "compile": True} if name == "llama" else {}),
+             **({"compile": True} if name in ("qwen2_moe", "mixtral") else {}),
              **({"quantize_on_load": True} if name == "quantize_on_load" else {})} for name, d in made.items()]
     (root / "jobs.json").write_text(json.dumps(jobs))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
@@ -90,7 +97,7 @@ def _single_process_logits(directory):
         return model(input_ids=torch.tensor(IDS)).logits
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2_tied", "qwen2_int8_tied", "llama_qera", "qwen2_moe"])
+@pytest.mark.parametrize("name", ["llama", "qwen2_tied", "qwen2_int8_tied", "llama_qera", "qwen2_moe", "mixtral"])
 def test_tensor_parallel_logits_equal_the_single_process_model(ranks, name):
     made, results, _ = ranks
     reference = _single_process_logits(made[name])
@@ -105,6 +112,16 @@ def test_tensor_parallel_compiles_with_the_glowq_backend_and_generates(ranks):
     with torch.no_grad():
         greedy = load_quantized(made["llama"]).generate(input_ids=torch.tensor(IDS), max_new_tokens=6, do_sample=False)
     for r in results["llama"]:
+        torch.testing.assert_close(r["compiled"], r["logits"], rtol=1e-5, atol=1e-5 * r["logits"].abs().max().item())
+        assert torch.equal(r["generated"], greedy)
+
+
+@pytest.mark.parametrize("name", ["qwen2_moe", "mixtral"])
+def test_quantized_moe_under_tensor_parallel_compiles_with_the_glowq_backend(ranks, name):
+    made, results, _ = ranks
+    with torch.no_grad():
+        greedy = load_quantized(made[name]).generate(input_ids=torch.tensor(IDS), max_new_tokens=6, do_sample=False)
+    for r in results[name]:
         torch.testing.assert_close(r["compiled"], r["logits"], rtol=1e-5, atol=1e-5 * r["logits"].abs().max().item())
         assert torch.equal(r["generated"], greedy)
 
