@@ -42,3 +42,17 @@ def trim_heap(freed_bytes: int | None = None) -> bool:
 
 
 TRIM_MIN_BYTES = 4 << 20
+
+
+def release_cycles() -> None:
+    """Free what a graph capture left (Dynamo's shape environments, fake tensors and graphs: reference
+    cycles that reach the real weights they were traced from, which only a full collection frees and
+    which the generational collector may leave for many blocks), then hand the freed heap back. The
+    second pass takes what the first one's finalizers released. A full collection walks every Python
+    object (0.2-1 s): callers use it where the cycles hold more than that is worth."""
+    import gc
+
+    for _ in range(2):
+        if not gc.collect():
+            break
+    trim_heap()

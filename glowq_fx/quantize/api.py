@@ -23,7 +23,6 @@ the report gives the rank each group got.
 """
 from __future__ import annotations
 
-import gc
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ from torch import nn
 
 from glowq_fx._console import progress_bar
 from glowq_fx._devices import check_device
-from glowq_fx._heap import trim_heap
+from glowq_fx._heap import release_cycles, trim_heap
 from glowq_fx.calibration.blockwise import BlockwiseCalibration, BlockwiseUnsupported
 from glowq_fx.calibration.calibrate import Calibration, check_given_groups, discover_groups
 from glowq_fx.calibration.collect import collect_statistics
@@ -76,10 +75,9 @@ def release_capture(model: nn.Module) -> None:
     under ``RELEASE_MIN_BYTES``, whose traces are a few MB and whose quantization takes seconds,
     skips it."""
     if model_bytes(model) >= RELEASE_MIN_BYTES:
-        for _ in range(2):
-            if not gc.collect():
-                break
-    trim_heap()
+        release_cycles()
+    else:
+        trim_heap()
 
 
 RELEASE_MIN_BYTES = 64 << 20

@@ -114,22 +114,24 @@ def quantize_checkpoint(directory: str | Path, out: str | Path, calibration: Ite
     rows: dict[str, GroupReport] = {}
     factors: dict[str, list] = {}
 
+    experts = ExpertsOutcome()
+
     def load(i: int) -> None:
         if i > 0:
             lazy.load(device, [blocks.names[i]])
 
     def write(i: int) -> None:
         for g in groups_of[i]:
-            attach_group(model, rows[g.name], factors[g.name])
+            attach_group(model, rows[g.name], factors.pop(g.name))  # written: the factors are not kept
         writer.add(model, blocks.names[i])
+        experts.factors = [[] for _ in experts.factors]  # no GlowQ-S here: the experts' units are not kept
         release(model.get_submodule(blocks.names[i]))
 
-    experts = ExpertsOutcome()
     with blockwise, torch.no_grad():
         n_tokens = quantize_blockwise(model, blockwise, groups_of, config, progress, rows, factors,
                                       before_block=load, after_block=write, experts_of=experts_of, experts=experts)
         for g in (*blockwise.head_groups, *blockwise.tail_groups):
-            attach_group(model, rows[g.name], factors[g.name])
+            attach_group(model, rows[g.name], factors.pop(g.name))
         breaks = blockwise.graph_breaks
         skipped = {**without_expert_weights(model, blockwise.skipped), **experts_skipped, **experts.skipped}
         embeddings = quantize_embeddings(model, tables, config, skipped)
