@@ -48,6 +48,15 @@ from glowq_fx import GlowQConfig, load_quantized
 from glowq_fx.evaluation.perplexity import perplexity
 from glowq_fx.quantize.from_disk import quantize_checkpoint
 float_dir, out_dir, tokens = sys.argv[1], sys.argv[2], int(sys.argv[3])
+
+
+def peak_rss():
+    # VmHWM: this process's own high-water mark (ru_maxrss would carry the parent's from before exec)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
 gen = torch.Generator().manual_seed(1)
 batches = [{"input_ids": torch.randint(0, 8192, (1, tokens), generator=gen)} for _ in range(4)]
 t0 = time.perf_counter()
@@ -58,7 +67,7 @@ model = load_quantized(out_dir)
 ppl = perplexity(model, torch.randint(0, 8192, (2048,), generator=gen), 512, progress=False).perplexity
 experts = sum(".experts." in g.name for g in report.groups)
 print(json.dumps({"expert_groups": experts,
-                  "child_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                  "child_peak_rss_bytes": peak_rss(),
                   "quantize_s": quantize_s, "perplexity_random_tokens": ppl, "groups": len(report.groups),
                   "calibration": {k: v for k, v in report.calibration.items() if k != "times"}}))
 """
@@ -129,7 +138,7 @@ def _depths(args, argv) -> int:
     lines = ["# Quantizing from disk: peak memory against depth", "", f"`{results['command']}`", "",
              f"{results['machine']}, torch {results['torch']}, {results['date']}. Random {args.arch} float32 models "
              f"({SHAPES[args.arch]}), GlowQ rank 32, W4 g128, calibration 4 x {args.tokens} random tokens; the "
-             "child's peak resident memory (ru_maxrss) while it quantizes from disk, loads the result and "
+             "child's peak resident memory (VmHWM) while it quantizes from disk, loads the result and "
              "evaluates it.", "",
              "| layers | float weights GiB | peak RSS GiB | quantize s | expert groups |", "|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['layers']} | {r['float_weight_bytes'] / 2**30:.2f} | {r['child_peak_rss_bytes'] / 2**30:.2f} | "
@@ -186,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         f"| memory limit of the child process (cgroup) | {limit / 2**30:.2f} |",
         f"| weights / limit | {weight_bytes / limit:.2f}x |",
         f"| peak usage of the cgroup (quantize, load, evaluate; page cache included) | {peak / 2**30:.2f} |",
-        f"| peak resident memory of the child (its own pages, ru_maxrss) | "
+        f"| peak resident memory of the child (its own pages, VmHWM) | "
         f"{child['child_peak_rss_bytes'] / 2**30:.2f} |",
         f"| quantized checkpoint | {out_bytes / 2**30:.2f} |",
         "",
