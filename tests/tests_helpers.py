@@ -186,3 +186,20 @@ def only_config(monkeypatch, module, attr: str, raw: str, configs: str, index: i
 
     monkeypatch.setattr(module, attr, triton.autotune(configs=[getattr(module, configs)[index]], key=key)(
         getattr(module, raw)))
+
+
+MOE_BASE = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+MOE_CONFIGS = {  # tiny MoE configs, by model type
+    "mixtral": lambda: T.MixtralConfig(**MOE_BASE, intermediate_size=96, num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": lambda: T.Qwen2MoeConfig(**MOE_BASE, intermediate_size=128, moe_intermediate_size=48,
+                                          shared_expert_intermediate_size=96, num_experts=4, num_experts_per_tok=2,
+                                          decoder_sparse_step=1),
+    "qwen3_moe": lambda: T.Qwen3MoeConfig(**MOE_BASE, intermediate_size=128, moe_intermediate_size=48, num_experts=4,
+                                          num_experts_per_tok=2, decoder_sparse_step=1, head_dim=16),
+    "olmoe": lambda: T.OlmoeConfig(**MOE_BASE, intermediate_size=48, num_experts=4, num_experts_per_tok=2),
+    "deepseek_v3": lambda: T.DeepseekV3Config(**{**MOE_BASE, "num_key_value_heads": 4}, intermediate_size=128,
+                                              moe_intermediate_size=48, n_routed_experts=4, num_experts_per_tok=2,
+                                              n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=32,
+                                              q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16,
+                                              v_head_dim=16, n_group=2, topk_group=1),
+}

@@ -15,23 +15,9 @@ from glowq_fx.errors import GlowQWarning
 from glowq_fx.modules import QuantizedLinear
 from glowq_fx.modules.experts import QuantizedExperts
 from glowq_fx.quant import quantize_rtn
-from tests_helpers import token_batches
+from tests_helpers import MOE_CONFIGS, token_batches
 
-BASE = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-CONFIGS = {
-    "mixtral": lambda: T.MixtralConfig(**BASE, intermediate_size=96, num_local_experts=4, num_experts_per_tok=2),
-    "qwen2_moe": lambda: T.Qwen2MoeConfig(**BASE, intermediate_size=128, moe_intermediate_size=48,
-                                          shared_expert_intermediate_size=96, num_experts=4, num_experts_per_tok=2,
-                                          decoder_sparse_step=1),
-    "qwen3_moe": lambda: T.Qwen3MoeConfig(**BASE, intermediate_size=128, moe_intermediate_size=48, num_experts=4,
-                                          num_experts_per_tok=2, decoder_sparse_step=1, head_dim=16),
-    "olmoe": lambda: T.OlmoeConfig(**BASE, intermediate_size=48, num_experts=4, num_experts_per_tok=2),
-    "deepseek_v3": lambda: T.DeepseekV3Config(**{**BASE, "num_key_value_heads": 4}, intermediate_size=128,
-                                              moe_intermediate_size=48, n_routed_experts=4, num_experts_per_tok=2,
-                                              n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=32,
-                                              q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16,
-                                              v_head_dim=16, n_group=2, topk_group=1),
-}
+CONFIGS = MOE_CONFIGS
 FULL = dict(group_size=32, rank=64, shrinkage=0.0, svd="exact", factor_dtype="model", output_head_bits=None)
 IDS = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(3))
 

@@ -13,15 +13,9 @@ from glowq_fx import GlowQConfig, GlowQWarning, load_quantized, quantize_, save_
 from glowq_fx.modules.experts import QuantizedExperts
 from glowq_fx.modules.linear import QuantizedLinear
 from glowq_fx.selective.corrections import Corrections
-from tests_helpers import token_batches
+from tests_helpers import MOE_CONFIGS, token_batches
 
-BASE = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-CONFIGS = {
-    "mixtral": lambda: T.MixtralConfig(**BASE, intermediate_size=96, num_local_experts=4, num_experts_per_tok=2),
-    "qwen2_moe": lambda: T.Qwen2MoeConfig(**BASE, intermediate_size=128, moe_intermediate_size=48,
-                                          shared_expert_intermediate_size=96, num_experts=4, num_experts_per_tok=2,
-                                          decoder_sparse_step=1),
-}
+CONFIGS = {name: MOE_CONFIGS[name] for name in ("mixtral", "qwen2_moe")}
 IDS = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(3))
 
 
