@@ -67,11 +67,7 @@ def attach_correction(model: nn.Module, members: Sequence[str], B: Tensor,
     projection = SharedProjection(B, tuple(members))
     register_projection(model, projection)
     for name, A in zip(members, As, strict=True):
-        module = _correctable(model, name)
-        if isinstance(module, QuantizedLinear):
-            module.set_correction(A, projection)
-        else:
-            module.set_correction(A, projection=projection)
+        _correctable(model, name).set_correction(A, projection=projection)
     return projection
 
 
@@ -80,12 +76,8 @@ def detach_correction(model: nn.Module, members: Sequence[str]) -> None:
     shared = False
     for name in members:
         module = _correctable(model, name)
-        if isinstance(module, QuantizedLinear):
-            module.set_correction(None, None)
-            shared = True
-        else:
-            shared = shared or module.projection is not None
-            module.set_correction(None)
+        shared = shared or module.projection is not None
+        module.set_correction(None, projection=None)
     if shared:
         remove_projection(model, members)
 

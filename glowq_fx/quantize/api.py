@@ -317,6 +317,7 @@ class ExpertsOutcome:
     skipped: dict = field(default_factory=dict)
     joined: set = field(default_factory=set)
     followers: dict = field(default_factory=dict)
+    keep_units: bool = True  # False where no GlowQ-S follows (from disk): ``factors`` then hold [], not the tensors
 
 
 def _quantize_with_experts(model: nn.Module, groups: Sequence[InputGroup], stats: GroupStatistics,
@@ -340,7 +341,7 @@ def _quantize_with_experts(model: nn.Module, groups: Sequence[InputGroup], stats
             stats.pop(g.name)  # released: a joined group's S is the experts' own (the very same input)
         done = quantize_experts(model, name, found, config, factor_dtype(config, dtype), with_it)
         outcome.rows.extend(done.rows)
-        outcome.factors.extend(done.factors)
+        outcome.factors.extend(done.factors if outcome.keep_units else [[] for _ in done.factors])
         outcome.followers.update(done.followers)
         for g in with_it:
             rows[g.name], factors[g.name] = done.joined_rows[g.name], []
@@ -639,10 +640,9 @@ def _select(model: nn.Module, rows: list, factors: list, done: _Done, config: Gl
     row that follows a unit (another weight, or a dense group, sharing its ``B``) keeps its
     correction exactly when the unit does."""
     experts = done.experts
-    if config.selective is not None:
-        for row, unit in zip(experts.rows, experts.factors):
-            if unit:
-                detach_group(model, row, unit)
+    for row, unit in zip(experts.rows, experts.factors):
+        if unit:
+            detach_group(model, row, unit)
     by_name = {r.name: r for r in (*experts.rows, *(done.rows[g] for g in experts.joined))}
     kept = {name: (by_name[name].error_after, by_name[name].rank, by_name[name].factor_bytes)
             for names in experts.followers.values() for name in names}

@@ -252,8 +252,8 @@ def _selection_units(model: nn.Module, name: str, solved: list, weights: dict, r
                                                                    + sum(A.nbytes for A in As))
             leader.restore_gain = sum(r.error_before - r.error_after for r in (leader, *others)) + sum(
                 r.restore_gain for r in joined_rows.values())
-            for r in others:  # ranked with the first weight's row, and their B counted there
-                r.candidate_factor_bytes, r.factor_bytes = 0, weights[r.name.rsplit(".", 1)[-1]].A.nbytes
+            for d in sharing[1:]:  # ranked with the first weight's row, and their B counted there
+                rows[d.w.name].candidate_factor_bytes, rows[d.w.name].factor_bytes = 0, weights[d.w.name].A.nbytes
             for r in joined_rows.values():
                 r.candidate_factor_bytes = 0
             units[done.w.name] = [(done.projection.members, done.projection.B, As)]

@@ -114,7 +114,7 @@ def quantize_checkpoint(directory: str | Path, out: str | Path, calibration: Ite
     rows: dict[str, GroupReport] = {}
     factors: dict[str, list] = {}
 
-    experts = ExpertsOutcome()
+    experts = ExpertsOutcome(keep_units=False)  # no GlowQ-S here: each block is written as it is done
 
     def load(i: int) -> None:
         if i > 0:
@@ -124,7 +124,6 @@ def quantize_checkpoint(directory: str | Path, out: str | Path, calibration: Ite
         for g in groups_of[i]:
             attach_group(model, rows[g.name], factors.pop(g.name))  # written: the factors are not kept
         writer.add(model, blocks.names[i])
-        experts.factors = [[] for _ in experts.factors]  # no GlowQ-S here: the experts' units are not kept
         release(model.get_submodule(blocks.names[i]))
 
     with blockwise, torch.no_grad():

@@ -32,14 +32,12 @@ class Corrections:
     def __init__(self, model: nn.Module):
         units: dict[int, tuple[tuple[str, ...], SharedProjection | None, list]] = {}
         for name, m in model.named_modules():
-            if isinstance(m, QuantizedLinear) and m.projection is not None:
+            if not isinstance(m, (QuantizedLinear, QuantizedExpertWeights)) or m.A is None:
+                continue
+            if m.projection is not None:
                 units.setdefault(id(m.projection), (m.projection.members, m.projection, []))[2].append((m, m.A, None))
-            elif isinstance(m, QuantizedExpertWeights) and m.A is not None:
-                if m.projection is not None:
-                    units.setdefault(id(m.projection), (m.projection.members, m.projection, []))[2].append(
-                        (m, m.A, None))
-                else:  # each expert's own B: a unit of its own
-                    units[id(m)] = ((name,), None, [(m, m.A, m.B)])
+            else:  # an experts weight with each expert's own B: a unit of its own
+                units[id(m)] = ((name,), None, [(m, m.A, m.B)])
         if not units:
             raise ValueError("the model has no low-rank corrections to select from: quantize it with a correcting "
                              "method (glowq, qera, lqer, svd) and selective=None")
@@ -76,10 +74,8 @@ class Corrections:
         for name, (_, projection, held) in self._units.items():
             on = name in enabled
             for module, A, B in held:
-                if isinstance(module, QuantizedLinear):
-                    module.set_correction(A if on else None, projection if on else None)
-                elif not on:
-                    module.set_correction(None)
+                if not on:
+                    module.set_correction(None, projection=None)
                 elif B is not None:
                     module.set_correction(A, B=B)
                 else:
