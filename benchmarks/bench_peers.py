@@ -291,7 +291,7 @@ RUNNERS = {"AutoRound": run_autoround, "GPTQ (llm-compressor)": run_llmc_gptq, "
 # ---------------------------------------------------------------- ours
 
 # our base quantizers' names in the rows
-BASES = {"rtn": "RTN", "clip": "RTN-clip", "fitted": "RTN-fitted", "gptq": "GPTQ"}
+BASES = {"rtn": "RTN", "clip": "RTN-clip", "fitted": "RTN-fitted", "gptq": "GPTQ", "fitted-gptq": "GPTQ-fitted"}
 
 
 def glowq_row_name(quantizer: str, g: int, rank: int) -> str:
@@ -517,7 +517,8 @@ def parse(argv):
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--group-sizes", default="128,32")
     p.add_argument("--autoround-iters", type=int, default=200, help="AutoRound's default: 200")
-    p.add_argument("--base-quantizers", default="rtn,clip,fitted,gptq", help="our base quantizers under GlowQ")
+    p.add_argument("--base-quantizers", default="rtn,clip,fitted,gptq,fitted-gptq",
+                   help="our base quantizers under GlowQ")
     p.add_argument("--first-position-candidates", default="1,32",
                    help="first_position_weight values tried per base quantizer (chosen on held-out calibration text)")
     p.add_argument("--held-out-samples", type=int, default=8)

@@ -40,7 +40,8 @@ class QuantizationConfig:
         nearest), ``"clip"`` (round to nearest on each group's clipped grid, the clipping chosen by
         the ``diag(S)``-weighted error: ``quant.clip``), ``"fitted"`` (round to nearest on each
         group's least-squares grid with a fractional zero point, ``diag(S)``-weighted:
-        ``quant.fitted``) or ``"gptq"`` (driven by the group's ``S``).
+        ``quant.fitted``), ``"gptq"`` (driven by the group's ``S``) or ``"fitted-gptq"`` (GPTQ on
+        fitted grids: ``quant.fitted_gptq``).
     gptq_damp: GPTQ damping as a fraction of the mean diagonal of ``S``.
     gptq_block_size: GPTQ lazy-update block (rounded up to a multiple of group_size).
     gptq_act_order: process columns by decreasing ``diag(S)``; group parameters are then fixed up

@@ -302,3 +302,46 @@ def test_bad_shard_sizes_are_named(bad, tmp_path):
     model, _ = _quantized(_llama)
     with pytest.raises(ValueError, match="max_shard_size"):
         save_quantized(model, tmp_path, max_shard_size=bad)
+
+
+def test_the_shard_writer_streams_tensors_that_safetensors_reads_back(tmp_path, gen):
+    """Every dtype a checkpoint holds, mixed and across shards: safetensors' own reader gives each
+    tensor back bit for bit, each starting at a multiple of its element size; the bytes are taken
+    when a tensor is added (changing it afterwards changes nothing written), so the writer holds no
+    tensor, and the index maps each key to its shard."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from glowq_fx.checkpoint.shards import INDEX_FILE, ShardWriter
+
+    tensors = {
+        "a.qweight": torch.randint(-2**31, 2**31 - 1, (7, 5), dtype=torch.int32, generator=gen),
+        "a.scales": torch.randn(7, 3, generator=gen).to(torch.bfloat16),
+        "a.zeros": torch.randint(0, 255, (7, 3), dtype=torch.uint8, generator=gen),
+        "b.half": torch.randn(3, generator=gen).to(torch.float16),
+        "b.double": torch.randn(2, 2, generator=gen).double(),
+        "b.scalar": torch.tensor(1.5),
+        "b.empty": torch.empty(0, 4),
+        "b.flag": torch.tensor([True, False, True]),
+        "c.view": torch.randn(6, 6, generator=gen)[1::2, :3],  # not contiguous
+        "c.long": torch.arange(5),
+    }
+    expected = {k: v.clone() for k, v in tensors.items()}
+    writer = ShardWriter(tmp_path, 120, metadata={"format": "test"})
+    for key, t in tensors.items():
+        writer.add({key: t})
+        t.zero_() if t.dtype != torch.bool else t.logical_not_()  # too late: already on disk
+    records = writer.close()
+    assert len(records) > 1
+    index = json.loads((tmp_path / INDEX_FILE).read_text())["weight_map"]
+    assert set(index) == set(expected)
+    for rec in records:
+        loaded = load_file(str(tmp_path / rec["file"]))
+        with open(tmp_path / rec["file"], "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        with safe_open(str(tmp_path / rec["file"]), framework="pt") as f:
+            assert f.metadata() == {"format": "test"}
+        for key, t in loaded.items():
+            assert index[key] == rec["file"]
+            assert t.dtype == expected[key].dtype and torch.equal(t, expected[key])
+            assert header[key]["data_offsets"][0] % expected[key].element_size() == 0

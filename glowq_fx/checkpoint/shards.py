@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -28,6 +29,7 @@ _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2*
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
+_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
 
 class CheckpointError(ValueError):
@@ -49,9 +51,14 @@ def parse_size(size: int | str) -> int:
 
 
 class ShardWriter:
-    """Shards written as tensors arrive (``add``), so a model quantized block by block never holds
-    more than one shard of its result; ``close`` gives the shards their final names, writes the
-    index, removes what an earlier save left, and returns ``[{"file", "bytes", "sha256"}]``.
+    """Shards written as tensors arrive (``add``): each tensor's bytes go to disk at once, so a model
+    quantized block by block holds none of its result, whatever ``max_shard_size``; ``close`` gives
+    the shards their final names, writes the index, removes what an earlier save left, and returns
+    ``[{"file", "bytes", "sha256"}]``.
+
+    A shard is assembled from one temporary data file per element size (8, 4, 2, 1 bytes) when it
+    is full: the safetensors header, then the data files widest first, so every tensor starts at a
+    multiple of its element size, as ``safetensors.torch.save_file`` lays them out.
 
     Args:
         directory: where the shards go (created if needed).
@@ -63,7 +70,8 @@ class ShardWriter:
     def __init__(self, directory: Path, max_shard_size: int | str, metadata: dict[str, str] | None = None):
         self.directory, self.limit, self.metadata = Path(directory), parse_size(max_shard_size), metadata
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._pending: dict[str, Tensor] = {}
+        self._pending: dict[str, tuple[str, list[int], int, int]] = {}  # key -> (dtype, shape, element size, bytes)
+        self._data: dict[int, object] = {}  # element size -> open temporary data file of the shard being filled
         self._size = 0
         self._parts: list[tuple[Path, list[str], int]] = []  # (temporary file, its keys, tensor bytes)
 
@@ -71,19 +79,44 @@ class ShardWriter:
         for key, t in tensors.items():
             if key in self._pending or any(key in keys for _, keys, _ in self._parts):
                 raise ValueError(f"tensor {key} was written twice")
+            if t.dtype not in _NAMES:
+                raise ValueError(f"tensor {key} has dtype {t.dtype}, which a safetensors shard cannot hold here "
+                                 f"(one of {sorted(map(str, _NAMES))})")
             n = t.numel() * t.element_size()
             if self._pending and self._size + n > self.limit:
                 self._flush()
-            self._pending[key] = t.detach().contiguous().cpu()
+            size = t.element_size()
+            if size not in self._data:
+                self._data[size] = open(self._data_path(size), "wb")
+            t = t.detach().contiguous().cpu()
+            self._data[size].write(t.reshape(-1).view(torch.uint8).numpy().tobytes() if n else b"")
+            self._pending[key] = (_NAMES[t.dtype], list(t.shape), size, n)
             self._size += n
 
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
+    def _data_path(self, size: int) -> Path:
+        return self.directory / f".glowq-part-{len(self._parts):05d}.data{size}"
 
+    def _flush(self) -> None:
         path = self.directory / f".glowq-part-{len(self._parts):05d}.safetensors"
-        save_file(self._pending, str(path), metadata=self.metadata)
+        header: dict[str, object] = {} if self.metadata is None else {"__metadata__": dict(self.metadata)}
+        offset = 0
+        for size in sorted(self._data, reverse=True):
+            self._data[size].close()
+            for key, (dtype, shape, key_size, n) in self._pending.items():
+                if key_size == size:
+                    header[key] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + n]}
+                    offset += n
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors pads its header
+        with open(path, "wb") as out:
+            out.write(len(encoded).to_bytes(8, "little"))
+            out.write(encoded)
+            for size in sorted(self._data, reverse=True):
+                with open(self._data_path(size), "rb") as part:
+                    shutil.copyfileobj(part, out, 1 << 24)
+                self._data_path(size).unlink()
         self._parts.append((path, list(self._pending), self._size))
-        self._pending, self._size = {}, 0
+        self._pending, self._data, self._size = {}, {}, 0
 
     def close(self) -> list[dict]:
         if self._pending or not self._parts:
@@ -103,7 +136,6 @@ class ShardWriter:
             (self.directory / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total},
                                                                  "weight_map": weight_map}, indent=1))
         return records
-
 
 def write_shards(tensors: Mapping[str, Tensor], directory: Path, max_shard_size: int | str,
                  metadata: dict[str, str] | None = None) -> list[dict]:

@@ -33,18 +33,35 @@ def quantize_clipped(W: Tensor, S: Tensor | None = None, group_size: int = 128, 
     """``W`` (N, K) to 4-bit codes on each group's best clipped grid (module docstring); ``S``
     (K, K) or None. Scales and zeros in ``W.dtype``."""
     check_weight(W)
-    if steps < 1 or not 0 < narrowest <= 1:
-        raise ValueError(f"steps must be >= 1 and narrowest in (0, 1], got {steps}, {narrowest}")
     N, K = W.shape
     if S is not None and tuple(S.shape) != (K, K):
         raise ValueError(f"S must be ({K}, {K}) for a weight with {K} input columns, got {tuple(S.shape)}")
     g, n_groups = group_geometry(K, group_size)
+    w, d = grouped(W, S, g, n_groups)
+    s, z = clipped_grids(w, d, bits=bits, symmetric=symmetric, dtype=W.dtype, steps=steps, narrowest=narrowest)
+    q = codes_for(w, s, z, bits)
+    return QuantizedWeight(codes=q.reshape(N, -1).to(torch.uint8), scales=s.to(W.dtype),
+                           zeros=z.to(W.dtype), group_size=g, in_features=K, bits=bits)
+
+
+def grouped(W: Tensor, S: Tensor | None, g: int, n_groups: int) -> tuple[Tensor, Tensor]:
+    """``W`` as float32 (N, n_groups, g), zero-padded, and the column weights ``diag(S)`` as
+    (n_groups, g) (ones without ``S``; padded columns weigh 0)."""
+    N, K = W.shape
     w = torch.nn.functional.pad(W.float(), (0, g * n_groups - K)).view(N, n_groups, g)
     d = torch.ones(K, device=W.device) if S is None else torch.diagonal(S).float().to(W.device).clamp_min(0)
-    d = torch.nn.functional.pad(d, (0, g * n_groups - K)).view(1, n_groups, g)  # padded columns weigh 0
+    return w, torch.nn.functional.pad(d, (0, g * n_groups - K)).view(n_groups, g)
+
+
+def clipped_grids(w: Tensor, d: Tensor, *, bits: int, symmetric: bool, dtype: torch.dtype,
+                  steps: int = CLIP_STEPS, narrowest: float = CLIP_MIN) -> tuple[Tensor, Tensor]:
+    """(scale, zero) in float32 (..., G) of the clipped grid with the least ``sum_k d_k (w_k - deq_k)^2``
+    per group; ``w`` float32 (..., G, g), ``d`` broadcastable to it. Values exact in ``dtype``."""
+    if steps < 1 or not 0 < narrowest <= 1:
+        raise ValueError(f"steps must be >= 1 and narrowest in (0, 1], got {steps}, {narrowest}")
     best_err = best_s = best_z = None
     for alpha in torch.linspace(1.0, narrowest, steps).tolist():
-        s, z = group_params(w * alpha, bits=bits, symmetric=symmetric, dtype=W.dtype)
+        s, z = group_params(w * alpha, bits=bits, symmetric=symmetric, dtype=dtype)
         q = codes_for(w, s, z, bits)
         err = ((q - z.unsqueeze(-1)).mul_(s.unsqueeze(-1)).sub_(w).square_() * d).sum(-1)
         if best_err is None:
@@ -53,9 +70,7 @@ def quantize_clipped(W: Tensor, S: Tensor | None = None, group_size: int = 128, 
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
-    q = codes_for(w, best_s, best_z, bits)
-    return QuantizedWeight(codes=q.reshape(N, -1).to(torch.uint8), scales=best_s.to(W.dtype),
-                           zeros=best_z.to(W.dtype), group_size=g, in_features=K, bits=bits)
+    return best_s, best_z
 
 
 @QUANTIZERS.register("clip")

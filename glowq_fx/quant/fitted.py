@@ -25,8 +25,8 @@ import torch
 from torch import Tensor
 
 from glowq_fx.config import QuantizationConfig
-from glowq_fx.quant.clip import CLIP_MIN, CLIP_STEPS, quantize_clipped
-from glowq_fx.quant.rtn import QuantizedWeight, check_bits, group_geometry
+from glowq_fx.quant.clip import CLIP_MIN, CLIP_STEPS, clipped_grids, grouped
+from glowq_fx.quant.rtn import QuantizedWeight, check_bits, check_weight, codes_for, group_geometry
 from glowq_fx.registry import QUANTIZERS
 
 ZERO_STEPS = 16  # zero points on a 1/16 grid: k / 16 with k <= 240 is exact in bf16, fp16 and fp32
@@ -42,14 +42,14 @@ def _stored_scale(s: Tensor, dtype: torch.dtype) -> Tensor:
     return s.to(dtype).float().clamp_min(torch.finfo(dtype).tiny)
 
 
-def _codes(w: Tensor, s: Tensor, z: Tensor, maxq: int) -> Tensor:
-    """Nearest codes of ``w`` (N, G, g) on the grid (s, z); ``rtn.codes_for`` rounds ``w / s`` before
-    adding ``z``, the same only for an integer ``z``."""
+def fractional_codes(w: Tensor, s: Tensor, z: Tensor, maxq: int) -> Tensor:
+    """Nearest codes of ``w`` (..., g) on the grid (s, z) of shape (...); ``rtn.codes_for`` rounds
+    ``w / s`` before adding ``z``, the same only for an integer ``z``."""
     return torch.div(w, s.unsqueeze(-1)).add_(z.unsqueeze(-1)).round_().clamp_(0, maxq)
 
 
 def _weighted_error(w: Tensor, q: Tensor, s: Tensor, z: Tensor, d: Tensor) -> Tensor:
-    """``sum_k d_k (w_k - (q_k - z) s)^2`` per (row, group); ``w``, ``q`` (N, G, g), ``s``, ``z`` (N, G)."""
+    """``sum_k d_k (w_k - (q_k - z) s)^2`` per group; ``w``, ``q`` (..., G, g), ``s``, ``z`` (..., G)."""
     return ((q - z.unsqueeze(-1)).mul_(s.unsqueeze(-1)).sub_(w).square_() * d).sum(-1)
 
 
@@ -79,28 +79,36 @@ def quantize_fitted(W: Tensor, S: Tensor | None = None, group_size: int = 128, *
                     symmetric: bool = False, rounds: int = FIT_ROUNDS) -> QuantizedWeight:
     """``W`` (N, K) to 4-bit codes on each group's fitted grid (module docstring); ``S`` (K, K) or
     None. Scales and zeros in ``W.dtype``; symmetric grids keep ``z = 2**(bits-1)`` and fit the scale."""
+    check_weight(W)
+    N, K = W.shape
+    if S is not None and tuple(S.shape) != (K, K):
+        raise ValueError(f"S must be ({K}, {K}) for a weight with {K} input columns, got {tuple(S.shape)}")
+    g, n_groups = group_geometry(K, group_size)
+    w, d = grouped(W, S, g, n_groups)
+    s, z, q = fitted_grids(w, d, bits=bits, symmetric=symmetric, dtype=W.dtype, rounds=rounds)
+    return QuantizedWeight(codes=q.reshape(N, -1).to(torch.uint8), scales=s.to(W.dtype), zeros=z.to(W.dtype),
+                           group_size=g, in_features=K, bits=bits)
+
+
+def fitted_grids(w: Tensor, d: Tensor, *, bits: int, symmetric: bool, dtype: torch.dtype,
+                 rounds: int = FIT_ROUNDS) -> tuple[Tensor, Tensor, Tensor]:
+    """(scale, zero, codes) in float32 of each group's fitted grid (module docstring): ``w`` float32
+    (..., G, g), ``d`` the column weights broadcastable to it; scales and zeros exact in ``dtype``."""
     if rounds < 0:
         raise ValueError(f"rounds must be >= 0, got {rounds}")
-    start = quantize_clipped(W, S, group_size, bits=bits, symmetric=symmetric)  # checks W and S
     maxq = check_bits(bits)
-    N, K = W.shape
-    g, n_groups = group_geometry(K, group_size)
-    w = torch.nn.functional.pad(W.float(), (0, g * n_groups - K)).view(N, n_groups, g)
-    d = torch.ones(K, device=W.device) if S is None else torch.diagonal(S).float().to(W.device).clamp_min(0)
-    d = torch.nn.functional.pad(d, (0, g * n_groups - K)).view(1, n_groups, g)  # padded columns weigh 0
-
-    s, z = start.scales.float(), start.zeros.float()
-    q = start.codes.float().view(N, n_groups, g)
+    s, z = clipped_grids(w, d, bits=bits, symmetric=symmetric, dtype=dtype)
+    q = codes_for(w, s, z, bits)
     err = _weighted_error(w, q, s, z, d)
 
     def keep_better(s_new: Tensor, z_new: Tensor) -> bool:
         nonlocal s, z, q, err
         usable = torch.isfinite(s_new) & torch.isfinite(z_new)
-        s_new = _stored_scale(torch.where(usable, s_new, s), W.dtype)
+        s_new = _stored_scale(torch.where(usable, s_new, s), dtype)
         z_new = torch.where(usable, z_new, z)
         if not symmetric:
             z_new = _round_zero(z_new, maxq)
-        q_new = _codes(w, s_new, z_new, maxq)
+        q_new = fractional_codes(w, s_new, z_new, maxq)
         err_new = _weighted_error(w, q_new, s_new, z_new, d)
         better = err_new < err
         s, z = torch.where(better, s_new, s), torch.where(better, z_new, z)
@@ -116,8 +124,7 @@ def quantize_fitted(W: Tensor, S: Tensor | None = None, group_size: int = 128, *
     for _ in range(rounds):
         if not keep_better(*_least_squares_grid(w, q, d, z, symmetric)):
             break
-    return QuantizedWeight(codes=q.reshape(N, -1).to(torch.uint8), scales=s.to(W.dtype), zeros=z.to(W.dtype),
-                           group_size=g, in_features=K, bits=bits)
+    return s, z, q
 
 
 @QUANTIZERS.register("fitted")

@@ -14,11 +14,14 @@ still ``k // g`` and no ``g_idx`` permutation is needed at inference.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
 from glowq_fx._checks import all_finite
 from glowq_fx.config import QuantizationConfig
+from glowq_fx.quant.fitted import fractional_codes
 from glowq_fx.quant.rtn import (
     QuantizedWeight,
     check_bits,
@@ -28,6 +31,9 @@ from glowq_fx.quant.rtn import (
     group_params,
 )
 from glowq_fx.registry import QUANTIZERS
+
+# (w (..., G, g) float32, column weights d broadcastable to it) -> (scale, zero) (..., G) in float32
+GroupGrid = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
 def quantize_gptq(
@@ -40,6 +46,7 @@ def quantize_gptq(
     damp: float = 0.01,
     block_size: int = 128,
     act_order: bool = False,
+    grid: GroupGrid | None = None,
 ) -> QuantizedWeight:
     """GPTQ quantization of ``W`` (N, K) with Hessian proxy ``S`` (K, K).
 
@@ -49,6 +56,8 @@ def quantize_gptq(
         damp: added ``damp * mean(diag(S))`` to the diagonal before inversion.
         block_size: columns per lazy batch update (rounded up to a multiple of the group).
         act_order: visit columns by decreasing ``diag(S)`` with static groups.
+        grid: each group's (scale, zero) from its weights and their ``diag(S)`` weights
+            (``quant.fitted_gptq``: fitted grids, fractional zeros); None: the min/max grid of RTN.
     """
     check_weight(W)
     maxq = check_bits(bits)  # 4: the packed layout of a linear
@@ -59,25 +68,33 @@ def quantize_gptq(
         raise ValueError("S contains NaN or Inf; the calibration activations were not finite")
     g, n_groups = group_geometry(K, group_size)
     W_work, H = _without_dead_inputs(W, S)
+    if grid is None:
+        def grid(w: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+            return group_params(w, bits=bits, symmetric=symmetric, dtype=W.dtype)
+        def codes_of(w: Tensor, s: Tensor, z: Tensor) -> Tensor:
+            return codes_for(w, s, z, bits)
+    else:
+        def codes_of(w: Tensor, s: Tensor, z: Tensor) -> Tensor:  # zero points need not be integers
+            return fractional_codes(w, s, z, maxq)
     scales = torch.empty(N, n_groups, device=W.device)
     zeros = torch.empty(N, n_groups, device=W.device)
+    d = torch.diagonal(H).clone()  # the column weights a grid may use (before damping)
     if act_order:
         padded = torch.nn.functional.pad(W_work, (0, g * n_groups - K))
-        scales[:], zeros[:] = group_params(
-            padded.view(N, n_groups, g), bits=bits, symmetric=symmetric, dtype=W.dtype
-        )
+        d_padded = torch.nn.functional.pad(d, (0, g * n_groups - K)).view(n_groups, g)
+        scales[:], zeros[:] = grid(padded.view(N, n_groups, g), d_padded)
         perm = torch.argsort(torch.diagonal(H), descending=True)
         W_work, H = W_work[:, perm], H[perm][:, perm]
         block = block_size
     else:
         perm = torch.arange(K, device=W.device)
         block = -(-block_size // g) * g  # groups never straddle a block
-    codes = _gptq_columns(W_work, _upper_inverse_factor(H, damp), scales, zeros, perm, g, block,
-                          bits=bits, symmetric=symmetric, static_groups=act_order, dtype=W.dtype)
+    codes = _gptq_columns(W_work, _upper_inverse_factor(H, damp), scales, zeros, perm, g, block, d[perm],
+                          grid=grid, codes_of=codes_of, static_groups=act_order)
     codes_orig = torch.empty_like(codes)
     codes_orig[:, perm] = codes
-    # padded columns hold their group's zero point, exactly as RTN lays them out
-    pad_codes = zeros[:, -1:].expand(N, g * n_groups - K)
+    # padded columns hold their group's zero point (rounded: fitted grids' need not be integers), as RTN lays them out
+    pad_codes = torch.round(zeros[:, -1:]).expand(N, g * n_groups - K)
     codes_full = torch.cat([codes_orig, pad_codes], dim=1)
     assert 0 <= codes_full.min() and codes_full.max() <= maxq
     return QuantizedWeight(
@@ -113,12 +130,14 @@ def _upper_inverse_factor(H: Tensor, damp: float) -> Tensor:
         ) from exc
 
 
-def _gptq_columns(W_work: Tensor, Hinv: Tensor, scales: Tensor, zeros: Tensor, perm: Tensor, g: int, block: int, *,
-                  bits: int, symmetric: bool, static_groups: bool, dtype: torch.dtype) -> Tensor:
+def _gptq_columns(W_work: Tensor, Hinv: Tensor, scales: Tensor, zeros: Tensor, perm: Tensor, g: int, block: int,
+                  d: Tensor, *, grid: GroupGrid, codes_of: Callable[[Tensor, Tensor, Tensor], Tensor],
+                  static_groups: bool) -> Tensor:
     """The codes of each column in turn (permuted order), each column's rounding error spread over
     the columns after it through ``Hinv``, lazily in blocks of ``block`` columns. Without
-    ``static_groups`` each group's scale and zero are fitted (into ``scales``/``zeros``) when its
-    first column is reached, from the weight as the earlier columns left it."""
+    ``static_groups`` each group's scale and zero are fitted by ``grid`` (into ``scales``/``zeros``)
+    when its first column is reached, from the weight as the earlier columns left it and the
+    columns' weights ``d`` (permuted order)."""
     N, K = W_work.shape
     codes = torch.empty(N, K, device=W_work.device)
     for i1 in range(0, K, block):
@@ -130,12 +149,12 @@ def _gptq_columns(W_work: Tensor, Hinv: Tensor, scales: Tensor, zeros: Tensor, p
             col = i1 + i
             if not static_groups and col % g == 0:
                 gi = col // g
-                scales[:, gi], zeros[:, gi] = group_params(W1[:, i : i + g], bits=bits, symmetric=symmetric,
-                                                           dtype=dtype)
+                s_g, z_g = grid(W1[:, i : i + g].unsqueeze(1), d[col : col + g].unsqueeze(0))
+                scales[:, gi], zeros[:, gi] = s_g.squeeze(1), z_g.squeeze(1)
             gi = int(perm[col]) // g
             s, z = scales[:, gi], zeros[:, gi]
             w = W1[:, i]
-            q = codes_for(w.unsqueeze(-1), s, z, bits).squeeze(-1)
+            q = codes_of(w.unsqueeze(-1), s, z).squeeze(-1)
             codes[:, col] = q
             err = (w - (q - z) * s) / Hinv1[i, i]
             W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
