@@ -68,6 +68,10 @@ def describe(model: nn.Module, prefix: str | None = None) -> dict:
             linears[name] = {"in_features": m.in_features, "out_features": m.out_features, "group_size": m.group_size,
                              "rank": m.rank, "bias": m.bias is not None, "projection": projection_key(m.projection)}
         elif isinstance(m, QuantizedExperts):
+            if getattr(m, "glowq_expert_parallel", None):
+                raise CheckpointError(f"{name} holds 1/{m.glowq_expert_parallel} of its experts (expert parallelism): "
+                                      "a checkpoint needs all of them; save the model loaded in one process (or "
+                                      "without ep_size)")
             weights = {}
             for w in m.glowq_protocol.weights:
                 q = m.quantized_weights(w)

@@ -20,14 +20,25 @@ the all-reduce.
 An int8 output head (``modules.int8_linear``) is split like an ``nn.Linear``: its codes are stored
 (out, in) and its scales follow the output rows.
 
-Quantized embedding tables (and a head tied to one) and quantized MoE experts are kept whole on
-every rank, with a warning: a vocab-split lookup of packed codes and a split of the stacked
-experts are not written yet.
+Expert parallelism (``DistributedConfig(ep_size=..., enable_expert_parallel=True)``): where the
+model's expert plan dispatches an experts module (``ep_dispatch_experts``), its quantized experts
+are split by expert as transformers splits the float ones (``grouped_gemm``: dim 0 of every
+stacked tensor, the codes, scales, zero points, biases, ``A_e`` and each expert's own ``B_e``);
+the ``B`` the experts share with the block's other readers stays whole on every rank. Each rank
+runs its experts on the batch, the other ranks' routes masked, and transformers' all-reduce sums
+them (``AllReduceEP``), as for the float model. After loading, the split tensors are held as the
+rank's local tensors, so the experts' forward needs no DTensor; such a model is not saved (each
+rank holds part of the experts).
+
+Quantized embedding tables (and a head tied to one), and quantized experts that the tensor plan
+(not an expert plan) names, are kept whole on every rank, with a warning: a vocab-split lookup of
+packed codes and an intermediate-split of the stacked experts are not written yet.
 """
 from __future__ import annotations
 
 from torch import nn
 
+from glowq_fx.capture.experts import TracedExperts
 from glowq_fx.checkpoint.shards import CheckpointError
 from glowq_fx.errors import warn
 from glowq_fx.kernels.layout import group_size_of
@@ -54,10 +65,79 @@ PROJECTION_STYLE = "local_params"  # the projection's forward sees its local B
 B_STYLE = {"output": "replicate", "input": "rowwise"}
 
 
+EXPERT_STYLE = "grouped_gemm"  # transformers' split of stacked experts by expert (dim 0)
+EXPERTS_DISPATCH = "ep_dispatch_experts"
+EXPERT_TENSORS = ("qweight", "scales", "zeros", "bias", "A", "B")
+
+
 def tensor_parallel_size(model: nn.Module) -> int:
     """The tensor-parallel world size ``from_pretrained`` was asked for (1 without one)."""
     distributed = getattr(getattr(model, "config", None), "distributed_config", None)
     return int(getattr(distributed, "tp_size", None) or 1)
+
+
+def expert_parallel_size(model: nn.Module) -> int:
+    """The expert-parallel world size ``from_pretrained`` was asked for (1 without one)."""
+    distributed = getattr(getattr(model, "config", None), "distributed_config", None)
+    return int(getattr(distributed, "ep_size", None) or 1)
+
+
+def split_quantized_experts(model: nn.Module, plan: dict[str, str], ep_size: int) -> None:
+    """Extend ``plan`` (``model.ep_plan``) so that each quantized experts module it dispatches is
+    split by expert over ``ep_size`` ranks (module docstring): the float weights' rules are
+    replaced by one ``grouped_gemm`` rule per stacked tensor, put first so that the tensors are
+    split before the dispatch reads the local expert count. Experts the plan does not dispatch
+    stay whole (their weights' rules dropped)."""
+    from transformers.distributed.parallel_utils import ALL_PARALLEL_STYLES
+
+    if {EXPERT_STYLE, EXPERTS_DISPATCH} - set(ALL_PARALLEL_STYLES):
+        raise CheckpointError(f"this transformers has no expert-parallel styles {EXPERT_STYLE!r} and "
+                              f"{EXPERTS_DISPATCH!r}; quantized experts under expert parallelism need a transformers "
+                              "that has them (5.25 has); upgrade transformers")
+    rules: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, QuantizedExperts):
+            continue
+        key = generic_name(name)
+        for k in [k for k in plan if k.startswith(key + ".")]:
+            del plan[k]  # the float weights' rules: the quantized tensors get their own below
+        if plan.get(key) != EXPERTS_DISPATCH:
+            continue
+        layout = module.glowq_protocol
+        if isinstance(layout, TracedExperts):
+            raise CheckpointError(f"expert parallelism dispatches {name}, whose quantized experts run the module's own "
+                                  "traced code, which cannot run a part of the experts; load it without ep_size")
+        if layout.num_experts % ep_size:
+            raise CheckpointError(f"expert parallelism over {ep_size} ranks splits the {layout.num_experts} experts "
+                                  f"of {name}, which {ep_size} does not divide: use an ep_size that divides "
+                                  f"{layout.num_experts}")
+        for weight in layout.weights:
+            child = module.quantized_weights(weight)
+            names = [t for t in EXPERT_TENSORS if getattr(child, t, None) is not None]
+            _as_parameters(child, names)
+            rules.update({f"{key}.{weight}.{t}": EXPERT_STYLE for t in names})
+        module.num_experts = layout.num_experts // ep_size  # the dispatch reads the local count from here
+        module.glowq_expert_parallel = ep_size
+    if rules:
+        ordered = {**rules, **plan}
+        plan.clear()
+        plan.update(ordered)
+
+
+def localize_split_experts(model: nn.Module) -> None:
+    """After loading: the split experts' tensors as this rank's local tensors (plain buffers), so
+    their forward and kernels see ``E / ep_size`` experts and no DTensor."""
+    for module in model.modules():
+        if not getattr(module, "glowq_expert_parallel", None):
+            continue
+        for weight in module.glowq_protocol.weights:
+            child = module.quantized_weights(weight)
+            for key in EXPERT_TENSORS:
+                t = child._parameters.pop(key, None)
+                if t is not None:
+                    local = t.to_local() if hasattr(t, "to_local") else t
+                    child.register_buffer(key, local.detach())
+            child.num_experts = child.qweight.shape[0]
 
 
 def generic_name(name: str) -> str:

@@ -33,7 +33,13 @@ from glowq_fx.checkpoint.format import (
     tie_tables,
 )
 from glowq_fx.checkpoint.shards import CheckpointError
-from glowq_fx.checkpoint.tensor_parallel import shard_quantized, tensor_parallel_size
+from glowq_fx.checkpoint.tensor_parallel import (
+    expert_parallel_size,
+    localize_split_experts,
+    shard_quantized,
+    split_quantized_experts,
+    tensor_parallel_size,
+)
 from glowq_fx.modules.kernels import use_cpu_kernels
 
 QUANT_METHOD = "glowq"
@@ -112,11 +118,14 @@ class GlowQHfQuantizer(HfQuantizer):
         _untie_quantized(model, meta)
         if (world_size := tensor_parallel_size(model)) > 1:
             shard_quantized(model, model.tp_plan, world_size)
+        if (ep_size := expert_parallel_size(model)) > 1:
+            split_quantized_experts(model, model.ep_plan, ep_size)
         self._meta = meta
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         tie_tables(model, self._meta or {})
+        localize_split_experts(model)
         use_cpu_kernels(model)  # the CPU kernel's layout is made here, for this machine
         return model.eval()
 

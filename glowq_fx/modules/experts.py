@@ -171,12 +171,14 @@ class QuantizedExperts(nn.Module):
         first, second = getattr(self, p.first), getattr(self, p.second)
         T, k = top_k_index.shape
         # (token, slot) pairs sorted by expert; transformers' sentinel for a token no local expert
-        # serves (index >= E) sorts last, past every expert's rows, and comes out zero
-        flat = top_k_index.reshape(-1).clamp(0, p.num_experts)
+        # serves (index >= E) sorts last, past every expert's rows, and comes out zero. E is the
+        # experts held here: all of them, or this rank's under expert parallelism
+        E = first.num_experts
+        flat = top_k_index.reshape(-1).clamp(0, E)
         order = torch.argsort(flat, stable=True)
         token = torch.div(order, k, rounding_mode="floor")
-        counts = torch.zeros(p.num_experts + 1, dtype=torch.int64, device=flat.device)
-        offsets = counts.scatter_add_(0, flat, torch.ones_like(flat))[:p.num_experts].cumsum(0)
+        counts = torch.zeros(E + 1, dtype=torch.int64, device=flat.device)
+        offsets = counts.scatter_add_(0, flat, torch.ones_like(flat))[:E].cumsum(0)
         R = first.project(hidden_states)  # once for every token, before dispatch
         h = first.experts(hidden_states[token], offsets, None if R is None else R[token])
         h = self._apply_gate(h) if p.has_gate else self.act_fn(h)

@@ -17,8 +17,10 @@ from glowq_fx.errors import GlowQWarning
 
 
 def run(job: dict, rank: int) -> dict:
+    world = dist.get_world_size()
     kwargs = ({"tp_plan": "auto"} if job["how"] == "tp_plan" else
-              {"distributed_config": T.DistributedConfig(tp_size=dist.get_world_size())})
+              {"distributed_config": T.DistributedConfig(tp_size=world, ep_size=world, enable_expert_parallel=True)}
+              if job["how"] == "expert_parallel" else {"distributed_config": T.DistributedConfig(tp_size=world)})
     if job.get("quantize_on_load"):
         kwargs["quantization_config"] = GlowQConfig(dataset=["calibration text"], tokenizer=job["dir"])
     with warnings.catch_warnings(record=True) as caught:
@@ -36,7 +38,14 @@ def run(job: dict, rank: int) -> dict:
              for k, v in [*model.named_parameters(), *model.named_buffers()]}
     if job.get("resave"):
         model.save_pretrained(job["resave"])  # every rank: the shards are gathered collectively
-    return {"logits": logits, "compiled": compiled, "generated": generated, "local_shapes": local, "rank": rank,
+    save_error = None
+    if job.get("save_refused"):
+        try:
+            model.save_pretrained(job["save_refused"])
+        except Exception as e:  # the test asserts which error, by its message
+            save_error = f"{type(e).__name__}: {e}"
+    return {"logits": logits, "save_error": save_error, "compiled": compiled, "generated": generated,
+            "local_shapes": local, "rank": rank,
             "warnings": [str(w.message) for w in caught if isinstance(w.message, GlowQWarning)]}
 
 

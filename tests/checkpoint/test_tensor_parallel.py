@@ -17,6 +17,7 @@ from glowq_fx import GlowQConfig, load_quantized, quantize_, save_quantized
 from tests_helpers import tiny_llama_config, tiny_qwen2, token_batches
 
 WORLD = 2
+EXPERT_PARALLEL = ("qwen2_moe_ep", "mixtral_ep", "odd_experts")  # loaded with ep_size=WORLD
 WORKER = Path(__file__).with_name("tensor_parallel_worker.py")
 IDS = torch.randint(0, 128, (2, 13), generator=torch.Generator().manual_seed(7)).tolist()
 
@@ -57,6 +58,14 @@ def _checkpoints(root: Path) -> dict[str, Path]:
             vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)).eval()
     save("mixtral", mixtral)
+    made["qwen2_moe_ep"], made["mixtral_ep"] = made["qwen2_moe"], made["mixtral"]  # under expert parallelism
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        odd = T.Qwen2MoeForCausalLM(T.Qwen2MoeConfig(
+            vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=48,
+            shared_expert_intermediate_size=96, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+            num_experts=3, num_experts_per_tok=2)).eval()
+    save("odd_experts", odd)  # 3 experts on 2 ranks
     _llama().save_pretrained(root / "float")
     made["quantize_on_load"] = root / "float"
     return made
@@ -68,9 +77,11 @@ def ranks(tmp_path_factory):
     root = tmp_path_factory.mktemp("tp")
     made = _checkpoints(root)
     jobs = [{"dir": str(d), "out": str(root / f"{name}.out"), "ids": IDS,
-             "how": "tp_plan" if name == "llama" else "distributed_config",
+             "how": "tp_plan" if name == "llama" else "expert_parallel" if name in EXPERT_PARALLEL
+             else "distributed_config",
              **({"resave": str(root / "llama_resaved"), "compile": True} if name == "llama" else {}),
-             **({"compile": True} if name in ("qwen2_moe", "mixtral") else {}),
+             **({"compile": True} if name in ("qwen2_moe", "mixtral", *EXPERT_PARALLEL) else {}),
+             **({"save_refused": str(root / f"{name}_resaved")} if name == "qwen2_moe_ep" else {}),
              **({"quantize_on_load": True} if name == "quantize_on_load" else {})} for name, d in made.items()]
     (root / "jobs.json").write_text(json.dumps(jobs))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
@@ -97,7 +108,8 @@ def _single_process_logits(directory):
         return model(input_ids=torch.tensor(IDS)).logits
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2_tied", "qwen2_int8_tied", "llama_qera", "qwen2_moe", "mixtral"])
+@pytest.mark.parametrize("name", ["llama", "qwen2_tied", "qwen2_int8_tied", "llama_qera", "qwen2_moe", "mixtral",
+                                  "qwen2_moe_ep", "mixtral_ep"])
 def test_tensor_parallel_logits_equal_the_single_process_model(ranks, name):
     made, results, _ = ranks
     reference = _single_process_logits(made[name])
@@ -116,7 +128,7 @@ def test_tensor_parallel_compiles_with_the_glowq_backend_and_generates(ranks):
         assert torch.equal(r["generated"], greedy)
 
 
-@pytest.mark.parametrize("name", ["qwen2_moe", "mixtral"])
+@pytest.mark.parametrize("name", ["qwen2_moe", "mixtral", "qwen2_moe_ep", "mixtral_ep"])
 def test_quantized_moe_under_tensor_parallel_compiles_with_the_glowq_backend(ranks, name):
     made, results, _ = ranks
     with torch.no_grad():
@@ -167,6 +179,36 @@ def test_quantized_experts_stay_whole_with_a_warning(ranks):
     assert warned == ruled, (ruled, r["warnings"])
 
 
+@pytest.mark.parametrize("name", ["qwen2_moe_ep", "mixtral_ep"])
+def test_expert_parallelism_gives_each_rank_its_experts_and_the_shared_B_whole(ranks, name):
+    """Under DistributedConfig(ep_size=2): every stacked tensor of the quantized experts (codes,
+    scales, zero points, A_e, each expert's own B_e) holds half of the experts on each rank, the
+    rank's own half (rank r: experts [rE/2, (r+1)E/2)), and the B the experts share stays whole."""
+    made, results, _ = ranks
+    full = load_quantized(made[name])
+    experts = full.model.layers[0].mlp.experts
+    E = experts.glowq_protocol.num_experts
+    stacked = {f"model.layers.0.mlp.experts.{w}.{t}": getattr(experts.quantized_weights(w), t)
+               for w in experts.glowq_protocol.weights for t in ("qweight", "scales", "zeros", "A", "B")
+               if getattr(experts.quantized_weights(w), t) is not None}
+    assert any(k.endswith(".B") for k in stacked)  # the second weight's own B_e is split too
+    shared = {k: v for k, v in full.named_buffers()  # on the block (Qwen2-MoE: with the shared expert) or the experts
+              if k.startswith("model.layers.0.mlp.") and "glowq_projections" in k and "experts" in k}
+    assert shared
+    for r in results[name]:
+        assert "error" not in r, r.get("error")
+        for key, t in stacked.items():
+            assert r["local_shapes"][key] == (E // WORLD, *t.shape[1:]), key
+        for key, t in shared.items():
+            assert r["local_shapes"][key] == tuple(t.shape), key
+
+
+def test_a_model_with_split_experts_is_not_saved(ranks):
+    _, results, _ = ranks
+    for r in results["qwen2_moe_ep"]:
+        assert r["save_error"] and "holds 1/2 of its experts (expert parallelism)" in r["save_error"], r["save_error"]
+
+
 @pytest.mark.parametrize("name", ["qwen2_tied", "qwen2_int8_tied"])
 def test_quantized_tied_tables_stay_whole_with_a_warning(ranks, name):
     made, results, _ = ranks
@@ -198,6 +240,8 @@ def test_an_untied_int8_head_is_split_by_its_output_rows(ranks):
             r"CheckpointError: .*splits the 129 output rows of model.layers.0.mlp.gate_proj, which 2 does not",
         ),
         ("quantize_on_load", r"ValueError: quantizing on load works on one process: quantize and save first"),
+        ("odd_experts", r"CheckpointError: expert parallelism over 2 ranks splits the 3 experts of "
+                        r"model.layers.0.mlp.experts, which 2 does not divide"),
     ],
 )
 def test_what_tensor_parallel_cannot_do_is_refused(ranks, name, message):
