@@ -294,18 +294,22 @@ RUNNERS = {"AutoRound": run_autoround, "GPTQ (llm-compressor)": run_llmc_gptq, "
 BASES = {"rtn": "RTN", "clip": "RTN-clip", "fitted": "RTN-fitted", "gptq": "GPTQ", "fitted-gptq": "GPTQ-fitted"}
 
 
-def glowq_row_name(quantizer: str, g: int, rank: int) -> str:
+def glowq_row_name(quantizer: str, g: int, rank: int, alternations: int = 0) -> str:
     base = BASES[quantizer]
-    return f"{base} g{g}" if rank == 0 else f"{base} + GlowQ g{g} r{rank}"
+    name = f"{base} g{g}" if rank == 0 else f"{base} + GlowQ g{g} r{rank}"
+    return name + (f" a{alternations}" if alternations else "")
 
 
-def parse_ours(name: str) -> tuple[str, int, int]:
-    """(quantizer, group size, rank) of one of our rows' names (``glowq_row_name``)."""
+def parse_ours(name: str) -> tuple[str, int, int, int]:
+    """(quantizer, group size, rank, alternations) of one of our rows' names (``glowq_row_name``)."""
     words = name.replace("+ GlowQ ", "").split()
     quantizer = {name: q for q, name in BASES.items()}[words[0]]
     g = int(words[1][1:])
-    rank = int(words[2][1:]) if len(words) > 2 else 0
-    return quantizer, g, rank
+    rank = int(words[2][1:]) if len(words) > 2 and words[2].startswith("r") else 0
+    alternations = int(words[-1][1:]) if len(words) > 2 and words[-1].startswith("a") else 0
+    if len(words) > 2 + bool(rank) + bool(alternations):
+        raise ValueError(f"not one of our rows: {name}")
+    return quantizer, g, rank, alternations
 
 
 def is_ours(name: str) -> bool:
@@ -317,12 +321,13 @@ def is_ours(name: str) -> bool:
 
 
 def run_ours(name: str, model, tokenizer, batches, args):
-    quantizer, g, rank = parse_ours(name)
+    quantizer, g, rank, alternations = parse_ours(name)
     weight = args.first_position_weight.get(quantizer, 1.0)
     config = GlowQConfig(group_size=g, rank=rank, method="glowq" if rank else "none", quantizer=quantizer,
-                         output_head_bits=None, first_position_weight=weight)
+                         output_head_bits=None, first_position_weight=weight, alternations=alternations)
     quantize_(model, batches, config, progress=False)
     return model, None, (f"quantize_({quantizer}, group {g}, " + (f"GlowQ rank {rank}" if rank else "no correction")
+                         + (f", {alternations} alternations" if alternations else "")
                          + f", first position x{weight:g})")
 
 

@@ -95,6 +95,11 @@ class CorrectionConfig:
         bytes (``selective.corrections.loss_curve_knee``), a float in (0, 1] that fraction of the
         groups, an int a budget of factor bytes (model dtype). The others keep their 4-bit
         weights without correction.
+    alternations: rounds of alternating quantization and correction (LoftQ's alternation,
+        ``quantize.api``): the base quantizer runs again on ``W - A B`` (the weight less its
+        correction) and the correction is solved again on the new error; a round is kept only
+        where it lowers the group's whitened error. It lets GPTQ spend its rounding on what the
+        correction does not capture. Dense groups only (experts refuse it).
     """
 
     method: str = "glowq"
@@ -107,9 +112,15 @@ class CorrectionConfig:
     stats_dtype: str = "float32"
     factor_dtype: str = "auto"
     selective: str | float | int | None = None
+    alternations: int = 0
 
     def __post_init__(self) -> None:
         CORRECTIONS[self.method]  # registered names only (glowq_fx.registry)
+        if not isinstance(self.alternations, int) or isinstance(self.alternations, bool) or self.alternations < 0:
+            raise ValueError(f"alternations must be a non-negative int, got {self.alternations!r}")
+        if self.alternations and (not CORRECTIONS[self.method].corrects or self.rank == 0):
+            raise ValueError("alternations re-quantize the weight less its correction; method='none' or rank=0 has "
+                             "none: set alternations=0")
         _check_choice("svd", self.svd, SVD_MODES)
         _check_choice("stats_dtype", self.stats_dtype, ("float32", "float64"))
         _check_choice("factor_dtype", self.factor_dtype, FACTOR_DTYPES)

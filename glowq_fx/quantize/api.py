@@ -23,6 +23,7 @@ the report gives the rank each group got.
 """
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -251,6 +252,18 @@ def _quantize_group(model: nn.Module, g: InputGroup, S: torch.Tensor,
     qws = [quantizer(W, S, config.quantization) for W in Ws]
     errors = [quantization_error(W, qw) for W, qw in zip(Ws, qws)]
     quantize_time_s = time.perf_counter() - t_quant
+    kw = dict(shrinkage=config.shrinkage, mode=config.svd, oversample=config.oversample,
+              power_iters=config.power_iters, seed=config.seed,
+              dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    # one solve per group: a shared B is capped by what the stacked error can hold, the
+    # independent methods cap each member's rank (and whiten S once for the group)
+    method = CORRECTIONS[config.method]
+    rank = method.rank_for(config.rank, g.in_features, g.out_features)
+    solve_group = functools.partial(solve, method.name, S=S, rank=rank, cap_rank=not method.shared, **kw)
+    if config.alternations:  # the float weights are still needed: the solve comes before the swap
+        qws, errors, corr, alternate_s = alternate(Ws, S, qws, errors, solve_group(errors), quantizer, solve_group,
+                                                   config)
+        quantize_time_s += alternate_s
     err_sq = sum(squared_norm(E) for E in errors)
     w_sq = sum(squared_norm(W) for W in Ws)
     # the members are swapped for their (uncorrected) quantized modules before the solve: the
@@ -264,14 +277,8 @@ def _quantize_group(model: nn.Module, g: InputGroup, S: torch.Tensor,
         dense_bytes += W.numel() * W.element_size()
     del floats, Ws, qws, W, qw, qlinear
     trim_heap(dense_bytes)  # the quantizer's temporaries and the float weights, back to the OS (glowq_fx._heap)
-    kw = dict(shrinkage=config.shrinkage, mode=config.svd, oversample=config.oversample,
-              power_iters=config.power_iters, seed=config.seed,
-              dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-    # one solve per group: a shared B is capped by what the stacked error can hold, the
-    # independent methods cap each member's rank (and whiten S once for the group)
-    method = CORRECTIONS[config.method]
-    rank = method.rank_for(config.rank, g.in_features, g.out_features)
-    corr = solve(method.name, errors, S, rank, cap_rank=not method.shared, **kw)
+    if not config.alternations:
+        corr = solve_group(errors)
     solved = corr.report  # one solve for the whole group
     units = [(g.members, corr.B[0], corr.A)] if corr.shared else [
         ((name,), B, [A]) for name, A, B in zip(g.members, corr.A, corr.B)]
@@ -290,6 +297,27 @@ def _quantize_group(model: nn.Module, g: InputGroup, S: torch.Tensor,
         restored=False, quantize_time_s=quantize_time_s, whitening_time_s=solved.whitening_time_s,
     )
     return report, pending
+
+
+def alternate(Ws: list[torch.Tensor], S: torch.Tensor, qws: list, errors: list[torch.Tensor], corr,
+              quantizer, solve_group, config: GlowQConfig) -> tuple[list, list[torch.Tensor], object, float]:
+    """``config.alternations`` rounds of LoftQ's alternation on one group: quantize ``W_i - A_i B_i``
+    with the base quantizer, solve the correction of the new errors ``W_i - deq(Q_i)``; a round is
+    kept only where the group's whitened error after correction goes down (else the alternation
+    stops). Returns the kept (codes, errors, correction) and the quantizer's time."""
+    seconds = 0.0
+    for _ in range(config.alternations):
+        t0 = time.perf_counter()
+        targets = [W.float() - (A.float() @ B.float()) for W, (A, B) in
+                   zip(Ws, (corr.factors(i) for i in range(len(Ws))))]
+        new_qws = [quantizer(T.to(W.dtype), S, config.quantization) for T, W in zip(targets, Ws)]
+        seconds += time.perf_counter() - t0
+        new_errors = [quantization_error(W, qw) for W, qw in zip(Ws, new_qws)]
+        new_corr = solve_group(new_errors)
+        if not new_corr.report.whitened_error_after < corr.report.whitened_error_after:
+            break
+        qws, errors, corr = new_qws, new_errors, new_corr
+    return qws, errors, corr, seconds
 
 
 def _quantize_groups(model: nn.Module, groups: Sequence[InputGroup],

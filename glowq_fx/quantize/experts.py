@@ -64,6 +64,11 @@ def find_experts(model: nn.Module, config: GlowQConfig) -> tuple[dict[str, Exper
                              "are not one number of experts")
         else:
             found[name] = None
+    if found and config.alternations:
+        raise ValueError(f"alternations={config.alternations} is for dense groups; the experts of "
+                         f"{sorted(found)[:2]}{' and more' if len(found) > 2 else ''} are quantized with one B across "
+                         "experts, which alternation does not cover: set alternations=0, or leave the experts in "
+                         "floating point (experts=False)")
     return found, skipped
 
 

@@ -73,9 +73,10 @@ def test_a_peer_that_is_not_installed_gets_its_row_with_the_reason(bench, tmp_pa
 
 
 def test_our_row_names_round_trip(bench):
-    for quantizer, g, rank in [("rtn", 128, 0), ("gptq", 64, 12), ("rtn", -1, 7), ("clip", 32, 3)]:
-        assert bench.parse_ours(bench.glowq_row_name(quantizer, g, rank)) == (quantizer, g, rank)
-        assert bench.is_ours(bench.glowq_row_name(quantizer, g, rank))
+    for row in [("rtn", 128, 0, 0), ("gptq", 64, 12, 0), ("rtn", -1, 7, 0), ("clip", 32, 3, 0),
+                ("fitted-gptq", 128, 64, 2), ("fitted", 64, 5, 1)]:
+        assert bench.parse_ours(bench.glowq_row_name(*row)) == row
+        assert bench.is_ours(bench.glowq_row_name(*row))
     assert not bench.is_ours("HQQ g128") and not bench.is_ours("float32 reference")
 
 

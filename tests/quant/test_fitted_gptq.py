@@ -65,3 +65,40 @@ def test_the_fitted_gptq_quantizer_runs_under_quantize():
     assert torch.isfinite(logits).all()
     rel = (logits - float_logits).norm() / float_logits.norm()
     assert rel < 0.2, f"relative error {rel:.3f} of the quantized logits"
+
+
+def test_alternation_never_raises_a_groups_whitened_error_and_lowers_some():
+    """alternations=2 (LoftQ's alternation) under quantize_: no group ends with a larger whitened
+    error after correction than without alternation (a round is kept only where it lowers it), some
+    group's is lower, and the model's output stays near the float model's."""
+    batches = token_batches(2)
+    reports = {}
+    for rounds in (0, 2):
+        model = tiny_llama()
+        reports[rounds] = quantize_(model, batches, GlowQConfig(group_size=32, rank=4, quantizer="fitted-gptq",
+                                                                alternations=rounds, output_head_bits=None),
+                                    progress=False)
+    plain = {g.name: g.error_after for g in reports[0].groups}
+    alternated = {g.name: g.error_after for g in reports[2].groups}
+    assert plain.keys() == alternated.keys()
+    assert all(alternated[k] <= plain[k] * (1 + 1e-6) for k in plain)
+    assert any(alternated[k] < plain[k] * 0.999 for k in plain)
+
+
+@pytest.mark.parametrize("kwargs, message", [({"alternations": -1}, "alternations must be a non-negative int"),
+                                             ({"alternations": 1, "rank": 0}, "rank=0 has none")])
+def test_bad_alternations_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        GlowQConfig(**kwargs)
+
+
+def test_alternation_refuses_experts():
+    import transformers as T
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        moe = T.MixtralForCausalLM(T.MixtralConfig(vocab_size=128, hidden_size=64, intermediate_size=96,
+                                                   num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                                   num_local_experts=4, num_experts_per_tok=2)).eval()
+    with pytest.raises(ValueError, match=r"alternations=1 is for dense groups.*set alternations=0"):
+        quantize_(moe, token_batches(1), GlowQConfig(rank=4, group_size=32, alternations=1), progress=False)
