@@ -137,6 +137,7 @@ class ShardWriter:
                                                                  "weight_map": weight_map}, indent=1))
         return records
 
+
 def write_shards(tensors: Mapping[str, Tensor], directory: Path, max_shard_size: int | str,
                  metadata: dict[str, str] | None = None) -> list[dict]:
     """Write ``tensors`` (distinct storages) as the shards of ``directory`` (``ShardWriter``)."""

@@ -32,25 +32,25 @@ def quantize_clipped(W: Tensor, S: Tensor | None = None, group_size: int = 128, 
                      symmetric: bool = False, steps: int = CLIP_STEPS, narrowest: float = CLIP_MIN) -> QuantizedWeight:
     """``W`` (N, K) to 4-bit codes on each group's best clipped grid (module docstring); ``S``
     (K, K) or None. Scales and zeros in ``W.dtype``."""
-    check_weight(W)
+    w, d, g = grouped(W, S, group_size)
     N, K = W.shape
-    if S is not None and tuple(S.shape) != (K, K):
-        raise ValueError(f"S must be ({K}, {K}) for a weight with {K} input columns, got {tuple(S.shape)}")
-    g, n_groups = group_geometry(K, group_size)
-    w, d = grouped(W, S, g, n_groups)
     s, z = clipped_grids(w, d, bits=bits, symmetric=symmetric, dtype=W.dtype, steps=steps, narrowest=narrowest)
     q = codes_for(w, s, z, bits)
     return QuantizedWeight(codes=q.reshape(N, -1).to(torch.uint8), scales=s.to(W.dtype),
                            zeros=z.to(W.dtype), group_size=g, in_features=K, bits=bits)
 
 
-def grouped(W: Tensor, S: Tensor | None, g: int, n_groups: int) -> tuple[Tensor, Tensor]:
-    """``W`` as float32 (N, n_groups, g), zero-padded, and the column weights ``diag(S)`` as
-    (n_groups, g) (ones without ``S``; padded columns weigh 0)."""
+def grouped(W: Tensor, S: Tensor | None, group_size: int) -> tuple[Tensor, Tensor, int]:
+    """``W`` (checked) as float32 (N, n_groups, g), zero-padded, the column weights ``diag(S)`` as
+    (n_groups, g) (ones without ``S``; padded columns weigh 0), and ``g``."""
+    check_weight(W)
     N, K = W.shape
+    if S is not None and tuple(S.shape) != (K, K):
+        raise ValueError(f"S must be ({K}, {K}) for a weight with {K} input columns, got {tuple(S.shape)}")
+    g, n_groups = group_geometry(K, group_size)
     w = torch.nn.functional.pad(W.float(), (0, g * n_groups - K)).view(N, n_groups, g)
     d = torch.ones(K, device=W.device) if S is None else torch.diagonal(S).float().to(W.device).clamp_min(0)
-    return w, torch.nn.functional.pad(d, (0, g * n_groups - K)).view(n_groups, g)
+    return w, torch.nn.functional.pad(d, (0, g * n_groups - K)).view(n_groups, g), g
 
 
 def clipped_grids(w: Tensor, d: Tensor, *, bits: int, symmetric: bool, dtype: torch.dtype,

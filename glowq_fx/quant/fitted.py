@@ -26,7 +26,7 @@ from torch import Tensor
 
 from glowq_fx.config import QuantizationConfig
 from glowq_fx.quant.clip import CLIP_MIN, CLIP_STEPS, clipped_grids, grouped
-from glowq_fx.quant.rtn import QuantizedWeight, check_bits, check_weight, codes_for, group_geometry
+from glowq_fx.quant.rtn import QuantizedWeight, check_bits, codes_for
 from glowq_fx.registry import QUANTIZERS
 
 ZERO_STEPS = 16  # zero points on a 1/16 grid: k / 16 with k <= 240 is exact in bf16, fp16 and fp32
@@ -79,12 +79,8 @@ def quantize_fitted(W: Tensor, S: Tensor | None = None, group_size: int = 128, *
                     symmetric: bool = False, rounds: int = FIT_ROUNDS) -> QuantizedWeight:
     """``W`` (N, K) to 4-bit codes on each group's fitted grid (module docstring); ``S`` (K, K) or
     None. Scales and zeros in ``W.dtype``; symmetric grids keep ``z = 2**(bits-1)`` and fit the scale."""
-    check_weight(W)
+    w, d, g = grouped(W, S, group_size)
     N, K = W.shape
-    if S is not None and tuple(S.shape) != (K, K):
-        raise ValueError(f"S must be ({K}, {K}) for a weight with {K} input columns, got {tuple(S.shape)}")
-    g, n_groups = group_geometry(K, group_size)
-    w, d = grouped(W, S, g, n_groups)
     s, z, q = fitted_grids(w, d, bits=bits, symmetric=symmetric, dtype=W.dtype, rounds=rounds)
     return QuantizedWeight(codes=q.reshape(N, -1).to(torch.uint8), scales=s.to(W.dtype), zeros=z.to(W.dtype),
                            group_size=g, in_features=K, bits=bits)
