@@ -260,9 +260,10 @@ def _quantize_group(model: nn.Module, g: InputGroup, S: torch.Tensor,
     method = CORRECTIONS[config.method]
     rank = method.rank_for(config.rank, g.in_features, g.out_features)
     solve_group = functools.partial(solve, method.name, S=S, rank=rank, cap_rank=not method.shared, **kw)
+    other_solves_s = 0.0  # the alternation's solves besides the one kept
     if config.alternations:  # the float weights are still needed: the solve comes before the swap
-        qws, errors, corr, alternate_s = alternate(Ws, S, qws, errors, solve_group(errors), quantizer, solve_group,
-                                                   config)
+        qws, errors, corr, alternate_s, other_solves_s = alternate(Ws, S, qws, errors, solve_group(errors), quantizer,
+                                                                   solve_group, config)
         quantize_time_s += alternate_s
     err_sq = sum(squared_norm(E) for E in errors)
     w_sq = sum(squared_norm(W) for W in Ws)
@@ -290,7 +291,7 @@ def _quantize_group(model: nn.Module, g: InputGroup, S: torch.Tensor,
         name=g.name, members=g.members, in_features=g.in_features, out_features=g.out_features,
         rank=solved.rank, error_before=before, error_after=after,
         code_bytes=code_bytes, scale_bytes=scale_bytes, factor_bytes=0, dense_bytes=dense_bytes,
-        solve_time_s=solved.time_s, weight_error=(err_sq / w_sq) ** 0.5 if w_sq else 0.0,
+        solve_time_s=solved.time_s + other_solves_s, weight_error=(err_sq / w_sq) ** 0.5 if w_sq else 0.0,
         restore_gain=before - after,
         member_gains=tuple(b - a for b, a in zip(solved.member_errors_before, solved.member_errors_after)),
         candidate_factor_bytes=sum(B.nbytes + sum(A.nbytes for A in As) for _, B, As in pending),
@@ -300,12 +301,14 @@ def _quantize_group(model: nn.Module, g: InputGroup, S: torch.Tensor,
 
 
 def alternate(Ws: list[torch.Tensor], S: torch.Tensor, qws: list, errors: list[torch.Tensor], corr,
-              quantizer, solve_group, config: GlowQConfig) -> tuple[list, list[torch.Tensor], object, float]:
+              quantizer, solve_group, config: GlowQConfig) -> tuple[list, list[torch.Tensor], object, float, float]:
     """``config.alternations`` rounds of LoftQ's alternation on one group: quantize ``W_i - A_i B_i``
     with the base quantizer, solve the correction of the new errors ``W_i - deq(Q_i)``; a round is
     kept only where the group's whitened error after correction goes down (else the alternation
-    stops). Returns the kept (codes, errors, correction) and the quantizer's time."""
+    stops). Returns the kept (codes, errors, correction), the quantizer's time and the time of the
+    solves not kept."""
     seconds = 0.0
+    solves = corr.report.time_s
     for _ in range(config.alternations):
         t0 = time.perf_counter()
         targets = [W.float() - (A.float() @ B.float()) for W, (A, B) in
@@ -314,10 +317,11 @@ def alternate(Ws: list[torch.Tensor], S: torch.Tensor, qws: list, errors: list[t
         seconds += time.perf_counter() - t0
         new_errors = [quantization_error(W, qw) for W, qw in zip(Ws, new_qws)]
         new_corr = solve_group(new_errors)
+        solves += new_corr.report.time_s
         if not new_corr.report.whitened_error_after < corr.report.whitened_error_after:
             break
         qws, errors, corr = new_qws, new_errors, new_corr
-    return qws, errors, corr, seconds
+    return qws, errors, corr, seconds, solves - corr.report.time_s
 
 
 def _quantize_groups(model: nn.Module, groups: Sequence[InputGroup],
