@@ -12,7 +12,10 @@ block on 32 x 512 news tokens; perplexity on the Wikipedia text in windows of 10
   tokens' ``S_e``);
 - GlowQ across experts at rank r: plain (one ``B`` for the 8 experts' gate/up, whitened by
   every token's ``S``), usage-weighted, and with the ``A_e`` refit;
-- GlowQ across experts at the rank whose correction bytes equal the per-expert QERA's.
+- GlowQ across experts at the rank whose correction bytes equal the per-expert QERA's;
+- GlowQ-S with the automatic elbow, dropping each rarely used expert's ``A_e`` inside the kept
+  corrections (``expert_selection="per-expert"``, the default) and keeping or dropping each
+  experts correction whole.
 
 Each expert's down projection gets its own QERA correction at rank r in every corrected row (it
 reads its own input). Correction bytes are given for the experts' gate/up (where B is shared)
@@ -20,6 +23,7 @@ and in all; the whole-model bytes too. The arithmetic for Mixtral-8x7B and Qwen3
 follows the table.
 
     python benchmarks/bench_moe.py            # writes benchmarks/results/moe.{json,md}
+    python benchmarks/bench_moe.py --resume --only top-6 GlowQ-S   # the GlowQ-S rows of top-6 only
 """
 from __future__ import annotations
 
@@ -74,7 +78,10 @@ def rows(rank: int, equal_rank: int) -> list[tuple[str, GlowQConfig | None]]:
         (f"GlowQ across experts r{rank}", GlowQConfig(**common, rank=rank)),
         (f"GlowQ across experts r{rank}, usage-weighted", GlowQConfig(**common, rank=rank, expert_weighting="usage")),
         (f"GlowQ across experts r{rank}, A_e refit", GlowQConfig(**common, rank=rank, expert_refit=True)),
-        (f"GlowQ-S across experts r{rank} (automatic elbow)", GlowQConfig(**common, rank=rank, selective="auto")),
+        (f"GlowQ-S across experts r{rank} (automatic elbow, per expert)",
+         GlowQConfig(**common, rank=rank, selective="auto")),
+        (f"GlowQ-S across experts r{rank} (automatic elbow, whole experts groups)",
+         GlowQConfig(**common, rank=rank, selective="auto", expert_selection="whole")),
         (
             f"GlowQ across experts r{equal_rank} (equal gate/up bytes)",
             GlowQConfig(**common, rank=equal_rank, expert_own_input_rank=rank),
@@ -95,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "moe")
     ap.add_argument("--resume", action="store_true", help="keep the rows the JSON already has, run the others")
+    ap.add_argument("--only", nargs="+", default=None, metavar="TEXT",
+                    help="run only the rows whose model or row label contains every TEXT (with --resume: the others "
+                         "stay as measured)")
     args = ap.parse_args(argv)
 
     torch.manual_seed(0)
@@ -165,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     for model_label, build in models.items():
         model = build()
         for label, config in rows(args.rank, equal_rank):
-            if (model_label, label) in kept:
+            if (model_label, label) in kept or (args.only and not all(t in f"{model_label} | {label}"
+                                                                           for t in args.only)):
                 continue
             subject, report, t0 = model, None, time.perf_counter()
             if config is not None:

@@ -26,6 +26,7 @@ FACTOR_DTYPES = ("auto", "model", "float32", "bfloat16", "float16")
 EMBEDDING_BITS = (None, 4, 8)
 OUTPUT_HEAD_BITS = (None, 8)  # int8, one scale per output row (modules.int8_linear)
 EXPERT_WEIGHTINGS = ("none", "usage")
+EXPERT_SELECTIONS = ("per-expert", "whole")
 
 
 @dataclass
@@ -210,15 +211,21 @@ class ExpertsConfig:
         the second moment of the tokens routed to it.
     expert_own_input_rank: the rank of each expert's correction on a weight that reads the
         expert's own input (down); None: ``rank``.
+    expert_selection: how GlowQ-S (``selective``) treats an experts correction it keeps:
+        ``"per-expert"`` also drops the factors of each expert whose usage-weighted gain per byte
+        (its routing frequency times the error its ``A_e`` removes on its own tokens) is below the
+        last kept unit's, storing only the other experts' ``A_e``; ``"whole"`` keeps every expert's.
     """
 
     experts: bool = True
     expert_weighting: str = "none"
     expert_refit: bool = False
     expert_own_input_rank: int | None = None
+    expert_selection: str = "per-expert"
 
     def __post_init__(self) -> None:
         _check_choice("expert_weighting", self.expert_weighting, EXPERT_WEIGHTINGS)
+        _check_choice("expert_selection", self.expert_selection, EXPERT_SELECTIONS)
         own = self.expert_own_input_rank
         if own is not None and (not isinstance(own, int) or isinstance(own, bool) or own < 0):
             raise ValueError(f"expert_own_input_rank must be None or a non-negative int, got {own!r}")

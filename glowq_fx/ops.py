@@ -11,9 +11,11 @@
 - ``glowq::w4a16_linear_int4pack(x, qweight, scales, zeros, bias, A, R, int4pack, scales_zeros) -> y``:
   ``w4a16_linear`` on the CPU with the codes also in the layout of PyTorch's CPU int4 kernel
   (``glowq_fx.kernels.cpu_int4``): that kernel for decode rows, dequantize + GEMM for prefill.
-- ``glowq::w4a16_experts(x, offsets, qweight, scales, zeros, bias, A, R) -> y`` and
-  ``glowq::experts_projection(x, offsets, B) -> R``: an MoE block's experts on rows sorted by
-  expert (``offsets``: each expert's end row), the 3-D weights stacked (E, ...).
+- ``glowq::w4a16_experts(x, offsets, qweight, scales, zeros, bias, A, R, slots) -> y`` and
+  ``glowq::experts_projection(x, offsets, B, slots) -> R``: an MoE block's experts on rows sorted
+  by expert (``offsets``: each expert's end row), the 3-D weights stacked (E, ...); ``slots``
+  (E,), when given, says which of the stacked ``A`` / ``B`` rows is each expert's (-1: none; GlowQ-S
+  dropped that expert's correction and stores only the others').
 
 They are ``custom_op``s tagged ``flexible_layout`` (Inductor passes the shared input as it is,
 without a copy per consumer): Inductor calls them as opaque kernels from its generated code,
@@ -275,8 +277,20 @@ def _(x, qweight, scales, zeros, bias, A, R, int4pack, scales_zeros):
 # ---- the experts of an MoE block: rows sorted by expert --------------------------------------------------------
 
 
+def _check_slots(E: int, slots: Optional[Tensor], factor: Optional[Tensor], name: str, x: Tensor) -> None:
+    if slots is None:
+        return
+    if factor is None:
+        raise ValueError(f"slots say which {name} row is each expert's, but no {name} was given")
+    if slots.dim() != 1 or slots.shape[0] != E or slots.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"slots must be ({E},) integers (each expert's row of {name}, -1 for none), got "
+                         f"{slots.dtype} {tuple(slots.shape)}")
+    _check_device("", "slots", slots, x)
+
+
 def _check_experts(x: Tensor, offsets: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor,
-                   bias: Optional[Tensor], A: Optional[Tensor], R: Optional[Tensor]) -> None:
+                   bias: Optional[Tensor], A: Optional[Tensor], R: Optional[Tensor],
+                   slots: Optional[Tensor] = None) -> None:
     if x.dim() != 2:
         raise ValueError(f"the experts' rows must be (rows, features), got x of shape {tuple(x.shape)}")
     if qweight.dim() != 3 or qweight.dtype != torch.int32:
@@ -286,69 +300,92 @@ def _check_experts(x: Tensor, offsets: Tensor, qweight: Tensor, scales: Tensor, 
         raise ValueError(f"offsets must be ({E},) integers (each expert's end row), got {offsets.dtype} "
                          f"{tuple(offsets.shape)}")
     _check_device("", "offsets", offsets, x)
-    for name, t in (("scales", scales), ("zeros", zeros), ("bias", bias), ("A", A)):
+    _check_slots(E, slots, A, "A", x)
+    for name, t in (("scales", scales), ("zeros", zeros), ("bias", bias), ("A", A if slots is None else None)):
         if t is not None and (t.dim() < 1 or t.shape[0] != E):
             raise ValueError(f"experts' {name} must have one entry per expert ({E}), got {tuple(t.shape)}")
+    if A is not None and (A.dim() < 1 or A.shape[0] == 0):
+        raise ValueError(f"experts' A must hold at least one expert's factor, got {tuple(A.shape)}")
     _check_member(-1, x, qweight[0], scales[0], zeros[0], None if bias is None else bias[0],
                   None if A is None else A[0], R)
 
 
+def _expert_slots(E: int, slots: Optional[Tensor], held: int) -> list[int]:
+    """Each expert's row of a stacked factor (every expert its own row without ``slots``), checked."""
+    if slots is None:
+        return list(range(E))
+    out = slots.tolist()
+    if any(not -1 <= s < held for s in out):
+        raise ValueError(f"slots {out} must be -1 (no correction) or rows of the {held} stacked factors")
+    return out
+
+
 def reference_experts(x: Tensor, offsets: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor,
-                      bias: Optional[Tensor], A: Optional[Tensor], R: Optional[Tensor]) -> Tensor:
+                      bias: Optional[Tensor], A: Optional[Tensor], R: Optional[Tensor],
+                      slots: Optional[Tensor] = None) -> Tensor:
     """Pure torch: each expert's rows through ``reference_linear``; rows past the last offset are zero."""
     out = x.new_zeros(x.shape[0], qweight.shape[-1])
     ends = offsets.tolist()
     if ends and (ends[-1] > x.shape[0] or any(b < a for a, b in zip([0, *ends], ends))):
         raise ValueError(f"offsets {ends} are not nondecreasing row ends within the {x.shape[0]} rows")
+    rows = _expert_slots(len(ends), slots, 0 if A is None else A.shape[0])
     for e, (lo, hi) in enumerate(zip([0, *ends], ends)):
         if hi > lo:
+            own = A is not None and rows[e] >= 0
             out[lo:hi] = reference_linear(x[lo:hi], qweight[e], scales[e], zeros[e], None if bias is None else bias[e],
-                                          None if A is None else A[e], None if R is None else R[lo:hi])
+                                          A[rows[e]] if own else None, R[lo:hi] if own else None)
     return out
 
 
 @custom_op("glowq::w4a16_experts", mutates_args=(), tags=(torch.Tag.flexible_layout,))
 def w4a16_experts(x: Tensor, offsets: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor,
-                  bias: Optional[Tensor], A: Optional[Tensor], R: Optional[Tensor]) -> Tensor:
+                  bias: Optional[Tensor], A: Optional[Tensor], R: Optional[Tensor],
+                  slots: Optional[Tensor] = None) -> Tensor:
     """The experts of one 3-D weight on rows sorted by expert: rows ``offsets[e-1]:offsets[e]`` of
     ``x`` (M, K) get ``x deq(qweight[e])^T + R A[e]^T (+ bias[e])``; rows past ``offsets[-1]``
     (tokens no expert here serves) are zero. ``R`` (M, r) is the rows' projection (the experts'
-    shared ``B`` applied once to every token, gathered), ``A`` (E, N, r)."""
-    _check_experts(x, offsets, qweight, scales, zeros, bias, A, R)
+    shared ``B`` applied once to every token, gathered), ``A`` (E, N, r), or with ``slots`` (E,)
+    (E_A, N, r) and expert ``e``'s correction ``A[slots[e]]`` (none where ``slots[e]`` is -1)."""
+    _check_experts(x, offsets, qweight, scales, zeros, bias, A, R, slots)
     if _uses_kernels(x):
-        return launch_w4a16_experts(x, offsets, qweight, scales, zeros, bias, widen_factor(A, x), R)
-    return reference_experts(x, offsets, qweight, scales, zeros, bias, A, R)
+        return launch_w4a16_experts(x, offsets, qweight, scales, zeros, bias, widen_factor(A, x), R, slots=slots)
+    return reference_experts(x, offsets, qweight, scales, zeros, bias, A, R, slots)
 
 
 @w4a16_experts.register_fake
-def _(x, offsets, qweight, scales, zeros, bias, A, R):
-    _check_experts(x, offsets, qweight, scales, zeros, bias, A, R)
+def _(x, offsets, qweight, scales, zeros, bias, A, R, slots=None):
+    _check_experts(x, offsets, qweight, scales, zeros, bias, A, R, slots)
     return x.new_empty(x.shape[0], qweight.shape[-1])
 
 
-def _check_experts_projection(x: Tensor, offsets: Tensor, B: Tensor) -> None:
-    if B.dim() != 3 or B.shape[0] != offsets.shape[0]:
-        raise ValueError(f"B must be (E={offsets.shape[0]}, rank, K), got {tuple(B.shape)}")
+def _check_experts_projection(x: Tensor, offsets: Tensor, B: Tensor, slots: Optional[Tensor] = None) -> None:
+    E = offsets.shape[0]
+    _check_slots(E, slots, B, "B", x)
+    if B.dim() != 3 or (B.shape[0] != E if slots is None else B.shape[0] == 0):
+        raise ValueError(f"B must be (E={E}, rank, K){' (or fewer experts with slots)' if slots is not None else ''}, "
+                         f"got {tuple(B.shape)}")
     _check_projection(x, B[0])
 
 
 @custom_op("glowq::experts_projection", mutates_args=(), tags=(torch.Tag.flexible_layout,))
-def experts_projection(x: Tensor, offsets: Tensor, B: Tensor) -> Tensor:
+def experts_projection(x: Tensor, offsets: Tensor, B: Tensor, slots: Optional[Tensor] = None) -> Tensor:
     """Each expert's own right factor on its rows: rows ``offsets[e-1]:offsets[e]`` of ``x`` (M, K)
-    get ``x B[e]^T`` (B (E, r, K)); rows past ``offsets[-1]`` are zero. On CUDA half / bfloat16
-    one grouped launch (no host sync: CUDA graphs can capture it), elsewhere a loop over experts."""
-    _check_experts_projection(x, offsets, B)
+    get ``x B[e]^T`` (B (E, r, K); with ``slots``, ``B[slots[e]]`` and zero where it is -1); rows
+    past ``offsets[-1]`` are zero. On CUDA half / bfloat16 one grouped launch (no host sync: CUDA
+    graphs can capture it), elsewhere a loop over experts."""
+    _check_experts_projection(x, offsets, B, slots)
     if _uses_kernels(x):
-        return launch_experts_projection(x, offsets, widen_factor(B, x))
+        return launch_experts_projection(x, offsets, widen_factor(B, x), slots=slots)
     out = x.new_zeros(x.shape[0], B.shape[1])
     ends = offsets.tolist()
+    rows = _expert_slots(len(ends), slots, B.shape[0])
     for e, (lo, hi) in enumerate(zip([0, *ends], ends)):
-        if hi > lo:
-            out[lo:hi] = F.linear(x[lo:hi], widen_factor(B[e], x))
+        if hi > lo and rows[e] >= 0:
+            out[lo:hi] = F.linear(x[lo:hi], widen_factor(B[rows[e]], x))
     return out
 
 
 @experts_projection.register_fake
-def _(x, offsets, B):
-    _check_experts_projection(x, offsets, B)
+def _(x, offsets, B, slots=None):
+    _check_experts_projection(x, offsets, B, slots)
     return x.new_empty(x.shape[0], B.shape[1])

@@ -39,6 +39,11 @@ class GroupReport:
     candidate_factor_bytes: int = 0  # bytes of the solved factors, stored or not
     restored: bool = True  # False: GlowQ-S left this group uncorrected
     member_gains: tuple[float, ...] = ()  # whitened error each member's correction removes
+    # an experts row: each expert's GlowQ-S score (the error its correction removes on its own
+    # tokens times its routing frequency; their sum is restore_gain), and the experts whose
+    # correction GlowQ-S kept (None: all of them)
+    member_scores: tuple[float, ...] = ()
+    corrected_experts: int | None = None
     quantize_time_s: float = 0.0  # the base quantizer (RTN or GPTQ) over the members
     whitening_time_s: float = 0.0  # the eigendecomposition of S, part of solve_time_s
 
@@ -134,11 +139,19 @@ class QuantizationReport:
                 f"GlowQ-S ({self.config.selective!r}): corrections kept for {len(kept)} of {len(self.groups)} "
                 f"groups, {self.total('factor_bytes'):,} of {self.total('candidate_factor_bytes'):,} factor bytes"
             )
-            if self.selection is not None:
-                curve = self.selection["curve"]
-                lines.append(f"  knee of the calibration loss ({self.selection['curve_tokens']} tokens): "
+            sel = self.selection or {}
+            if "curve" in sel:
+                curve = sel["curve"]
+                lines.append(f"  knee of the calibration loss ({sel['curve_tokens']} tokens): "
                              f"{curve[0]['loss']:.4f} with none, {curve[-1]['loss']:.4f} with all corrections, "
-                             f"kept the best {self.selection['kept']}")
+                             f"kept the best {sel['kept']}")
+            per = sel.get("per_expert")
+            if per:
+                loss = (f"; calibration loss {per['loss']:.4f} with them dropped, {per['loss_at_knee']:.4f} at the knee"
+                        if "loss" in per else "")
+                lines.append(f"  per expert: the factors of {per['dropped']} of {per['experts']} experts in the kept "
+                             f"corrections dropped (their usage-weighted gain per byte below the kept units' lowest), "
+                             f"{per['bytes_saved']:,} bytes{loss}")
         if self.skipped:
             lines.append("not quantized: " + "; ".join(f"{k}: {v}" for k, v in self.skipped.items()))
         return "\n".join(lines)

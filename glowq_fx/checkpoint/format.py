@@ -78,6 +78,8 @@ def describe(model: nn.Module, prefix: str | None = None) -> dict:
                 weights[w] = {"in_features": q.in_features, "out_features": q.out_features,
                               "group_size": q.group_size, "rank": q.rank, "bias": q.bias is not None,
                               "projection": projection_key(q.projection)}
+                if q.factor_slots is not None:  # GlowQ-S kept some experts' factors: A (and B) hold theirs
+                    weights[w]["corrected_experts"] = q.A.shape[0]
             experts[name] = {"protocol": layout_record(m.glowq_protocol), "weights": weights}
         elif isinstance(m, Int8Linear):
             int8_linears[name] = {"in_features": m.in_features, "out_features": m.out_features,
@@ -261,9 +263,16 @@ def _plan_experts(name: str, rec: dict, module: nn.Module | None, header: dict, 
         if wrec["bias"]:
             expected[f"{key}.bias"] = (E, N)
         if r:
-            expected[f"{key}.A"] = (E, N, r)
+            kept = wrec.get("corrected_experts")
+            if kept is not None and not (isinstance(kept, int) and 0 < kept < E):
+                raise CheckpointError(f"{key}: corrected_experts={kept!r} is not a number of its {E} experts between 1 "
+                                      f"and {E - 1} (the description is corrupted)")
+            held = E if kept is None else kept
+            expected[f"{key}.A"] = (held, N, r)
             if wrec["projection"] is None:
-                expected[f"{key}.B"] = (E, r, K)
+                expected[f"{key}.B"] = (held, r, K)
+            if kept is not None:
+                expected[f"{key}.factor_slots"] = (E,)
     return replaced
 
 
@@ -388,10 +397,15 @@ def _empty_experts(module: nn.Module, name: str, rec: dict, header: dict, projec
         q = QuantizedExpertWeights.stacked(empty(f"{key}.qweight"), empty(f"{key}.scales"), empty(f"{key}.zeros"),
                                            wrec["in_features"], empty(f"{key}.bias") if wrec["bias"] else None)
         if wrec["rank"]:
+            kept = wrec.get("corrected_experts")
+            # the first `kept` experts stand in until the loader reads the recorded factor_slots
+            experts = None if kept is None else torch.arange(q.num_experts, device="cpu") < kept
             if wrec["projection"] is not None:
-                q.set_correction(empty(f"{key}.A"), projection=projections[wrec["projection"]])
+                q.set_correction(empty(f"{key}.A"), projection=projections[wrec["projection"]], experts=experts)
             else:
-                q.set_correction(empty(f"{key}.A"), B=empty(f"{key}.B"))
+                q.set_correction(empty(f"{key}.A"), B=empty(f"{key}.B"), experts=experts)
+            if kept is not None:
+                q.factor_slots = empty(f"{key}.factor_slots")
         weights[w] = q
     return quantized_experts(module, weights, layout_from_record(rec["protocol"]))
 
@@ -492,6 +506,23 @@ def install_quantized(model: nn.Module, meta: dict, header: dict, device: str | 
                                            if f"{name}.{k}" in header}, device)
         replace_module(model, name, table)
     tie_tables(model, meta)
+
+
+def check_factor_slots(model: nn.Module) -> None:
+    """After loading: every experts weight's ``factor_slots`` number its rows of ``A`` in expert
+    order (-1 for the others), or ``CheckpointError``: a kernel would read past ``A`` otherwise."""
+    for name, m in model.named_modules():
+        slots = getattr(m, "factor_slots", None)
+        if slots is None or not isinstance(m, QuantizedExpertWeights):
+            continue
+        kept = slots >= 0
+        n = int(kept.sum())
+        expected = torch.arange(n, dtype=slots.dtype, device=slots.device)
+        if (m.A is None or n != m.A.shape[0] or not torch.equal(slots[kept], expected)
+                or bool((slots[~kept] != -1).any())):
+            raise CheckpointError(f"{name}.factor_slots {slots.tolist()} do not number the "
+                                  f"{None if m.A is None else m.A.shape[0]} experts' factors of A in order (-1 for "
+                                  "the experts without one): the checkpoint is corrupted")
 
 
 def tie_tables(model: nn.Module, meta: dict) -> None:

@@ -36,6 +36,7 @@ from glowq_fx.checkpoint.format import (
     FORMAT_VERSION,
     META_FILE,
     alias_keys,
+    check_factor_slots,
     describe,
     file_dtype,
     hf_quantization_config,
@@ -210,6 +211,7 @@ def load_quantized(directory: str | Path, model: nn.Module | None = None, *,
     for tensors in iter_shards(directory, shards, device):  # one shard's tensors at a time
         tensors.update({alias: tensors[target] for alias, target in meta["aliases"].items() if target in tensors})
         model.load_state_dict(tensors, strict=False)  # _plan checked that the shards cover the state exactly
+    check_factor_slots(model)
     from glowq_fx.checkpoint.transformers import attach
 
     attach(model, meta.get("config"))

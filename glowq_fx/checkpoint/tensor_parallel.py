@@ -28,7 +28,9 @@ the ``B`` the experts share with the block's other readers stays whole on every 
 runs its experts on the batch, the other ranks' routes masked, and transformers' all-reduce sums
 them (``AllReduceEP``), as for the float model. After loading, the split tensors are held as the
 rank's local tensors, so the experts' forward needs no DTensor; such a model is not saved (each
-rank holds part of the experts).
+rank holds part of the experts). Where GlowQ-S kept the factors of some experts only (``A`` and
+``B`` hold their rows, ``factor_slots`` maps each expert to its row), the map is split by expert
+and the factors are read whole, each rank then keeping its own experts' rows.
 
 Quantized embedding tables (and a head tied to one), and quantized experts that the tensor plan
 (not an expert plan) names, are kept whole on every rank, with a warning: a vocab-split lookup of
@@ -43,7 +45,7 @@ from glowq_fx.checkpoint.shards import CheckpointError
 from glowq_fx.errors import warn
 from glowq_fx.kernels.layout import group_size_of
 from glowq_fx.modules.embedding import QuantizedEmbedding
-from glowq_fx.modules.experts import QuantizedExperts
+from glowq_fx.modules.experts import QuantizedExperts, QuantizedExpertWeights
 from glowq_fx.modules.int8_linear import Int8Linear
 from glowq_fx.modules.linear import QuantizedLinear, SharedProjection
 
@@ -113,7 +115,10 @@ def split_quantized_experts(model: nn.Module, plan: dict[str, str], ep_size: int
                                   f"{layout.num_experts}")
         for weight in layout.weights:
             child = module.quantized_weights(weight)
-            names = [t for t in EXPERT_TENSORS if getattr(child, t, None) is not None]
+            # A (and B) holding the corrected experts' rows only are read whole, as buffers, with the
+            # map; each rank keeps its experts' rows after loading (localize_split_experts)
+            whole = ("A", "B") if child.factor_slots is not None else ()
+            names = [t for t in EXPERT_TENSORS if getattr(child, t, None) is not None and t not in whole]
             _as_parameters(child, names)
             rules.update({f"{key}.{weight}.{t}": EXPERT_STYLE for t in names})
         module.num_experts = layout.num_experts // ep_size  # the dispatch reads the local count from here
@@ -132,12 +137,35 @@ def localize_split_experts(model: nn.Module) -> None:
             continue
         for weight in module.glowq_protocol.weights:
             child = module.quantized_weights(weight)
+            codes = child._parameters["qweight"]
+            # this rank's place among the expert-parallel ranks: it holds experts [p E_local, (p+1) E_local)
+            place = codes.device_mesh.get_local_rank() if hasattr(codes, "device_mesh") else 0
             for key in EXPERT_TENSORS:
                 t = child._parameters.pop(key, None)
                 if t is not None:
                     local = t.to_local() if hasattr(t, "to_local") else t
                     child.register_buffer(key, local.detach())
             child.num_experts = child.qweight.shape[0]
+            if child.factor_slots is not None:
+                _keep_local_factor_rows(child, place)
+
+
+def _keep_local_factor_rows(child: QuantizedExpertWeights, place: int) -> None:
+    """A split experts weight whose ``A`` (and ``B``) hold the corrected experts' rows, read whole
+    with their map ``factor_slots`` over every expert: keep the rows of this rank's experts, the
+    ``place``-th run of ``num_experts`` (now local)."""
+    E = child.num_experts
+    slots, held = child.factor_slots[place * E:(place + 1) * E], child.A.shape[0]
+    if bool(((child.factor_slots < -1) | (child.factor_slots >= held)).any()):
+        raise CheckpointError(f"factor_slots {child.factor_slots.tolist()} point past the {held} experts' factors "
+                              "of A: the checkpoint is corrupted")
+    kept = slots >= 0
+    if not bool(kept.any()):  # none of this rank's experts is corrected
+        child.set_correction(None)
+        return
+    rows = slots[kept].long()
+    child.set_correction(child.A[rows], projection=child.projection, B=None if child.B is None else child.B[rows],
+                         experts=kept)
 
 
 def generic_name(name: str) -> str:

@@ -26,6 +26,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from glowq_fx.checkpoint.format import (
     FORMAT_VERSION,
     META_FILE,
+    check_factor_slots,
     hf_quantization_config,
     in_dtype,
     install_quantized,
@@ -126,6 +127,7 @@ class GlowQHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         tie_tables(model, self._meta or {})
         localize_split_experts(model)
+        check_factor_slots(model)
         use_cpu_kernels(model)  # the CPU kernel's layout is made here, for this machine
         return model.eval()
 

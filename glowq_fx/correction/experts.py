@@ -49,6 +49,16 @@ def refit_left(E: Tensor, B: Tensor, S: Tensor, shrinkage: float = 0.0) -> Tenso
     return A.to(E.dtype)
 
 
+def removed_error(A: Tensor, B: Tensor, E: Tensor, S: Tensor) -> float:
+    """``tr(E S E^T) - tr((E - A B) S (E - A B)^T)``, the whitened error the correction ``A B``
+    removes from ``E`` under ``S``, as ``2 <A, E S B^T> - <A^T A, B S B^T>`` (float64): products
+    with the rank-``r`` factors, never an (out, in) x (in, in) one."""
+    A64, B64 = A.double(), B.to(device=A.device, dtype=torch.float64)
+    SB = S.to(device=A.device, dtype=torch.float64) @ B64.T  # (in, r)
+    return float(2 * (A64 * (E.to(device=A.device, dtype=torch.float64) @ SB)).sum()
+                 - ((A64.T @ A64) * (B64 @ SB)).sum())
+
+
 def experts_lowrank(errors: Sequence[Tensor], S: Tensor, rank: int, *, usage: Sequence[float] | None = None,
                     refit: Sequence[Tensor | None] | None = None, shrinkage: float = 0.05,
                     method: str = "glowq", **solve_kwargs) -> LowRankCorrection:

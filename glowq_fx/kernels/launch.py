@@ -264,11 +264,13 @@ def gemv_projected(x2: Tensor, qweights, scales, zeros, biases, As, B: Tensor, y
 
 def launch_w4a16_experts(x: Tensor, offsets: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor,
                          bias: Optional[Tensor], A: Optional[Tensor], R: Optional[Tensor],
-                         out: Optional[Tensor] = None, block_m: Optional[int] = None) -> Tensor:
+                         out: Optional[Tensor] = None, block_m: Optional[int] = None,
+                         slots: Optional[Tensor] = None) -> Tensor:
     """The grouped experts kernel (``kernels.w4a16_experts``) on rows sorted by expert (checked by
     the caller): one launch for every expert, the output zero-filled first (rows past the last
-    offset stay zero). ``block_m`` forces the rows per tile (default ``experts_block_m``).
-    Works on CPU tensors under ``TRITON_INTERPRET=1``."""
+    offset stay zero). ``block_m`` forces the rows per tile (default ``experts_block_m``);
+    ``slots`` (E,) each expert's row of ``A`` (-1: no correction). Works on CPU tensors under
+    ``TRITON_INTERPRET=1``."""
     from glowq_fx.kernels import w4a16 as dense
     from glowq_fx.kernels import w4a16_experts as kernels
 
@@ -282,34 +284,39 @@ def launch_w4a16_experts(x: Tensor, offsets: Tensor, qweight: Tensor, scales: Te
     block_m = block_m or kernels.experts_block_m(M, E)
     tile_ends = _expert_tile_ends(offsets, block_m)
     has_a = A is not None
-    dummy = scales  # a pointer for absent bias / A
+    has_slots = has_a and slots is not None
+    dummy = scales  # a pointer for absent bias / A / slots
     wrap_triton(kernels.experts_kernel)[lambda meta: (_cdiv(M, block_m) + E, _cdiv(N, meta["BLOCK_N"]))](
         x, R if has_a else x, offsets.to(torch.int32), tile_ends, x.stride(0), R.stride(0) if has_a else 0, K, N,
         R.shape[1] if has_a else 0, E, qweight, scales, zeros, A if has_a else dummy,
-        bias if bias is not None else dummy, y, qweight.stride(0), scales.stride(0), A.stride(0) if has_a else 0,
-        GROUP_SIZE=group_size_of(qweight[0], scales[0]), HAS_A=has_a, HAS_BIAS=bias is not None, BLOCK_M=block_m,
-        UPCAST_DOT=dense.interpreting() and x.dtype == torch.bfloat16)
+        slots.to(torch.int32) if has_slots else tile_ends, bias if bias is not None else dummy, y,
+        qweight.stride(0), scales.stride(0), A.stride(0) if has_a else 0,
+        GROUP_SIZE=group_size_of(qweight[0], scales[0]), HAS_A=has_a, HAS_SLOTS=has_slots, HAS_BIAS=bias is not None,
+        BLOCK_M=block_m, UPCAST_DOT=dense.interpreting() and x.dtype == torch.bfloat16)
     return y
 
 
 def launch_experts_projection(x: Tensor, offsets: Tensor, B: Tensor, out: Optional[Tensor] = None,
-                              block_m: Optional[int] = None) -> Tensor:
+                              block_m: Optional[int] = None, slots: Optional[Tensor] = None) -> Tensor:
     """``R`` of rows sorted by expert, each expert's rows times its own ``B_e^T`` (``B`` (E, r, K),
-    checked by the caller), in one launch of ``kernels.w4a16_experts.projection_kernel``; rows
-    past the last offset are zero. Works on CPU tensors under ``TRITON_INTERPRET=1``."""
+    checked by the caller; with ``slots`` (E,) expert ``e``'s is ``B[slots[e]]``, none where -1), in
+    one launch of ``kernels.w4a16_experts.projection_kernel``; rows past the last offset, and those
+    of an expert without ``B``, are zero. Works on CPU tensors under ``TRITON_INTERPRET=1``."""
     from glowq_fx.kernels import w4a16 as dense
     from glowq_fx.kernels import w4a16_experts as kernels
 
     M, K = x.shape
-    E, rank = B.shape[0], B.shape[1]
+    E, rank = offsets.shape[0], B.shape[1]
     R = x.new_zeros(M, rank) if out is None else out.zero_()
     if M == 0 or rank == 0:
         return R
     x, B = _dense(x), _dense(B)
     block_m = block_m or kernels.experts_block_m(M, E)
+    tile_ends = _expert_tile_ends(offsets, block_m)
     wrap_triton(kernels.projection_kernel)[lambda meta: (_cdiv(M, block_m) + E, _cdiv(rank, meta["BLOCK_R"]))](
-        x, B, offsets.to(torch.int32), _expert_tile_ends(offsets, block_m), R, x.stride(0), R.stride(0), K, rank, E,
-        B.stride(0), BLOCK_M=block_m, UPCAST_DOT=dense.interpreting() and x.dtype == torch.bfloat16)
+        x, B, offsets.to(torch.int32), tile_ends, slots.to(torch.int32) if slots is not None else tile_ends, R,
+        x.stride(0), R.stride(0), K, rank, E, B.stride(0), HAS_SLOTS=slots is not None, BLOCK_M=block_m,
+        UPCAST_DOT=dense.interpreting() and x.dtype == torch.bfloat16)
     return R
 
 

@@ -8,7 +8,9 @@ one expert's rows: the launcher numbers every expert's row tiles one after anoth
 need (``cdiv(M, BLOCK_M) + E``), so no count is read back to the host; a program past the last
 tile returns at once, and an expert with no rows has no tile. The epilogue adds the expert's
 correction ``R A_e^T`` (``R``: the rows of the shared projection) and bias, as the dense GEMM
-does; rows past ``offsets[-1]`` are never written (the launcher zero-fills the output).
+does; rows past ``offsets[-1]`` are never written (the launcher zero-fills the output). Where
+GlowQ-S kept the correction of some experts only, ``A`` holds those experts' factors and
+``SLOTS[e]`` is expert ``e``'s row of it (-1: none, its tile skips the epilogue).
 
 The experts' own right factors (``B`` (E, r, K), for weights that read each expert's own
 intermediate) get the same tiling: ``R`` of each expert's rows is ``x B_e^T``, one launch, where a
@@ -40,8 +42,8 @@ def _expert_tile(pid_t, OFFSETS, TILE_ENDS, E, BLOCK_M: tl.constexpr):
 @triton.jit
 def _w4a16_experts_kernel(
     X, R, OFFSETS, TILE_ENDS, stride_xm, stride_rm, K, N, RANK, E,
-    W, S, Z, A, BIAS, Y, stride_we, stride_se, stride_ae,
-    GROUP_SIZE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
+    W, S, Z, A, SLOTS, BIAS, Y, stride_we, stride_se, stride_ae,
+    GROUP_SIZE: tl.constexpr, HAS_A: tl.constexpr, HAS_SLOTS: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
 ):
@@ -54,8 +56,12 @@ def _w4a16_experts_kernel(
         acc = w4a16_tile(X, W + e * stride_we, S + e * stride_se, Z + e * stride_se, offs_m, mask_m, offs_n, mask_n,
                          stride_xm, K, N, GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST_DOT)
         if HAS_A:
-            acc = low_rank_epilogue(acc, R, A + e * stride_ae, offs_m, mask_m, offs_n, mask_n, stride_rm, RANK,
-                                    BLOCK_R, UPCAST_DOT)
+            slot = e
+            if HAS_SLOTS:  # A holds the corrected experts only: this one's row, or -1
+                slot = tl.load(SLOTS + e)
+            if slot >= 0:
+                acc = low_rank_epilogue(acc, R, A + slot * stride_ae, offs_m, mask_m, offs_n, mask_n, stride_rm, RANK,
+                                        BLOCK_R, UPCAST_DOT)
         if HAS_BIAS:
             acc += tl.load(BIAS + e * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         tl.store(Y + offs_m[:, None] * N + offs_n[None, :], acc.to(Y.dtype.element_ty),
@@ -64,15 +70,19 @@ def _w4a16_experts_kernel(
 
 @triton.jit
 def _experts_projection_kernel(
-    X, B, OFFSETS, TILE_ENDS, R, stride_xm, stride_rm, K, RANK, E, stride_be,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    X, B, OFFSETS, TILE_ENDS, SLOTS, R, stride_xm, stride_rm, K, RANK, E, stride_be,
+    HAS_SLOTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
 ):
     # R[rows of e] = x[rows of e] B_e^T: one (BLOCK_M, BLOCK_R) tile of one expert's rows per
     # program, numbered as the experts kernel numbers its tiles (no count read back to the host)
     pid_t = tl.program_id(0)
     pid_r = tl.program_id(1)
     e, offs_m, mask_m = _expert_tile(pid_t, OFFSETS, TILE_ENDS, E, BLOCK_M)
-    if e < E:
+    slot = e
+    if HAS_SLOTS:  # B holds the corrected experts only: this one's row, or -1 (its rows stay zero)
+        slot = tl.load(SLOTS + e, mask=e < E, other=-1)
+    if (e < E) & (slot >= 0):
         offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
         mask_r = offs_r < RANK
         acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
@@ -81,8 +91,8 @@ def _experts_projection_kernel(
             mask_k = kk < K
             a = tl.load(X + offs_m[:, None] * stride_xm + kk[None, :], mask=mask_m[:, None] & mask_k[None, :],
                         other=0.0)
-            bt = tl.load(B + e * stride_be + offs_r[None, :] * K + kk[:, None], mask=mask_k[:, None] & mask_r[None, :],
-                         other=0.0)  # (BLOCK_K, BLOCK_R): B_e^T
+            bt = tl.load(B + slot * stride_be + offs_r[None, :] * K + kk[:, None],
+                         mask=mask_k[:, None] & mask_r[None, :], other=0.0)  # (BLOCK_K, BLOCK_R): B_e^T
             if UPCAST_DOT:
                 a = a.to(tl.float32)
                 bt = bt.to(tl.float32)

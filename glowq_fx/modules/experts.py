@@ -47,6 +47,9 @@ class QuantizedExpertWeights(nn.Module):
         A: (E, N, r) in the factor dtype, or None.
         B: (E, r, K): each expert's own right factor, or None when the experts share the group's
             ``projection`` (a reference, registered once on the common ancestor as for linears).
+        factor_slots: int32 (E,) or None. Where GlowQ-S kept the correction of some experts only,
+            ``A`` (and ``B``) hold those experts' factors, (E_kept, ...), and ``factor_slots[e]`` is
+            expert ``e``'s row of them (-1: it runs uncorrected); None: every expert has its row.
     """
 
     def __init__(self, packed: list[PackedW4], bias: Tensor | None = None):
@@ -83,6 +86,7 @@ class QuantizedExpertWeights(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().to(scales.dtype).clone())
         self.register_buffer("A", None)
         self.register_buffer("B", None)
+        self.register_buffer("factor_slots", None)
         object.__setattr__(self, "projection", None)
 
     @property
@@ -93,19 +97,40 @@ class QuantizedExpertWeights(nn.Module):
     def rank(self) -> int:
         return 0 if self.A is None else self.A.shape[-1]
 
+    @property
+    def corrected_experts(self) -> Tensor | None:
+        """bool (E,): the experts with a correction (None without one)."""
+        if self.A is None:
+            return None
+        if self.factor_slots is None:
+            return torch.ones(self.num_experts, dtype=torch.bool, device=self.A.device)
+        return self.factor_slots >= 0
+
     def set_correction(self, A: Tensor | None, *, projection: SharedProjection | None = None,
-                       B: Tensor | None = None) -> None:
+                       B: Tensor | None = None, experts: Tensor | None = None) -> None:
         """Attach ``A`` (E, N, r) with either the group's shared ``projection`` or the experts' own
-        ``B`` (E, r, K); ``(None)`` removes the correction."""
+        ``B`` (E, r, K); ``(None)`` removes the correction. ``experts`` (bool (E,)) corrects those
+        experts only: ``A`` and ``B`` then hold their factors, in expert order (E_kept, ...)."""
         if A is None:
-            if projection is not None or B is not None:
-                raise ValueError("a projection or B without A")
-            self.A, self.B = None, None
+            if projection is not None or B is not None or experts is not None:
+                raise ValueError("a projection, B or experts without A")
+            self.A, self.B, self.factor_slots = None, None, None
             object.__setattr__(self, "projection", None)
             return
         if (projection is None) == (B is None):
             raise ValueError("give A either the shared projection or each expert's own B, not both or neither")
         E, N, K = self.num_experts, self.out_features, self.in_features
+        slots = None
+        if experts is not None:
+            if experts.dtype != torch.bool or tuple(experts.shape) != (E,):
+                raise ValueError(f"experts must be a bool mask of the {E} experts, got {experts.dtype} "
+                                 f"{tuple(experts.shape)}")
+            kept = int(experts.sum())
+            if kept == 0:
+                raise ValueError("experts corrects no expert: remove the correction with set_correction(None)")
+            if kept < E:  # each kept expert's row (its rank among the kept ones), -1 for the others
+                slots = torch.where(experts, experts.cumsum(0) - 1, -1).to(device=A.device, dtype=torch.int32)
+            E = kept
         r = projection.rank if projection is not None else B.shape[1]
         if tuple(A.shape) != (E, N, r) or not A.is_floating_point():
             raise ValueError(f"A must be floating point ({E}, {N}, {r}), got {A.dtype} {tuple(A.shape)}")
@@ -115,7 +140,31 @@ class QuantizedExpertWeights(nn.Module):
             raise ValueError(f"B must be floating point ({E}, {r}, {K}), got {B.dtype} {tuple(B.shape)}")
         self.A = A.contiguous()
         self.B = None if B is None else B.contiguous()
+        self.factor_slots = slots
         object.__setattr__(self, "projection", projection)
+
+    def keep_experts(self, experts: Tensor) -> None:
+        """Keep the correction of ``experts`` (bool (E,), a subset of those corrected now) only,
+        dropping the other experts' rows of ``A`` (and ``B``): GlowQ-S per expert."""
+        held = self.corrected_experts
+        if held is None:
+            raise ValueError("keep_experts needs a corrected weight; this one has no correction")
+        experts = experts.to(device=held.device, dtype=torch.bool)
+        if tuple(experts.shape) != tuple(held.shape) or bool((experts & ~held).any()):
+            raise ValueError(f"keep_experts takes a bool mask of the {self.num_experts} experts within those corrected "
+                             f"now ({int(held.sum())}), got {tuple(experts.shape)}")
+        rows = experts[held]  # which of the held rows stay
+        if not bool(experts.any()):
+            self.set_correction(None)
+            return
+        self.set_correction(self.A[rows], projection=self.projection, B=None if self.B is None else self.B[rows],
+                            experts=experts)
+
+    def _slot(self, e: int) -> int:
+        """Expert ``e``'s row of ``A`` / ``B`` (-1: uncorrected)."""
+        if self.A is None:
+            return -1
+        return e if self.factor_slots is None else int(self.factor_slots[e])
 
     def project(self, x: Tensor) -> Tensor | None:
         """``R = B x`` for all tokens when the experts share ``B`` (else None: each expert's own)."""
@@ -123,9 +172,12 @@ class QuantizedExpertWeights(nn.Module):
 
     def expert(self, e: int, x: Tensor, R: Tensor | None = None) -> Tensor:
         """Expert ``e`` on its rows ``x`` (n, K); ``R`` the rows of the shared projection."""
-        A = None if self.A is None else self.A[e]
-        if A is not None and R is None:
-            R = ops.shared_projection(x, self.B[e])
+        slot = self._slot(e)
+        A = None if slot < 0 else self.A[slot]
+        if A is None:
+            R = None
+        elif R is None:
+            R = ops.shared_projection(x, self.B[slot])
         bias = None if self.bias is None else self.bias[e]
         return ops.w4a16_linear(x, self.qweight[e], self.scales[e], self.zeros[e], bias, A, R)
 
@@ -133,8 +185,9 @@ class QuantizedExpertWeights(nn.Module):
         """Every expert on rows sorted by expert (``offsets``: each expert's end row); ``R`` the
         rows of the shared projection (each expert's own ``B`` is applied here)."""
         if self.A is not None and R is None:
-            R = ops.experts_projection(x, offsets, self.B)
-        return ops.w4a16_experts(x, offsets, self.qweight, self.scales, self.zeros, self.bias, self.A, R)
+            R = ops.experts_projection(x, offsets, self.B, self.factor_slots)
+        return ops.w4a16_experts(x, offsets, self.qweight, self.scales, self.zeros, self.bias, self.A, R,
+                                 self.factor_slots)
 
     def dequantized_weight(self, e: int, dtype: torch.dtype | None = None) -> Tensor:
         """``W_q`` of expert ``e`` (out, in), without the correction."""
@@ -142,8 +195,9 @@ class QuantizedExpertWeights(nn.Module):
         return dequantize_packed(q, s, z, group_size_of(q, s), self.in_features, dtype or s.dtype)
 
     def extra_repr(self) -> str:
+        corrected = "" if self.factor_slots is None else f", corrected_experts={int((self.factor_slots >= 0).sum())}"
         return (f"experts={self.num_experts}, in_features={self.in_features}, out_features={self.out_features}, "
-                f"group_size={self.group_size}, rank={self.rank}, shared_B={self.projection is not None}")
+                f"group_size={self.group_size}, rank={self.rank}, shared_B={self.projection is not None}{corrected}")
 
 
 class QuantizedExperts(nn.Module):
@@ -252,7 +306,8 @@ class QuantizedWeightsView(ExpertWeightsView):
     def dense(self, e: int) -> Tensor:
         w = self.weights
         W = w.dequantized_weight(e, self.dtype)
-        if w.A is not None:
-            B = w.projection.B if w.projection is not None else w.B[e]
-            W = W + (w.A[e].to(torch.float32) @ B.to(torch.float32)).to(self.dtype)
+        slot = w._slot(e)
+        if slot >= 0:
+            B = w.projection.B if w.projection is not None else w.B[slot]
+            W = W + (w.A[slot].to(torch.float32) @ B.to(torch.float32)).to(self.dtype)
         return W if self.traced.stored_out_in else W.T

@@ -62,12 +62,12 @@ def attach_correction(model: nn.Module, members: Sequence[str], B: Tensor,
     projection (None for each expert's own)."""
     if B.dim() == 3:
         (name,), (A,) = members, As
-        _correctable(model, name).set_correction(A, B=B)
+        correctable(model, name).set_correction(A, B=B)
         return None
     projection = SharedProjection(B, tuple(members))
     register_projection(model, projection)
     for name, A in zip(members, As, strict=True):
-        _correctable(model, name).set_correction(A, projection=projection)
+        correctable(model, name).set_correction(A, projection=projection)
     return projection
 
 
@@ -75,14 +75,15 @@ def detach_correction(model: nn.Module, members: Sequence[str]) -> None:
     """Undo ``attach_correction``: the members lose their correction, the projection leaves the tree."""
     shared = False
     for name in members:
-        module = _correctable(model, name)
+        module = correctable(model, name)
         shared = shared or module.projection is not None
         module.set_correction(None, projection=None)
     if shared:
         remove_projection(model, members)
 
 
-def _correctable(model: nn.Module, name: str) -> QuantizedLinear | QuantizedExpertWeights:
+def correctable(model: nn.Module, name: str) -> QuantizedLinear | QuantizedExpertWeights:
+    """The quantized linear or experts weight ``name`` whose correction can be set."""
     parent, _, child = name.rpartition(".")
     # the registered child, not the attribute: a traced experts module shows its weight through a view
     module = (model.get_submodule(parent) if parent else model)._modules.get(child)

@@ -56,7 +56,13 @@ from glowq_fx.quant import quantization_error
 from glowq_fx.quantize.experts import experts_statistics, find_experts, joined_groups, quantize_experts
 from glowq_fx.registry import CORRECTIONS, QUANTIZERS
 from glowq_fx.report import GroupReport, QuantizationReport
-from glowq_fx.selective.policy import apply_selection, attach_group, check_auto_batches, detach_group
+from glowq_fx.selective.policy import (
+    apply_selection,
+    attach_group,
+    check_auto_batches,
+    detach_group,
+    drop_expert_corrections,
+)
 from passes.groups import GroupFilter, InputGroup
 
 
@@ -672,15 +678,18 @@ def _select(model: nn.Module, rows: list, factors: list, done: _Done, config: Gl
     row that follows a unit (another weight, or a dense group, sharing its ``B``) keeps its
     correction exactly when the unit does."""
     experts = done.experts
-    for row, unit in zip(experts.rows, experts.factors):
-        if unit:
-            detach_group(model, row, unit)
     by_name = {r.name: r for r in (*experts.rows, *(done.rows[g] for g in experts.joined))}
     kept = {name: (by_name[name].error_after, by_name[name].rank, by_name[name].factor_bytes)
             for names in experts.followers.values() for name in names}
+    own = {leader: by_name[leader].factor_bytes for leader in experts.followers}  # B and the leader's own A_e
+    for row, unit in zip(experts.rows, experts.factors):
+        if unit:
+            detach_group(model, row, unit)
     selection = apply_selection(model, [*rows, *experts.rows], [*factors, *experts.factors], config.selective,
                                 done.batches, progress)
     for leader, names in experts.followers.items():
+        if by_name[leader].restored:  # attach_group counted the whole unit's bytes, which its rows share
+            by_name[leader].factor_bytes = own[leader]
         for name in names:
             row = by_name[name]
             if by_name[leader].restored:
@@ -688,6 +697,11 @@ def _select(model: nn.Module, rows: list, factors: list, done: _Done, config: Gl
                 row.restored = True
             else:
                 row.error_after, row.rank, row.factor_bytes, row.restored = row.error_before, 0, 0, False
+    if config.selective is not None and config.expert_selection == "per-expert" and experts.rows:
+        per_expert = drop_expert_corrections(model, [*rows, *experts.rows], [*factors, *experts.factors],
+                                             done.batches, selection)
+        if per_expert is not None and per_expert["experts"]:
+            selection = {**(selection or {"policy": config.selective}), "per_expert": per_expert}
     return selection
 
 

@@ -11,6 +11,7 @@ alone, on its own intermediate), and swaps in a ``QuantizedExperts`` with the sa
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from collections.abc import Sequence
@@ -24,7 +25,7 @@ from glowq_fx.capture.experts import ExpertsProtocol, expert_weight, experts_pro
 from glowq_fx.capture.linears import linear_weight
 from glowq_fx.config import GlowQConfig
 from glowq_fx.correction.decompose import solve
-from glowq_fx.correction.experts import experts_lowrank
+from glowq_fx.correction.experts import experts_lowrank, removed_error
 from glowq_fx.kernels.layout import pack
 from glowq_fx.modules.experts import QuantizedExperts, QuantizedExpertWeights, quantized_experts
 from glowq_fx.modules.install import register_projection, replace_module
@@ -92,19 +93,21 @@ def _quantize(Ws: list[torch.Tensor], moments: list[torch.Tensor], config: GlowQ
     return [quantizer(W, S, config.quantization) for W, S in zip(Ws, moments)]
 
 
-def _row(name: str, E: int, Ws: list[torch.Tensor], weights: QuantizedExpertWeights, before: float, after: float,
-         quantize_s: float, solve_s: float, factor_bytes: int) -> GroupReport:
+def _row(name: str, E: int, Ws: list[torch.Tensor], weights: QuantizedExpertWeights, done: _Solved,
+         factor_bytes: int) -> GroupReport:
     err_sq = sum(
         float((W.double() - weights.dequantized_weight(e, torch.float64)).pow(2).sum()) for e, W in enumerate(Ws)
     )
     w_sq = sum(float(W.double().pow(2).sum()) for W in Ws)
     return GroupReport(
         name=name, members=tuple(f"{name}[{e}]" for e in range(E)), in_features=weights.in_features,
-        out_features=(weights.out_features,) * E, rank=weights.rank, error_before=before, error_after=after,
-        code_bytes=weights.qweight.nbytes, scale_bytes=weights.scales.nbytes + weights.zeros.nbytes,
-        factor_bytes=factor_bytes, dense_bytes=sum(W.numel() * W.element_size() for W in Ws), solve_time_s=solve_s,
-        weight_error=(err_sq / w_sq) ** 0.5 if w_sq else 0.0, restore_gain=before - after,
-        candidate_factor_bytes=factor_bytes, quantize_time_s=quantize_s)
+        out_features=(weights.out_features,) * E, rank=weights.rank, error_before=done.before,
+        error_after=done.after, code_bytes=weights.qweight.nbytes,
+        scale_bytes=weights.scales.nbytes + weights.zeros.nbytes, factor_bytes=factor_bytes,
+        dense_bytes=sum(W.numel() * W.element_size() for W in Ws), solve_time_s=done.solve_s,
+        weight_error=(err_sq / w_sq) ** 0.5 if w_sq else 0.0, restore_gain=sum(done.scores),
+        member_gains=tuple(done.gains), member_scores=tuple(done.scores), candidate_factor_bytes=factor_bytes,
+        quantize_time_s=done.quantize_s)
 
 
 @dataclass
@@ -118,6 +121,7 @@ class _WeightInputs:
     S_experts: list[torch.Tensor | None]  # each expert's own rows' (None: no token reached it)
     counts: list[int]
     bias: torch.Tensor | None
+    n_tokens: int  # tokens entering the block: expert e's routing frequency is counts[e] / n_tokens
 
 
 def _weight_inputs(module: nn.Module, stats) -> list[_WeightInputs]:
@@ -134,7 +138,7 @@ def _weight_inputs(module: nn.Module, stats) -> list[_WeightInputs]:
             out.append(_WeightInputs(
                 w, [expert_weight(module, w, e, p.is_transposed).detach() for e in range(E)], reads,
                 S if reads else None, moments if reads else [everyone if m is None else m for m in moments], counts,
-                getattr(module, f"{w}_bias") if p.has_bias else None))
+                getattr(module, f"{w}_bias") if p.has_bias else None, stats.S.n_tokens))
         return out
     layout = stats.layout()
     for t in layout.traced:
@@ -146,7 +150,7 @@ def _weight_inputs(module: nn.Module, stats) -> list[_WeightInputs]:
         out.append(_WeightInputs(
             t.name, [(param[e] if t.stored_out_in else param[e].T).detach() for e in range(layout.num_experts)],
             t.reads_input, stats.S.value() if t.reads_input else None, moments,
-            [int(c) for c in stats.counts[t.name]], None))
+            [int(c) for c in stats.counts[t.name]], None, stats.S.n_tokens))
     return out
 
 
@@ -212,14 +216,18 @@ def quantize_experts(model: nn.Module, name: str, stats, config: GlowQConfig, fa
             corrections = _corrections(w, qs, S, S_experts, config)
             before = sum(c.report.whitened_error_before for c in corrections)
             after = sum(c.report.whitened_error_after for c in corrections)
-            solved.append(_Solved(w, corrections, None, quantize_s, time.perf_counter() - t0, [], before, after))
+            # each expert's error measured on its own tokens: weighted by how often it is routed to
+            gains = [c.report.whitened_error_before - c.report.whitened_error_after for c in corrections]
+            scores = [g * c / w.n_tokens if w.n_tokens else 0.0 for g, c in zip(gains, w.counts)]
+            solved.append(_Solved(w, corrections, None, quantize_s, time.perf_counter() - t0, [], before, after,
+                                  gains=gains, scores=scores))
     replace_module(model, name, quantized_experts(module, weights, layout))
     rows, joined_rows = {}, {}
     for done in solved:
         target = weights[done.w.name]
         _install(model, target, done, config, factor_dtype)
-        rows[done.w.name] = _row(f"{name}.{done.w.name}", len(done.w.Ws), done.w.Ws, target, done.before,
-                                 done.after, done.quantize_s, done.solve_s, _factor_bytes(target))
+        rows[done.w.name] = _row(f"{name}.{done.w.name}", len(done.w.Ws), done.w.Ws, target, done,
+                                 _factor_bytes(target))
         if done.here:
             joined_rows = _joined_rows(model, joined, done.corrections[0].report, done.first_dense, done.here)
     units, followers = _selection_units(model, name, solved, weights, rows, joined_rows)
@@ -253,10 +261,10 @@ def _selection_units(model: nn.Module, name: str, solved: list, weights: dict, r
             leader, others = rows[done.w.name], [rows[d.w.name] for d in sharing[1:]]
             dense = [model.get_submodule(m) for m in done.projection.members[len(sharing):]]
             As = [weights[d.w.name].A for d in sharing] + [linear.A for linear in dense]
-            leader.candidate_factor_bytes = leader.factor_bytes = (done.projection.B.nbytes
-                                                                   + sum(A.nbytes for A in As))
-            leader.restore_gain = sum(r.error_before - r.error_after for r in (leader, *others)) + sum(
-                r.restore_gain for r in joined_rows.values())
+            # ranked on the whole unit's bytes; stored: B and its own A_e (the others' rows count theirs)
+            leader.candidate_factor_bytes = done.projection.B.nbytes + sum(A.nbytes for A in As)
+            leader.factor_bytes = done.projection.B.nbytes + target.A.nbytes
+            leader.restore_gain = sum(r.restore_gain for r in (leader, *others, *joined_rows.values()))
             for d in sharing[1:]:  # ranked with the first weight's row, and their B counted there
                 rows[d.w.name].candidate_factor_bytes, rows[d.w.name].factor_bytes = 0, weights[d.w.name].A.nbytes
             for r in joined_rows.values():
@@ -281,6 +289,11 @@ class _Solved:
     after: float
     first: int = 0  # where its experts' members start in a shared correction
     first_dense: int = 0  # where the dense members start in it
+    gains: list[float] = dataclasses.field(default_factory=list)  # each expert's share of before - after
+    # GlowQ-S's score of each expert's correction: the whitened error it removes on the expert's own
+    # tokens times the expert's routing frequency, in the units of a dense group's gain (the mean
+    # output error over every token entering the block)
+    scores: list[float] = dataclasses.field(default_factory=list)
 
 
 def _rank(config: GlowQConfig) -> int:
@@ -316,11 +329,18 @@ def _shared_correction(name: str, sharing: list, here: list, stats, config: Glow
     projection = SharedProjection(correction.B[0].to(factor_dtype), members)
     solve_s = time.perf_counter() - t0
     report, solved, first = correction.report, [], 0
-    for i, (w, _, _, _, quantize_s) in enumerate(sharing):
+    B = correction.B[0]
+    for i, (w, _, _, S_experts, quantize_s) in enumerate(sharing):
         E = len(w.Ws)
+        gains = [b - a for b, a in zip(report.member_errors_before[first:first + E],
+                                       report.member_errors_after[first:first + E])]
+        scores = [0.0 if S_e is None or not w.n_tokens else c / w.n_tokens * removed_error(A, B, E_, S_e)
+                  for A, E_, S_e, c in zip(correction.A[first:first + E], errors[first:first + E], S_experts,
+                                           w.counts)]
         solved.append(_Solved(w, [correction], projection, quantize_s, solve_s if i == 0 else 0.0,
                               here if i == 0 else [], sum(report.member_errors_before[first:first + E]),
-                              sum(report.member_errors_after[first:first + E]), first, len(errors) - len(here)))
+                              sum(report.member_errors_after[first:first + E]), first, len(errors) - len(here),
+                              gains=gains, scores=scores))
         first += E
     return solved
 

@@ -34,10 +34,13 @@ class Corrections:
         for name, m in model.named_modules():
             if not isinstance(m, (QuantizedLinear, QuantizedExpertWeights)) or m.A is None:
                 continue
+            # an experts weight whose correction GlowQ-S kept for some experts only: those experts
+            experts = m.corrected_experts if getattr(m, "factor_slots", None) is not None else None
             if m.projection is not None:
-                units.setdefault(id(m.projection), (m.projection.members, m.projection, []))[2].append((m, m.A, None))
+                units.setdefault(id(m.projection), (m.projection.members, m.projection, []))[2].append(
+                    (m, m.A, None, experts))
             else:  # an experts weight with each expert's own B: a unit of its own
-                units[id(m)] = ((name,), None, [(m, m.A, m.B)])
+                units[id(m)] = ((name,), None, [(m, m.A, m.B, experts)])
         if not units:
             raise ValueError("the model has no low-rank corrections to select from: quantize it with a correcting "
                              "method (glowq, qera, lqer, svd) and selective=None")
@@ -57,13 +60,13 @@ class Corrections:
 
     def modules(self, name: str) -> list[nn.Module]:
         """The unit's quantized modules (``QuantizedLinear``s, experts weights), in member order."""
-        return [module for module, _, _ in self._units[name][2]]
+        return [module for module, *_ in self._units[name][2]]
 
     def nbytes(self, name: str) -> int:
         """Bytes of the unit's factors (its ``B`` and every member's ``A_i``)."""
         _, projection, held = self._units[name]
         shared = 0 if projection is None else projection.B.nbytes
-        return shared + sum(A.nbytes + (0 if B is None else B.nbytes) for _, A, B in held)
+        return shared + sum(A.nbytes + (0 if B is None else B.nbytes) for _, A, B, _ in held)
 
     def set(self, enabled: Iterable[str]) -> None:
         """Keep exactly the units in ``enabled`` corrected (in place)."""
@@ -73,13 +76,14 @@ class Corrections:
             raise ValueError(f"unknown correction units {sorted(unknown)[:3]}; known: {self.names[:3]} ...")
         for name, (_, projection, held) in self._units.items():
             on = name in enabled
-            for module, A, B in held:
+            for module, A, B, experts in held:
+                some = {} if experts is None else {"experts": experts}
                 if not on:
                     module.set_correction(None, projection=None)
                 elif B is not None:
-                    module.set_correction(A, B=B)
+                    module.set_correction(A, B=B, **some)
                 else:
-                    module.set_correction(A, projection=projection)
+                    module.set_correction(A, projection=projection, **some)
         self._on = enabled
 
     @contextlib.contextmanager

@@ -5,6 +5,11 @@
 attached, the calibration loss is measured with the best ``k`` groups corrected for ``k`` on a
 grid (``corrections.loss_curve_knee``), and the groups past the knee of loss against bytes are
 detached. Groups are ranked by the whitened error their correction removes per factor byte.
+
+Inside a kept experts correction, ``ExpertsConfig.expert_selection="per-expert"`` then drops the
+factors of each expert whose own score per byte (its routing frequency times the error its
+``A_e`` removes on its tokens) is below the last kept unit's: a rarely routed expert's ``A_e``
+would not have been kept on its own (``drop_expert_corrections``).
 """
 from __future__ import annotations
 
@@ -14,9 +19,9 @@ from dataclasses import asdict
 import torch
 from torch import Tensor, nn
 
-from glowq_fx.modules.install import attach_correction, detach_correction
+from glowq_fx.modules.install import attach_correction, correctable, detach_correction
 from glowq_fx.report import GroupReport
-from glowq_fx.selective.corrections import Corrections, check_lm_batch, loss_curve_knee
+from glowq_fx.selective.corrections import Corrections, calibration_loss, check_lm_batch, loss_curve_knee
 from glowq_fx.selective.knee import choose_groups, ranking
 from passes.groups import group_name
 
@@ -134,3 +139,56 @@ def apply_selection(model: nn.Module, reports: list[GroupReport], factors: list[
         if i not in chosen:
             report.error_after, report.rank = report.error_before, 0
     return selection
+
+
+def drop_expert_corrections(model: nn.Module, reports: list[GroupReport], factors: list[Factors],
+                            batches: list | None = None, selection: dict | None = None) -> dict | None:
+    """GlowQ-S per expert, after the units are chosen: in every kept unit, each experts weight
+    drops the factors (``A_e``, and ``B_e`` where each expert has its own) of the experts whose
+    score per byte (``GroupReport.member_scores``) is below the lowest score per byte among the
+    kept units, the bar each unit had to pass. A unit passes it on average, so some of its experts
+    (or its dense members) always stay. The rows are updated (errors, bytes, ``corrected_experts``).
+
+    Returns what was dropped (None when no unit was kept); with ``batches`` of an ``"auto"``
+    ``selection`` it also holds the calibration loss measured with the drops, beside the knee's.
+    """
+    chosen = [i for i, r in enumerate(reports) if r.restored and r.candidate_factor_bytes > 0]
+    if not chosen:
+        return None
+    bar = min(max(reports[i].restore_gain, 0.0) / reports[i].candidate_factor_bytes for i in chosen)
+    rows = {r.name: r for r in reports}
+    dropped = experts = saved = 0
+    for i in chosen:
+        for members, B, As in factors[i]:
+            for member, A in zip(members, As):
+                row = rows.get(member)
+                if A.dim() != 3 or row is None or len(row.member_scores) != A.shape[0]:
+                    continue  # a dense member, or an experts weight without per-expert scores
+                per_expert = A[0].nbytes + (B[0].nbytes if B.dim() == 3 else 0)
+                keep = torch.tensor([score / per_expert >= bar for score in row.member_scores])
+                experts += len(keep)
+                row.corrected_experts = int(keep.sum())
+                if bool(keep.all()):
+                    continue
+                module = correctable(model, member)
+                if bool(keep.any()):
+                    module.keep_experts(keep)
+                else:
+                    module.set_correction(None)
+                gone = (~keep).nonzero().flatten().tolist()
+                row.error_after += sum(row.member_gains[e] for e in gone)
+                row.factor_bytes -= len(gone) * per_expert  # the bytes of the row's own A_e (and B_e)
+                for r in {id(row): row, id(reports[i]): reports[i]}.values():  # and the unit's score
+                    r.restore_gain -= sum(row.member_scores[e] for e in gone)
+                dropped += len(gone)
+                saved += len(gone) * per_expert
+    out = {"bar": bar, "experts": experts, "dropped": dropped, "bytes_saved": saved}
+    if selection is not None and batches and dropped:
+        was_training = model.training
+        model.eval()
+        try:
+            out["loss"] = calibration_loss(model, curve_batches(batches))
+        finally:
+            model.train(was_training)
+        out["loss_at_knee"] = next(p["loss"] for p in selection["curve"] if p["k"] == selection["kept"])
+    return out

@@ -17,7 +17,7 @@ from glowq_fx import GlowQConfig, load_quantized, quantize_, save_quantized
 from tests_helpers import tiny_llama_config, tiny_qwen2, token_batches
 
 WORLD = 2
-EXPERT_PARALLEL = ("qwen2_moe_ep", "mixtral_ep", "odd_experts")  # loaded with ep_size=WORLD
+EXPERT_PARALLEL = ("qwen2_moe_ep", "mixtral_ep", "mixtral_some_experts_ep", "odd_experts")  # loaded with ep_size=WORLD
 WORKER = Path(__file__).with_name("tensor_parallel_worker.py")
 IDS = torch.randint(0, 128, (2, 13), generator=torch.Generator().manual_seed(7)).tolist()
 
@@ -59,6 +59,14 @@ def _checkpoints(root: Path) -> dict[str, Path]:
             num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)).eval()
     save("mixtral", mixtral)
     made["qwen2_moe_ep"], made["mixtral_ep"] = made["qwen2_moe"], made["mixtral"]  # under expert parallelism
+    # GlowQ-S per expert kept some experts' factors: layer 0's gate_up one expert on each rank,
+    # layer 1's down none on rank 0's half
+    some = load_quantized(made["mixtral"])
+    for layer, weight, keep in ((0, "gate_up_proj", [True, False, False, True]),
+                                (1, "down_proj", [False, False, True, False])):
+        some.model.layers[layer].mlp.experts.quantized_weights(weight).keep_experts(torch.tensor(keep))
+    save_quantized(some, root / "mixtral_some_experts_ep")
+    made["mixtral_some_experts_ep"] = root / "mixtral_some_experts_ep"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         odd = T.Qwen2MoeForCausalLM(T.Qwen2MoeConfig(
@@ -109,7 +117,7 @@ def _single_process_logits(directory):
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2_tied", "qwen2_int8_tied", "llama_qera", "qwen2_moe", "mixtral",
-                                  "qwen2_moe_ep", "mixtral_ep"])
+                                  "qwen2_moe_ep", "mixtral_ep", "mixtral_some_experts_ep"])
 def test_tensor_parallel_logits_equal_the_single_process_model(ranks, name):
     made, results, _ = ranks
     reference = _single_process_logits(made[name])
@@ -128,7 +136,7 @@ def test_tensor_parallel_compiles_with_the_glowq_backend_and_generates(ranks):
         assert torch.equal(r["generated"], greedy)
 
 
-@pytest.mark.parametrize("name", ["qwen2_moe", "mixtral", "qwen2_moe_ep", "mixtral_ep"])
+@pytest.mark.parametrize("name", ["qwen2_moe", "mixtral", "qwen2_moe_ep", "mixtral_ep", "mixtral_some_experts_ep"])
 def test_quantized_moe_under_tensor_parallel_compiles_with_the_glowq_backend(ranks, name):
     made, results, _ = ranks
     with torch.no_grad():
@@ -201,6 +209,19 @@ def test_expert_parallelism_gives_each_rank_its_experts_and_the_shared_B_whole(r
             assert r["local_shapes"][key] == (E // WORLD, *t.shape[1:]), key
         for key, t in shared.items():
             assert r["local_shapes"][key] == tuple(t.shape), key
+
+
+def test_expert_parallelism_keeps_each_ranks_rows_of_some_experts_factors(ranks):
+    """Factors kept for some experts only (``factor_slots``): each rank holds the rows of its own
+    corrected experts, and none where its half has none (layer 1's down on rank 0)."""
+    _, results, _ = ranks
+    held = {0: {"model.layers.0.mlp.experts.gate_up_proj.A": 1, "model.layers.1.mlp.experts.down_proj.A": None},
+            1: {"model.layers.0.mlp.experts.gate_up_proj.A": 1, "model.layers.1.mlp.experts.down_proj.A": 1}}
+    for r in results["mixtral_some_experts_ep"]:
+        assert "error" not in r, r.get("error")
+        for key, rows in held[r["rank"]].items():
+            shape = r["local_shapes"].get(key)
+            assert (shape is None) == (rows is None) and (shape is None or shape[0] == rows), (r["rank"], key, shape)
 
 
 def test_a_model_with_split_experts_is_not_saved(ranks):

@@ -145,3 +145,40 @@ def test_the_projection_op_runs_the_kernel_on_cuda_and_the_loop_elsewhere(gen):
     loop = torch.cat([x[:4] @ B[0].T, x[4:8] @ B[2].T, x.new_zeros(1, 4)])
     torch.testing.assert_close(got, kernel if DEVICE == "cuda" else loop, rtol=0, atol=0)
     torch.testing.assert_close(kernel.float(), loop.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_slots_give_each_expert_its_row_of_the_factors_or_none(dtype, gen):
+    """GlowQ-S kept some experts' corrections: ``A`` and ``B`` hold those rows only, ``slots``
+    maps each expert to its row (-1: none). The kernels equal the full stack in which the dropped
+    experts' factors are zero, and the reference loop equals the kernels."""
+    from glowq_fx import ops
+
+    E, N, K, rank = 5, 40, 96, 6
+    members = [packed_member(N, K, 32, dtype, rank, True, gen, DEVICE) for _ in range(E)]
+    q, s, z, b, A = (torch.stack([m[i] for m in members]) for i in range(5))
+    B = (torch.randn(E, rank, K, generator=gen) / K**0.5).to(dtype).to(DEVICE)
+    kept = torch.tensor([True, False, True, True, False])
+    slots = torch.full((E,), -1, dtype=torch.int32)
+    slots[kept] = torch.arange(int(kept.sum()), dtype=torch.int32)
+    slots = slots.to(DEVICE)
+    counts = [3, 4, 0, 7, 2]
+    M = sum(counts) + 1
+    x = torch.randn(M, K, generator=gen).to(dtype).to(DEVICE)
+    offsets = torch.tensor(counts, device=DEVICE).cumsum(0)
+    zeroed = kept.to(DEVICE)[:, None, None]
+    R = launch.launch_experts_projection(x, offsets, B[kept.to(DEVICE)], slots=slots)
+    R_full = launch.launch_experts_projection(x, offsets, B * zeroed)
+    torch.testing.assert_close(R, R_full, rtol=0, atol=0)
+    y = launch.launch_w4a16_experts(x, offsets, q, s, z, b, A[kept.to(DEVICE)], R, slots=slots)
+    y_full = launch.launch_w4a16_experts(x, offsets, q, s, z, b, A * zeroed, R_full)
+    torch.testing.assert_close(y, y_full, rtol=0, atol=0)
+    R_ref = ops.experts_projection(x, offsets, B[kept.to(DEVICE)], slots)
+    ref = ops.reference_experts(x, offsets, q, s, z, b, A[kept.to(DEVICE)], R_ref, slots)
+    for got, want in ((R_ref, R), (ref, y)):  # different summation orders: a few roundings of the largest value
+        atol = 4 * torch.finfo(dtype).eps * float(want.abs().max())
+        torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=atol)
+    with pytest.raises(ValueError, match="slots"):
+        ops.w4a16_experts(x, offsets, q, s, z, b, None, None, slots)
+    with pytest.raises(ValueError, match="slots"):
+        ops.w4a16_experts(x, offsets, q, s, z, b, A[:2], R, torch.tensor([0, 1, 2, -1, -1], device=DEVICE))

@@ -54,6 +54,49 @@ def test_what_is_attached_is_checked():
     assert w.rank == 0 and w.A is None and w.projection is None
 
 
+@pytest.mark.parametrize("shared", [True, False])
+def test_keeping_some_experts_corrections_equals_zeroing_the_others(shared):
+    """GlowQ-S per expert: ``keep_experts`` stores the kept experts' factors only, and every path
+    (one expert, the sorted experts op, the corrected dense weight) equals the full stack with the
+    dropped experts' ``A_e`` set to zero; the kept rows are the original ones, bit for bit."""
+    from glowq_fx.capture.experts import TracedWeight
+    from glowq_fx.modules.experts import QuantizedWeightsView
+
+    w, _ = _weights(E=4, shared=shared, seed=3)
+    zeroed, _ = _weights(E=4, shared=shared, seed=3)
+    keep = torch.tensor([True, False, True, False])
+    A_full, B_full = w.A.clone(), None if w.B is None else w.B.clone()
+    w.keep_experts(keep)
+    zeroed.A[~keep] = 0
+    assert w.A.shape[0] == 2 and torch.equal(w.A, A_full[keep])
+    assert torch.equal(w.factor_slots, torch.tensor([0, -1, 1, -1], dtype=torch.int32))
+    if not shared:
+        assert torch.equal(w.B, B_full[keep])
+    assert torch.equal(w.corrected_experts, keep) and "corrected_experts=2" in repr(w)
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(11, 64, generator=g)
+    offsets = torch.tensor([3, 5, 9, 11])
+    got = w.experts(x, offsets, w.project(x))
+    want = zeroed.experts(x, offsets, zeroed.project(x))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    for e in range(4):
+        torch.testing.assert_close(w.expert(e, x, w.project(x)), zeroed.expert(e, x, zeroed.project(x)),
+                                   rtol=1e-6, atol=1e-6)
+    view = QuantizedWeightsView(w, TracedWeight("w", True, True), torch.float32)
+    zeroed_view = QuantizedWeightsView(zeroed, TracedWeight("w", True, True), torch.float32)
+    for e in range(4):
+        torch.testing.assert_close(view.dense(e), zeroed_view.dense(e), rtol=1e-6, atol=1e-6)
+    w.keep_experts(torch.tensor([True, False, False, False]))  # a subset of the kept ones again
+    assert w.A.shape[0] == 1 and torch.equal(w.A[0], A_full[0])
+    with pytest.raises(ValueError, match="within those corrected now"):
+        w.keep_experts(torch.tensor([False, True, False, False]))
+    with pytest.raises(ValueError, match="corrects no expert"):
+        w.set_correction(A_full[:0], projection=w.projection, B=None if shared else B_full[:0],
+                         experts=torch.zeros(4, dtype=torch.bool))
+    w.keep_experts(torch.zeros(4, dtype=torch.bool))
+    assert w.A is None and w.factor_slots is None and w.projection is None
+
+
 def test_the_protocol_is_read_from_the_marks_not_the_class():
     class Experts(torch.nn.Module):
         has_gate, has_bias, is_transposed = True, False, True

@@ -114,3 +114,104 @@ def test_the_latency_model_names_experts_units_as_out_of_its_scope():
     unit = next(n for n in corrections.names if "experts" in n)
     with pytest.raises(ValueError, match=r"holds MoE experts weights .*\(selective='auto' or a fraction\)"):
         unit_shape(corrections.modules(unit))
+
+
+def _weights(model):
+    from glowq_fx.modules.experts import QuantizedExpertWeights
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantizedExpertWeights)}
+
+
+def _factor_bytes(model):
+    """Bytes of every correction factor the model holds, each shared B once."""
+    from glowq_fx.modules.experts import QuantizedExpertWeights
+
+    total, seen = 0, set()
+    for m in model.modules():
+        if isinstance(m, (QuantizedLinear, QuantizedExpertWeights)):
+            total += sum(t.nbytes for t in (m.A, getattr(m, "B", None)) if t is not None)
+            if m.projection is not None and id(m.projection) not in seen:
+                seen.add(id(m.projection))
+                total += m.projection.B.nbytes
+    return total
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_per_expert_selection_keeps_the_experts_that_pay_and_equals_zeroing_the_others(name):
+    """expert_selection='per-expert' (the default) against 'whole' on the same calibration: the
+    kept experts' factors are the whole model's rows, bit for bit; the dropped experts are exactly
+    those scoring below the bar per byte; the model equals the whole one with the dropped ``A_e``
+    zeroed; the report's bytes are the model's, and its errors add back what was dropped."""
+    model, report = _quantized(name, selective=1.0)
+    whole, whole_report = _quantized(name, selective=1.0, expert_selection="whole")
+    per = report.selection["per_expert"]
+    assert per["dropped"] > 0, "this calibration routes too evenly for any expert to fall below the bar"
+    rows = {g.name: g for g in report.groups}
+    whole_rows = {g.name: g for g in whole_report.groups}
+    dropped = 0
+    for key, w in _weights(model).items():
+        full = _weights(whole)[key]
+        if full.A is None:
+            continue
+        keep = w.corrected_experts if w.A is not None else torch.zeros(w.num_experts, dtype=torch.bool)
+        dropped += int((~keep).sum())
+        row = rows[key]
+        assert row.corrected_experts == int(keep.sum())
+        per_byte = full.A[0].nbytes + (0 if full.B is None else full.B[0].nbytes)
+        for e, score in enumerate(row.member_scores):
+            assert bool(keep[e]) == (score / per_byte >= per["bar"]), (key, e)
+        if w.A is not None:
+            assert torch.equal(w.A, full.A[keep]) and (w.B is None or torch.equal(w.B, full.B[keep]))
+        full.A[~keep] = 0
+        gone = [e for e in range(w.num_experts) if not keep[e]]
+        assert row.error_after == pytest.approx(whole_rows[key].error_after + sum(row.member_gains[e] for e in gone))
+    assert dropped == per["dropped"]
+    assert report.total("factor_bytes") == _factor_bytes(model)
+    assert whole_report.total("factor_bytes") - report.total("factor_bytes") == per["bytes_saved"]
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=IDS).logits, whole(input_ids=IDS).logits)
+    assert "per expert: the factors of" in str(report)
+
+
+def test_per_expert_auto_measures_the_loss_with_the_drops():
+    model, report = _quantized("qwen2_moe", selective="auto")
+    per = report.selection.get("per_expert")
+    assert per is not None and per["experts"] > 0
+    if per["dropped"]:
+        assert per["loss"] > 0 and per["loss_at_knee"] == next(
+            p["loss"] for p in report.selection["curve"] if p["k"] == report.selection["kept"])
+
+
+def test_a_per_expert_model_round_trips_through_both_loaders_and_the_live_switch(tmp_path):
+    import json
+
+    from glowq_fx.checkpoint.shards import CheckpointError
+
+    model, report = _quantized("mixtral", selective=1.0)
+    ragged = {k: w for k, w in _weights(model).items() if w.factor_slots is not None}
+    assert ragged
+    save_quantized(model, tmp_path / "q", report=report)
+    meta = json.loads((tmp_path / "q" / "glowq.json").read_text())
+    for key, w in ragged.items():
+        parent, _, child = key.rpartition(".")
+        assert meta["experts"][parent]["weights"][child]["corrected_experts"] == w.A.shape[0]
+    ours = load_quantized(tmp_path / "q", _model("mixtral"))
+    theirs = T.AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    with torch.no_grad():
+        want = model(input_ids=IDS).logits
+        for loaded in (ours, theirs):
+            assert torch.equal(loaded(input_ids=IDS).logits, want)
+            assert {k for k, w in _weights(loaded).items() if w.factor_slots is not None} == set(ragged)
+        corrections = Corrections(ours)  # off and on again: the kept experts only, as loaded
+        corrections.set([])
+        corrections.set(corrections.names)
+        assert torch.equal(ours(input_ids=IDS).logits, want)
+    # slots that do not number A's rows in order: refused after loading, before any forward
+    key, w = next(iter(ragged.items()))
+    slots = w.factor_slots.clone()
+    first, second = (slots >= 0).nonzero().flatten()[:2].tolist() if int((slots >= 0).sum()) > 1 else (0, 0)
+    w.factor_slots = slots.flip(0) if first == second else slots.index_put_((torch.tensor([first, second]),),
+                                                                           slots[[second, first]])
+    save_quantized(model, tmp_path / "bad")
+    with pytest.raises(CheckpointError, match="factor_slots .* do not number"):
+        load_quantized(tmp_path / "bad", _model("mixtral"))
