@@ -170,6 +170,14 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(f"| {a['model']} | {a['experts']} | {a['gate_up_out']} | {a['hidden']} | "
                          f"{a['independent_values']:,} | {a['shared_values']:,} | {a['saving']:.1%} | "
                          f"{a['equal_bytes_rank']} |")
+        per = [r for r in done if r.get("per_expert")]
+        if per:
+            lines += ["", "GlowQ-S per expert (the experts' factors dropped inside the kept corrections):", ""]
+            lines += [f"- {r['model']} | {r['label']}: {r['per_expert']['dropped']} of {r['per_expert']['experts']} "
+                      f"experts' factors dropped, {r['per_expert']['bytes_saved'] / 1e6:.2f} MB"
+                      + (f"; calibration loss {r['per_expert']['loss']:.4f} with them dropped, "
+                         f"{r['per_expert']['loss_at_knee']:.4f} at the knee" if "loss" in r["per_expert"] else "")
+                      for r in per]
         args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
     for model_label, build in models.items():
@@ -190,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             done.append({"model": model_label, "label": label, "config": None if config is None else config.to_dict(),
                          "ppl": ppl, "model_bytes": model_bytes(subject), "gate_up_factor_bytes": gate_up,
-                         "factor_bytes": 0 if report is None else report.total("factor_bytes"), "quantize_s": elapsed})
+                         "factor_bytes": 0 if report is None else report.total("factor_bytes"), "quantize_s": elapsed,
+                         "per_expert": ((report.selection or {}).get("per_expert") if report is not None else None)})
             write()
             print(f"{model_label} | {label}: {ppl:.4f}", flush=True)
             del subject
