@@ -14,8 +14,8 @@ block on 32 x 512 news tokens; perplexity on the Wikipedia text in windows of 10
   every token's ``S``), usage-weighted, and with the ``A_e`` refit;
 - GlowQ across experts at the rank whose correction bytes equal the per-expert QERA's;
 - GlowQ-S with the automatic elbow, dropping each rarely used expert's ``A_e`` inside the kept
-  corrections (``expert_selection="per-expert"``, the default) and keeping or dropping each
-  experts correction whole.
+  corrections (``expert_selection="per-expert"``) and keeping or dropping each experts correction
+  whole (the default).
 
 Each expert's down projection gets its own QERA correction at rank r in every corrected row (it
 reads its own input). Correction bytes are given for the experts' gate/up (where B is shared)
@@ -79,7 +79,7 @@ def rows(rank: int, equal_rank: int) -> list[tuple[str, GlowQConfig | None]]:
         (f"GlowQ across experts r{rank}, usage-weighted", GlowQConfig(**common, rank=rank, expert_weighting="usage")),
         (f"GlowQ across experts r{rank}, A_e refit", GlowQConfig(**common, rank=rank, expert_refit=True)),
         (f"GlowQ-S across experts r{rank} (automatic elbow, per expert)",
-         GlowQConfig(**common, rank=rank, selective="auto")),
+         GlowQConfig(**common, rank=rank, selective="auto", expert_selection="per-expert")),
         (f"GlowQ-S across experts r{rank} (automatic elbow, whole experts groups)",
          GlowQConfig(**common, rank=rank, selective="auto", expert_selection="whole")),
         (

@@ -212,16 +212,19 @@ class ExpertsConfig:
     expert_own_input_rank: the rank of each expert's correction on a weight that reads the
         expert's own input (down); None: ``rank``.
     expert_selection: how GlowQ-S (``selective``) treats an experts correction it keeps:
-        ``"per-expert"`` also drops the factors of each expert whose usage-weighted gain per byte
-        (its routing frequency times the error its ``A_e`` removes on its own tokens) is below the
-        last kept unit's, storing only the other experts' ``A_e``; ``"whole"`` keeps every expert's.
+        ``"whole"`` keeps every expert's factors; ``"per-expert"`` also drops the factors of each
+        expert whose usage-weighted gain per byte (its routing frequency times the error its
+        ``A_e`` removes on its own tokens) is below the last kept unit's, storing only the other
+        experts' ``A_e``. Not the default: the routing frequencies are the calibration text's, and
+        on SmolLM2 split top-6 of 8 dropping 4 of 416 experts' factors (2% of the gate/up bytes)
+        lowered the calibration loss but cost 0.39% perplexity on other text.
     """
 
     experts: bool = True
     expert_weighting: str = "none"
     expert_refit: bool = False
     expert_own_input_rank: int | None = None
-    expert_selection: str = "per-expert"
+    expert_selection: str = "whole"
 
     def __post_init__(self) -> None:
         _check_choice("expert_weighting", self.expert_weighting, EXPERT_WEIGHTINGS)

@@ -52,6 +52,13 @@ class GroupReport:
         return self.error_after / self.error_before if self.error_before else 0.0
 
 
+def _members(g: GroupReport) -> str:
+    """The row's member count; an experts row whose correction GlowQ-S kept for some experts
+    only says how many of them (5/8)."""
+    n = len(g.members)
+    return f"{g.corrected_experts}/{n}" if g.corrected_experts is not None and g.corrected_experts < n else str(n)
+
+
 @dataclass
 class QuantizationReport:
     """What ``quantize_`` did: per-group rows, skipped modules with reasons, totals."""
@@ -86,7 +93,7 @@ class QuantizationReport:
                 "kernels": dict(self.kernels)}
 
     def table(self) -> str:
-        rows = [[g.name, str(len(g.members)), str(g.in_features), str(sum(g.out_features)), str(g.rank),
+        rows = [[g.name, _members(g), str(g.in_features), str(sum(g.out_features)), str(g.rank),
                  f"{g.error_before:.4g}", f"{g.error_after:.4g}", f"{g.relative_error:.3f}",
                  f"{g.code_bytes + g.scale_bytes:,}", f"{g.factor_bytes:,}"] for g in self.groups]
         before, after = self.total("error_before"), self.total("error_after")
@@ -150,8 +157,8 @@ class QuantizationReport:
                 loss = (f"; calibration loss {per['loss']:.4f} with them dropped, {per['loss_at_knee']:.4f} at the knee"
                         if "loss" in per else "")
                 lines.append(f"  per expert: the factors of {per['dropped']} of {per['experts']} experts in the kept "
-                             f"corrections dropped (their usage-weighted gain per byte below the kept units' lowest), "
-                             f"{per['bytes_saved']:,} bytes{loss}")
+                             "corrections dropped (their usage-weighted gain per byte below the kept units' lowest; "
+                             f"k reads corrected/experts), {per['bytes_saved']:,} bytes{loss}")
         if self.skipped:
             lines.append("not quantized: " + "; ".join(f"{k}: {v}" for k, v in self.skipped.items()))
         return "\n".join(lines)

@@ -3,6 +3,7 @@ reading it, or one weight's per-expert B) is ranked with the dense groups and ke
 whole; the model, the report and a checkpoint agree on what was kept."""
 import copy
 import math
+import re
 import warnings
 
 import pytest
@@ -138,12 +139,12 @@ def _factor_bytes(model):
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_per_expert_selection_keeps_the_experts_that_pay_and_equals_zeroing_the_others(name):
-    """expert_selection='per-expert' (the default) against 'whole' on the same calibration: the
+    """expert_selection='per-expert' against 'whole' (the default) on the same calibration: the
     kept experts' factors are the whole model's rows, bit for bit; the dropped experts are exactly
     those scoring below the bar per byte; the model equals the whole one with the dropped ``A_e``
     zeroed; the report's bytes are the model's, and its errors add back what was dropped."""
-    model, report = _quantized(name, selective=1.0)
-    whole, whole_report = _quantized(name, selective=1.0, expert_selection="whole")
+    model, report = _quantized(name, selective=1.0, expert_selection="per-expert")
+    whole, whole_report = _quantized(name, selective=1.0)  # expert_selection="whole", the default
     per = report.selection["per_expert"]
     assert per["dropped"] > 0, "this calibration routes too evenly for any expert to fall below the bar"
     rows = {g.name: g for g in report.groups}
@@ -170,11 +171,15 @@ def test_per_expert_selection_keeps_the_experts_that_pay_and_equals_zeroing_the_
     assert whole_report.total("factor_bytes") - report.total("factor_bytes") == per["bytes_saved"]
     with torch.no_grad():
         assert torch.equal(model(input_ids=IDS).logits, whole(input_ids=IDS).logits)
-    assert "per expert: the factors of" in str(report)
+    text = str(report)
+    assert "per expert: the factors of" in text
+    ragged = next(g for g in report.groups if g.corrected_experts is not None and g.corrected_experts < len(g.members))
+    assert re.search(rf"{re.escape(ragged.name)}\s+{ragged.corrected_experts}/{len(ragged.members)}\s", text)
+    assert whole_report.selection is None or "per_expert" not in whole_report.selection
 
 
 def test_per_expert_auto_measures_the_loss_with_the_drops():
-    model, report = _quantized("qwen2_moe", selective="auto")
+    model, report = _quantized("qwen2_moe", selective="auto", expert_selection="per-expert")
     per = report.selection.get("per_expert")
     assert per is not None and per["experts"] > 0
     if per["dropped"]:
@@ -187,7 +192,7 @@ def test_a_per_expert_model_round_trips_through_both_loaders_and_the_live_switch
 
     from glowq_fx.checkpoint.shards import CheckpointError
 
-    model, report = _quantized("mixtral", selective=1.0)
+    model, report = _quantized("mixtral", selective=1.0, expert_selection="per-expert")
     ragged = {k: w for k, w in _weights(model).items() if w.factor_slots is not None}
     assert ragged
     save_quantized(model, tmp_path / "q", report=report)
