@@ -62,6 +62,7 @@ from glowq_fx.data.batches import bos_token, text_calibration_batches, tokenize 
 from glowq_fx.data.corpus import load_text  # noqa: E402
 from glowq_fx.data.models import load_model  # noqa: E402
 from glowq_fx.evaluation.perplexity import perplexity  # noqa: E402
+from glowq_fx.kernels.layout import packed_columns  # noqa: E402
 from glowq_fx.modules.linear import QuantizedLinear  # noqa: E402
 from glowq_fx.studies.accuracy import factor_bytes  # noqa: E402
 
@@ -119,8 +120,9 @@ def peer_bits(shapes: dict[str, tuple[int, int]], group_of: dict[str, int], meta
 
 
 def our_bits(model: nn.Module, shapes: dict[str, tuple[int, int]]) -> float:
-    """Bits per weight of our quantized block linears as stored: packed codes (a padded last
-    group), 16-bit scale and zero per group, factors in their stored dtype (a group's shared ``B``
+    """Bits per weight of our quantized block linears as stored: packed codes (whole words, or
+    whole groups where the layout keeps them: ``kernels.layout.packed_columns``), 16-bit scale and
+    zero per group, factors in their stored dtype (a group's shared ``B``
     once); a block linear left float counts ``FLOAT_BITS``."""
     bits, done, shared = 0, set(), set()
     for n, m in model.named_modules():
@@ -142,7 +144,7 @@ def planned_bits(groups, group_size: int, rank: int) -> float:
     for g in groups:
         K = g.in_features
         n_groups = 1 if group_size == -1 else math.ceil(K / group_size)
-        K_pad = K if group_size == -1 else n_groups * group_size
+        K_pad = K if group_size == -1 else packed_columns(K, group_size)
         for N in g.out_features:
             weights += N * K
             bits += 4 * N * math.ceil(K_pad / 8) * 8 + 32 * N * n_groups

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from glowq_fx.kernels.layout import PackedW4, padded_in_features, unpack
+from glowq_fx.kernels.layout import PackedW4, unpack
 from glowq_fx.modules.linear import QuantizedLinear
 
 INNER_K_TILES = 8
@@ -45,7 +45,7 @@ class TinygemmLinear(nn.Module):
     def from_quantized(cls, q: QuantizedLinear) -> "TinygemmLinear":
         if q.A is not None:
             raise ValueError("tinygemm has no low-rank correction: convert a model quantized with method='none'")
-        if padded_in_features(q.qweight) != q.in_features:
+        if q.in_features % q.group_size:
             raise ValueError(f"in_features {q.in_features} is not a multiple of the group size {q.group_size}; "
                              "tinygemm needs whole groups")
         if q.out_features % 16:

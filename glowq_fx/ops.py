@@ -49,7 +49,13 @@ from glowq_fx.kernels.launch import (
     launch_w4a16_experts,
     launch_w4a16_projected,
 )
-from glowq_fx.kernels.layout import dequantize_packed, group_size_of, padded_in_features
+from glowq_fx.kernels.layout import (
+    dequantize_packed,
+    group_size_of,
+    packed_columns,
+    padded_in_features,
+    whole_group_columns,
+)
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -66,14 +72,14 @@ def _check_member(i: int, x: Tensor, qweight: Tensor, scales: Tensor, zeros: Ten
         )
     N, k_pad = qweight.shape[1], padded_in_features(qweight)
     for name, t in (("scales", scales), ("zeros", zeros)):
-        if t.dim() != 2 or t.shape[1] != N or (k_pad % t.shape[0]) != 0:
-            raise ValueError(f"{who}{name} must be (n_groups, {N}) with n_groups dividing K_pad={k_pad}, "
+        if t.dim() != 2 or t.shape[1] != N or not 0 < t.shape[0] <= k_pad // 8 or t.shape != scales.shape:
+            raise ValueError(f"{who}{name} must be (n_groups, {N}) with n_groups groups of the K_pad={k_pad} columns, "
                              f"got {tuple(t.shape)}")
         if t.dtype != x.dtype:
             raise ValueError(f"{who}{name} are {t.dtype} but x is {x.dtype}: run the model in the dtype it was "
                              "quantized in (cast the inputs, or the model with .to(dtype))")
-    gs = group_size_of(qweight, scales)
-    if gs % 8 or -(-K // gs) * gs != k_pad:
+    gs = group_size_of(qweight, scales)  # a ValueError for shapes no layout has
+    if gs % 8 or k_pad not in (-(-K // gs) * gs, packed_columns(K, gs)):  # whole groups, or a partial last one
         raise ValueError(f"{who}x has {K} features but the packed weight holds K_pad={k_pad} columns in groups of "
                          f"{gs}: the input does not belong to this weight")
     if bias is not None and (bias.shape != (N,) or bias.dtype != x.dtype):
@@ -225,9 +231,10 @@ def _(x, qweights, scales, zeros, biases, As, R):
 
 def _check_int4pack(x: Tensor, qweight: Tensor, int4pack: Tensor, scales_zeros: Tensor) -> None:
     """The converted weight must be one CPU kernel's layout of this weight (``cpu_int4.convert``):
-    uint8 (N, K_pad / 2) codes, and float32 (2, N, n_groups) ``[s, s z]`` (our GEMV) or bfloat16
-    (n_groups, N, 2) ``[scale, zero]`` (PyTorch's kernel)."""
-    N, K = qweight.shape[1], padded_in_features(qweight)
+    uint8 (N, K_whole / 2) codes (whole groups), and float32 (2, N, n_groups) ``[s, s z]`` (our
+    GEMV) or bfloat16 (n_groups, N, 2) ``[scale, zero]`` (PyTorch's kernel)."""
+    n_groups = scales_zeros.shape[-1 if scales_zeros.dtype == torch.float32 else 0] if scales_zeros.dim() == 3 else 1
+    N, K = qweight.shape[1], whole_group_columns(qweight, n_groups)
     if int4pack.dtype != torch.uint8 or tuple(int4pack.shape) != (N, K // 2):
         raise ValueError(f"int4pack must be uint8 ({N}, {K // 2}) (cpu_int4.convert of this weight), got "
                          f"{int4pack.dtype} {tuple(int4pack.shape)}")

@@ -186,7 +186,8 @@ def _check_packed(name: str, rec: dict, header: dict, experts: int | None = None
         q_expected, s_expected = packed_shapes(K, N, g)
     except ValueError as exc:
         raise CheckpointError(f"{name}: {exc} (the record is corrupted)") from None
-    if qdtype != torch.int32 or tuple(qshape) != q_expected:
+    whole_groups = (s_expected[0] * g // 8, N)  # written before a partial last group was stored as such
+    if qdtype != torch.int32 or tuple(qshape) not in (q_expected, whole_groups):
         raise CheckpointError(f"{name}.qweight is {qdtype} {tuple(qshape)}, expected int32 {q_expected} for "
                               f"in_features {K} in groups of {g}")
     for key, shape, dtype in ((keys[1], sshape, sdtype), (keys[2], zshape, zdtype)):

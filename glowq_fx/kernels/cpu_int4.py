@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from glowq_fx.kernels import cpu_gemv
-from glowq_fx.kernels.layout import unpacked_codes
+from glowq_fx.kernels.layout import whole_group_codes
 
 KERNELS = ("auto", "glowq", "aten")  # convert's choices: ours where it loads, ours, PyTorch's
 KERNEL_DTYPE = torch.bfloat16  # PyTorch's kernel: activations, scales and zeros
@@ -98,7 +98,7 @@ def convert(qweight: Tensor, scales: Tensor, zeros: Tensor, kernel: str = "auto"
     """(weight in the chosen kernel's layout for this process's CPU, its scales and zeros)."""
     if chosen_kernel(kernel) == "glowq":
         return cpu_gemv.convert(qweight, scales, zeros)
-    codes = unpacked_codes(qweight).T.contiguous()  # (N, K_pad), as the converter takes them
+    codes = whole_group_codes(qweight, scales).T.contiguous()  # (N, whole groups), as the converter takes them
     weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
     return weight, scales_and_zeros(scales, zeros)
 

@@ -12,13 +12,17 @@ the same addressing for the GEMV (decode) and GEMM (prefill) paths:
   harmless because of the mask.
 - ``scales``, ``zeros``: model dtype (n_groups, N), row ``k // group_size`` for column ``k``;
   ``deq = (q - zero) * scale``.
-- ``K_pad = n_groups * group_size`` is a multiple of 8; columns ``>= in_features`` are padding
-  (their codes dequantize to 0, and kernels mask them against the activations anyway). A
+- ``K_pad`` (``packed_columns``) is ``in_features`` rounded up to whole words where a last,
+  partial group can be told from the shapes, else whole groups, ``n_groups * group_size``:
+  columns ``>= in_features`` are padding (kernels mask them against the activations). A partial
+  last group saves the padding codes (576 columns in groups of 128: 576 codes, not 640); its group
+  size is read back from the shapes as the power of two whose groups cover ``K_pad`` in
+  ``n_groups`` (``group_size_of``), so it is written only where that reading is unique. A
   single group (per-channel) whose width is not a multiple of 8 is widened to the next whole
   word by ``pack``: its padding codes are the zero point, and its packed group size is ``K_pad``.
 
 Other modules ask this one for what they need of the layout (``packed_shapes``, ``unpacked_codes``,
-``padded_in_features``, ``group_size_of``) instead of re-deriving it.
+``whole_group_codes``, ``padded_in_features``, ``group_size_of``) instead of re-deriving it.
 """
 from __future__ import annotations
 
@@ -58,9 +62,59 @@ def padded_in_features(qweight: Tensor) -> int:
     return qweight.shape[0] * CODES_PER_WORD
 
 
+def _whole_words(k: int) -> int:
+    return -(-k // CODES_PER_WORD) * CODES_PER_WORD
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def packed_columns(in_features: int, group_size: int) -> int:
+    """``K_pad`` of a weight of ``in_features`` columns in groups of ``group_size`` (module
+    docstring): whole words with a partial last group where ``group_size_of`` reads it back
+    uniquely (a power-of-two group size, and whole words that do not also split evenly into the
+    groups), else whole groups."""
+    n_groups = -(-in_features // group_size)
+    whole = n_groups * group_size
+    words = _whole_words(in_features)
+    quotient, rest = divmod(words, n_groups)
+    if words == whole or not _is_power_of_two(group_size) or (rest == 0 and quotient % CODES_PER_WORD == 0):
+        return whole
+    return words
+
+
 def group_size_of(qweight: Tensor, scales: Tensor) -> int:
-    """The packed group size implied by the shapes: ``K_pad / n_groups``."""
-    return padded_in_features(qweight) // scales.shape[0]
+    """The packed group size implied by the shapes: ``K_pad / n_groups`` for whole groups, else
+    (a partial last group) the power of two whose groups cover ``K_pad`` in ``n_groups``."""
+    return group_size_for(padded_in_features(qweight), scales.shape[0])
+
+
+def whole_group_columns(qweight: Tensor, n_groups: int) -> int:
+    """The columns of a packed weight's ``n_groups`` groups, whole (what the CPU kernels hold)."""
+    return n_groups * group_size_for(padded_in_features(qweight), n_groups)
+
+
+def group_size_for(K_pad: int, n_groups: int) -> int:
+    """``group_size_of`` from the packed columns and the number of groups."""
+    quotient, rest = divmod(K_pad, n_groups)
+    if rest == 0 and quotient % CODES_PER_WORD == 0:
+        return quotient
+    group_size = CODES_PER_WORD
+    while -(-K_pad // group_size) > n_groups:
+        group_size *= 2
+    if -(-K_pad // group_size) != n_groups:
+        raise ValueError(f"a packed weight of {K_pad} columns with {n_groups} scale groups is no layout glowq-fx "
+                         "writes (the checkpoint is corrupted or was not written by glowq-fx)")
+    return group_size
+
+
+def whole_group_codes(qweight: Tensor, scales: Tensor) -> Tensor:
+    """The int32 codes (n_groups * group_size, N) of a packed weight, a partial last group filled
+    with zero codes to a whole one (for layouts that need whole groups: the CPU kernels')."""
+    codes = unpacked_codes(qweight)
+    whole = scales.shape[0] * group_size_of(qweight, scales)
+    return codes if whole == codes.shape[0] else torch.nn.functional.pad(codes, (0, 0, 0, whole - codes.shape[0]))
 
 
 def packed_shapes(in_features: int, out_features: int, group_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -68,8 +122,8 @@ def packed_shapes(in_features: int, out_features: int, group_size: int) -> tuple
     groups of ``group_size`` packed columns; ``ValueError`` for a group size the layout cannot hold."""
     if group_size < CODES_PER_WORD or group_size % CODES_PER_WORD:
         raise ValueError(f"packed group size {group_size} is not a positive multiple of {CODES_PER_WORD}")
-    K_pad = -(-in_features // group_size) * group_size
-    return (K_pad // CODES_PER_WORD, out_features), (K_pad // group_size, out_features)
+    K_pad = packed_columns(in_features, group_size)
+    return (K_pad // CODES_PER_WORD, out_features), (-(-in_features // group_size), out_features)
 
 
 def pack(qw: QuantizedWeight) -> PackedW4:
@@ -87,6 +141,9 @@ def pack(qw: QuantizedWeight) -> PackedW4:
                          f"{CODES_PER_WORD} fits the packed words only as a single group")
     if codes.max() > 15:
         raise ValueError("codes exceed 4 bits (max 15)")
+    kept = packed_columns(qw.in_features, group_size) if K_pad == qw.scales.shape[1] * group_size else K_pad
+    if kept < K_pad:  # a partial last group: its padding codes are not stored
+        codes, K_pad = codes[:, :kept], kept
     q = codes.T.reshape(K_pad // CODES_PER_WORD, CODES_PER_WORD, N)  # uint8, word-major
     # one nibble position at a time: temporaries of one word per code group, not eight (a
     # (K/8, 8, N) int32 product took four times the float weight's size at the group's peak)
@@ -112,8 +169,14 @@ def unpacked_codes(qweight: Tensor) -> Tensor:
 
 def unpack(p: PackedW4) -> QuantizedWeight:
     """Inverse of ``pack``: the same codes, scales and zeros (a single group widened to whole
-    words comes back widened, with the same dequantized weight)."""
-    codes = unpacked_codes(p.qweight).T.to(torch.uint8).contiguous()
+    words comes back widened, a partial last group filled with each row's rounded zero point, as
+    the quantizers code zero weights: the same dequantized weight)."""
+    codes = unpacked_codes(p.qweight).T.to(torch.uint8)
+    whole = p.scales.shape[0] * group_size_of(p.qweight, p.scales)
+    if whole > codes.shape[1]:
+        fill = p.zeros[-1].float().round().clamp(0, 15).to(torch.uint8)  # the last group's zero point, per row
+        codes = torch.cat([codes, fill[:, None].expand(-1, whole - codes.shape[1])], dim=1)
+    codes = codes.contiguous()
     return QuantizedWeight(
         codes=codes,
         scales=p.scales.T.contiguous(),
@@ -132,7 +195,7 @@ def dequantize_packed(
     Same arithmetic as ``QuantizedWeight.dequantize`` (float32, then cast), so eager modules
     and the CPU path of the ops reproduce the quantizer's ``W_q`` bit for bit.
     """
-    K_pad, N = padded_in_features(qweight), qweight.shape[1]
-    q = unpacked_codes(qweight).reshape(K_pad // group_size, group_size, N).float()
+    N, G = qweight.shape[1], scales.shape[0]
+    q = whole_group_codes(qweight, scales).reshape(G, group_size, N).float()
     w = (q - zeros.float().unsqueeze(1)) * scales.float().unsqueeze(1)  # (G, g, N)
-    return w.reshape(K_pad, N)[:in_features].T.to(dtype)
+    return w.reshape(G * group_size, N)[:in_features].T.to(dtype)

@@ -109,8 +109,9 @@ def _finish_gemv(acc, row, offs_n, mask_n, R, stride_rm, member, A0, A1, A2, A3,
 
 @triton.jit
 def _slab_indices(K, GROUP_SIZE: tl.constexpr, TILE_GROUPS: tl.constexpr, GROUP_ROWS: tl.constexpr):
-    """(slab index, word row within a slab, word rows per column = K_pad / 8) of the GEMVs."""
-    return tl.arange(0, TILE_GROUPS), tl.arange(0, GROUP_ROWS), tl.cdiv(K, GROUP_SIZE) * (GROUP_SIZE // 8)
+    """(slab index, word row within a slab, word rows holding codes of the K columns) of the GEMVs
+    (the padding past them, whole groups or a partial last one, is never read)."""
+    return tl.arange(0, TILE_GROUPS), tl.arange(0, GROUP_ROWS), tl.cdiv(K, 8)  # the words K's codes fill
 
 
 @triton.jit
@@ -376,14 +377,13 @@ def w4a16_tile(X, W, S, Z, offs_m, mask_m, offs_n, mask_n, stride_xm, K, N, GROU
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST_DOT: tl.constexpr):
     """float32 ``x deq(W)^T`` of rows ``offs_m`` and columns ``offs_n``: the tensor-core K loop of the
     GEMMs (dense and grouped experts), each (BLOCK_K, BLOCK_N) weight tile dequantized in registers."""
-    k_pad = tl.cdiv(K, GROUP_SIZE) * GROUP_SIZE
     shifts = (tl.arange(0, BLOCK_K) % 8) * 4
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(X + offs_m[:, None] * stride_xm + kk[None, :], mask=mask_m[:, None] & (kk[None, :] < K),
                     other=0.0)
-        wmask = (kk[:, None] < k_pad) & mask_n[None, :]
+        wmask = (kk[:, None] < K) & mask_n[None, :]  # the padding columns (a=0 there) are never read
         words = tl.load(W + (kk[:, None] // 8) * N + offs_n[None, :], mask=wmask, other=0)
         q = ((words >> shifts[:, None]) & 0xF).to(tl.float32)  # (BLOCK_K, BLOCK_N)
         if BLOCK_K <= GROUP_SIZE:

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from glowq_fx import ops
 from glowq_fx.kernels import cpu_gemv, cpu_int4
-from glowq_fx.kernels.layout import dequantize_packed, pack, padded_in_features, unpack
+from glowq_fx.kernels.layout import dequantize_packed, pack, padded_in_features, unpack, whole_group_columns
 from glowq_fx.modules.kernels import use_cpu_kernels
 from glowq_fx.modules.linear import QuantizedLinear, SharedProjection
 from glowq_fx.quant.rtn import quantize_rtn
@@ -30,14 +30,16 @@ def _rounded_activations(x, K_pad):
 
 
 def test_layout_holds_every_code_in_order(gen):
-    """Byte j of a 32-code block holds code j (low nibble) and code j + 16 (high nibble)."""
+    """Byte j of a 32-code block holds code j (low nibble) and code j + 16 (high nibble); the
+    kernel's rows are whole groups (the packed weight's partial last group filled with zero codes)."""
     p = _packed(40, 300, 64, gen)
+    assert padded_in_features(p.qweight) == 304  # stored: whole words, a partial last group
     weight, params = cpu_gemv.convert(p.qweight, p.scales, p.zeros)
-    K_pad = padded_in_features(p.qweight)
+    K_pad = p.scales.shape[0] * 64
     assert weight.dtype == torch.uint8 and tuple(weight.shape) == (40, K_pad // 2)
     blocks = weight.view(40, K_pad // 32, 16).long()
     codes = torch.cat([blocks & 15, blocks >> 4], -1).view(40, K_pad)
-    assert torch.equal(codes, unpack(p).codes.long())
+    assert torch.equal(codes[:, :300], unpack(p).codes[:, :300].long()) and not codes[:, 304:].any()
     assert torch.equal(params[0], p.scales.float().T) and torch.equal(params[1], (p.scales * p.zeros).float().T)
 
 
@@ -54,7 +56,7 @@ def test_gemv_is_the_product_with_its_rounded_activations(rows, N, K, gs, gen):
     y = cpu_gemv.matmul(x, weight, params, gs)
     assert y.dtype == torch.float32 and tuple(y.shape) == (rows, N)
     W = dequantize_packed(p.qweight, p.scales, p.zeros, gs, K, torch.float64)  # (N, K)
-    exact = _rounded_activations(x, padded_in_features(p.qweight))[:, :K] @ W.T
+    exact = _rounded_activations(x, whole_group_columns(p.qweight, p.scales.shape[0]))[:, :K] @ W.T
     assert (y.double() - exact).norm() <= 2e-5 * exact.norm()
     unrounded = x.double() @ W.T
     assert (y.double() - unrounded).norm() <= 1e-4 * unrounded.norm()

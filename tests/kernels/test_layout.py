@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from glowq_fx.kernels import pack, unpack
+from glowq_fx.kernels.layout import dequantize_packed, group_size_of, packed_columns, padded_in_features
 from glowq_fx.quant import QuantizedWeight, quantize_rtn
 
 
@@ -20,15 +21,31 @@ def test_round_trip_exact_on_random_codes(N, K, g, gen):
     qw = quantize_rtn(torch.randn(N, K, generator=gen, dtype=torch.bfloat16), g)
     qw.codes = torch.randint(0, 16, qw.codes.shape, generator=gen, dtype=torch.uint8)
     p = pack(qw)
-    assert p.qweight.shape == (qw.codes.shape[1] // 8, N)
+    assert p.qweight.shape == (packed_columns(K, qw.group_size) // 8, N)
     assert p.scales.shape == (qw.scales.shape[1], N)
     back = unpack(p)
-    assert torch.equal(back.codes, qw.codes)
+    assert torch.equal(back.codes[:, :K], qw.codes[:, :K])  # past K: padding, stored only as whole words
     assert torch.equal(back.scales, qw.scales) and torch.equal(back.zeros, qw.zeros)
     assert torch.equal(back.dequantize(), qw.dequantize())
-    # the storage the quantized weight reports is exactly what the packed tensors occupy
+    # the quantized weight's storage less the codes of a partial last group's padding, which are not stored
     packed_bytes = sum(t.numel() * t.element_size() for t in (p.qweight, p.scales, p.zeros))
-    assert qw.nbytes() == packed_bytes
+    assert qw.nbytes() - N * (qw.codes.shape[1] - packed_columns(K, qw.group_size)) // 2 == packed_bytes
+
+
+@pytest.mark.parametrize("K, g, stored", [(576, 128, 576), (300, 64, 304), (200, 32, 200), (576, 256, 768),
+                                          (600, 128, 640), (896, 256, 1024), (1536, 128, 1536), (130, 128, 136)])
+def test_a_partial_last_group_is_stored_where_its_group_size_reads_back(K, g, stored, gen):
+    """Only whole words of codes are stored where the shapes tell the group size back (a power of
+    two whose groups cover the words); where whole words also split evenly into the groups (576 in
+    groups of 256: 3 x 192) the groups stay whole. Every stored form dequantizes exactly."""
+    qw = quantize_rtn(torch.randn(9, K, generator=gen), g)
+    p = pack(qw)
+    assert padded_in_features(p.qweight) == stored == packed_columns(K, g)
+    assert group_size_of(p.qweight, p.scales) == g
+    torch.testing.assert_close(dequantize_packed(p.qweight, p.scales, p.zeros, g, K, torch.float32),
+                               qw.dequantize().float(), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="no layout glowq-fx writes"):
+        group_size_of(torch.zeros(72, 3, dtype=torch.int32), torch.zeros(7, 3))  # 576 columns in 7 groups
 
 
 def test_pack_rejects_bad_codes():
