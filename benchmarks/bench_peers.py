@@ -121,14 +121,17 @@ def peer_bits(shapes: dict[str, tuple[int, int]], group_of: dict[str, int], meta
 
 def our_bits(model: nn.Module, shapes: dict[str, tuple[int, int]]) -> float:
     """Bits per weight of our quantized block linears as stored: packed codes (whole words, or
-    whole groups where the layout keeps them: ``kernels.layout.packed_columns``), 16-bit scale and
-    zero per group, factors in their stored dtype (a group's shared ``B``
-    once); a block linear left float counts ``FLOAT_BITS``."""
+    whole groups where the layout keeps them: ``kernels.layout.packed_columns``), a 16-bit scale
+    and a zero point per group (uint8 where the zero points are on the 1/16 grid, as every one of
+    our quantizers' are), factors in their stored dtype (a group's shared ``B`` once); a block
+    linear left float counts ``FLOAT_BITS``."""
     bits, done, shared = 0, set(), set()
     for n, m in model.named_modules():
         if isinstance(m, QuantizedLinear) and n in shapes:
             done.add(n)
-            bits += m.qweight.numel() * m.qweight.element_size() * 8 + 32 * m.scales.numel()
+            # a 16-bit model's scales (whatever dtype this one runs in), zero points as stored or 16-bit
+            zero_bits = 8 if m.zeros.dtype == torch.uint8 else 16
+            bits += m.qweight.numel() * m.qweight.element_size() * 8 + (16 + zero_bits) * m.scales.numel()
             if m.A is not None:
                 bits += m.A.numel() * m.A.element_size() * 8
                 if id(m.projection) not in shared:
@@ -147,7 +150,7 @@ def planned_bits(groups, group_size: int, rank: int) -> float:
         K_pad = K if group_size == -1 else packed_columns(K, group_size)
         for N in g.out_features:
             weights += N * K
-            bits += 4 * N * math.ceil(K_pad / 8) * 8 + 32 * N * n_groups
+            bits += 4 * N * math.ceil(K_pad / 8) * 8 + (16 + 8) * N * n_groups  # 16-bit scale, 8-bit zero
     return (bits + 8 * factor_bytes(groups, "glowq", rank)) / weights
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from glowq_fx.kernels.layout import PackedW4, unpack
+from glowq_fx.kernels.layout import PackedW4, unpack, zero_points
 from glowq_fx.modules.linear import QuantizedLinear
 
 INNER_K_TILES = 8
@@ -26,7 +26,7 @@ def tinygemm_pack(codes: Tensor, scales: Tensor, zeros: Tensor, dtype: torch.dty
     else:
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.int().contiguous(), INNER_K_TILES)
     s = scales.float()
-    scale_zero = torch.stack([s, (8 - zeros.float()) * s], dim=2).to(dtype).contiguous()
+    scale_zero = torch.stack([s, (8 - zero_points(zeros)) * s], dim=2).to(dtype).contiguous()
     return packed, scale_zero
 
 

@@ -75,7 +75,7 @@ def _check_member(i: int, x: Tensor, qweight: Tensor, scales: Tensor, zeros: Ten
         if t.dim() != 2 or t.shape[1] != N or not 0 < t.shape[0] <= k_pad // 8 or t.shape != scales.shape:
             raise ValueError(f"{who}{name} must be (n_groups, {N}) with n_groups groups of the K_pad={k_pad} columns, "
                              f"got {tuple(t.shape)}")
-        if t.dtype != x.dtype:
+        if t.dtype != x.dtype and not (name == "zeros" and t.dtype == torch.uint8):  # uint8: 16 * zero
             raise ValueError(f"{who}{name} are {t.dtype} but x is {x.dtype}: run the model in the dtype it was "
                              "quantized in (cast the inputs, or the model with .to(dtype))")
     gs = group_size_of(qweight, scales)  # a ValueError for shapes no layout has

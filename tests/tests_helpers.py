@@ -58,18 +58,19 @@ def random_llama(seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
-def packed_member(N, K, group_size, dtype, rank, bias, gen, device):
+def packed_member(N, K, group_size, dtype, rank, bias, gen, device, float_zeros=False):
     """One kernel member on ``device``: (qweight, scales, zeros, bias or None, A or None) of a random
-    (N, K) weight RTN-quantized in groups of ``group_size``; ``A`` scaled by 1/sqrt(rank)."""
-    from glowq_fx.kernels.layout import pack
+    (N, K) weight RTN-quantized in groups of ``group_size``; ``A`` scaled by 1/sqrt(rank). The zero
+    points as stored (uint8 16 * zero), or with ``float_zeros`` in ``dtype`` (a GGUF file's form)."""
+    from glowq_fx.kernels.layout import pack, zero_points
     from glowq_fx.quant.rtn import quantize_rtn
 
     W = torch.randn(N, K, generator=gen, dtype=torch.float64)
     packed = pack(quantize_rtn(W.to(dtype).float(), group_size))
+    zeros = zero_points(packed.zeros).to(dtype) if float_zeros else packed.zeros
     b = torch.randn(N, generator=gen).to(dtype) if bias else None
     A = (torch.randn(N, rank, generator=gen) / rank**0.5).to(dtype) if rank else None
-    return tuple(None if t is None else t.to(device) for t in (packed.qweight, packed.scales.to(dtype),
-                                                                packed.zeros.to(dtype), b, A))
+    return tuple(None if t is None else t.to(device) for t in (packed.qweight, packed.scales.to(dtype), zeros, b, A))
 
 
 def quantized_copy(setup, **config):

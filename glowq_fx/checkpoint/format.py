@@ -191,8 +191,10 @@ def _check_packed(name: str, rec: dict, header: dict, experts: int | None = None
         raise CheckpointError(f"{name}.qweight is {qdtype} {tuple(qshape)}, expected int32 {q_expected} for "
                               f"in_features {K} in groups of {g}")
     for key, shape, dtype in ((keys[1], sshape, sdtype), (keys[2], zshape, zdtype)):
-        if tuple(shape) != s_expected or not dtype.is_floating_point:
-            raise CheckpointError(f"{key} is {dtype} {tuple(shape)}, expected a float {s_expected}")
+        zero_points = key == keys[2] and dtype == torch.uint8  # 16 * zero (kernels.layout)
+        if tuple(shape) != s_expected or not (dtype.is_floating_point or zero_points):
+            raise CheckpointError(f"{key} is {dtype} {tuple(shape)}, expected a float {s_expected}"
+                                  f"{' (or uint8 zero points)' if key == keys[2] else ''}")
 
 
 def _check_embedding(name: str, rec: dict, modules: dict, header: dict, linears: dict, int8_linears: dict) -> None:

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from glowq_fx.data.cache import cache_dir
-from glowq_fx.kernels.layout import group_size_of, whole_group_codes
+from glowq_fx.kernels.layout import group_size_of, whole_group_codes, zero_points
 
 SOURCE = Path(__file__).parent / "cpu" / "gemv.cpp"
 BLOCK = 32  # codes per integer dot product block (and the activations' scale block)
@@ -114,7 +114,7 @@ def convert(qweight: Tensor, scales: Tensor, zeros: Tensor) -> tuple[Tensor, Ten
     blocks = whole_group_codes(qweight, scales).T.to(torch.uint8).reshape(N, K_pad // BLOCK, BLOCK)
     weight = (blocks[..., :BLOCK // 2] | (blocks[..., BLOCK // 2:] << 4)).reshape(N, K_pad // 2).contiguous()
     s = scales.float().T
-    return weight, torch.stack([s, s * zeros.float().T]).contiguous()
+    return weight, torch.stack([s, s * zero_points(zeros).T]).contiguous()
 
 
 def serves(x: Tensor) -> bool:

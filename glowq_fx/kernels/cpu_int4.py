@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from glowq_fx.kernels import cpu_gemv
-from glowq_fx.kernels.layout import whole_group_codes
+from glowq_fx.kernels.layout import whole_group_codes, zero_points
 
 KERNELS = ("auto", "glowq", "aten")  # convert's choices: ours where it loads, ours, PyTorch's
 KERNEL_DTYPE = torch.bfloat16  # PyTorch's kernel: activations, scales and zeros
@@ -91,7 +91,7 @@ def scales_and_zeros(scales: Tensor, zeros: Tensor) -> Tensor:
     """The kernel's (n_groups, N, 2) ``[scale, zero]`` for our ``(q - z) * s``: ``zero = (8 - z) s``,
     computed in float32 and rounded once to the kernel's dtype."""
     s = scales.float()
-    return torch.stack([s, (8.0 - zeros.float()) * s], dim=-1).to(KERNEL_DTYPE).contiguous()
+    return torch.stack([s, (8.0 - zero_points(zeros)) * s], dim=-1).to(KERNEL_DTYPE).contiguous()
 
 
 def convert(qweight: Tensor, scales: Tensor, zeros: Tensor, kernel: str = "auto") -> tuple[Tensor, Tensor]:

@@ -10,8 +10,11 @@ the same addressing for the GEMV (decode) and GEMM (prefill) paths:
   at bits ``4 * (k % 8)`` to ``4 * (k % 8) + 3`` (code ``k = 8j`` in the lowest nibble).
   Unpacking is ``(word >> (4 * (k % 8))) & 0xF``; the arithmetic shift of a negative word is
   harmless because of the mask.
-- ``scales``, ``zeros``: model dtype (n_groups, N), row ``k // group_size`` for column ``k``;
-  ``deq = (q - zero) * scale``.
+- ``scales``: model dtype (n_groups, N), row ``k // group_size`` for column ``k``;
+  ``deq = (q - zero) * scale``. ``zeros``: the same shape, uint8 ``16 * zero`` where every zero
+  point is a multiple of 1/16 in [0, 16) (integer zero points and the fitted quantizer's 1/16 grid:
+  every quantizer of ``glowq_fx.quant``; ``zero_points`` reads them), else the model dtype (a GGUF
+  file's float minimum, or a checkpoint written before 8-bit zero points).
 - ``K_pad`` (``packed_columns``) is ``in_features`` rounded up to whole words where a last,
   partial group can be told from the shapes, else whole groups, ``n_groups * group_size``:
   columns ``>= in_features`` are padding (kernels mask them against the activations). A partial
@@ -34,6 +37,20 @@ from torch import Tensor
 from glowq_fx.quant.rtn import QuantizedWeight
 
 CODES_PER_WORD = 8  # 4-bit codes in one int32 word
+ZERO_STEPS = 16  # uint8 zero points hold 16 * zero: multiples of 1/16 in [0, 16)
+
+
+def stored_zeros(zeros: Tensor) -> Tensor:
+    """``zeros`` as the layout stores them: uint8 ``16 * zero`` where every one fits, else as given."""
+    scaled = zeros.float() * ZERO_STEPS
+    if bool((scaled == scaled.round()).all()) and bool(((scaled >= 0) & (scaled <= 255)).all()):
+        return scaled.to(torch.uint8)
+    return zeros
+
+
+def zero_points(zeros: Tensor) -> Tensor:
+    """float32 zero points of stored ``zeros`` (uint8 ``16 * zero``, or floats)."""
+    return zeros.float() / ZERO_STEPS if zeros.dtype == torch.uint8 else zeros.float()
 
 
 def _shifts(device: torch.device) -> Tensor:
@@ -48,7 +65,7 @@ class PackedW4:
 
     qweight: Tensor  # int32 (K_pad // 8, N)
     scales: Tensor  # model dtype (n_groups, N)
-    zeros: Tensor  # model dtype (n_groups, N)
+    zeros: Tensor  # uint8 16 * zero, or the model dtype (n_groups, N)
     group_size: int
     in_features: int
 
@@ -155,7 +172,7 @@ def pack(qw: QuantizedWeight) -> PackedW4:
     return PackedW4(
         qweight=words.contiguous(),
         scales=qw.scales.T.contiguous(),
-        zeros=qw.zeros.T.contiguous(),
+        zeros=stored_zeros(qw.zeros.T.contiguous()),
         group_size=group_size,
         in_features=qw.in_features,
     )
@@ -174,13 +191,13 @@ def unpack(p: PackedW4) -> QuantizedWeight:
     codes = unpacked_codes(p.qweight).T.to(torch.uint8)
     whole = p.scales.shape[0] * group_size_of(p.qweight, p.scales)
     if whole > codes.shape[1]:
-        fill = p.zeros[-1].float().round().clamp(0, 15).to(torch.uint8)  # the last group's zero point, per row
+        fill = zero_points(p.zeros[-1]).round().clamp(0, 15).to(torch.uint8)  # the last group's zero point, per row
         codes = torch.cat([codes, fill[:, None].expand(-1, whole - codes.shape[1])], dim=1)
     codes = codes.contiguous()
     return QuantizedWeight(
         codes=codes,
         scales=p.scales.T.contiguous(),
-        zeros=p.zeros.T.contiguous(),
+        zeros=zero_points(p.zeros).to(p.scales.dtype).T.contiguous(),
         group_size=p.group_size,
         in_features=p.in_features,
         bits=4,
@@ -197,5 +214,5 @@ def dequantize_packed(
     """
     N, G = qweight.shape[1], scales.shape[0]
     q = whole_group_codes(qweight, scales).reshape(G, group_size, N).float()
-    w = (q - zeros.float().unsqueeze(1)) * scales.float().unsqueeze(1)  # (G, g, N)
+    w = (q - zero_points(zeros).unsqueeze(1)) * scales.float().unsqueeze(1)  # (G, g, N)
     return w.reshape(G * group_size, N)[:in_features].T.to(dtype)

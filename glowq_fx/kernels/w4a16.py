@@ -108,6 +108,14 @@ def _finish_gemv(acc, row, offs_n, mask_n, R, stride_rm, member, A0, A1, A2, A3,
 
 
 @triton.jit
+def zero_points(z, Z):
+    """float32 zero points from the loaded ``z``: uint8 ones hold 16 * zero (``kernels.layout``)."""
+    if Z.dtype.element_ty == tl.uint8:
+        z = z * 0.0625
+    return z
+
+
+@triton.jit
 def _slab_indices(K, GROUP_SIZE: tl.constexpr, TILE_GROUPS: tl.constexpr, GROUP_ROWS: tl.constexpr):
     """(slab index, word row within a slab, word rows holding codes of the K columns) of the GEMVs
     (the padding past them, whole groups or a partial last one, is never read)."""
@@ -131,6 +139,7 @@ def _group_scales(S, Z, k0, t, offs_n, mask_n, N, K, GROUP_SIZE: tl.constexpr, T
     gmask = (k0 + t * TILE_GROUP < K)[:, None] & mask_n[None, :]
     s = tl.load(S + g[:, None] * N + offs_n[None, :], mask=gmask, other=0.0).to(tl.float32)
     z = tl.load(Z + g[:, None] * N + offs_n[None, :], mask=gmask, other=0.0).to(tl.float32)
+    z = zero_points(z, Z)
     return s, z
 
 
@@ -369,6 +378,7 @@ def dequantize_kernel(W, S, Z, OUT, N, K, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.
     g = kk // GROUP_SIZE
     s = tl.load(S + g[:, None] * N + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
     z = tl.load(Z + g[:, None] * N + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+    z = zero_points(z, Z)
     tl.store(OUT + kk[:, None] * N + offs_n[None, :], ((q - z) * s).to(OUT.dtype.element_ty), mask=mask)
 
 
@@ -390,10 +400,12 @@ def w4a16_tile(X, W, S, Z, offs_m, mask_m, offs_n, mask_n, stride_xm, K, N, GROU
             g = k0 // GROUP_SIZE
             s = tl.load(S + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
             z = tl.load(Z + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            z = zero_points(z, Z)
         else:
             g = kk // GROUP_SIZE
             s = tl.load(S + g[:, None] * N + offs_n[None, :], mask=wmask, other=0.0).to(tl.float32)
             z = tl.load(Z + g[:, None] * N + offs_n[None, :], mask=wmask, other=0.0).to(tl.float32)
+            z = zero_points(z, Z)
         w = ((q - z) * s).to(X.dtype.element_ty)
         if UPCAST_DOT:
             a = a.to(tl.float32)

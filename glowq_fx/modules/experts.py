@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from glowq_fx import ops
 from glowq_fx.capture.experts import ExpertsProtocol, ExpertWeightsView, TracedExperts, TracedWeight
-from glowq_fx.kernels.layout import PackedW4, dequantize_packed, group_size_of
+from glowq_fx.kernels.layout import PackedW4, dequantize_packed, group_size_of, zero_points
 from glowq_fx.modules.linear import SharedProjection
 
 
@@ -42,7 +42,8 @@ class QuantizedExpertWeights(nn.Module):
     """One 3-D expert weight, quantized: ``y_e = deq(W_e) x + A_e R + bias_e`` for expert ``e``.
 
     Buffers:
-        qweight: int32 (E, K_pad / 8, N); scales, zeros: (E, n_groups, N) in the model dtype.
+        qweight: int32 (E, K_pad / 8, N); scales, zeros: (E, n_groups, N) in the model dtype (zeros
+            as uint8 16 * zero where they fit: ``kernels.layout``).
         bias: (E, N) or None.
         A: (E, N, r) in the factor dtype, or None.
         B: (E, r, K): each expert's own right factor, or None when the experts share the group's
@@ -60,8 +61,11 @@ class QuantizedExpertWeights(nn.Module):
         if any((p.qweight.shape, p.scales.shape, p.in_features) != (first.qweight.shape, first.scales.shape,
                                                                     first.in_features) for p in packed):
             raise ValueError("every expert of one weight must have the same shape and group size")
+        zeros = [p.zeros for p in packed]
+        if len({z.dtype for z in zeros}) > 1:  # some stored in 8 bits, some not: all as floats (stack would promote)
+            zeros = [zero_points(z).to(first.scales.dtype) for z in zeros]
         self._setup(torch.stack([p.qweight for p in packed]), torch.stack([p.scales for p in packed]),
-                    torch.stack([p.zeros for p in packed]), first.in_features, bias)
+                    torch.stack(zeros), first.in_features, bias)
 
     @classmethod
     def stacked(cls, qweight: Tensor, scales: Tensor, zeros: Tensor, in_features: int,

@@ -55,7 +55,8 @@ class QuantizedLinear(nn.Module):
 
     Buffers (layout of ``glowq_fx.kernels.layout``):
         qweight: int32 (K_pad / 8, out_features).
-        scales, zeros: model dtype (n_groups, out_features).
+        scales, zeros: model dtype (n_groups, out_features); zeros as uint8 16 * zero where every
+            zero point fits (``kernels.layout``).
         bias: model dtype (out_features,) or None.
         A: (out_features, rank) in the factor dtype (``GlowQConfig.factor_dtype``), or None.
 

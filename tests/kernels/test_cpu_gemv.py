@@ -5,7 +5,14 @@ import torch.nn.functional as F
 
 from glowq_fx import ops
 from glowq_fx.kernels import cpu_gemv, cpu_int4
-from glowq_fx.kernels.layout import dequantize_packed, pack, padded_in_features, unpack, whole_group_columns
+from glowq_fx.kernels.layout import (
+    dequantize_packed,
+    pack,
+    padded_in_features,
+    unpack,
+    whole_group_columns,
+    zero_points,
+)
 from glowq_fx.modules.kernels import use_cpu_kernels
 from glowq_fx.modules.linear import QuantizedLinear, SharedProjection
 from glowq_fx.quant.rtn import quantize_rtn
@@ -40,7 +47,9 @@ def test_layout_holds_every_code_in_order(gen):
     blocks = weight.view(40, K_pad // 32, 16).long()
     codes = torch.cat([blocks & 15, blocks >> 4], -1).view(40, K_pad)
     assert torch.equal(codes[:, :300], unpack(p).codes[:, :300].long()) and not codes[:, 304:].any()
-    assert torch.equal(params[0], p.scales.float().T) and torch.equal(params[1], (p.scales * p.zeros).float().T)
+    assert p.zeros.dtype == torch.uint8  # RTN's integer zero points, stored as 16 * zero
+    assert torch.equal(params[0], p.scales.float().T)
+    assert torch.equal(params[1], (p.scales.float() * zero_points(p.zeros)).T)
 
 
 @pytest.mark.parametrize("rows", [1, 3, cpu_gemv.MAX_ROWS])
@@ -118,8 +127,8 @@ def test_op_runs_the_gemv_with_bias_and_correction(rows, gen):
     x, R = torch.randn(2, rows, K, generator=gen), torch.randn(2, rows, rank, generator=gen)
     weight, params = cpu_int4.convert(p.qweight, p.scales, p.zeros, "glowq")
     y = ops.w4a16_linear_int4pack(x, p.qweight, p.scales, p.zeros, b, A, R, weight, params)
-    ref = ops.reference_linear(x.double(), p.qweight, p.scales.double(), p.zeros.double(), b.double(), A.double(),
-                               R.double())
+    ref = ops.reference_linear(x.double(), p.qweight, p.scales.double(), zero_points(p.zeros).double(), b.double(),
+                               A.double(), R.double())
     assert (y.double() - ref).norm() <= 1e-4 * ref.norm()
 
 

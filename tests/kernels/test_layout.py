@@ -27,9 +27,12 @@ def test_round_trip_exact_on_random_codes(N, K, g, gen):
     assert torch.equal(back.codes[:, :K], qw.codes[:, :K])  # past K: padding, stored only as whole words
     assert torch.equal(back.scales, qw.scales) and torch.equal(back.zeros, qw.zeros)
     assert torch.equal(back.dequantize(), qw.dequantize())
-    # the quantized weight's storage less the codes of a partial last group's padding, which are not stored
+    # stored: whole words of codes (a partial last group's padding is not), scales, and RTN's integer
+    # zero points as uint8 16 * zero
+    assert p.zeros.dtype == torch.uint8
     packed_bytes = sum(t.numel() * t.element_size() for t in (p.qweight, p.scales, p.zeros))
-    assert qw.nbytes() - N * (qw.codes.shape[1] - packed_columns(K, qw.group_size)) // 2 == packed_bytes
+    scale_bytes = qw.scales.numel() * qw.scales.element_size()
+    assert packed_bytes == N * packed_columns(K, qw.group_size) // 2 + scale_bytes + qw.scales.numel()
 
 
 @pytest.mark.parametrize("K, g, stored", [(576, 128, 576), (300, 64, 304), (200, 32, 200), (576, 256, 768),
@@ -83,3 +86,22 @@ def test_packed_shapes_refuse_group_sizes_the_words_cannot_hold():
     for bad in (0, 4, 12):
         with pytest.raises(ValueError, match="multiple of 8"):
             packed_shapes(100, 10, bad)
+
+
+def test_zero_points_are_stored_in_eight_bits_where_they_fit(gen):
+    """Integer zero points and the fitted 1/16 grid are stored as uint8 16 * zero and read back
+    exactly; zero points off that grid (a GGUF file's float minimum) stay floats."""
+    from glowq_fx.kernels.layout import stored_zeros, zero_points
+
+    qw = quantize_rtn(torch.randn(16, 96, generator=gen), 32)
+    p = pack(qw)
+    assert p.zeros.dtype == torch.uint8 and torch.equal(zero_points(p.zeros), qw.zeros.T.float())
+    on_grid = torch.tensor([[0.0, 7.5625, 15.9375]])
+    assert torch.equal(stored_zeros(on_grid), torch.tensor([[0, 121, 255]], dtype=torch.uint8))
+    for off in (torch.tensor([[0.3]]), torch.tensor([[-1.0]]), torch.tensor([[16.0]])):
+        assert stored_zeros(off) is off
+    qw.zeros = qw.zeros + 0.01  # off the grid: kept in the model dtype, the same dequantized weight
+    p = pack(qw)
+    assert p.zeros.dtype == qw.scales.dtype
+    torch.testing.assert_close(dequantize_packed(p.qweight, p.scales, p.zeros, 32, 96, torch.float32),
+                               qw.dequantize().float(), rtol=0, atol=0)

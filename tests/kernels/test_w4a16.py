@@ -39,11 +39,12 @@ def reference(x, member, R):
     return y, spread.sqrt()
 
 
-def run_and_check(M, K, Ns, group_size, dtype, rank, bias, gen, **path):
-    """``group_size`` is one for every member, or a list: one per member."""
+def run_and_check(M, K, Ns, group_size, dtype, rank, bias, gen, float_zeros=False, **path):
+    """``group_size`` is one for every member, or a list: one per member; zero points stored as
+    uint8 16 * zero, or with ``float_zeros`` in the activations' dtype."""
     x = torch.randn(M, K, generator=gen).to(dtype).to(DEVICE)
     sizes = group_size if isinstance(group_size, list) else [group_size] * len(Ns)
-    members = [packed_member(N, K, g, dtype, rank, bias, gen, DEVICE) for N, g in zip(Ns, sizes)]
+    members = [packed_member(N, K, g, dtype, rank, bias, gen, DEVICE, float_zeros) for N, g in zip(Ns, sizes)]
     R = (torch.randn(M, rank, generator=gen)).to(dtype).to(DEVICE) if rank else None
     poisoned = [torch.full((M, N), float("nan"), dtype=dtype, device=DEVICE) for N in Ns]
     outs = launch.launch_w4a16(x, *[list(t) for t in zip(*members)], R, outs=poisoned, **path)
@@ -85,6 +86,13 @@ CASES = [
 @pytest.mark.parametrize("M,K,Ns,group_size,rank,bias", CASES)
 def test_kernel_matches_float64_reference(M, K, Ns, group_size, rank, bias, dtype, gen):
     run_and_check(M, K, Ns, group_size, dtype, rank, bias, gen)
+
+
+@pytest.mark.parametrize("M,K,Ns,group_size,rank,bias", [CASES[1], CASES[3], CASES[6], CASES[-1]])
+def test_float_zero_points_take_every_path_too(M, K, Ns, group_size, rank, bias, gen):
+    """Zero points kept in the model dtype (a GGUF file's float minimum; checkpoints written before
+    8-bit zero points) through the GEMV, the small-M GEMM, the GEMM and dequantize + matmul."""
+    run_and_check(M, K, Ns, group_size, torch.float16, rank, bias, gen, float_zeros=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
