@@ -461,6 +461,7 @@ def markdown(meta: dict) -> str:
              "16-bit model, our factors in bfloat16 (benchmarks/bench_peers.py says how each is counted). "
              "`vs GlowQ`: our best row at no more than 2% above the peer's bits per weight, and its perplexity "
              "(BOS protocol).", "",
+             *[line for note in meta.get("notes", []) for line in (note, "")],  # how merged or resumed runs were made
              "| row | bits/weight | perplexity (BOS) | perplexity (no BOS) | quantize s | vs GlowQ at <= bytes "
              "| settings |",
              "|---|---:|---:|---:|---:|---|---|"]
