@@ -34,10 +34,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from glowq_fx.quant.fitted import ZERO_STEPS  # uint8 zero points hold 16 z: the fitted grid's steps, exactly
 from glowq_fx.quant.rtn import QuantizedWeight
 
 CODES_PER_WORD = 8  # 4-bit codes in one int32 word
-ZERO_STEPS = 16  # uint8 zero points hold 16 * zero: multiples of 1/16 in [0, 16)
 
 
 def stored_zeros(zeros: Tensor) -> Tensor:
