@@ -42,6 +42,7 @@ Each row runs in its own process (the peers patch modules and keep global state)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import json
 import math
@@ -226,13 +227,34 @@ def run_llmc_gptq(model, tokenizer, batches, g: int, args):
             "GPTQModifier W4A16 (symmetric), its default dampening and ordering")
 
 
+@contextlib.contextmanager
+def _no_pinning_without_accelerator():
+    """llm-compressor 0.14's AWQ pins its cached activations before each grid search, with or
+    without an accelerator, and ``Tensor.pin_memory`` raises "Cannot access accelerator device
+    when none is available" on a CPU-only machine. Pinning only speeds host-to-device copies, so
+    without an accelerator the step is left out (for this call only); the search is unchanged."""
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    if torch.accelerator.is_available():
+        yield False
+        return
+    pin = IntermediatesCache.pin_memory
+    IntermediatesCache.pin_memory = lambda self, *a, **k: None
+    try:
+        yield True
+    finally:
+        IntermediatesCache.pin_memory = pin
+
+
 def run_llmc_awq(model, tokenizer, batches, g: int, args):
     from llmcompressor.modifiers.awq import AWQModifier
 
     group_of, indivisible = _divisible(model, g)
     recipe = AWQModifier(config_groups=_w4_scheme(g, False), ignore=["lm_head", *indivisible])
-    return (_llmcompressor(model, batches, recipe), group_of,
-            "AWQModifier W4A16_ASYM, its default grid (n_grid=20, duo scaling)")
+    with _no_pinning_without_accelerator() as unpinned:
+        model = _llmcompressor(model, batches, recipe)
+    return (model, group_of, "AWQModifier W4A16_ASYM, its default grid (n_grid=20, duo scaling)"
+            + ("; its memory pinning left out (no accelerator here)" if unpinned else ""))
 
 
 @torch.no_grad()
@@ -584,7 +606,9 @@ def main(argv=None) -> int:
         args.out.with_suffix(".md").write_text(markdown(meta))
 
     if args.resume and args.out.with_suffix(".json").is_file():  # a long run goes on where it stopped
-        meta["rows"] = [r for r in json.loads(args.out.with_suffix(".json").read_text())["rows"] if "skipped" not in r]
+        before = json.loads(args.out.with_suffix(".json").read_text())
+        meta["rows"] = [r for r in before["rows"] if "skipped" not in r]
+        meta["notes"] = before.get("notes", [])  # how the earlier parts were run
     done = {r["row"] for r in meta["rows"]}
     add("float32 reference")
     for name in peer_rows(args.group_sizes):

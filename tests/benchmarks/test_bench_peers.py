@@ -100,3 +100,53 @@ def test_the_table_pairs_each_peer_with_our_best_row_at_no_more_bytes(bench):
     assert "| HQQ g128 | 4.300 | 28.000 | 27.000 | 8 | RTN + GlowQ g64 r3 (4.380): 26.000 | hqq |" in md
     assert "| GPTQModel g128 | - | - | - | - | - | gptqmodel did not install: needs torch>=2.14.1 |" in md
     assert "choose first_position_weight (rtn): x32" in md and "x1: 3.1000, x32: 3.0000" in md
+
+
+def test_resume_keeps_the_rows_and_notes_and_runs_again_the_skipped(bench, tmp_path, monkeypatch):
+    import json
+
+    model = _model()
+    batches = token_batches(n=2, t=16, vocab=model.config.vocab_size)
+    monkeypatch.setattr(bench, "setting", lambda args: (model, None, torch.zeros(4096, dtype=torch.long), batches))
+    ran = []
+
+    def fake_row(name, argv):
+        ran.append(name)
+        return {"row": name, "bits_per_weight": 4.3, "ppl_bos": 28.0, "ppl_no_bos": 27.0, "quantize_s": 8,
+                "settings": "now"}
+
+    monkeypatch.setattr(bench, "in_own_process", fake_row)
+    monkeypatch.setattr(bench, "plot", lambda meta, path: None)
+    out = tmp_path / "peers"
+    kept = {"row": "float32 reference", "bits_per_weight": 32.0, "ppl_bos": 20.0, "ppl_no_bos": 19.0,
+            "quantize_s": 0, "settings": "float"}
+    pick = {"row": "choose first_position_weight (rtn)", "choice": 1.0, "held_out_nll": {}}
+    out.with_suffix(".json").write_text(json.dumps({"rows": [
+        kept, {"row": "HQQ g128", "skipped": "failed here: once"}, pick], "notes": ["the first part: 8,192 tokens"]}))
+    bench.main(["--resume", "--out", str(out), "--rows", "float32 reference,HQQ g128", "--base-quantizers", "rtn"])
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert ran == ["HQQ g128"]  # the reference was kept, the skipped row ran again
+    assert [r["row"] for r in meta["rows"]] == ["float32 reference", "choose first_position_weight (rtn)", "HQQ g128"]
+    assert meta["notes"] == ["the first part: 8,192 tokens"]
+    assert "the first part: 8,192 tokens" in out.with_suffix(".md").read_text()
+
+
+def test_awq_leaves_out_memory_pinning_only_without_an_accelerator(bench, monkeypatch):
+    import types
+
+    class Cache:
+        def pin_memory(self, batch_index):
+            raise RuntimeError("Cannot access accelerator device when none is available.")
+
+    for name in ("llmcompressor", "llmcompressor.pipelines"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "llmcompressor.pipelines.cache",
+                        types.SimpleNamespace(IntermediatesCache=Cache))
+    original = Cache.pin_memory
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
+    with bench._no_pinning_without_accelerator() as unpinned:
+        assert unpinned and Cache().pin_memory(0) is None
+    assert Cache.pin_memory is original
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    with bench._no_pinning_without_accelerator() as unpinned:
+        assert not unpinned and Cache.pin_memory is original
