@@ -131,3 +131,29 @@ def test_decompose_benchmark_sets_the_solver_s_sketch_beside_the_paper_s_qr_redu
         assert abs(ours - paper) < 1e-4 * ours, (group, ours, paper)
         assert 1 - 1e-6 <= ours < 1.1
     assert "| - | - |" in bench.to_markdown(res)
+
+
+def test_base_shift_probe_counts_the_weights_the_codes_reproduce(tmp_path):
+    """The dequantized codes reproduce every weight of a model that already lies on their grid and
+    not the float model's; the collector refuses a log without results."""
+    import copy
+
+    import torch
+
+    from glowq_fx import GlowQConfig, quantize_
+    from tests_helpers import random_llama, token_batches
+
+    probe = _load("probe_base_shift")
+    model = random_llama().eval()
+    floats = {n: m.weight.detach().clone() for n, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and ".layers." in n}
+    quantized = copy.deepcopy(model)
+    quantize_(quantized, token_batches(vocab=model.config.vocab_size), GlowQConfig(group_size=32, rank=2,
+                                                                                  output_head_bits=None),
+              progress=False)
+    on_grid = {n: quantized.get_submodule(n).dequantized_weight(torch.float32) for n in floats}
+    assert probe.exact_fraction(quantized, on_grid) == 1.0
+    assert probe.exact_fraction(quantized, floats) < 0.05
+    (tmp_path / "empty.jsonl").write_text("no results here\n")
+    with pytest.raises(SystemExit, match="no result lines"):
+        probe.collect([str(tmp_path / "empty.jsonl")])
