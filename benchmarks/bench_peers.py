@@ -22,10 +22,10 @@ match each peer's (``glowq_configs_for``), on RTN, clipped-RTN (``quant.clip``),
 with the ``first_position_weight`` chosen on held-out calibration windows.
 
 Bits per weight count, over the transformer blocks' linears (the tied embedding/head stays float
-for every method), the 4-bit codes as each format stores them (ours keep a padded last group:
-SmolLM2's 576 columns are 640 at g128), and the per-group scales and zero points as each
-library's checkpoint of a 16-bit model stores them (fp16/bf16 scales; 4-bit packed zero points in
-the GPTQ/compressed-tensors formats; 16-bit zero points in HQQ, torchao, quanto and ours), plus
+for every method), the 4-bit codes as each format stores them (ours keep a partial last group as whole words:
+``kernels.layout.packed_columns``), and the per-group scales and zero points as each library's
+checkpoint of a 16-bit model stores them (fp16/bf16 scales; 4-bit packed zero points in the
+GPTQ/compressed-tensors formats; 16-bit zero points in HQQ, torchao and quanto; 8-bit in ours), plus
 our factors ``A``, ``B`` in bfloat16. A linear a peer leaves unquantized counts 16 bits.
 
 Note on group 32: SmolLM2's float weights are a dequantized Q4_1 GGUF (group 32, a min/max grid
@@ -82,8 +82,8 @@ STORAGE = {"AutoRound": "fp16 scale + packed 4-bit zero per group (GPTQ-style ex
            "HQQ": "fp16 scale + fp16 zero per group",
            "torchao int4": "bf16 scale + bf16 zero per group",
            "quanto qint4": "fp16 scale + fp16 shift per group",
-           "ours": "bf16 scale + bf16 zero per group (an integer; a multiple of 1/16 for RTN-fitted; codes of a "
-                   "padded last group); A, B bf16"}
+           "ours": "bf16 scale + uint8 zero (16 z: an integer, or a multiple of 1/16 for RTN-fitted) per group; "
+                   "a partial last group in whole words; A, B bf16"}
 GROUP_SIZES = (128, 32)
 FLOAT_BITS = 16  # a linear left unquantized, in a 16-bit deployment
 

@@ -4,10 +4,9 @@ minimise the group's activation-weighted squared error.
 The grid is ``deq(q) = (q - z) s`` as everywhere, but ``z`` need not be an integer: it lies on a
 grid of ``1 / ZERO_STEPS`` in ``[0, 2**bits - 1]``, which the packed layout stores in one byte as
 ``16 z`` (``kernels.layout``), as it stores integer zero points: it costs nothing over them. An
-integer ``z`` shifts the
-grid by up to half a step against the group's range (RTN's lost accuracy at the range's ends); a
-min/max grid with a float minimum (GGUF's Q4_1, HQQ, torchao, quanto) does not, and neither does
-this one.
+integer ``z`` shifts the grid by up to half a step against the group's range (RTN's lost accuracy
+at the range's ends); a min/max grid with a float minimum (GGUF's Q4_1, HQQ, torchao, quanto) does
+not, and neither does this one.
 
 Per (row, group), with ``d = diag(S)`` weighting the columns (uniform without ``S``):
 
