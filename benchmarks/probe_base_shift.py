@@ -14,7 +14,8 @@ tokens of news), then
   dequantized Q4_1 grid: does a base quantizer find it again at this group size?).
 
 Each run prints one JSON line per base quantizer; ``--collect`` renders such lines (from one or
-more runs) into ``benchmarks/results/base_shift.{json,md}``.
+more runs) into ``benchmarks/results/base_shift.{json,md}``, keeping the reading notes written under
+an earlier rendering's table. ``--gptq-damp`` and ``--gptq-act-order`` set the GPTQ bases' options.
 
     python benchmarks/probe_base_shift.py --group-size 64 --rank 5 > g64.jsonl
     python benchmarks/probe_base_shift.py --group-size 128 --rank 1 > g128.jsonl
@@ -66,11 +67,14 @@ def probe(args) -> None:
         subject = copy.deepcopy(model)
         t0 = time.perf_counter()
         report = quantize_(subject, calibration, GlowQConfig(group_size=args.group_size, rank=args.rank,
-                                                             quantizer=quantizer, output_head_bits=None),
+                                                             quantizer=quantizer, output_head_bits=None,
+                                                             gptq_damp=args.gptq_damp,
+                                                             gptq_act_order=args.gptq_act_order),
                            progress=False)
         quantize_s = time.perf_counter() - t0
         print(json.dumps({
             "quantizer": quantizer, "group_size": args.group_size, "rank": args.rank, "quantize_s": quantize_s,
+            "gptq_damp": args.gptq_damp, "gptq_act_order": args.gptq_act_order,
             "calibration_error_before": sum(g.error_before for g in report.groups),
             "calibration_error_after": sum(g.error_after for g in report.groups),
             "exact_fraction": exact_fraction(subject, floats),
@@ -81,10 +85,29 @@ def probe(args) -> None:
         }), flush=True)
 
 
+def gptq_settings(row: dict) -> str:
+    """A GPTQ base's damping and column order (lines from before these options: the defaults)."""
+    if "gptq" not in row["quantizer"]:
+        return ""
+    order = "act-order" if row.get("gptq_act_order", False) else "in order"
+    return f"damp {row.get('gptq_damp', 0.01):g}, {order}"
+
+
+def reading_notes(md: Path) -> list[str]:
+    """The lines after the table of an earlier rendering (the hand-written reading of the rows),
+    kept when the table is rendered again; none for a first rendering."""
+    if not md.exists():
+        return []
+    lines = md.read_text().splitlines()
+    table = [i for i, line in enumerate(lines) if line.startswith("|")]
+    return lines[table[-1] + 1:] if table else []
+
+
 def collect(paths: list[str]) -> None:
     rows = [json.loads(line) for p in paths for line in Path(p).read_text().splitlines() if line.startswith("{")]
     if not rows:
         raise SystemExit(f"no result lines in {', '.join(paths)}: run the probe first (its stdout)")
+    notes = reading_notes(RESULTS.with_suffix(".md"))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.with_suffix(".json").write_text(json.dumps(rows, indent=1))
     lines = ["# GPTQ-based against RTN-based GlowQ: the calibration domain and Wikipedia (smollm2)", "",
@@ -92,13 +115,14 @@ def collect(paths: list[str]) -> None:
              f"{rows[0]['machine']}, torch {rows[0]['torch']}, {', '.join(sorted({r['date'] for r in rows}))}; "
              "calibration 32 x 512 tokens of news; held-out news: other windows of the same text; Wikipedia: "
              "8,192 tokens in windows of 1024, no BOS. Calibration error: tr(E S E^T) summed over the groups.", "",
-             "| base | group | rank | calib. error before | after | held-out news NLL | Wikipedia ppl "
-             "| weights reproduced |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| base | GPTQ settings | group | rank | calib. error before | after | held-out news NLL "
+             "| Wikipedia ppl | weights reproduced |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['quantizer']} | {r['group_size']} | {r['rank']} | {r['calibration_error_before']:.1f} "
+        lines.append(f"| {r['quantizer']} | {gptq_settings(r)} | {r['group_size']} | {r['rank']} "
+                     f"| {r['calibration_error_before']:.1f} "
                      f"| {r['calibration_error_after']:.1f} | {r['held_out_news_nll']:.4f} | {r['wikipedia_ppl']:.3f} "
                      f"| {100 * r['exact_fraction']:.3f}% |")
-    RESULTS.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    RESULTS.with_suffix(".md").write_text("\n".join(lines + notes) + "\n")
     print("\n".join(lines))
 
 
@@ -107,6 +131,8 @@ def main(argv=None) -> int:
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--rank", type=int, default=5)
     p.add_argument("--quantizers", default="fitted,fitted-gptq")
+    p.add_argument("--gptq-damp", type=float, default=0.01, help="GlowQConfig.gptq_damp (GPTQ bases only)")
+    p.add_argument("--gptq-act-order", action="store_true", help="GlowQConfig.gptq_act_order (GPTQ bases only)")
     p.add_argument("--held-out-samples", type=int, default=16)
     p.add_argument("--collect", nargs="+", metavar="JSONL", help="render earlier runs' lines into results/")
     args = p.parse_args(argv)
