@@ -69,12 +69,13 @@ def probe(args) -> None:
         report = quantize_(subject, calibration, GlowQConfig(group_size=args.group_size, rank=args.rank,
                                                              quantizer=quantizer, output_head_bits=None,
                                                              gptq_damp=args.gptq_damp,
-                                                             gptq_act_order=args.gptq_act_order),
+                                                             gptq_act_order=args.gptq_act_order,
+                                                             gptq_shrink=args.gptq_shrink),
                            progress=False)
         quantize_s = time.perf_counter() - t0
         print(json.dumps({
             "quantizer": quantizer, "group_size": args.group_size, "rank": args.rank, "quantize_s": quantize_s,
-            "gptq_damp": args.gptq_damp, "gptq_act_order": args.gptq_act_order,
+            "gptq_damp": args.gptq_damp, "gptq_act_order": args.gptq_act_order, "gptq_shrink": args.gptq_shrink,
             "calibration_error_before": sum(g.error_before for g in report.groups),
             "calibration_error_after": sum(g.error_after for g in report.groups),
             "exact_fraction": exact_fraction(subject, floats),
@@ -86,11 +87,13 @@ def probe(args) -> None:
 
 
 def gptq_settings(row: dict) -> str:
-    """A GPTQ base's damping and column order (lines from before these options: the defaults)."""
+    """A GPTQ base's damping, column order and shrink toward ``diag(S)`` (lines from before these
+    options: the defaults)."""
     if "gptq" not in row["quantizer"]:
         return ""
     order = "act-order" if row.get("gptq_act_order", False) else "in order"
-    return f"damp {row.get('gptq_damp', 0.01):g}, {order}"
+    shrink = row.get("gptq_shrink", 0.0)
+    return f"damp {row.get('gptq_damp', 0.01):g}, {order}" + (f", shrink {shrink:g}" if shrink else "")
 
 
 def reading_notes(md: Path) -> list[str]:
@@ -133,6 +136,7 @@ def main(argv=None) -> int:
     p.add_argument("--quantizers", default="fitted,fitted-gptq")
     p.add_argument("--gptq-damp", type=float, default=0.01, help="GlowQConfig.gptq_damp (GPTQ bases only)")
     p.add_argument("--gptq-act-order", action="store_true", help="GlowQConfig.gptq_act_order (GPTQ bases only)")
+    p.add_argument("--gptq-shrink", type=float, default=0.0, help="GlowQConfig.gptq_shrink (GPTQ bases only)")
     p.add_argument("--held-out-samples", type=int, default=16)
     p.add_argument("--collect", nargs="+", metavar="JSONL", help="render earlier runs' lines into results/")
     args = p.parse_args(argv)

@@ -48,6 +48,11 @@ class QuantizationConfig:
     gptq_act_order: process columns by decreasing ``diag(S)``; group parameters are then fixed up
         front from the unquantized weight ("static groups") so the codes keep the plain contiguous
         group layout.
+    gptq_shrink: ``a`` in ``H <- (1 - a) H + a diag(H)``: GPTQ's cross-column terms scaled down
+        by ``1 - a`` before damping. The cross-correlations of the inputs are the part of ``S``
+        most particular to the calibration text; ``1`` leaves only ``diag(S)``, so GPTQ feeds no
+        error forward and becomes its base grid's round to nearest (``"fitted-gptq"`` is then
+        ``"fitted"``).
     """
 
     bits: int = 4
@@ -57,6 +62,7 @@ class QuantizationConfig:
     gptq_damp: float = 0.01
     gptq_block_size: int = 128
     gptq_act_order: bool = False
+    gptq_shrink: float = 0.0
 
     def __post_init__(self) -> None:
         _check_choice("bits", self.bits, BITS, "glowq-fx stores INT4 codes")
@@ -64,6 +70,8 @@ class QuantizationConfig:
         QUANTIZERS[self.quantizer]  # registered names only (glowq_fx.registry)
         if not 0.0 <= self.gptq_damp < 1.0:
             raise ValueError(f"gptq_damp must lie in [0, 1), got {self.gptq_damp!r}")
+        if not 0.0 <= self.gptq_shrink <= 1.0:
+            raise ValueError(f"gptq_shrink must lie in [0, 1], got {self.gptq_shrink!r}")
         if self.gptq_block_size < 1:
             raise ValueError(f"gptq_block_size must be positive, got {self.gptq_block_size!r}")
 

@@ -68,7 +68,7 @@ def test_old_flat_checkpoint_metadata_loads_into_the_parts_and_writes_back_the_s
     written = cfg.to_dict()
     assert {k: written[k] for k in FLAT_V1} == FLAT_V1
     assert {k: written[k] for k in set(written) - set(FLAT_V1)} == {"first_position_weight": 1.0, "alternations": 0,
-                                                                   "expert_selection": "whole"}
+                                                                   "expert_selection": "whole", "gptq_shrink": 0.0}
 
 
 def test_parts_and_flat_keywords_build_the_same_config():

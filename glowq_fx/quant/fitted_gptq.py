@@ -19,7 +19,8 @@ from glowq_fx.registry import QUANTIZERS
 
 
 def quantize_fitted_gptq(W: Tensor, S: Tensor, group_size: int = 128, *, bits: int = 4, symmetric: bool = False,
-                         damp: float = 0.01, block_size: int = 128, act_order: bool = False) -> QuantizedWeight:
+                         damp: float = 0.01, block_size: int = 128, act_order: bool = False,
+                         shrink: float = 0.0) -> QuantizedWeight:
     """GPTQ of ``W`` (N, K) with ``S`` (K, K) on each group's fitted grid (module docstring)."""
 
     def fitted_grid(w: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
@@ -27,7 +28,7 @@ def quantize_fitted_gptq(W: Tensor, S: Tensor, group_size: int = 128, *, bits: i
         return s, z
 
     return quantize_gptq(W, S, group_size, bits=bits, symmetric=symmetric, damp=damp, block_size=block_size,
-                         act_order=act_order, grid=fitted_grid)
+                         act_order=act_order, shrink=shrink, grid=fitted_grid)
 
 
 @QUANTIZERS.register("fitted-gptq")
@@ -35,4 +36,4 @@ def fitted_gptq_quantizer(W: Tensor, S: Tensor, config: QuantizationConfig) -> Q
     """``GlowQConfig(quantizer="fitted-gptq")``: GPTQ on fitted grids, driven by the group's ``S``."""
     return quantize_fitted_gptq(W, S, config.group_size, bits=config.bits, symmetric=config.symmetric,
                                 damp=config.gptq_damp, block_size=config.gptq_block_size,
-                                act_order=config.gptq_act_order)
+                                act_order=config.gptq_act_order, shrink=config.gptq_shrink)

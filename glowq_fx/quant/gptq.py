@@ -46,6 +46,7 @@ def quantize_gptq(
     damp: float = 0.01,
     block_size: int = 128,
     act_order: bool = False,
+    shrink: float = 0.0,
     grid: GroupGrid | None = None,
 ) -> QuantizedWeight:
     """GPTQ quantization of ``W`` (N, K) with Hessian proxy ``S`` (K, K).
@@ -56,6 +57,8 @@ def quantize_gptq(
         damp: added ``damp * mean(diag(S))`` to the diagonal before inversion.
         block_size: columns per lazy batch update (rounded up to a multiple of the group).
         act_order: visit columns by decreasing ``diag(S)`` with static groups.
+        shrink: the cross-column terms of ``H`` scaled by ``1 - shrink`` (``H`` shrunk toward its
+            diagonal); 1: no error feedback, each column rounded on its group's grid.
         grid: each group's (scale, zero) from its weights and their ``diag(S)`` weights
             (``quant.fitted_gptq``: fitted grids, fractional zeros); None: the min/max grid of RTN.
     """
@@ -66,8 +69,13 @@ def quantize_gptq(
         raise ValueError(f"S must be ({K}, {K}) for a weight with {K} input columns, got {tuple(S.shape)}")
     if not all_finite(S):
         raise ValueError("S contains NaN or Inf; the calibration activations were not finite")
+    if not 0.0 <= shrink <= 1.0:
+        raise ValueError(f"shrink must lie in [0, 1], got {shrink!r}")
     g, n_groups = group_geometry(K, group_size)
     W_work, H = _without_dead_inputs(W, S)
+    if shrink:
+        diagonal = torch.diagonal(H).clone()
+        H.mul_(1.0 - shrink).diagonal().copy_(diagonal)
     if grid is None:
         def grid(w: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
             return group_params(w, bits=bits, symmetric=symmetric, dtype=W.dtype)
@@ -167,4 +175,5 @@ def _gptq_columns(W_work: Tensor, Hinv: Tensor, scales: Tensor, zeros: Tensor, p
 def gptq_quantizer(W: Tensor, S: Tensor, config: QuantizationConfig) -> QuantizedWeight:
     """``GlowQConfig(quantizer="gptq")``: GPTQ driven by the group's second moment ``S``."""
     return quantize_gptq(W, S, config.group_size, bits=config.bits, symmetric=config.symmetric,
-                         damp=config.gptq_damp, block_size=config.gptq_block_size, act_order=config.gptq_act_order)
+                         damp=config.gptq_damp, block_size=config.gptq_block_size, act_order=config.gptq_act_order,
+                         shrink=config.gptq_shrink)

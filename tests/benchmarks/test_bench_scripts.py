@@ -160,8 +160,8 @@ def test_base_shift_probe_counts_the_weights_the_codes_reproduce(tmp_path):
 
 
 def test_base_shift_collector_keeps_the_reading_notes_and_names_gptq_settings(tmp_path, monkeypatch):
-    """Rendering again keeps the text under the table; each GPTQ line names its damping and order
-    (lines written before those options: the defaults), RTN-based lines none."""
+    """Rendering again keeps the text under the table; each GPTQ line names its damping, order and
+    shrink (lines written before those options: the defaults), RTN-based lines none."""
     import json
 
     probe = _load("probe_base_shift")
@@ -170,7 +170,8 @@ def test_base_shift_collector_keeps_the_reading_notes_and_names_gptq_settings(tm
               "calibration_error_after": 1.0, "exact_fraction": 0.0, "held_out_news_nll": 3.0,
               "wikipedia_ppl": 20.0, "machine": "test", "torch": "x", "date": "today"}
     lines = [{"quantizer": "fitted", **common}, {"quantizer": "fitted-gptq", **common},
-             {"quantizer": "fitted-gptq", "gptq_damp": 0.1, "gptq_act_order": True, **common}]
+             {"quantizer": "fitted-gptq", "gptq_damp": 0.1, "gptq_act_order": True, **common},
+             {"quantizer": "fitted-gptq", "gptq_damp": 0.01, "gptq_shrink": 0.5, **common}]
     log = tmp_path / "run.jsonl"
     log.write_text("".join(json.dumps(r) + "\n" for r in lines))
     probe.collect([str(log)])
@@ -182,5 +183,6 @@ def test_base_shift_collector_keeps_the_reading_notes_and_names_gptq_settings(tm
     text = md.read_text()
     assert text.count("Reading: a note.") == 1 and text.endswith("|\n\nReading: a note.\n")
     rows = [line for line in text.splitlines() if line.startswith("| fitted")]
-    assert [r.split(" | ")[1] for r in rows] == ["", "damp 0.01, in order", "damp 0.1, act-order"]
+    assert [r.split(" | ")[1] for r in rows] == ["", "damp 0.01, in order", "damp 0.1, act-order",
+                                                "damp 0.01, in order, shrink 0.5"]
     assert json.loads((tmp_path / "base_shift.json").read_text()) == lines

@@ -103,3 +103,36 @@ def test_alternation_refuses_experts():
                                                    num_local_experts=4, num_experts_per_tok=2)).eval()
     with pytest.raises(ValueError, match=r"alternations=1 is for dense groups.*set alternations=0"):
         quantize_(moe, token_batches(1), GlowQConfig(rank=4, group_size=32, alternations=1), progress=False)
+
+
+@pytest.mark.parametrize("group_size", [32, 64, -1])
+def test_full_shrink_is_the_fitted_quantizer_and_no_shrink_is_unchanged(group_size):
+    """``shrink=1`` leaves GPTQ only ``diag(S)``: no error to feed forward, so its codes and grids
+    are the fitted quantizer's exactly on a correlated ``S``; ``shrink=0`` is GPTQ unchanged, and a
+    shrink between lies between them in the calibration objective's ordering of the extremes."""
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    W = torch.randn(24, 128, generator=gen) * 0.03
+    S = anisotropic_second_moment(128, gen).float()
+    full, fitted = quantize_fitted_gptq(W, S, group_size, shrink=1.0), quantize_fitted(W, S, group_size)
+    assert torch.equal(full.codes, fitted.codes)
+    assert torch.equal(full.scales, fitted.scales) and torch.equal(full.zeros, fitted.zeros)
+    none, plain = quantize_fitted_gptq(W, S, group_size, shrink=0.0), quantize_fitted_gptq(W, S, group_size)
+    assert torch.equal(none.codes, plain.codes) and torch.equal(none.zeros, plain.zeros)
+    half = quantize_fitted_gptq(W, S, group_size, shrink=0.5)
+    assert not torch.equal(half.codes, none.codes) and not torch.equal(half.codes, full.codes)
+    assert _objective(W, none, S) < _objective(W, full, S)
+
+
+def test_shrink_goes_through_the_config_and_is_checked():
+    from glowq_fx.config import QuantizationConfig
+    from glowq_fx.registry import QUANTIZERS
+
+    gen = torch.Generator().manual_seed(3)
+    W, S = torch.randn(8, 64, generator=gen), anisotropic_second_moment(64, gen).float()
+    config = QuantizationConfig(group_size=32, quantizer="fitted-gptq", gptq_shrink=1.0)
+    assert torch.equal(QUANTIZERS["fitted-gptq"](W, S, config).codes, quantize_fitted(W, S, 32).codes)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="gptq_shrink must lie in"):
+            QuantizationConfig(gptq_shrink=bad)
+        with pytest.raises(ValueError, match="shrink must lie in"):
+            quantize_fitted_gptq(W, S, 32, shrink=bad)
