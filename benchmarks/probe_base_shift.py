@@ -15,7 +15,8 @@ tokens of news), then
 
 Each run prints one JSON line per base quantizer; ``--collect`` renders such lines (from one or
 more runs) into ``benchmarks/results/base_shift.{json,md}``, keeping the reading notes written under
-an earlier rendering's table. ``--gptq-damp`` and ``--gptq-act-order`` set the GPTQ bases' options.
+an earlier rendering's table. ``--gptq-damp``, ``--gptq-act-order`` and
+``--gptq-shrink`` set the GPTQ bases' options.
 
     python benchmarks/probe_base_shift.py --group-size 64 --rank 5 > g64.jsonl
     python benchmarks/probe_base_shift.py --group-size 128 --rank 1 > g128.jsonl

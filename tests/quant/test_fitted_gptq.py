@@ -106,11 +106,10 @@ def test_alternation_refuses_experts():
 
 
 @pytest.mark.parametrize("group_size", [32, 64, -1])
-def test_full_shrink_is_the_fitted_quantizer_and_no_shrink_is_unchanged(group_size):
+def test_full_shrink_is_the_fitted_quantizer_and_no_shrink_is_unchanged(group_size, gen):
     """``shrink=1`` leaves GPTQ only ``diag(S)``: no error to feed forward, so its codes and grids
-    are the fitted quantizer's exactly on a correlated ``S``; ``shrink=0`` is GPTQ unchanged, and a
-    shrink between lies between them in the calibration objective's ordering of the extremes."""
-    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    are the fitted quantizer's exactly on a correlated ``S``; ``shrink=0`` is GPTQ unchanged (and
+    below ``shrink=1`` in ``tr(E S E^T)``); ``shrink=0.5`` gives codes of its own."""
     W = torch.randn(24, 128, generator=gen) * 0.03
     S = anisotropic_second_moment(128, gen).float()
     full, fitted = quantize_fitted_gptq(W, S, group_size, shrink=1.0), quantize_fitted(W, S, group_size)

@@ -62,9 +62,8 @@ def test_bad_inputs_raise(gen):
 
 
 @pytest.mark.parametrize("group_size", [32, 64, -1])
-def test_full_shrink_reduces_to_rtn_on_a_correlated_S(group_size):
+def test_full_shrink_reduces_to_rtn_on_a_correlated_S(group_size, gen):
     """``shrink=1`` keeps only ``diag(S)``: the min/max grid does not read it, so GPTQ is RTN."""
-    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
     W = torch.randn(16, 128, generator=gen)
     S = anisotropic_second_moment(128, gen).float()
     q_gptq, q_rtn = quantize_gptq(W, S, group_size, shrink=1.0), quantize_rtn(W, group_size)
